@@ -1,0 +1,104 @@
+//! Types shared by the XDP program and userspace.
+//!
+//! Every map layout the two sides agree on lives here and nowhere else, so a
+//! change to a key or value cannot drift between kernel and daemon.
+#![no_std]
+
+/// Map names as declared in the eBPF object; userspace looks maps up by them.
+pub mod map_names {
+    pub const DENY_V4: &str = "DENY_V4";
+    pub const DENY_V6: &str = "DENY_V6";
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+    pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    /// All maps, in the order they are pinned and reported.
+    pub const ALL: [&str; 6] = [DENY_V4, DENY_V6, ALLOW_V4, ALLOW_V6, PROTECTED_PORTS, COUNTERS];
+}
+
+/// Compile-time defaults for map capacities; the daemon overrides them from config.
+pub mod capacity {
+    pub const DENY_V4: u32 = 1 << 20;
+    pub const DENY_V6: u32 = 1 << 17;
+    pub const ALLOW_V4: u32 = 1 << 16;
+    pub const ALLOW_V6: u32 = 1 << 16;
+}
+
+/// `BPF_F_NO_PREALLOC`: LPM tries require it, and it keeps memory proportional to use.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Number of entries in the protected-ports array: one per TCP port.
+pub const PORT_SLOTS: u32 = 1 << 16;
+
+/// Value stored with every deny/allow prefix.
+///
+/// `expires_ns` is an absolute `CLOCK_MONOTONIC` (bpf_ktime_get_ns) instant;
+/// 0 means the entry never expires. XDP ignores an entry whose instant has
+/// passed, so expiry takes effect without waiting for a sweeper.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixValue {
+    pub expires_ns: u64,
+}
+
+impl PrefixValue {
+    pub const PERMANENT: PrefixValue = PrefixValue { expires_ns: 0 };
+
+    /// Whether the entry still applies at monotonic time `now_ns`.
+    #[inline(always)]
+    pub fn is_live(&self, now_ns: u64) -> bool {
+        self.expires_ns == 0 || now_ns < self.expires_ns
+    }
+}
+
+/// Indices into the per-CPU `COUNTERS` array.
+///
+/// Every packet the program sees bumps `Packets`; every protected SYN
+/// (TCP SYN without ACK to a protected port) bumps `ProtectedSyns` and then
+/// exactly one of the verdict counters below it.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    Packets = 0,
+    ProtectedSyns = 1,
+    DroppedDeny = 2,
+    PassedAllow = 3,
+    /// Protected SYN from a source on no list.
+    Passed = 4,
+    /// Frame the parser could not walk (truncated, bad IHL, too many extension headers).
+    Unparsable = 5,
+    /// Reserved for DNSBL verdicts fed into the kernel.
+    DroppedDnsbl = 6,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Packets,
+        Counter::ProtectedSyns,
+        Counter::DroppedDeny,
+        Counter::PassedAllow,
+        Counter::Passed,
+        Counter::Unparsable,
+        Counter::DroppedDnsbl,
+    ];
+
+    /// Stable name used in `gatekeeper stats --json`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Packets => "packets",
+            Counter::ProtectedSyns => "protected_syns",
+            Counter::DroppedDeny => "dropped_deny",
+            Counter::PassedAllow => "passed_allow",
+            Counter::Passed => "passed",
+            Counter::Unparsable => "unparsable",
+            Counter::DroppedDnsbl => "dropped_dnsbl",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: PrefixValue is repr(C), has no padding and every bit pattern is valid.
+    unsafe impl aya::Pod for super::PrefixValue {}
+}

@@ -1,0 +1,108 @@
+//! The XDP entry point: parse → verdict → count.
+//!
+//! Only TCP SYNs (without ACK) to a protected port are judged: allowlist
+//! first, then denylist. Everything else, including frames that cannot be
+//! parsed, passes untouched.
+#![no_std]
+#![no_main]
+
+mod headers;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_ns,
+    macros::{map, xdp},
+    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
+    programs::XdpContext,
+};
+use aya_log_ebpf::debug;
+use gatekeeper_common::{capacity, Counter, PrefixValue, PORT_SLOTS};
+use headers::{Parsed, Source};
+
+// Capacities here are placeholders: the daemon sets the real ones from config at load time.
+#[map]
+static DENY_V4: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(capacity::DENY_V4, 0);
+#[map]
+static DENY_V6: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(capacity::DENY_V6, 0);
+#[map]
+static ALLOW_V4: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(capacity::ALLOW_V4, 0);
+#[map]
+static ALLOW_V6: LpmTrie<[u8; 16], PrefixValue> =
+    LpmTrie::with_max_entries(capacity::ALLOW_V6, 0);
+/// Indexed by destination port; non-zero means protected.
+#[map]
+static PROTECTED_PORTS: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[xdp]
+pub fn gatekeeper(ctx: XdpContext) -> u32 {
+    count(Counter::Packets);
+    match headers::parse(&ctx) {
+        Parsed::Syn { source, dest_port } if is_protected(dest_port) => {
+            count(Counter::ProtectedSyns);
+            let (action, counter) = judge(&source);
+            count(counter);
+            action
+        }
+        Parsed::Syn { .. } | Parsed::Ignore => xdp_action::XDP_PASS,
+        Parsed::Unparsable => {
+            count(Counter::Unparsable);
+            // Off unless the daemon raised AYA_LOG_LEVEL at load (debug logging).
+            debug!(&ctx, "unparsable frame of {} bytes", ctx.data_end() - ctx.data());
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn is_protected(port: u16) -> bool {
+    matches!(PROTECTED_PORTS.get(port as u32), Some(&flag) if flag != 0)
+}
+
+/// Allowlist beats denylist; an expired entry is as good as absent.
+#[inline(always)]
+fn judge(source: &Source) -> (u32, Counter) {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (allowed, denied) = match source {
+        Source::V4(addr) => {
+            let key = Key::new(32, *addr);
+            (live(ALLOW_V4.get(&key), now), live(DENY_V4.get(&key), now))
+        }
+        Source::V6(addr) => {
+            let key = Key::new(128, *addr);
+            (live(ALLOW_V6.get(&key), now), live(DENY_V6.get(&key), now))
+        }
+    };
+    if allowed {
+        (xdp_action::XDP_PASS, Counter::PassedAllow)
+    } else if denied {
+        (xdp_action::XDP_DROP, Counter::DroppedDeny)
+    } else {
+        (xdp_action::XDP_PASS, Counter::Passed)
+    }
+}
+
+#[inline(always)]
+fn live(entry: Option<&PrefixValue>, now: u64) -> bool {
+    matches!(entry, Some(value) if value.is_live(now))
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, so no other CPU writes it concurrently; pointer comes from the map.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,73 @@
+//! The command line: one binary for the daemon and the operator's verbs.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::DEFAULT_PATH;
+
+#[derive(Debug, Parser)]
+#[command(name = "gatekeeper", version, about = "SMTP edge gatekeeper: XDP fast path and control daemon")]
+pub struct Cli {
+    /// Config file (the CLI verbs read it only to find the control socket).
+    #[arg(short = 'c', long = "config", global = true, default_value = DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Control socket of the running daemon; overrides the config's `control_socket`.
+    #[arg(long = "control", global = true)]
+    pub control: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (logs to stderr; RUST_LOG sets the level).
+    Run,
+    /// Manage the denylist: SYNs to protected ports from these prefixes are dropped.
+    Deny {
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Manage the allowlist: these prefixes are never dropped, whatever else lists them.
+    Allow {
+        #[command(subcommand)]
+        action: ListAction,
+    },
+    /// Show the XDP counters and list sizes of the running daemon.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListAction {
+    /// Add addresses or CIDRs (all or nothing).
+    Add {
+        #[arg(required = true, value_name = "PREFIX")]
+        prefixes: Vec<String>,
+        /// Why they are listed; shown by `list`.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove addresses or CIDRs (all or nothing; each must be listed).
+    Del {
+        #[arg(required = true, value_name = "PREFIX")]
+        prefixes: Vec<String>,
+    },
+    /// Print the list.
+    List(ListArgs),
+    /// Add every prefix of a file (Spamhaus DROP/EDROP or one per line; `-` for stdin).
+    Import {
+        file: PathBuf,
+        /// Make the list exactly the file's contents instead of adding to it.
+        #[arg(long)]
+        replace: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,181 @@
+//! The operator's verbs: validate locally, send to the daemon, print the reply.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::{Cli, Command, ListAction};
+use crate::config::{Config, DEFAULT_PATH};
+use crate::control::client;
+use crate::control::protocol::{ErrorKind, Reply, Request, StatsReport, WireEntry};
+use crate::lists::listfile::parse_list_file;
+use crate::lists::prefix::parse_prefix;
+use crate::lists::ListKind;
+
+/// Bad input from the operator: exit status 2, nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn dispatch(cli: &Cli) -> Result<()> {
+    let socket = control_socket(cli)?;
+    match &cli.command {
+        Command::Run => unreachable!("handled by main"),
+        Command::Deny { action } => list_action(&socket, ListKind::Deny, action),
+        Command::Allow { action } => list_action(&socket, ListKind::Allow, action),
+        Command::Stats { json } => stats(&socket, *json),
+    }
+}
+
+/// `--control` wins; else the config's socket; a missing default config means the default socket.
+fn control_socket(cli: &Cli) -> Result<PathBuf> {
+    if let Some(path) = &cli.control {
+        return Ok(path.clone());
+    }
+    if cli.config.as_os_str() == DEFAULT_PATH && !cli.config.exists() {
+        return Ok(PathBuf::from("/run/gatekeeper/control.sock"));
+    }
+    Ok(Config::load(&cli.config)?.control_socket)
+}
+
+fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) -> Result<()> {
+    match action {
+        ListAction::Add { prefixes, reason } => {
+            let entries = prefixes
+                .iter()
+                .map(|p| {
+                    parse_prefix(p)
+                        .map(|_| WireEntry {
+                            prefix: p.clone(),
+                            reason: reason.clone(),
+                        })
+                        .map_err(|e| UsageError(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let reply = expect_ok(client::send(socket, &Request::ListAdd { list, entries })?)?;
+            print_change(&reply);
+        }
+        ListAction::Del { prefixes } => {
+            for p in prefixes {
+                parse_prefix(p).map_err(|e| UsageError(e.to_string()))?;
+            }
+            let request = Request::ListDel {
+                list,
+                prefixes: prefixes.clone(),
+            };
+            print_change(&expect_ok(client::send(socket, &request)?)?);
+        }
+        ListAction::List(args) => {
+            let Reply::Listed { entries } =
+                expect_ok(client::send(socket, &Request::ListShow { list })?)?
+            else {
+                bail!("unexpected reply from the daemon");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                for e in entries {
+                    match e.reason {
+                        Some(reason) => println!("{}\t{}", e.prefix, reason),
+                        None => println!("{}", e.prefix),
+                    }
+                }
+            }
+        }
+        ListAction::Import { file, replace } => {
+            let text = read_list_file(file)?;
+            let lines = parse_list_file(&text)
+                .map_err(|e| UsageError(format!("{}: {e}; nothing imported", file.display())))?;
+            let entries = lines
+                .into_iter()
+                .map(|l| WireEntry {
+                    prefix: l.prefix.to_string(),
+                    reason: l.reason,
+                })
+                .collect();
+            let request = if *replace {
+                Request::ListReplace { list, entries }
+            } else {
+                Request::ListAdd { list, entries }
+            };
+            let reply = expect_ok(client::send(socket, &request)?)?;
+            if let Reply::Changed(s) = &reply {
+                println!(
+                    "imported {}: added {}, updated {}, removed {} ({}list now holds {})",
+                    file.display(),
+                    s.added,
+                    s.updated,
+                    s.removed,
+                    list,
+                    s.total
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_list_file(file: &std::path::Path) -> Result<String> {
+    if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the list from stdin")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(file).map_err(|e| UsageError(format!("cannot read {}: {e}", file.display())).into())
+}
+
+fn stats(socket: &std::path::Path, json: bool) -> Result<()> {
+    let Reply::Stats(report) = expect_ok(client::send(socket, &Request::Stats)?)? else {
+        bail!("unexpected reply from the daemon");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_stats(&report);
+    }
+    Ok(())
+}
+
+fn print_stats(report: &StatsReport) {
+    for counter in gatekeeper_common::Counter::ALL {
+        let value = report.counters.get(counter.name()).copied().unwrap_or(0);
+        println!("{:<16}{value}", counter.name());
+    }
+    println!("{:<16}{}", "deny_entries", report.deny_entries);
+    println!("{:<16}{}", "allow_entries", report.allow_entries);
+    let interfaces: Vec<String> = report
+        .interfaces
+        .iter()
+        .map(|i| format!("{} ({})", i.name, serde_json::to_value(i.mode).map(|v| v.as_str().unwrap_or("?").to_string()).unwrap_or_default()))
+        .collect();
+    println!("{:<16}{}", "interfaces", interfaces.join(", "));
+    println!("{:<16}{}s", "uptime", report.uptime_secs);
+}
+
+fn print_change(reply: &Reply) {
+    if let Reply::Changed(s) = reply {
+        let list = s.list.map(ListKind::name).unwrap_or("list");
+        println!(
+            "{list}: added {}, updated {}, removed {} (now {} entries)",
+            s.added, s.updated, s.removed, s.total
+        );
+    }
+}
+
+/// Daemon-side refusals keep their meaning: invalid input exits 2, failures 1.
+fn expect_ok(reply: Reply) -> Result<Reply> {
+    match reply {
+        Reply::Error {
+            kind: ErrorKind::InvalidInput,
+            message,
+        } => Err(UsageError(format!("{message}; nothing changed")).into()),
+        Reply::Error {
+            kind: ErrorKind::Failed,
+            message,
+        } => bail!("{message}; nothing changed"),
+        ok => Ok(ok),
+    }
+}

@@ -1,0 +1,123 @@
+//! Daemon side of the control socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use super::protocol::{Reply, Request};
+
+/// A request is one line; a million-prefix import is about 40 MB of JSON.
+const MAX_REQUEST_BYTES: u64 = 512 << 20;
+
+/// Handles one request; runs on a blocking thread because it may fsync and
+/// touch a million map entries.
+pub type Handler = Arc<dyn Fn(Request) -> Reply + Send + Sync>;
+
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds `path` with mode 0600, refusing to steal the socket of a live daemon.
+    pub fn bind(path: &Path) -> Result<ControlSocket> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("control_socket: cannot create {}", dir.display()))?;
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another gatekeeper daemon is already running on {}",
+                path.display()
+            );
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => debug!(path = %path.display(), "removed stale control socket"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("control_socket: cannot bind {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("control_socket: cannot chmod {}", path.display()))?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    pub async fn serve(self, handler: Handler) {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, handler.clone()));
+                }
+                Err(e) => warn!(error = %e, "control socket accept failed"),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlSocket {
+    /// The socket file goes with the listener, on shutdown and on failed start-up alike.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn serve_connection(stream: UnixStream, handler: Handler) {
+    let (reader, mut writer) = stream.into_split();
+    let mut lines = BufReader::new(reader.take(MAX_REQUEST_BYTES));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match lines.read_line(&mut line).await {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) => {
+                debug!(error = %e, "control connection read failed");
+                return;
+            }
+        }
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let handler = handler.clone();
+                tokio::task::spawn_blocking(move || handler(request))
+                    .await
+                    .unwrap_or_else(|e| Reply::failed(format!("request handler crashed: {e}")))
+            }
+            Err(e) if !line.ends_with('\n') => {
+                Reply::invalid(format!("request too large or truncated: {e}"))
+            }
+            Err(e) => Reply::invalid(format!("malformed request: {e}")),
+        };
+        let mut out = serde_json::to_vec(&reply).unwrap_or_else(|e| {
+            format!(r#"{{"reply":"error","kind":"failed","message":"encoding reply: {e}"}}"#)
+                .into_bytes()
+        });
+        out.push(b'\n');
+        if writer.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serialises access to shared daemon state for the blocking handlers.
+pub fn locked<T: Send + 'static>(
+    state: Arc<Mutex<T>>,
+    f: impl Fn(&mut T, Request) -> Reply + Send + Sync + 'static,
+) -> Handler {
+    Arc::new(move |request| match state.lock() {
+        Ok(mut guard) => f(&mut guard, request),
+        Err(_) => Reply::failed("daemon state poisoned by an earlier panic; restart gatekeeper"),
+    })
+}

@@ -1,0 +1,274 @@
+//! Loads the embedded XDP object, attaches it, pins its maps and undoes all
+//! of that on shutdown.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray};
+use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::{Ebpf, EbpfError, EbpfLoader};
+use gatekeeper_common::map_names;
+use tracing::{debug, info, warn};
+
+use super::maps::{read_counters, CounterSnapshot, PrefixMaps};
+use super::preflight;
+use crate::config::{Config, XdpModeSetting};
+use crate::lists::ListKind;
+
+/// The eBPF object built by `cargo xtask build`, embedded so the binary is self-contained.
+static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("GATEKEEPER_XDP_OBJECT"));
+const PROGRAM_NAME: &str = "gatekeeper";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachedMode {
+    Native,
+    Skb,
+}
+
+struct Attachment {
+    interface: String,
+    mode: AttachedMode,
+    link: aya::programs::xdp::XdpLinkId,
+}
+
+pub struct Kernel {
+    ebpf: Ebpf,
+    attachments: Vec<Attachment>,
+    deny: PrefixMaps,
+    allow: PrefixMaps,
+    counters: PerCpuArray<MapData, u64>,
+    pin_dir: PathBuf,
+}
+
+impl Kernel {
+    /// Loads and verifies the program, sizes and pins its maps, marks the
+    /// protected ports. Nothing is attached yet, so lists can be loaded first
+    /// and no SYN is ever judged against a half-filled map.
+    pub fn load(config: &Config) -> Result<Kernel> {
+        preflight::check_interfaces(&config.interfaces)?;
+        preflight::prepare_bpffs_dir(&config.bpffs_dir)?;
+        remove_stale_pins(&config.bpffs_dir)?;
+
+        let caps = config.maps;
+        // aya-log level inside XDP: off unless debug logging is on for gatekeeper.
+        let log_level: u8 = if tracing::enabled!(target: "gatekeeper_xdp", tracing::Level::DEBUG) {
+            4
+        } else {
+            0
+        };
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::DENY_V4, caps.deny_v4)
+            .map_max_entries(map_names::DENY_V6, caps.deny_v6)
+            .map_max_entries(map_names::ALLOW_V4, caps.allow_v4)
+            .map_max_entries(map_names::ALLOW_V6, caps.allow_v6)
+            .override_global(aya_log::LEVEL, &log_level, false)
+            .load(XDP_OBJECT)
+            .map_err(describe_load_error)?;
+        if log_level > 0 {
+            start_xdp_logger(&mut ebpf);
+        }
+
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .context("XDP program missing from the embedded object")?
+            .try_into()?;
+        program.load().map_err(describe_program_error)?;
+
+        for name in map_names::ALL {
+            let map = ebpf
+                .map(name)
+                .with_context(|| format!("map {name} missing from the embedded object"))?;
+            let path = config.bpffs_dir.join(name);
+            map.pin(&path)
+                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+        }
+
+        let mut ports: Array<MapData, u8> = take(&mut ebpf, map_names::PROTECTED_PORTS)?;
+        for &port in &config.protected_ports {
+            ports
+                .set(u32::from(port), 1, 0)
+                .with_context(|| format!("marking port {port} protected"))?;
+        }
+
+        let deny = PrefixMaps::new(
+            take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::DENY_V4)?,
+            take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::DENY_V6)?,
+            caps.deny_v4,
+            caps.deny_v6,
+        );
+        let allow = PrefixMaps::new(
+            take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::ALLOW_V4)?,
+            take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::ALLOW_V6)?,
+            caps.allow_v4,
+            caps.allow_v6,
+        );
+        let counters = take(&mut ebpf, map_names::COUNTERS)?;
+        Ok(Kernel {
+            ebpf,
+            attachments: Vec::new(),
+            deny,
+            allow,
+            counters,
+            pin_dir: config.bpffs_dir.clone(),
+        })
+    }
+
+    /// Attaches to every interface; `auto` tries native mode and falls back to generic.
+    pub fn attach(&mut self, interfaces: &[String], mode: XdpModeSetting) -> Result<()> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .context("XDP program vanished")?
+            .try_into()?;
+        for interface in interfaces {
+            let (link, attached) = match mode {
+                XdpModeSetting::Native => (
+                    program
+                        .attach(interface, XdpMode::Driver)
+                        .with_context(|| format!("attaching XDP (native) to {interface}"))?,
+                    AttachedMode::Native,
+                ),
+                XdpModeSetting::Skb => (
+                    program
+                        .attach(interface, XdpMode::Skb)
+                        .with_context(|| format!("attaching XDP (skb) to {interface}"))?,
+                    AttachedMode::Skb,
+                ),
+                XdpModeSetting::Auto => match program.attach(interface, XdpMode::Driver) {
+                    Ok(link) => (link, AttachedMode::Native),
+                    Err(e) => {
+                        info!(%interface, error = %e, "native XDP unavailable, falling back to generic (skb) mode");
+                        let link = program
+                            .attach(interface, XdpMode::Skb)
+                            .with_context(|| format!("attaching XDP (skb) to {interface}"))?;
+                        (link, AttachedMode::Skb)
+                    }
+                },
+            };
+            info!(%interface, mode = ?attached, "XDP attached");
+            self.attachments.push(Attachment {
+                interface: interface.clone(),
+                mode: attached,
+                link,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn attachments(&self) -> Vec<(String, AttachedMode)> {
+        self.attachments
+            .iter()
+            .map(|a| (a.interface.clone(), a.mode))
+            .collect()
+    }
+
+    pub fn list_maps(&mut self, kind: ListKind) -> &mut PrefixMaps {
+        match kind {
+            ListKind::Deny => &mut self.deny,
+            ListKind::Allow => &mut self.allow,
+        }
+    }
+
+    pub fn counters(&self) -> Result<CounterSnapshot> {
+        read_counters(&self.counters)
+    }
+
+    /// Detaches from every interface and removes the pins.
+    pub fn shutdown(mut self) {
+        let attachments = std::mem::take(&mut self.attachments);
+        if let Ok(program) = self.program_mut() {
+            for attachment in attachments {
+                match program.detach(attachment.link) {
+                    Ok(()) => info!(interface = %attachment.interface, "XDP detached"),
+                    Err(e) => {
+                        warn!(interface = %attachment.interface, error = %e, "XDP detach failed")
+                    }
+                }
+            }
+        }
+        if let Err(e) = remove_stale_pins(&self.pin_dir) {
+            warn!(error = %e, "removing pinned maps failed");
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+
+    fn program_mut(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .context("XDP program vanished")?
+            .try_into()?)
+    }
+}
+
+fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the embedded object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Pins left by a daemon that died are dead weight: its program went with it.
+fn remove_stale_pins(dir: &Path) -> Result<()> {
+    for name in map_names::ALL {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => debug!(path = %path.display(), "removed stale pin"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    Ok(())
+}
+
+fn describe_load_error(error: EbpfError) -> anyhow::Error {
+    match error {
+        EbpfError::MapError(e) => anyhow!("creating the XDP program's maps failed: {e}"),
+        other => anyhow!("loading the XDP object failed: {other}"),
+    }
+}
+
+fn describe_program_error(error: ProgramError) -> anyhow::Error {
+    match error {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            debug!("verifier log:\n{verifier_log}");
+            anyhow!(
+                "the kernel verifier rejected the XDP program ({io_error}); run with RUST_LOG=debug for the verifier log"
+            )
+        }
+        other => anyhow!("loading the XDP program failed: {other}"),
+    }
+}
+
+fn start_xdp_logger(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => {
+            // SAFETY: the AsyncFd owns the logger, and with it the ring buffer fd, until deregistration.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            };
+            let Ok(mut fd) = registered else {
+                warn!("cannot poll the XDP log ring");
+                return;
+            };
+            tokio::spawn(async move {
+                while let Ok(mut guard) = fd.readable_mut().await {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(e) => warn!(error = %e, "XDP logging unavailable"),
+    }
+}
+

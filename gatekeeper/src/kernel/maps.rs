@@ -1,0 +1,137 @@
+//! Typed handles on the XDP program's maps.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use aya::maps::{lpm_trie::Key, LpmTrie, MapData, MapError, PerCpuArray};
+use gatekeeper_common::{Counter, PrefixValue};
+use ipnet::IpNet;
+
+use crate::lists::store::{unix_now, EntryMeta};
+
+/// The IPv4 and IPv6 LPM tries of one list (deny or allow).
+pub struct PrefixMaps {
+    v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
+    v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
+    pub capacity_v4: u32,
+    pub capacity_v6: u32,
+}
+
+impl PrefixMaps {
+    pub fn new(
+        v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
+        v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
+        capacity_v4: u32,
+        capacity_v6: u32,
+    ) -> Self {
+        PrefixMaps {
+            v4,
+            v6,
+            capacity_v4,
+            capacity_v6,
+        }
+    }
+
+    /// Makes the kernel agree with `entries` for each prefix in `touched`:
+    /// present in `entries` → inserted/updated, absent → removed.
+    pub fn sync<'a>(
+        &mut self,
+        entries: &BTreeMap<IpNet, EntryMeta>,
+        touched: impl IntoIterator<Item = &'a IpNet>,
+    ) -> Result<()> {
+        let clock = Clock::now();
+        for net in touched {
+            match entries.get(net) {
+                Some(meta) => match clock.kernel_value(meta) {
+                    Some(value) => self.insert(net, value),
+                    None => self.remove(net),
+                },
+                None => self.remove(net),
+            }
+            .with_context(|| format!("kernel map update for {net}"))?;
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, net: &IpNet, value: PrefixValue) -> Result<(), MapError> {
+        match net {
+            IpNet::V4(n) => {
+                let key = Key::new(u32::from(n.prefix_len()), n.network().octets());
+                self.v4.insert(&key, value, 0)
+            }
+            IpNet::V6(n) => {
+                let key = Key::new(u32::from(n.prefix_len()), n.network().octets());
+                self.v6.insert(&key, value, 0)
+            }
+        }
+    }
+
+    /// Removing an absent key is not an error: the goal state is reached.
+    fn remove(&mut self, net: &IpNet) -> Result<(), MapError> {
+        let result = match net {
+            IpNet::V4(n) => self
+                .v4
+                .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
+            IpNet::V6(n) => self
+                .v6
+                .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
+        };
+        match result {
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+/// Maps wall-clock expiry (what the store keeps) onto CLOCK_MONOTONIC (what XDP reads).
+struct Clock {
+    unix_secs: u64,
+    monotonic_ns: u64,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(0);
+        Clock {
+            unix_secs: unix_now(),
+            monotonic_ns: mono,
+        }
+    }
+
+    /// `None` when the entry has already expired and should not be in the kernel.
+    fn kernel_value(&self, meta: &EntryMeta) -> Option<PrefixValue> {
+        match meta.expires {
+            None => Some(PrefixValue::PERMANENT),
+            Some(expires) if expires <= self.unix_secs => None,
+            Some(expires) => Some(PrefixValue {
+                expires_ns: self.monotonic_ns + (expires - self.unix_secs) * 1_000_000_000,
+            }),
+        }
+    }
+}
+
+/// Counters summed over CPUs, indexed like [`Counter`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot(pub [u64; Counter::COUNT as usize]);
+
+impl CounterSnapshot {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0[counter as usize]
+    }
+}
+
+pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<CounterSnapshot> {
+    let mut snapshot = CounterSnapshot::default();
+    for counter in Counter::ALL {
+        let per_cpu = map
+            .get(&(counter as u32), 0)
+            .with_context(|| format!("reading counter {}", counter.name()))?;
+        snapshot.0[counter as usize] = per_cpu.iter().sum();
+    }
+    Ok(snapshot)
+}

@@ -1,0 +1,9 @@
+//! Where verdicts enter the kernel: loading, attaching and pinning the XDP
+//! program, and typed handles on its maps.
+
+mod loader;
+mod maps;
+mod preflight;
+
+pub use loader::{AttachedMode, Kernel};
+pub use preflight::check_privileges;
