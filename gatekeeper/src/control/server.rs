@@ -88,7 +88,10 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
                 return;
             }
         }
-        let reply = match serde_json::from_str::<Request>(&line) {
+        let received = std::time::Instant::now();
+        let parsed = serde_json::from_str::<Request>(&line);
+        debug!(bytes = line.len(), parse_ms = received.elapsed().as_millis() as u64, "control request");
+        let reply = match parsed {
             Ok(request) => {
                 let handler = handler.clone();
                 tokio::task::spawn_blocking(move || handler(request))

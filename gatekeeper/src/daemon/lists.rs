@@ -111,6 +111,7 @@ impl ListService {
             Err(ApplyError::NotListed(e)) => return Reply::invalid(e.to_string()),
             Err(e @ ApplyError::Store(_)) => return Reply::failed(e.to_string()),
         };
+        let stored_ms = started.elapsed().as_millis() as u64;
         let touched: Vec<IpNet> = applied
             .added
             .iter()
@@ -147,6 +148,7 @@ impl ListService {
             updated = summary.updated,
             removed = summary.removed,
             total = summary.total,
+            stored_ms,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "list changed"
         );

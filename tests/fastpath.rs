@@ -1,0 +1,296 @@
+//! The XDP fast path, driven through the real daemon and CLI: SYNs from
+//! listed sources really die in the kernel, everything else really passes.
+
+use std::io::{Read, Write};
+
+use sandbox::lab::{Lab, PeerSpec};
+use sandbox::probe::{connect_from, listen, outcome, send_raw_frames, Outcome};
+use sandbox::require_kernel_privileges;
+
+mod frames;
+
+/// Addresses one address family's scenario needs.
+struct Family {
+    tag: &'static str,
+    /// Edge address in the client's subnet, and in the denied subnet.
+    edge: &'static str,
+    edge_in_denied_net: &'static str,
+    denied_host: &'static str,
+    clean_host: &'static str,
+    denied_net: &'static str,
+    in_denied_net: &'static str,
+    allowed_in_denied_net: &'static str,
+}
+
+const V4: Family = Family {
+    tag: "v4",
+    edge: "192.0.2.1",
+    edge_in_denied_net: "198.51.100.1",
+    denied_host: "192.0.2.2",
+    clean_host: "192.0.2.3",
+    denied_net: "198.51.100.0/24",
+    in_denied_net: "198.51.100.7",
+    allowed_in_denied_net: "198.51.100.9",
+};
+
+const V6: Family = Family {
+    tag: "v6",
+    edge: "2001:db8:1::1",
+    edge_in_denied_net: "2001:db8:2::1",
+    denied_host: "2001:db8:1::2",
+    clean_host: "2001:db8:1::3",
+    denied_net: "2001:db8:2::/64",
+    in_denied_net: "2001:db8:2::7",
+    allowed_in_denied_net: "2001:db8:2::9",
+};
+
+/// Edge and one client holding every address the scenarios use.
+fn client_lab(tag: &str) -> Lab {
+    Lab::new(
+        tag,
+        vec![PeerSpec {
+            name: "client",
+            edge_addrs: vec!["192.0.2.1/24", "198.51.100.1/24", "2001:db8:1::1/64", "2001:db8:2::1/64"],
+            peer_addrs: vec![
+                "192.0.2.2/24", "192.0.2.3/24", "198.51.100.7/24", "198.51.100.9/24",
+                "2001:db8:1::2/64", "2001:db8:1::3/64", "2001:db8:2::7/64", "2001:db8:2::9/64",
+            ],
+        }],
+    )
+    .expect("building the lab")
+}
+
+fn sock(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "CLI failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn deny_allow_scenario(f: &Family) {
+    let mut lab = client_lab(&format!("da{}", f.tag));
+    listen(&lab.edge, 25).unwrap();
+    listen(&lab.edge, 2525).unwrap();
+    lab.start_daemon("").unwrap();
+    let gk = lab.daemon();
+    let client = lab.peer("client");
+    let smtp = |edge: &str| sock(edge, 25);
+
+    // Before anything is listed, everyone connects.
+    assert_eq!(outcome(client, f.denied_host, &smtp(f.edge)), Outcome::Connected);
+
+    ok(gk.cli(&["deny", "add", f.denied_host, f.denied_net, "--reason", "test"]));
+    ok(gk.cli(&["allow", "add", f.allowed_in_denied_net]));
+    let dropped = gk.counter("dropped_deny");
+    let allowed = gk.counter("passed_allow");
+
+    assert_eq!(outcome(client, f.denied_host, &smtp(f.edge)), Outcome::TimedOut, "denied host");
+    assert_eq!(
+        outcome(client, f.in_denied_net, &smtp(f.edge_in_denied_net)),
+        Outcome::TimedOut,
+        "host inside denied prefix"
+    );
+    assert_eq!(outcome(client, f.clean_host, &smtp(f.edge)), Outcome::Connected, "clean host");
+    assert_eq!(
+        outcome(client, f.allowed_in_denied_net, &smtp(f.edge_in_denied_net)),
+        Outcome::Connected,
+        "allowlist beats denylist"
+    );
+    assert_eq!(
+        outcome(client, f.denied_host, &sock(f.edge, 2525)),
+        Outcome::Connected,
+        "unprotected port from a denied host"
+    );
+    assert!(gk.counter("dropped_deny") >= dropped + 2, "drop counter did not rise");
+    assert!(gk.counter("passed_allow") > allowed, "allow counter did not rise");
+
+    ok(gk.cli(&["deny", "del", f.denied_host]));
+    assert_eq!(outcome(client, f.denied_host, &smtp(f.edge)), Outcome::Connected, "after deny del");
+    assert_eq!(
+        outcome(client, f.in_denied_net, &smtp(f.edge_in_denied_net)),
+        Outcome::TimedOut,
+        "the /24 or /64 is still listed"
+    );
+}
+
+#[test]
+fn ipv4_deny_allow_and_delete() {
+    if require_kernel_privileges("ipv4_deny_allow_and_delete") {
+        deny_allow_scenario(&V4);
+    }
+}
+
+#[test]
+fn ipv6_deny_allow_and_delete() {
+    if require_kernel_privileges("ipv6_deny_allow_and_delete") {
+        deny_allow_scenario(&V6);
+    }
+}
+
+#[test]
+fn vlan_tagged_frames_get_the_same_verdicts() {
+    if !require_kernel_privileges("vlan_tagged_frames_get_the_same_verdicts") {
+        return;
+    }
+    let mut lab = client_lab("vlan");
+    lab.start_daemon("").unwrap();
+    let gk = lab.daemon();
+    ok(gk.cli(&["deny", "add", "192.0.2.2", "2001:db8:1::2"]));
+    let client = lab.peer("client");
+    let dst = lab.edge.mac_of("gk0").unwrap();
+    let src = client.mac_of("eth0").unwrap();
+    // Tagged SYNs as a trunk port delivers them: one 802.1Q tag, or QinQ.
+    for tags in [1u8, 2] {
+        for (denied, clean) in [
+            (
+                frames::Ipv4Syn { vlan_tags: tags, ..Default::default() }.frame(dst, src),
+                frames::Ipv4Syn { vlan_tags: tags, source: [192, 0, 2, 3], ..Default::default() }.frame(dst, src),
+            ),
+            (
+                frames::Ipv6Syn { source: "2001:db8:1::2".parse().unwrap(), ext_headers: vec![], first_fragment: false, vlan_tags: tags }.frame(dst, src),
+                frames::Ipv6Syn { source: "2001:db8:1::3".parse().unwrap(), ext_headers: vec![], first_fragment: false, vlan_tags: tags }.frame(dst, src),
+            ),
+        ] {
+            let (dropped, passed) = (gk.counter("dropped_deny"), gk.counter("passed"));
+            send_raw_frames(client, "eth0", &[denied, clean]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert_eq!(gk.counter("dropped_deny"), dropped + 1, "{tags} tag(s): denied source dropped");
+            assert_eq!(gk.counter("passed"), passed + 1, "{tags} tag(s): clean source passed");
+        }
+    }
+    assert_eq!(gk.counter("unparsable"), 0, "tagged frames were not parsed");
+    vlan_sub_interfaces_end_to_end(&lab);
+}
+
+/// The same through real VLAN sub-interfaces on both ends, where the kernel has them.
+fn vlan_sub_interfaces_end_to_end(lab: &Lab) {
+    let client = lab.peer("client");
+    let probe = lab.edge.ip(&["link", "add", "link", "gk0", "name", "gk0.100", "type", "vlan", "id", "100"]);
+    if let Err(e) = probe {
+        let message = format!("kernel cannot create VLAN devices ({e:#})");
+        eprintln!("\n*** NOTE vlan_tagged_frames_get_the_same_verdicts: {message}; the end-to-end VLAN connect part did NOT run (tagged-frame verdicts were verified with raw frames above) ***\n");
+        return;
+    }
+    // Keep tags in the frame (veth would otherwise carry them out of band).
+    for (ns, dev) in [(&lab.edge, "gk0"), (client, "eth0")] {
+        let _ = ns.command("ethtool").args(["-K", dev, "txvlan", "off", "rxvlan", "off"]).output();
+        let _ = ns.command("ethtool").args(["-K", dev, "tx-vlan-stag-hw-insert", "off", "rx-vlan-stag-hw-parse", "off"]).output();
+    }
+    client.ip(&["link", "add", "link", "eth0", "name", "eth0.100", "type", "vlan", "id", "100"]).unwrap();
+    for (ns, dev, addrs) in [
+        (&lab.edge, "gk0", ["203.0.113.1/25", "203.0.113.129/25"]),
+        (client, "eth0", ["203.0.113.2/25", "203.0.113.130/25"]),
+    ] {
+        let q = format!("{dev}.100");
+        let ad = format!("{dev}.200");
+        let qinq = format!("{dev}.2.3");
+        ns.ip(&["link", "add", "link", dev, "name", &ad, "type", "vlan", "protocol", "802.1ad", "id", "200"]).unwrap();
+        ns.ip(&["link", "add", "link", &ad, "name", &qinq, "type", "vlan", "id", "300"]).unwrap();
+        ns.ip(&["addr", "add", addrs[0], "dev", &q]).unwrap();
+        ns.ip(&["addr", "add", addrs[1], "dev", &qinq]).unwrap();
+        for link in [&q, &ad, &qinq] {
+            ns.ip(&["link", "set", link, "up"]).unwrap();
+        }
+    }
+    listen(&lab.edge, 25).unwrap();
+    let gk = lab.daemon();
+    let cases = [("203.0.113.2", "203.0.113.1:25", "802.1Q"), ("203.0.113.130", "203.0.113.129:25", "QinQ")];
+    for (source, dest, what) in cases {
+        assert_eq!(outcome(client, source, dest), Outcome::Connected, "{what} before deny");
+        ok(gk.cli(&["deny", "add", source]));
+        assert_eq!(outcome(client, source, dest), Outcome::TimedOut, "{what} after deny");
+    }
+}
+
+#[test]
+fn established_connection_survives_a_later_deny() {
+    if !require_kernel_privileges("established_connection_survives_a_later_deny") {
+        return;
+    }
+    let mut lab = client_lab("estab");
+    listen(&lab.edge, 25).unwrap();
+    lab.start_daemon("").unwrap();
+    let gk = lab.daemon();
+    let client = lab.peer("client");
+    let (result, stream) =
+        connect_from(client, "192.0.2.2".parse().unwrap(), "192.0.2.1:25".parse().unwrap()).unwrap();
+    assert_eq!(result, Outcome::Connected);
+    let mut stream = stream.unwrap();
+    ok(gk.cli(&["deny", "add", "192.0.2.2"]));
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+    for round in 0..3 {
+        let message = format!("still here {round}\n");
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut echo = vec![0u8; message.len()];
+        stream.read_exact(&mut echo).expect("established connection was cut");
+        assert_eq!(echo, message.as_bytes());
+    }
+    assert_eq!(outcome(client, "192.0.2.2", "192.0.2.1:25"), Outcome::TimedOut, "new connections are dropped");
+}
+
+#[test]
+fn malformed_frames_pass_are_counted_and_do_not_break_the_program() {
+    if !require_kernel_privileges("malformed_frames_pass_are_counted") {
+        return;
+    }
+    let mut lab = client_lab("malformed");
+    listen(&lab.edge, 25).unwrap();
+    lab.start_daemon("").unwrap();
+    let gk = lab.daemon();
+    ok(gk.cli(&["deny", "add", "192.0.2.2"]));
+    let client = lab.peer("client");
+    let dst = lab.edge.mac_of("gk0").unwrap();
+    let src = client.mac_of("eth0").unwrap();
+    let bad = frames::malformed(dst, src);
+    let before = gk.counter("unparsable");
+    send_raw_frames(client, "eth0", &bad).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(gk.counter("unparsable"), before + bad.len() as u64, "each malformed frame counted once");
+    // The program still judges correctly after the garbage.
+    assert_eq!(outcome(client, "192.0.2.2", "192.0.2.1:25"), Outcome::TimedOut);
+    assert_eq!(outcome(client, "192.0.2.3", "192.0.2.1:25"), Outcome::Connected);
+}
+
+#[test]
+fn crafted_syns_are_judged_through_ip_options_and_extension_headers() {
+    if !require_kernel_privileges("crafted_syns_are_judged") {
+        return;
+    }
+    let mut lab = client_lab("crafted");
+    lab.start_daemon("").unwrap();
+    let gk = lab.daemon();
+    ok(gk.cli(&["deny", "add", "192.0.2.2", "2001:db8:1::2"]));
+    let client = lab.peer("client");
+    let dst = lab.edge.mac_of("gk0").unwrap();
+    let src = client.mac_of("eth0").unwrap();
+    let check = |frame: Vec<u8>, dropped: u64, protected: u64, what: &str| {
+        let (d0, p0) = (gk.counter("dropped_deny"), gk.counter("protected_syns"));
+        send_raw_frames(client, "eth0", &[frame]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(gk.counter("dropped_deny") - d0, dropped, "{what}: dropped");
+        assert_eq!(gk.counter("protected_syns") - p0, protected, "{what}: judged");
+    };
+    let v4 = frames::Ipv4Syn { source: [192, 0, 2, 2], dest_port: 25, ..Default::default() };
+    check(v4.frame(dst, src), 1, 1, "plain IPv4 SYN");
+    check(frames::Ipv4Syn { options_words: 3, ..v4 }.frame(dst, src), 1, 1, "IPv4 SYN with options");
+    check(frames::Ipv4Syn { fragment_offset: 185, ..v4 }.frame(dst, src), 0, 0, "non-first fragment");
+    check(frames::Ipv4Syn { flags: 0x12, ..v4 }.frame(dst, src), 0, 0, "SYN-ACK");
+    check(frames::Ipv4Syn { dest_port: 587, ..v4 }.frame(dst, src), 0, 0, "unprotected port");
+    check(frames::Ipv4Syn { source: [192, 0, 2, 3], ..v4 }.frame(dst, src), 0, 1, "clean source");
+    check(frames::Ipv4Syn { vlan_tags: 2, ..v4 }.frame(dst, src), 1, 1, "QinQ IPv4 SYN");
+    let v6 = frames::Ipv6Syn { source: "2001:db8:1::2".parse().unwrap(), ext_headers: vec![], first_fragment: false, vlan_tags: 0 };
+    check(v6.frame(dst, src), 1, 1, "plain IPv6 SYN");
+    let v6_ext = frames::Ipv6Syn { ext_headers: vec![0, 60, 43], first_fragment: true, ..v6.clone() };
+    check(v6_ext.frame(dst, src), 1, 1, "IPv6 SYN behind hop-by-hop, dest-opts, routing and fragment headers");
+}

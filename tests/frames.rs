@@ -1,0 +1,160 @@
+//! Hand-built Ethernet frames for the parser: well-formed SYNs in unusual
+//! wrappings, and garbage. Checksums are left zero: XDP judges before any
+//! checksum is verified.
+
+use std::net::Ipv6Addr;
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(128);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// Ethernet header with `tags` VLAN tags: 802.1ad outer, 802.1Q inner, as QinQ switches send them.
+fn tagged(dst: [u8; 6], src: [u8; 6], tags: u8, ethertype: u16) -> Vec<u8> {
+    if tags == 0 {
+        return ethernet(dst, src, ethertype);
+    }
+    let mut f = ethernet(dst, src, if tags == 1 { 0x8100 } else { 0x88a8 });
+    for i in 0..tags {
+        let next: u16 = if i + 1 == tags { ethertype } else { 0x8100 };
+        f.extend_from_slice(&(100 + u16::from(i)).to_be_bytes());
+        f.extend_from_slice(&next.to_be_bytes());
+    }
+    f
+}
+
+fn tcp_header(dest_port: u16, flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    t[2..4].copy_from_slice(&dest_port.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    t
+}
+
+#[derive(Clone, Copy)]
+pub struct Ipv4Syn {
+    pub source: [u8; 4],
+    pub dest_port: u16,
+    pub flags: u8,
+    /// Extra 32-bit words of IP options (IHL = 5 + this).
+    pub options_words: u8,
+    /// In 8-octet units; non-zero means a later fragment.
+    pub fragment_offset: u16,
+    pub vlan_tags: u8,
+}
+
+impl Default for Ipv4Syn {
+    fn default() -> Self {
+        Ipv4Syn { source: [192, 0, 2, 2], dest_port: 25, flags: 0x02, options_words: 0, fragment_offset: 0, vlan_tags: 0 }
+    }
+}
+
+impl Ipv4Syn {
+    pub fn frame(&self, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+        let mut f = tagged(dst, src, self.vlan_tags, 0x0800);
+        let header_len = 20 + 4 * usize::from(self.options_words);
+        let mut ip = vec![0u8; header_len];
+        ip[0] = 0x40 | (5 + self.options_words);
+        ip[2..4].copy_from_slice(&((header_len + 20) as u16).to_be_bytes());
+        ip[6..8].copy_from_slice(&self.fragment_offset.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&self.source);
+        ip[16..20].copy_from_slice(&[192, 0, 2, 1]);
+        for opt in &mut ip[20..] {
+            *opt = 1; // NOP options
+        }
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&tcp_header(self.dest_port, self.flags));
+        f
+    }
+}
+
+#[derive(Clone)]
+pub struct Ipv6Syn {
+    pub source: Ipv6Addr,
+    /// Next-header codes of 8-octet extension headers before TCP (0, 43, 60).
+    pub ext_headers: Vec<u8>,
+    /// Append a fragment header for the first fragment (offset 0, more fragments).
+    pub first_fragment: bool,
+    pub vlan_tags: u8,
+}
+
+impl Ipv6Syn {
+    pub fn frame(&self, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+        let mut chain: Vec<u8> = self.ext_headers.clone();
+        if self.first_fragment {
+            chain.push(44);
+        }
+        let mut f = tagged(dst, src, self.vlan_tags, 0x86dd);
+        let mut ip = vec![0u8; 40];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&((chain.len() * 8 + 20) as u16).to_be_bytes());
+        ip[6] = chain.first().copied().unwrap_or(6);
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&self.source.octets());
+        ip[24..40].copy_from_slice(&"2001:db8:1::1".parse::<Ipv6Addr>().unwrap().octets());
+        f.extend_from_slice(&ip);
+        for (i, &kind) in chain.iter().enumerate() {
+            let next = chain.get(i + 1).copied().unwrap_or(6);
+            let mut ext = vec![0u8; 8];
+            ext[0] = next;
+            if kind == 44 {
+                ext[3] = 1; // offset 0, M flag set
+                ext[4..8].copy_from_slice(&0x1234u32.to_be_bytes());
+            }
+            f.extend_from_slice(&ext);
+        }
+        f.extend_from_slice(&tcp_header(25, 0x02));
+        f
+    }
+}
+
+/// Frames the parser must give up on: each must count once as unparsable.
+pub fn malformed(dst: [u8; 6], src: [u8; 6]) -> Vec<Vec<u8>> {
+    let good = Ipv4Syn::default().frame(dst, src);
+    let mut frames = Vec::new();
+    // Ethernet header only: IPv4 ethertype, no IP header.
+    frames.push(ethernet(dst, src, 0x0800));
+    // VLAN ethertype with half a tag.
+    let mut f = ethernet(dst, src, 0x8100);
+    f.extend_from_slice(&[0, 10]);
+    frames.push(f);
+    // IHL < 5.
+    let mut f = good.clone();
+    f[14] = 0x44;
+    frames.push(f);
+    // IHL = 15 (60-byte header) but only 40 bytes follow.
+    let mut f = good.clone();
+    f[14] = 0x4f;
+    frames.push(f);
+    // Truncated TCP header: 10 of 20 bytes.
+    let mut f = good.clone();
+    f.truncate(14 + 20 + 10);
+    frames.push(f);
+    // IPv6 header cut short.
+    let mut f = ethernet(dst, src, 0x86dd);
+    f.extend_from_slice(&[0x60; 20]);
+    frames.push(f);
+    // IPv6 with more extension headers than the parser walks.
+    let long = Ipv6Syn { source: "2001:db8:1::2".parse().unwrap(), ext_headers: vec![60; 8], first_fragment: false, vlan_tags: 0 };
+    frames.push(long.frame(dst, src));
+    // Three VLAN tags.
+    let mut f = ethernet(dst, src, 0x88a8);
+    for next in [0x8100u16, 0x8100, 0x0800] {
+        f.extend_from_slice(&[0, 10]);
+        f.extend_from_slice(&next.to_be_bytes());
+    }
+    f.extend_from_slice(&good[14..]);
+    frames.push(f);
+    // IP version 5 in an IPv4 ethertype.
+    let mut f = good;
+    f[14] = 0x55;
+    frames.push(f);
+    frames
+}
