@@ -178,8 +178,10 @@ fn vlan_sub_interfaces_end_to_end(lab: &Lab) {
     let client = lab.peer("client");
     let probe = lab.edge.ip(&["link", "add", "link", "gk0", "name", "gk0.100", "type", "vlan", "id", "100"]);
     if let Err(e) = probe {
-        let message = format!("kernel cannot create VLAN devices ({e:#})");
-        eprintln!("\n*** NOTE vlan_tagged_frames_get_the_same_verdicts: {message}; the end-to-end VLAN connect part did NOT run (tagged-frame verdicts were verified with raw frames above) ***\n");
+        sandbox::privileges::announce(&format!(
+            "NOTE vlan_tagged_frames_get_the_same_verdicts: kernel cannot create VLAN devices ({e:#}); \
+             the end-to-end VLAN connect part did NOT run (tagged-frame verdicts were verified with raw frames)"
+        ));
         return;
     }
     // Keep tags in the frame (veth would otherwise carry them out of band).

@@ -16,8 +16,21 @@ pub fn require_kernel_privileges(test: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test}: cannot run under CI: {reason}");
     }
-    eprintln!("\n*** SKIPPED {test}: {reason}; this kernel-level test did NOT run ***\n");
+    announce(&format!("SKIPPED {test}: {reason}; this kernel-level test did NOT run"));
     false
+}
+
+/// Prints a message that must not drown in captured test output: to stderr,
+/// and to the file named by `GATEKEEPER_TEST_NOTES`, which `cargo xtask test`
+/// prints after the run.
+pub fn announce(message: &str) {
+    eprintln!("\n*** {message} ***\n");
+    if let Some(path) = std::env::var_os("GATEKEEPER_TEST_NOTES") {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(file, "*** {message}");
+        }
+    }
 }
 
 pub fn which(tool: &str) -> Option<std::path::PathBuf> {

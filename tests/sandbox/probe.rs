@@ -12,7 +12,7 @@ use crate::netns::Netns;
 /// is answered within milliseconds on veth.
 pub const DROP_TIMEOUT: Duration = Duration::from_millis(1500);
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Connected,
     /// RST: the SYN reached the edge's kernel, so XDP passed it.

@@ -1,1 +1,44 @@
-fn main(){}
+//! `cargo xtask`: toolchain setup, builds, tests and the demo, so a fresh
+//! machine needs nothing but the README's two commands.
+
+mod build;
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what builds and tests need (idempotent, quick when all is present).
+    Setup,
+    /// Build the eBPF object and the gatekeeper binary that embeds it.
+    Build,
+    /// Build, then run every test (unit and kernel-level integration).
+    Test {
+        /// Extra arguments for `cargo test` after `--` (e.g. a test name filter).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Build, then show the gatekeeper at work in a sandbox of network namespaces.
+    Demo,
+    /// cargo fmt --check and cargo clippy on every crate, eBPF included.
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Build => build::run().map(|_| ()),
+        Command::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Command::Demo => demo::run(),
+        Command::Lint => build::lint(),
+    }
+}

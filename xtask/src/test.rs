@@ -1,0 +1,26 @@
+//! `cargo xtask test`: every test, with kernel-level ones run for real.
+
+use anyhow::{bail, Result};
+
+use crate::{build, setup};
+
+pub fn run(extra: &[String]) -> Result<()> {
+    setup::ensure_runtime()?;
+    build::run()?;
+    if !setup::is_root() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            bail!("CI=true but not running as root: the kernel-level tests cannot run");
+        }
+        println!("\n*** not root: kernel-level tests will SKIP (loudly); run as root for the full suite ***\n");
+    }
+    let notes = build::workspace_root().join("target/test-notes.txt");
+    let _ = std::fs::remove_file(&notes);
+    let passed = build::cargo_test(extra, &notes)?;
+    if let Ok(text) = std::fs::read_to_string(&notes) {
+        println!("\nNotes from the kernel-level tests:\n{text}");
+    }
+    if !passed {
+        bail!("tests failed");
+    }
+    Ok(())
+}
