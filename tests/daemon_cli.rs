@@ -27,12 +27,20 @@ fn stderr(out: &Output) -> String {
 }
 
 fn ok(out: Output) -> String {
-    assert!(out.status.success(), "CLI failed ({}): {}", out.status, stderr(&out));
+    assert!(
+        out.status.success(),
+        "CLI failed ({}): {}",
+        out.status,
+        stderr(&out)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn listed(lab: &Lab, list: &str) -> Vec<String> {
-    ok(lab.daemon().cli(&[list, "list"])).lines().map(|l| l.split('\t').next().unwrap().to_owned()).collect()
+    ok(lab.daemon().cli(&[list, "list"]))
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().to_owned())
+        .collect()
 }
 
 #[test]
@@ -56,16 +64,28 @@ fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
     for (args, named) in cases {
         let out = gk.cli(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(named), "{args:?} should name {named}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(named),
+            "{args:?} should name {named}: {}",
+            stderr(&out)
+        );
     }
 
     let file = lab.dir().join("bad.txt");
-    std::fs::write(&file, "# list\n192.0.2.10\n192.0.2.11 ; SBL1\n192.0.2.13/30\n198.51.100.0/24\n").unwrap();
+    std::fs::write(
+        &file,
+        "# list\n192.0.2.10\n192.0.2.11 ; SBL1\n192.0.2.13/30\n198.51.100.0/24\n",
+    )
+    .unwrap();
     let out = gk.cli(&["deny", "import", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("line 4"), "{}", stderr(&out));
 
-    assert_eq!(listed(&lab, "deny"), ["192.0.2.50/32"], "nothing may have changed");
+    assert_eq!(
+        listed(&lab, "deny"),
+        ["192.0.2.50/32"],
+        "nothing may have changed"
+    );
     assert!(listed(&lab, "allow").is_empty());
 }
 
@@ -87,15 +107,28 @@ fn import_reports_counts_and_keeps_reasons() {
     std::fs::write(&file, &text).unwrap();
     let out = ok(gk.cli(&["deny", "import", file.to_str().unwrap()]));
     assert!(out.contains("added 1002"), "{out}");
-    let list: serde_json::Value = serde_json::from_str(&ok(gk.cli(&["deny", "list", "--json"]))).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(gk.cli(&["deny", "list", "--json"]))).unwrap();
     let entries = list.as_array().unwrap();
     assert_eq!(entries.len(), 1002);
-    let test_entry = entries.iter().find(|e| e["prefix"] == "192.0.2.2/32").unwrap();
+    let test_entry = entries
+        .iter()
+        .find(|e| e["prefix"] == "192.0.2.2/32")
+        .unwrap();
     assert_eq!(test_entry["reason"], "SBL-test");
     let client = lab.peer("client");
-    assert_eq!(outcome(client, "192.0.2.2", "192.0.2.1:25"), Outcome::TimedOut);
-    assert_eq!(outcome(client, "2001:db8:1::2", "[2001:db8:1::1]:25"), Outcome::TimedOut);
-    assert_eq!(outcome(client, "192.0.2.3", "192.0.2.1:25"), Outcome::Connected);
+    assert_eq!(
+        outcome(client, "192.0.2.2", "192.0.2.1:25"),
+        Outcome::TimedOut
+    );
+    assert_eq!(
+        outcome(client, "2001:db8:1::2", "[2001:db8:1::1]:25"),
+        Outcome::TimedOut
+    );
+    assert_eq!(
+        outcome(client, "192.0.2.3", "192.0.2.1:25"),
+        Outcome::Connected
+    );
     // Importing again adds nothing new.
     assert!(ok(gk.cli(&["deny", "import", file.to_str().unwrap()])).contains("added 0"));
     assert_eq!(gk.stats()["deny_entries"], 1002);
@@ -109,35 +142,69 @@ fn entries_survive_clean_restart_and_crash() {
     let mut lab = lab("restart");
     listen(&lab.edge, 25).unwrap();
     lab.start_daemon("").unwrap();
-    ok(lab.daemon().cli(&["deny", "add", "192.0.2.2", "2001:db8:1::2", "--reason", "durable"]));
+    ok(lab.daemon().cli(&[
+        "deny",
+        "add",
+        "192.0.2.2",
+        "2001:db8:1::2",
+        "--reason",
+        "durable",
+    ]));
     ok(lab.daemon().cli(&["allow", "add", "192.0.2.3"]));
 
     // Clean stop: XDP detached, pins and socket gone.
     let status = lab.take_daemon().stop().unwrap();
     assert!(status.success(), "daemon exit status {status}");
     let link = lab.edge.ip(&["link", "show", "gk0"]).unwrap();
-    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "XDP still attached after stop");
-    assert!(!lab.bpffs_dir().join("DENY_V4").exists(), "pins left after a clean stop");
-    assert!(!lab.control_socket().exists(), "control socket left after a clean stop");
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "XDP still attached after stop"
+    );
+    assert!(
+        !lab.bpffs_dir().join("DENY_V4").exists(),
+        "pins left after a clean stop"
+    );
+    assert!(
+        !lab.control_socket().exists(),
+        "control socket left after a clean stop"
+    );
     let client = lab.peer("client");
-    assert_eq!(outcome(client, "192.0.2.2", "192.0.2.1:25"), Outcome::Connected, "no daemon, no drops");
+    assert_eq!(
+        outcome(client, "192.0.2.2", "192.0.2.1:25"),
+        Outcome::Connected,
+        "no daemon, no drops"
+    );
 
     lab.start_daemon("").unwrap();
     assert_eq!(listed(&lab, "deny"), ["192.0.2.2/32", "2001:db8:1::2/128"]);
     assert_eq!(listed(&lab, "allow"), ["192.0.2.3/32"]);
     let client = lab.peer("client");
-    assert_eq!(outcome(client, "192.0.2.2", "192.0.2.1:25"), Outcome::TimedOut, "after restart");
-    assert_eq!(outcome(client, "2001:db8:1::2", "[2001:db8:1::1]:25"), Outcome::TimedOut);
+    assert_eq!(
+        outcome(client, "192.0.2.2", "192.0.2.1:25"),
+        Outcome::TimedOut,
+        "after restart"
+    );
+    assert_eq!(
+        outcome(client, "2001:db8:1::2", "[2001:db8:1::1]:25"),
+        Outcome::TimedOut
+    );
 
     // Crash: an acknowledged entry must survive kill -9.
     ok(lab.daemon().cli(&["deny", "add", "192.0.2.3"]));
     ok(lab.daemon().cli(&["allow", "del", "192.0.2.3"]));
     lab.take_daemon().crash().unwrap();
     lab.start_daemon("").unwrap();
-    assert_eq!(listed(&lab, "deny"), ["192.0.2.2/32", "192.0.2.3/32", "2001:db8:1::2/128"]);
+    assert_eq!(
+        listed(&lab, "deny"),
+        ["192.0.2.2/32", "192.0.2.3/32", "2001:db8:1::2/128"]
+    );
     assert!(listed(&lab, "allow").is_empty());
     let client = lab.peer("client");
-    assert_eq!(outcome(client, "192.0.2.3", "192.0.2.1:25"), Outcome::TimedOut, "after crash");
+    assert_eq!(
+        outcome(client, "192.0.2.3", "192.0.2.1:25"),
+        Outcome::TimedOut,
+        "after crash"
+    );
 }
 
 #[test]
@@ -151,10 +218,20 @@ fn kill_9_during_import_leaves_old_or_new_list() {
     let file = lab.dir().join("big.txt");
     let mut text = String::with_capacity(8 << 20);
     for i in 0..200_000u32 {
-        text.push_str(&format!("{}.{}.{}.{}\n", 11 + i / 65536 % 200, i / 256 % 256, i % 256, 1 + i % 7));
+        text.push_str(&format!(
+            "{}.{}.{}.{}\n",
+            11 + i / 65536 % 200,
+            i / 256 % 256,
+            i % 256,
+            1 + i % 7
+        ));
     }
     std::fs::write(&file, text).unwrap();
-    let unique = std::fs::read_to_string(&file).unwrap().lines().collect::<std::collections::HashSet<_>>().len();
+    let unique = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let mut outcomes = Vec::new();
     for delay_ms in [50u64, 200, 400, 700, 1200] {
         let before = listed(&lab, "deny").len();
@@ -178,15 +255,23 @@ fn kill_9_during_import_leaves_old_or_new_list() {
         outcomes.push(after == unique);
         // Back to the old list for the next round.
         let small = lab.dir().join("small.txt");
-        std::fs::File::create(&small).unwrap().write_all(b"192.0.2.2\n").unwrap();
-        ok(lab.daemon().cli(&["deny", "import", "--replace", small.to_str().unwrap()]));
+        std::fs::File::create(&small)
+            .unwrap()
+            .write_all(b"192.0.2.2\n")
+            .unwrap();
+        ok(lab
+            .daemon()
+            .cli(&["deny", "import", "--replace", small.to_str().unwrap()]));
         let leftovers: Vec<_> = std::fs::read_dir(lab.state_dir())
             .unwrap()
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".tmp"))
             .collect();
-        assert!(leftovers.is_empty(), "temp files survived a restart: {leftovers:?}");
+        assert!(
+            leftovers.is_empty(),
+            "temp files survived a restart: {leftovers:?}"
+        );
     }
     eprintln!("kill -9 rounds that ended with the new list: {outcomes:?}");
 }
@@ -218,7 +303,11 @@ fn run_refuses_bad_config_with_one_clear_line() {
     let run = |config: &str| -> Output {
         let path = dir.path().join("gk.toml");
         std::fs::write(&path, config).unwrap();
-        Command::new(gatekeeper_bin()).args(["run", "-c"]).arg(&path).output().unwrap()
+        Command::new(gatekeeper_bin())
+            .args(["run", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap()
     };
     let base = format!(
         "state_dir = \"{0}/state\"\ncontrol_socket = \"{0}/c.sock\"\nbpffs_dir = \"/sys/fs/bpf/gkt-badcfg-{1}\"\n",
@@ -226,17 +315,33 @@ fn run_refuses_bad_config_with_one_clear_line() {
         std::process::id()
     );
     let cases = [
-        (format!("interfaces = [\"lo\"]\nxdp_mode = \"turbo\"\n{base}"), "xdp_mode"),
-        (format!("interfaces = [\"lo\"]\nprotected_port = [25]\n{base}"), "protected_port"),
-        (format!("interfaces = [\"lo\"]\nprotected_ports = [0]\n{base}"), "protected_ports"),
+        (
+            format!("interfaces = [\"lo\"]\nxdp_mode = \"turbo\"\n{base}"),
+            "xdp_mode",
+        ),
+        (
+            format!("interfaces = [\"lo\"]\nprotected_port = [25]\n{base}"),
+            "protected_port",
+        ),
+        (
+            format!("interfaces = [\"lo\"]\nprotected_ports = [0]\n{base}"),
+            "protected_ports",
+        ),
         (format!("interfaces = [\"lo\"\n{base}"), "line"),
     ];
     for (config, named) in &cases {
         let out = run(config);
         assert_eq!(out.status.code(), Some(1), "{config}: {}", stderr(&out));
         let message = stderr(&out);
-        assert!(message.contains(named), "{config}: error should name {named}: {message}");
-        assert_eq!(message.trim().lines().count(), 1, "one line expected: {message}");
+        assert!(
+            message.contains(named),
+            "{config}: error should name {named}: {message}"
+        );
+        assert_eq!(
+            message.trim().lines().count(),
+            1,
+            "one line expected: {message}"
+        );
     }
     let out = Command::new(gatekeeper_bin())
         .args(["run", "-c"])
@@ -251,12 +356,22 @@ fn run_refuses_bad_config_with_one_clear_line() {
     }
     let out = run(&format!("interfaces = [\"gkt-nosuchif0\"]\n{base}"));
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("unknown interface 'gkt-nosuchif0'"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown interface 'gkt-nosuchif0'"),
+        "{}",
+        stderr(&out)
+    );
     // Without root: a clear refusal, not an EPERM from deep inside.
     let path = dir.path().join("gk.toml");
     std::fs::write(&path, format!("interfaces = [\"lo\"]\n{base}")).unwrap();
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(gatekeeper_bin())
         .args(["run", "-c"])
         .arg(&path)

@@ -50,10 +50,21 @@ fn client_lab(tag: &str) -> Lab {
         tag,
         vec![PeerSpec {
             name: "client",
-            edge_addrs: vec!["192.0.2.1/24", "198.51.100.1/24", "2001:db8:1::1/64", "2001:db8:2::1/64"],
+            edge_addrs: vec![
+                "192.0.2.1/24",
+                "198.51.100.1/24",
+                "2001:db8:1::1/64",
+                "2001:db8:2::1/64",
+            ],
             peer_addrs: vec![
-                "192.0.2.2/24", "192.0.2.3/24", "198.51.100.7/24", "198.51.100.9/24",
-                "2001:db8:1::2/64", "2001:db8:1::3/64", "2001:db8:2::7/64", "2001:db8:2::9/64",
+                "192.0.2.2/24",
+                "192.0.2.3/24",
+                "198.51.100.7/24",
+                "198.51.100.9/24",
+                "2001:db8:1::2/64",
+                "2001:db8:1::3/64",
+                "2001:db8:2::7/64",
+                "2001:db8:2::9/64",
             ],
         }],
     )
@@ -88,20 +99,38 @@ fn deny_allow_scenario(f: &Family) {
     let smtp = |edge: &str| sock(edge, 25);
 
     // Before anything is listed, everyone connects.
-    assert_eq!(outcome(client, f.denied_host, &smtp(f.edge)), Outcome::Connected);
+    assert_eq!(
+        outcome(client, f.denied_host, &smtp(f.edge)),
+        Outcome::Connected
+    );
 
-    ok(gk.cli(&["deny", "add", f.denied_host, f.denied_net, "--reason", "test"]));
+    ok(gk.cli(&[
+        "deny",
+        "add",
+        f.denied_host,
+        f.denied_net,
+        "--reason",
+        "test",
+    ]));
     ok(gk.cli(&["allow", "add", f.allowed_in_denied_net]));
     let dropped = gk.counter("dropped_deny");
     let allowed = gk.counter("passed_allow");
 
-    assert_eq!(outcome(client, f.denied_host, &smtp(f.edge)), Outcome::TimedOut, "denied host");
+    assert_eq!(
+        outcome(client, f.denied_host, &smtp(f.edge)),
+        Outcome::TimedOut,
+        "denied host"
+    );
     assert_eq!(
         outcome(client, f.in_denied_net, &smtp(f.edge_in_denied_net)),
         Outcome::TimedOut,
         "host inside denied prefix"
     );
-    assert_eq!(outcome(client, f.clean_host, &smtp(f.edge)), Outcome::Connected, "clean host");
+    assert_eq!(
+        outcome(client, f.clean_host, &smtp(f.edge)),
+        Outcome::Connected,
+        "clean host"
+    );
     assert_eq!(
         outcome(client, f.allowed_in_denied_net, &smtp(f.edge_in_denied_net)),
         Outcome::Connected,
@@ -112,11 +141,21 @@ fn deny_allow_scenario(f: &Family) {
         Outcome::Connected,
         "unprotected port from a denied host"
     );
-    assert!(gk.counter("dropped_deny") >= dropped + 2, "drop counter did not rise");
-    assert!(gk.counter("passed_allow") > allowed, "allow counter did not rise");
+    assert!(
+        gk.counter("dropped_deny") >= dropped + 2,
+        "drop counter did not rise"
+    );
+    assert!(
+        gk.counter("passed_allow") > allowed,
+        "allow counter did not rise"
+    );
 
     ok(gk.cli(&["deny", "del", f.denied_host]));
-    assert_eq!(outcome(client, f.denied_host, &smtp(f.edge)), Outcome::Connected, "after deny del");
+    assert_eq!(
+        outcome(client, f.denied_host, &smtp(f.edge)),
+        Outcome::Connected,
+        "after deny del"
+    );
     assert_eq!(
         outcome(client, f.in_denied_net, &smtp(f.edge_in_denied_net)),
         Outcome::TimedOut,
@@ -154,19 +193,48 @@ fn vlan_tagged_frames_get_the_same_verdicts() {
     for tags in [1u8, 2] {
         for (denied, clean) in [
             (
-                frames::Ipv4Syn { vlan_tags: tags, ..Default::default() }.frame(dst, src),
-                frames::Ipv4Syn { vlan_tags: tags, source: [192, 0, 2, 3], ..Default::default() }.frame(dst, src),
+                frames::Ipv4Syn {
+                    vlan_tags: tags,
+                    ..Default::default()
+                }
+                .frame(dst, src),
+                frames::Ipv4Syn {
+                    vlan_tags: tags,
+                    source: [192, 0, 2, 3],
+                    ..Default::default()
+                }
+                .frame(dst, src),
             ),
             (
-                frames::Ipv6Syn { source: "2001:db8:1::2".parse().unwrap(), ext_headers: vec![], first_fragment: false, vlan_tags: tags }.frame(dst, src),
-                frames::Ipv6Syn { source: "2001:db8:1::3".parse().unwrap(), ext_headers: vec![], first_fragment: false, vlan_tags: tags }.frame(dst, src),
+                frames::Ipv6Syn {
+                    source: "2001:db8:1::2".parse().unwrap(),
+                    ext_headers: vec![],
+                    first_fragment: false,
+                    vlan_tags: tags,
+                }
+                .frame(dst, src),
+                frames::Ipv6Syn {
+                    source: "2001:db8:1::3".parse().unwrap(),
+                    ext_headers: vec![],
+                    first_fragment: false,
+                    vlan_tags: tags,
+                }
+                .frame(dst, src),
             ),
         ] {
             let (dropped, passed) = (gk.counter("dropped_deny"), gk.counter("passed"));
             send_raw_frames(client, "eth0", &[denied, clean]).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(100));
-            assert_eq!(gk.counter("dropped_deny"), dropped + 1, "{tags} tag(s): denied source dropped");
-            assert_eq!(gk.counter("passed"), passed + 1, "{tags} tag(s): clean source passed");
+            assert_eq!(
+                gk.counter("dropped_deny"),
+                dropped + 1,
+                "{tags} tag(s): denied source dropped"
+            );
+            assert_eq!(
+                gk.counter("passed"),
+                passed + 1,
+                "{tags} tag(s): clean source passed"
+            );
         }
     }
     assert_eq!(gk.counter("unparsable"), 0, "tagged frames were not parsed");
@@ -176,7 +244,9 @@ fn vlan_tagged_frames_get_the_same_verdicts() {
 /// The same through real VLAN sub-interfaces on both ends, where the kernel has them.
 fn vlan_sub_interfaces_end_to_end(lab: &Lab) {
     let client = lab.peer("client");
-    let probe = lab.edge.ip(&["link", "add", "link", "gk0", "name", "gk0.100", "type", "vlan", "id", "100"]);
+    let probe = lab.edge.ip(&[
+        "link", "add", "link", "gk0", "name", "gk0.100", "type", "vlan", "id", "100",
+    ]);
     if let Err(e) = probe {
         sandbox::privileges::announce(&format!(
             "NOTE vlan_tagged_frames_get_the_same_verdicts: kernel cannot create VLAN devices ({e:#}); \
@@ -186,10 +256,27 @@ fn vlan_sub_interfaces_end_to_end(lab: &Lab) {
     }
     // Keep tags in the frame (veth would otherwise carry them out of band).
     for (ns, dev) in [(&lab.edge, "gk0"), (client, "eth0")] {
-        let _ = ns.command("ethtool").args(["-K", dev, "txvlan", "off", "rxvlan", "off"]).output();
-        let _ = ns.command("ethtool").args(["-K", dev, "tx-vlan-stag-hw-insert", "off", "rx-vlan-stag-hw-parse", "off"]).output();
+        let _ = ns
+            .command("ethtool")
+            .args(["-K", dev, "txvlan", "off", "rxvlan", "off"])
+            .output();
+        let _ = ns
+            .command("ethtool")
+            .args([
+                "-K",
+                dev,
+                "tx-vlan-stag-hw-insert",
+                "off",
+                "rx-vlan-stag-hw-parse",
+                "off",
+            ])
+            .output();
     }
-    client.ip(&["link", "add", "link", "eth0", "name", "eth0.100", "type", "vlan", "id", "100"]).unwrap();
+    client
+        .ip(&[
+            "link", "add", "link", "eth0", "name", "eth0.100", "type", "vlan", "id", "100",
+        ])
+        .unwrap();
     for (ns, dev, addrs) in [
         (&lab.edge, "gk0", ["203.0.113.1/25", "203.0.113.129/25"]),
         (client, "eth0", ["203.0.113.2/25", "203.0.113.130/25"]),
@@ -197,8 +284,15 @@ fn vlan_sub_interfaces_end_to_end(lab: &Lab) {
         let q = format!("{dev}.100");
         let ad = format!("{dev}.200");
         let qinq = format!("{dev}.2.3");
-        ns.ip(&["link", "add", "link", dev, "name", &ad, "type", "vlan", "protocol", "802.1ad", "id", "200"]).unwrap();
-        ns.ip(&["link", "add", "link", &ad, "name", &qinq, "type", "vlan", "id", "300"]).unwrap();
+        ns.ip(&[
+            "link", "add", "link", dev, "name", &ad, "type", "vlan", "protocol", "802.1ad", "id",
+            "200",
+        ])
+        .unwrap();
+        ns.ip(&[
+            "link", "add", "link", &ad, "name", &qinq, "type", "vlan", "id", "300",
+        ])
+        .unwrap();
         ns.ip(&["addr", "add", addrs[0], "dev", &q]).unwrap();
         ns.ip(&["addr", "add", addrs[1], "dev", &qinq]).unwrap();
         for link in [&q, &ad, &qinq] {
@@ -207,11 +301,22 @@ fn vlan_sub_interfaces_end_to_end(lab: &Lab) {
     }
     listen(&lab.edge, 25).unwrap();
     let gk = lab.daemon();
-    let cases = [("203.0.113.2", "203.0.113.1:25", "802.1Q"), ("203.0.113.130", "203.0.113.129:25", "QinQ")];
+    let cases = [
+        ("203.0.113.2", "203.0.113.1:25", "802.1Q"),
+        ("203.0.113.130", "203.0.113.129:25", "QinQ"),
+    ];
     for (source, dest, what) in cases {
-        assert_eq!(outcome(client, source, dest), Outcome::Connected, "{what} before deny");
+        assert_eq!(
+            outcome(client, source, dest),
+            Outcome::Connected,
+            "{what} before deny"
+        );
         ok(gk.cli(&["deny", "add", source]));
-        assert_eq!(outcome(client, source, dest), Outcome::TimedOut, "{what} after deny");
+        assert_eq!(
+            outcome(client, source, dest),
+            Outcome::TimedOut,
+            "{what} after deny"
+        );
     }
 }
 
@@ -225,20 +330,32 @@ fn established_connection_survives_a_later_deny() {
     lab.start_daemon("").unwrap();
     let gk = lab.daemon();
     let client = lab.peer("client");
-    let (result, stream) =
-        connect_from(client, "192.0.2.2".parse().unwrap(), "192.0.2.1:25".parse().unwrap()).unwrap();
+    let (result, stream) = connect_from(
+        client,
+        "192.0.2.2".parse().unwrap(),
+        "192.0.2.1:25".parse().unwrap(),
+    )
+    .unwrap();
     assert_eq!(result, Outcome::Connected);
     let mut stream = stream.unwrap();
     ok(gk.cli(&["deny", "add", "192.0.2.2"]));
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .unwrap();
     for round in 0..3 {
         let message = format!("still here {round}\n");
         stream.write_all(message.as_bytes()).unwrap();
         let mut echo = vec![0u8; message.len()];
-        stream.read_exact(&mut echo).expect("established connection was cut");
+        stream
+            .read_exact(&mut echo)
+            .expect("established connection was cut");
         assert_eq!(echo, message.as_bytes());
     }
-    assert_eq!(outcome(client, "192.0.2.2", "192.0.2.1:25"), Outcome::TimedOut, "new connections are dropped");
+    assert_eq!(
+        outcome(client, "192.0.2.2", "192.0.2.1:25"),
+        Outcome::TimedOut,
+        "new connections are dropped"
+    );
 }
 
 #[test]
@@ -258,10 +375,20 @@ fn malformed_frames_pass_are_counted_and_do_not_break_the_program() {
     let before = gk.counter("unparsable");
     send_raw_frames(client, "eth0", &bad).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert_eq!(gk.counter("unparsable"), before + bad.len() as u64, "each malformed frame counted once");
+    assert_eq!(
+        gk.counter("unparsable"),
+        before + bad.len() as u64,
+        "each malformed frame counted once"
+    );
     // The program still judges correctly after the garbage.
-    assert_eq!(outcome(client, "192.0.2.2", "192.0.2.1:25"), Outcome::TimedOut);
-    assert_eq!(outcome(client, "192.0.2.3", "192.0.2.1:25"), Outcome::Connected);
+    assert_eq!(
+        outcome(client, "192.0.2.2", "192.0.2.1:25"),
+        Outcome::TimedOut
+    );
+    assert_eq!(
+        outcome(client, "192.0.2.3", "192.0.2.1:25"),
+        Outcome::Connected
+    );
 }
 
 #[test]
@@ -281,18 +408,86 @@ fn crafted_syns_are_judged_through_ip_options_and_extension_headers() {
         send_raw_frames(client, "eth0", &[frame]).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
         assert_eq!(gk.counter("dropped_deny") - d0, dropped, "{what}: dropped");
-        assert_eq!(gk.counter("protected_syns") - p0, protected, "{what}: judged");
+        assert_eq!(
+            gk.counter("protected_syns") - p0,
+            protected,
+            "{what}: judged"
+        );
     };
-    let v4 = frames::Ipv4Syn { source: [192, 0, 2, 2], dest_port: 25, ..Default::default() };
+    let v4 = frames::Ipv4Syn {
+        source: [192, 0, 2, 2],
+        dest_port: 25,
+        ..Default::default()
+    };
     check(v4.frame(dst, src), 1, 1, "plain IPv4 SYN");
-    check(frames::Ipv4Syn { options_words: 3, ..v4 }.frame(dst, src), 1, 1, "IPv4 SYN with options");
-    check(frames::Ipv4Syn { fragment_offset: 185, ..v4 }.frame(dst, src), 0, 0, "non-first fragment");
-    check(frames::Ipv4Syn { flags: 0x12, ..v4 }.frame(dst, src), 0, 0, "SYN-ACK");
-    check(frames::Ipv4Syn { dest_port: 587, ..v4 }.frame(dst, src), 0, 0, "unprotected port");
-    check(frames::Ipv4Syn { source: [192, 0, 2, 3], ..v4 }.frame(dst, src), 0, 1, "clean source");
-    check(frames::Ipv4Syn { vlan_tags: 2, ..v4 }.frame(dst, src), 1, 1, "QinQ IPv4 SYN");
-    let v6 = frames::Ipv6Syn { source: "2001:db8:1::2".parse().unwrap(), ext_headers: vec![], first_fragment: false, vlan_tags: 0 };
+    check(
+        frames::Ipv4Syn {
+            options_words: 3,
+            ..v4
+        }
+        .frame(dst, src),
+        1,
+        1,
+        "IPv4 SYN with options",
+    );
+    check(
+        frames::Ipv4Syn {
+            fragment_offset: 185,
+            ..v4
+        }
+        .frame(dst, src),
+        0,
+        0,
+        "non-first fragment",
+    );
+    check(
+        frames::Ipv4Syn { flags: 0x12, ..v4 }.frame(dst, src),
+        0,
+        0,
+        "SYN-ACK",
+    );
+    check(
+        frames::Ipv4Syn {
+            dest_port: 587,
+            ..v4
+        }
+        .frame(dst, src),
+        0,
+        0,
+        "unprotected port",
+    );
+    check(
+        frames::Ipv4Syn {
+            source: [192, 0, 2, 3],
+            ..v4
+        }
+        .frame(dst, src),
+        0,
+        1,
+        "clean source",
+    );
+    check(
+        frames::Ipv4Syn { vlan_tags: 2, ..v4 }.frame(dst, src),
+        1,
+        1,
+        "QinQ IPv4 SYN",
+    );
+    let v6 = frames::Ipv6Syn {
+        source: "2001:db8:1::2".parse().unwrap(),
+        ext_headers: vec![],
+        first_fragment: false,
+        vlan_tags: 0,
+    };
     check(v6.frame(dst, src), 1, 1, "plain IPv6 SYN");
-    let v6_ext = frames::Ipv6Syn { ext_headers: vec![0, 60, 43], first_fragment: true, ..v6.clone() };
-    check(v6_ext.frame(dst, src), 1, 1, "IPv6 SYN behind hop-by-hop, dest-opts, routing and fragment headers");
+    let v6_ext = frames::Ipv6Syn {
+        ext_headers: vec![0, 60, 43],
+        first_fragment: true,
+        ..v6.clone()
+    };
+    check(
+        v6_ext.frame(dst, src),
+        1,
+        1,
+        "IPv6 SYN behind hop-by-hop, dest-opts, routing and fragment headers",
+    );
 }

@@ -50,7 +50,14 @@ pub struct Ipv4Syn {
 
 impl Default for Ipv4Syn {
     fn default() -> Self {
-        Ipv4Syn { source: [192, 0, 2, 2], dest_port: 25, flags: 0x02, options_words: 0, fragment_offset: 0, vlan_tags: 0 }
+        Ipv4Syn {
+            source: [192, 0, 2, 2],
+            dest_port: 25,
+            flags: 0x02,
+            options_words: 0,
+            fragment_offset: 0,
+            vlan_tags: 0,
+        }
     }
 }
 
@@ -142,7 +149,12 @@ pub fn malformed(dst: [u8; 6], src: [u8; 6]) -> Vec<Vec<u8>> {
     f.extend_from_slice(&[0x60; 20]);
     frames.push(f);
     // IPv6 with more extension headers than the parser walks.
-    let long = Ipv6Syn { source: "2001:db8:1::2".parse().unwrap(), ext_headers: vec![60; 8], first_fragment: false, vlan_tags: 0 };
+    let long = Ipv6Syn {
+        source: "2001:db8:1::2".parse().unwrap(),
+        ext_headers: vec![60; 8],
+        first_fragment: false,
+        vlan_tags: 0,
+    };
     frames.push(long.frame(dst, src));
     // Three VLAN tags.
     let mut f = ethernet(dst, src, 0x88a8);

@@ -13,7 +13,14 @@ pub mod map_names {
     pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
     pub const COUNTERS: &str = "COUNTERS";
     /// All maps, in the order they are pinned and reported.
-    pub const ALL: [&str; 6] = [DENY_V4, DENY_V6, ALLOW_V4, ALLOW_V6, PROTECTED_PORTS, COUNTERS];
+    pub const ALL: [&str; 6] = [
+        DENY_V4,
+        DENY_V6,
+        ALLOW_V4,
+        ALLOW_V6,
+        PROTECTED_PORTS,
+        COUNTERS,
+    ];
 }
 
 /// Compile-time defaults for map capacities; the daemon overrides them from config.

@@ -27,8 +27,7 @@ static DENY_V6: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(capac
 #[map]
 static ALLOW_V4: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(capacity::ALLOW_V4, 0);
 #[map]
-static ALLOW_V6: LpmTrie<[u8; 16], PrefixValue> =
-    LpmTrie::with_max_entries(capacity::ALLOW_V6, 0);
+static ALLOW_V6: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(capacity::ALLOW_V6, 0);
 /// Indexed by destination port; non-zero means protected.
 #[map]
 static PROTECTED_PORTS: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
@@ -49,7 +48,11 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
         Parsed::Unparsable => {
             count(Counter::Unparsable);
             // Off unless the daemon raised AYA_LOG_LEVEL at load (debug logging).
-            debug!(&ctx, "unparsable frame of {} bytes", ctx.data_end() - ctx.data());
+            debug!(
+                &ctx,
+                "unparsable frame of {} bytes",
+                ctx.data_end() - ctx.data()
+            );
             xdp_action::XDP_PASS
         }
     }

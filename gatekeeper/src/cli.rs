@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::DEFAULT_PATH;
 
 #[derive(Debug, Parser)]
-#[command(name = "gatekeeper", version, about = "SMTP edge gatekeeper: XDP fast path and control daemon")]
+#[command(
+    name = "gatekeeper",
+    version,
+    about = "SMTP edge gatekeeper: XDP fast path and control daemon"
+)]
 pub struct Cli {
     /// Config file (the CLI verbs read it only to find the control socket).
     #[arg(short = 'c', long = "config", global = true, default_value = DEFAULT_PATH)]

@@ -124,7 +124,8 @@ fn read_list_file(file: &std::path::Path) -> Result<String> {
             .context("reading the list from stdin")?;
         return Ok(text);
     }
-    std::fs::read_to_string(file).map_err(|e| UsageError(format!("cannot read {}: {e}", file.display())).into())
+    std::fs::read_to_string(file)
+        .map_err(|e| UsageError(format!("cannot read {}: {e}", file.display())).into())
 }
 
 fn stats(socket: &std::path::Path, json: bool) -> Result<()> {
@@ -149,7 +150,15 @@ fn print_stats(report: &StatsReport) {
     let interfaces: Vec<String> = report
         .interfaces
         .iter()
-        .map(|i| format!("{} ({})", i.name, serde_json::to_value(i.mode).map(|v| v.as_str().unwrap_or("?").to_string()).unwrap_or_default()))
+        .map(|i| {
+            format!(
+                "{} ({})",
+                i.name,
+                serde_json::to_value(i.mode)
+                    .map(|v| v.as_str().unwrap_or("?").to_string())
+                    .unwrap_or_default()
+            )
+        })
         .collect();
     println!("{:<16}{}", "interfaces", interfaces.join(", "));
     println!("{:<16}{}s", "uptime", report.uptime_secs);

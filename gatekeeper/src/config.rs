@@ -118,7 +118,9 @@ impl Config {
         }
         for (i, name) in self.interfaces.iter().enumerate() {
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                return Err(format!("interfaces[{i}]: '{name}' is not a valid interface name"));
+                return Err(format!(
+                    "interfaces[{i}]: '{name}' is not a valid interface name"
+                ));
             }
         }
         for (key, value) in [
@@ -137,7 +139,10 @@ impl Config {
             ("bpffs_dir", &self.bpffs_dir),
         ] {
             if !path.is_absolute() {
-                return Err(format!("{key}: '{}' must be an absolute path", path.display()));
+                return Err(format!(
+                    "{key}: '{}' must be an absolute path",
+                    path.display()
+                ));
             }
         }
         Ok(())
@@ -206,10 +211,22 @@ threshold = 3
         let cases = [
             ("interfaces = [\"eth0\"]\nxdp_mode = \"turbo\"", "xdp_mode"),
             ("interfaces = [\"eth0\"]\nintrefaces = 1", "intrefaces"),
-            ("interfaces = [\"eth0\"]\nprotected_ports = [70000]", "line 2"),
-            ("interfaces = [\"eth0\"]\nprotected_ports = []", "protected_ports"),
-            ("interfaces = [\"eth0\"]\nstate_dir = \"rel/dir\"", "state_dir"),
-            ("interfaces = [\"eth0\"]\n[maps]\ndeny_v4 = 0", "maps.deny_v4"),
+            (
+                "interfaces = [\"eth0\"]\nprotected_ports = [70000]",
+                "line 2",
+            ),
+            (
+                "interfaces = [\"eth0\"]\nprotected_ports = []",
+                "protected_ports",
+            ),
+            (
+                "interfaces = [\"eth0\"]\nstate_dir = \"rel/dir\"",
+                "state_dir",
+            ),
+            (
+                "interfaces = [\"eth0\"]\n[maps]\ndeny_v4 = 0",
+                "maps.deny_v4",
+            ),
             ("xdp_mode = \"auto\"", "interfaces"),
         ];
         for (text, expected) in cases {

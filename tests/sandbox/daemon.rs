@@ -37,7 +37,10 @@ impl Daemon {
             .command(gatekeeper_bin().to_str().context("binary path")?)
             .args(["run", "-c"])
             .arg(config)
-            .env("RUST_LOG", std::env::var("GATEKEEPER_LOG").unwrap_or("info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("GATEKEEPER_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -55,9 +58,16 @@ impl Daemon {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
-                bail!("gatekeeper exited during start-up ({status}):\n{}", self.log_text());
+                bail!(
+                    "gatekeeper exited during start-up ({status}):\n{}",
+                    self.log_text()
+                );
             }
             let out = self.cli(&["stats", "--json"]);
             if out.status.success() {
@@ -65,7 +75,10 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("gatekeeper did not become ready in 20 s:\n{}", self.log_text())
+        bail!(
+            "gatekeeper did not become ready in 20 s:\n{}",
+            self.log_text()
+        )
     }
 
     /// Runs a CLI verb against this daemon's control socket.
@@ -80,7 +93,11 @@ impl Daemon {
 
     pub fn stats(&self) -> serde_json::Value {
         let out = self.cli(&["stats", "--json"]);
-        assert!(out.status.success(), "stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("stats --json is JSON")
     }
 

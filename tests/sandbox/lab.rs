@@ -39,15 +39,27 @@ impl Lab {
             daemon: None,
             edge,
             peers: Vec::new(),
-            dir: tempfile::Builder::new().prefix("gatekeeper-lab-").tempdir()?,
+            dir: tempfile::Builder::new()
+                .prefix("gatekeeper-lab-")
+                .tempdir()?,
             tag,
         };
         for (i, spec) in peers.into_iter().enumerate() {
             let ns = Netns::create(&format!("gkt-{}-{}", lab.tag, spec.name))?;
             let edge_if = edge_iface(i);
             crate::netns::run(std::process::Command::new("ip").args([
-                "link", "add", &edge_if, "netns", lab.edge.name(), "type", "veth", "peer",
-                "name", "eth0", "netns", ns.name(),
+                "link",
+                "add",
+                &edge_if,
+                "netns",
+                lab.edge.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
             ]))?;
             for addr in &spec.edge_addrs {
                 lab.edge.ip(&addr_args(addr, &edge_if))?;
@@ -116,7 +128,9 @@ impl Lab {
     /// Starts the daemon on the edge with `config(extra)`.
     pub fn start_daemon(&mut self, extra: &str) -> Result<()> {
         let config = self.write_config(extra)?;
-        let log = self.dir().join(format!("daemon-{}.log", self.daemon_starts()));
+        let log = self
+            .dir()
+            .join(format!("daemon-{}.log", self.daemon_starts()));
         let daemon = Daemon::start(&self.edge, &config, &self.control_socket(), &log)
             .context("starting gatekeeper")?;
         self.daemon = Some(daemon);
@@ -125,7 +139,11 @@ impl Lab {
 
     fn daemon_starts(&self) -> usize {
         std::fs::read_dir(self.dir())
-            .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("daemon-")).count())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
+                    .count()
+            })
             .unwrap_or(0)
     }
 

@@ -8,8 +8,8 @@
 pub mod daemon;
 pub mod lab;
 pub mod netns;
-pub mod probe;
 pub mod privileges;
+pub mod probe;
 
 pub use daemon::Daemon;
 pub use lab::{Lab, PeerSpec};

@@ -39,7 +39,9 @@ impl Netns {
     /// (unlike `ip netns exec`, the mount namespace and /sys stay the host's).
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path())).arg("--").arg(program);
+        cmd.arg(format!("--net={}", self.path()))
+            .arg("--")
+            .arg(program);
         cmd
     }
 
@@ -77,7 +79,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 

@@ -16,7 +16,9 @@ pub fn require_kernel_privileges(test: &str) -> bool {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test}: cannot run under CI: {reason}");
     }
-    announce(&format!("SKIPPED {test}: {reason}; this kernel-level test did NOT run"));
+    announce(&format!(
+        "SKIPPED {test}: {reason}; this kernel-level test did NOT run"
+    ));
     false
 }
 
@@ -27,7 +29,11 @@ pub fn announce(message: &str) {
     eprintln!("\n*** {message} ***\n");
     if let Some(path) = std::env::var_os("GATEKEEPER_TEST_NOTES") {
         use std::io::Write;
-        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let _ = writeln!(file, "*** {message}");
         }
     }

@@ -22,7 +22,11 @@ pub enum Outcome {
 }
 
 /// Connects from `source` (an address of `ns`) to `dest`.
-pub fn connect_from(ns: &Netns, source: IpAddr, dest: SocketAddr) -> Result<(Outcome, Option<TcpStream>)> {
+pub fn connect_from(
+    ns: &Netns,
+    source: IpAddr,
+    dest: SocketAddr,
+) -> Result<(Outcome, Option<TcpStream>)> {
     ns.run(move || -> Result<(Outcome, Option<TcpStream>)> {
         let socket = Socket::new(Domain::for_address(dest), Type::STREAM, None)?;
         socket
@@ -30,8 +34,13 @@ pub fn connect_from(ns: &Netns, source: IpAddr, dest: SocketAddr) -> Result<(Out
             .with_context(|| format!("binding {source}"))?;
         match socket.connect_timeout(&dest.into(), DROP_TIMEOUT) {
             Ok(()) => Ok((Outcome::Connected, Some(socket.into()))),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok((Outcome::Refused, None)),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Ok((Outcome::Refused, None))
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::TimedOut
+                    || e.kind() == std::io::ErrorKind::WouldBlock =>
+            {
                 Ok((Outcome::TimedOut, None))
             }
             Err(e) => Err(e).with_context(|| format!("connecting {source} -> {dest}")),
@@ -78,7 +87,11 @@ pub fn send_raw_frames(ns: &Netns, interface: &str, frames: &[Vec<u8>]) -> Resul
         let index = nix::net::if_::if_nametoindex(interface.as_str())?;
         // SAFETY: plain socket(2) call; the fd is owned by OwnedFd below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        anyhow::ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        anyhow::ensure!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         for frame in &frames {

@@ -9,7 +9,10 @@ use anyhow::{bail, Result};
 use crate::setup;
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn xdp_object() -> PathBuf {
@@ -29,7 +32,14 @@ fn ebpf_cargo(subcommand: &str) -> Command {
         .arg("--release")
         .arg("--target-dir")
         .arg(root.join("target"));
-    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR"] {
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -37,7 +47,9 @@ fn ebpf_cargo(subcommand: &str) -> Command {
 
 fn workspace_cargo(args: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(args).current_dir(workspace_root()).env("GATEKEEPER_XDP_OBJECT", xdp_object());
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .env("GATEKEEPER_XDP_OBJECT", xdp_object());
     cmd
 }
 
@@ -46,23 +58,45 @@ pub fn run() -> Result<PathBuf> {
     if !ebpf_cargo("build").status()?.success() {
         bail!("building the eBPF program failed");
     }
-    if !workspace_cargo(&["build", "--release", "-p", "gatekeeper"]).status()?.success() {
+    if !workspace_cargo(&["build", "--release", "-p", "gatekeeper"])
+        .status()?
+        .success()
+    {
         bail!("building gatekeeper failed");
     }
-    println!("built {} (embeds {})", gatekeeper_binary().display(), xdp_object().display());
+    println!(
+        "built {} (embeds {})",
+        gatekeeper_binary().display(),
+        xdp_object().display()
+    );
     Ok(gatekeeper_binary())
 }
 
 pub fn lint() -> Result<()> {
     run()?;
     let checks: Vec<(&str, Command)> = vec![
-        ("cargo fmt", workspace_cargo(&["fmt", "--all", "--", "--check"])),
+        (
+            "cargo fmt",
+            workspace_cargo(&["fmt", "--all", "--", "--check"]),
+        ),
         ("eBPF cargo fmt", {
             let mut c = Command::new("rustup");
-            c.args(["run", "nightly", "cargo", "fmt", "--", "--check"]).current_dir(workspace_root().join("gatekeeper-ebpf"));
+            c.args(["run", "nightly", "cargo", "fmt", "--", "--check"])
+                .current_dir(workspace_root().join("gatekeeper-ebpf"));
             c
         }),
-        ("cargo clippy", workspace_cargo(&["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"])),
+        (
+            "cargo clippy",
+            workspace_cargo(&[
+                "clippy",
+                "--release",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        ),
         ("eBPF cargo clippy", {
             let mut c = ebpf_cargo("clippy");
             c.args(["--", "-D", "warnings"]);
@@ -79,7 +113,8 @@ pub fn lint() -> Result<()> {
 
 pub fn cargo_test(extra: &[String], notes: &Path) -> Result<bool> {
     let mut cmd = workspace_cargo(&["test", "--release", "--workspace"]);
-    cmd.env("GATEKEEPER_BIN", gatekeeper_binary()).env("GATEKEEPER_TEST_NOTES", notes);
+    cmd.env("GATEKEEPER_BIN", gatekeeper_binary())
+        .env("GATEKEEPER_TEST_NOTES", notes);
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }

@@ -16,28 +16,59 @@ const CLIENT: &str = "198.51.100.25";
 pub fn run() -> Result<()> {
     setup::ensure_runtime()?;
     let binary = build::run()?;
-    ensure!(setup::is_root(), "the demo creates network namespaces and loads XDP: run it as root");
+    ensure!(
+        setup::is_root(),
+        "the demo creates network namespaces and loads XDP: run it as root"
+    );
     std::env::set_var("GATEKEEPER_BIN", &binary);
 
-    step("Sandbox: edge host (gatekeeper on gk0, gk1), attacker 203.0.113.66, client 198.51.100.25");
+    step(
+        "Sandbox: edge host (gatekeeper on gk0, gk1), attacker 203.0.113.66, client 198.51.100.25",
+    );
     let mut lab = Lab::new(
         "demo",
         vec![
-            PeerSpec { name: "attacker", edge_addrs: vec!["203.0.113.1/24"], peer_addrs: vec!["203.0.113.66/24"] },
-            PeerSpec { name: "client", edge_addrs: vec!["198.51.100.1/24"], peer_addrs: vec!["198.51.100.25/24"] },
+            PeerSpec {
+                name: "attacker",
+                edge_addrs: vec!["203.0.113.1/24"],
+                peer_addrs: vec!["203.0.113.66/24"],
+            },
+            PeerSpec {
+                name: "client",
+                edge_addrs: vec!["198.51.100.1/24"],
+                peer_addrs: vec!["198.51.100.25/24"],
+            },
         ],
     )?;
     listen(&lab.edge, 25).context("port-25 listener on the edge")?;
     println!("{}", lab.config(""));
     lab.start_daemon("")?;
-    println!("gatekeeper run: XDP attached, control socket {}", lab.control_socket().display());
+    println!(
+        "gatekeeper run: XDP attached, control socket {}",
+        lab.control_socket().display()
+    );
 
     step("Before any listing, both reach port 25");
-    show("attacker", outcome(lab.peer("attacker"), ATTACKER, "203.0.113.1:25"));
-    show("client  ", outcome(lab.peer("client"), CLIENT, "198.51.100.1:25"));
+    show(
+        "attacker",
+        outcome(lab.peer("attacker"), ATTACKER, "203.0.113.1:25"),
+    );
+    show(
+        "client  ",
+        outcome(lab.peer("client"), CLIENT, "198.51.100.1:25"),
+    );
 
     step("Operator denylists the attacker's network");
-    cli(&lab, &["deny", "add", "203.0.113.0/24", "--reason", "demo: spam flood"])?;
+    cli(
+        &lab,
+        &[
+            "deny",
+            "add",
+            "203.0.113.0/24",
+            "--reason",
+            "demo: spam flood",
+        ],
+    )?;
     cli(&lab, &["deny", "list"])?;
 
     step("Attacker's SYNs now die in XDP; the client is untouched");
@@ -49,12 +80,18 @@ pub fn run() -> Result<()> {
     }
     let client = outcome(lab.peer("client"), CLIENT, "198.51.100.1:25");
     show("client    ", client);
-    ensure!(drops == 3 && client == Outcome::Connected, "the demo did not show the expected verdicts");
+    ensure!(
+        drops == 3 && client == Outcome::Connected,
+        "the demo did not show the expected verdicts"
+    );
 
     step("gatekeeper stats");
     cli(&lab, &["stats"])?;
     let dropped = lab.daemon().counter("dropped_deny");
-    ensure!(dropped >= 3, "dropped_deny is {dropped}, expected at least 3");
+    ensure!(
+        dropped >= 3,
+        "dropped_deny is {dropped}, expected at least 3"
+    );
 
     step("Cleaning up: daemon stopped (XDP detached), namespaces removed");
     lab.take_daemon().stop()?;

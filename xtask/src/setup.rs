@@ -8,8 +8,17 @@ use anyhow::{bail, Context, Result};
 
 /// Debian packages the tests, demo and benchmarks drive.
 const PACKAGES: &[&str] = &[
-    "iproute2", "util-linux", "ethtool", "nftables", "bpftool", "xdp-tools", "rbldnsd", "postfix",
-    "swaks", "hping3", "netsniff-ng",
+    "iproute2",
+    "util-linux",
+    "ethtool",
+    "nftables",
+    "bpftool",
+    "xdp-tools",
+    "rbldnsd",
+    "postfix",
+    "swaks",
+    "hping3",
+    "netsniff-ng",
 ];
 
 pub fn run() -> Result<()> {
@@ -28,23 +37,35 @@ pub fn ensure_build_tools() -> Result<()> {
 }
 
 fn ensure_nightly() -> Result<()> {
-    let has_nightly = output("rustup", &["toolchain", "list"])?.lines().any(|l| l.starts_with("nightly"));
+    let has_nightly = output("rustup", &["toolchain", "list"])?
+        .lines()
+        .any(|l| l.starts_with("nightly"));
     if !has_nightly {
-        status("rustup", &["toolchain", "install", "nightly", "--profile", "minimal"])?;
+        status(
+            "rustup",
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )?;
     }
     let sysroot = nightly_sysroot()?;
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        status("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+        status(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", "nightly"],
+        )?;
     }
     Ok(())
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
-    Ok(PathBuf::from(output("rustc", &["+nightly", "--print", "sysroot"])?.trim()))
+    Ok(PathBuf::from(
+        output("rustc", &["+nightly", "--print", "sysroot"])?.trim(),
+    ))
 }
 
 fn cache_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/gatekeeper")
 }
 
@@ -55,12 +76,18 @@ fn ensure_bpf_linker() -> Result<()> {
     let libllvm = std::fs::read_dir(sysroot.join("lib"))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        })
         .context("nightly toolchain ships no libLLVM.so.*")?;
     let prefix = cache_dir().join("llvm");
     let stamp = prefix.join("stamp");
     let wanted = libllvm.display().to_string();
-    let works = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    let works = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if works && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == wanted) {
         return Ok(());
     }
@@ -74,12 +101,22 @@ fn ensure_bpf_linker() -> Result<()> {
     println!("setup: building bpf-linker against {wanted} (LLVM {major}), about a minute");
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib)?;
-    for link in [lib.join("libLLVM.so"), lib.join(libllvm.file_name().unwrap())] {
+    for link in [
+        lib.join("libLLVM.so"),
+        lib.join(libllvm.file_name().unwrap()),
+    ] {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&libllvm, &link)?;
     }
     let ok = Command::new("cargo")
-        .args(["+nightly", "install", "--force", "bpf-linker", "--no-default-features", "--features"])
+        .args([
+            "+nightly",
+            "install",
+            "--force",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}"))
         .env("LLVM_PREFIX", &prefix)
         .env_remove("RUSTC")
@@ -109,7 +146,9 @@ fn ensure_packages() -> Result<()> {
     }
     println!("setup: installing Debian packages: {}", missing.join(" "));
     // Postfix must not configure (or start) a system mail server: tests run their own.
-    let mut debconf = Command::new("debconf-set-selections").stdin(std::process::Stdio::piped()).spawn()?;
+    let mut debconf = Command::new("debconf-set-selections")
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
     std::io::Write::write_all(
         debconf.stdin.as_mut().unwrap(),
         b"postfix postfix/main_mailer_type select No configuration\n",
@@ -118,7 +157,11 @@ fn ensure_packages() -> Result<()> {
     status("apt-get", &["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(&missing);
-    let ok = Command::new("apt-get").args(&args).env("DEBIAN_FRONTEND", "noninteractive").status()?.success();
+    let ok = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?
+        .success();
     if !ok {
         bail!("apt-get install {} failed", missing.join(" "));
     }
@@ -136,7 +179,11 @@ fn ensure_bpffs() -> Result<()> {
 }
 
 pub fn status(program: &str, args: &[&str]) -> Result<()> {
-    let ok = Command::new(program).args(args).status().with_context(|| format!("spawning {program}"))?.success();
+    let ok = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("spawning {program}"))?
+        .success();
     if !ok {
         bail!("{program} {} failed", args.join(" "));
     }
@@ -144,9 +191,16 @@ pub fn status(program: &str, args: &[&str]) -> Result<()> {
 }
 
 pub fn output(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program).args(args).output().with_context(|| format!("spawning {program}"))?;
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("spawning {program}"))?;
     if !out.status.success() {
-        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

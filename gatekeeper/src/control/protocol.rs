@@ -127,7 +127,13 @@ mod tests {
         assert!(!line.contains('\n'));
         assert!(line.contains(r#""op":"list_add""#), "{line}");
         let back: Request = serde_json::from_str(&line).unwrap();
-        assert!(matches!(back, Request::ListAdd { list: ListKind::Deny, .. }));
+        assert!(matches!(
+            back,
+            Request::ListAdd {
+                list: ListKind::Deny,
+                ..
+            }
+        ));
     }
 
     #[test]

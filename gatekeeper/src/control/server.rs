@@ -90,7 +90,11 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
         }
         let received = std::time::Instant::now();
         let parsed = serde_json::from_str::<Request>(&line);
-        debug!(bytes = line.len(), parse_ms = received.elapsed().as_millis() as u64, "control request");
+        debug!(
+            bytes = line.len(),
+            parse_ms = received.elapsed().as_millis() as u64,
+            "control request"
+        );
         let reply = match parsed {
             Ok(request) => {
                 let handler = handler.clone();

@@ -61,7 +61,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
     server.abort();
     let _ = server.await; // drops the listener, which removes the socket file
-    // Wait for an in-flight change to finish so its acknowledgement holds.
+                          // Wait for an in-flight change to finish so its acknowledgement holds.
     let daemon = tokio::task::spawn_blocking(move || {
         let guard = daemon.lock();
         drop(guard);

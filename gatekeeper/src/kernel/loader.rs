@@ -271,4 +271,3 @@ fn start_xdp_logger(ebpf: &mut Ebpf) {
         Err(e) => warn!(error = %e, "XDP logging unavailable"),
     }
 }
-

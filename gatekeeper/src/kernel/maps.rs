@@ -78,7 +78,9 @@ impl PrefixMaps {
         };
         match result {
             Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Err(MapError::SyscallError(ref e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
                 Ok(())
             }
             other => other,

@@ -60,7 +60,12 @@ pub fn prepare_bpffs_dir(dir: &Path) -> Result<()> {
             nix::mount::MsFlags::empty(),
             None::<&str>,
         )
-        .with_context(|| format!("bpffs_dir {}: mounting bpffs at {BPFFS_ROOT}", dir.display()))?;
+        .with_context(|| {
+            format!(
+                "bpffs_dir {}: mounting bpffs at {BPFFS_ROOT}",
+                dir.display()
+            )
+        })?;
         tracing::info!("mounted bpffs at {BPFFS_ROOT}");
     }
     if !on_bpffs(dir)? {
@@ -75,7 +80,10 @@ pub fn prepare_bpffs_dir(dir: &Path) -> Result<()> {
 }
 
 fn on_bpffs(dir: &Path) -> Result<bool> {
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     let fs = nix::sys::statfs::statfs(existing)
         .with_context(|| format!("bpffs_dir {}: cannot stat", existing.display()))?;
     #[allow(clippy::unnecessary_cast)] // the field's integer type differs between libcs

@@ -71,7 +71,10 @@ mod tests {
         let text = "# attackers\n\n203.0.113.9\n  2001:db8::/48   # lab\r\n198.51.100.0/24\n";
         let lines = parse_list_file(text).unwrap();
         let prefixes: Vec<String> = lines.iter().map(|l| l.prefix.to_string()).collect();
-        assert_eq!(prefixes, ["203.0.113.9/32", "2001:db8::/48", "198.51.100.0/24"]);
+        assert_eq!(
+            prefixes,
+            ["203.0.113.9/32", "2001:db8::/48", "198.51.100.0/24"]
+        );
         assert!(lines.iter().all(|l| l.reason.is_none()));
     }
 

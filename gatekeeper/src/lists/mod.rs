@@ -15,7 +15,6 @@ pub enum ListKind {
 }
 
 impl ListKind {
-
     pub fn name(self) -> &'static str {
         match self {
             ListKind::Deny => "deny",

@@ -73,7 +73,10 @@ mod tests {
     #[test]
     fn refuses_non_canonical_with_suggestion() {
         let err = parse_prefix("192.0.2.7/24").unwrap_err();
-        assert!(err.to_string().contains("did you mean 192.0.2.0/24"), "{err}");
+        assert!(
+            err.to_string().contains("did you mean 192.0.2.0/24"),
+            "{err}"
+        );
         let err = parse_prefix("2001:db8::1/64").unwrap_err();
         assert!(err.to_string().contains("2001:db8::/64"), "{err}");
     }
@@ -81,8 +84,18 @@ mod tests {
     #[test]
     fn refuses_garbage() {
         for text in [
-            "", "foo", "192.0.2", "192.0.2.0/33", "192.0.2.0/", "/24", "2001:db8::/129",
-            " 192.0.2.1", "192.0.2.1 ", "192.0.2.256", "192.0.2.0/24/8", "1.2.3.4/-1",
+            "",
+            "foo",
+            "192.0.2",
+            "192.0.2.0/33",
+            "192.0.2.0/",
+            "/24",
+            "2001:db8::/129",
+            " 192.0.2.1",
+            "192.0.2.1 ",
+            "192.0.2.256",
+            "192.0.2.0/24/8",
+            "1.2.3.4/-1",
         ] {
             assert!(
                 matches!(parse_prefix(text), Err(PrefixError::Syntax(_))),

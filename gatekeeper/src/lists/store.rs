@@ -306,12 +306,10 @@ pub enum ApplyError {
 }
 
 fn read_entries(path: &Path, file: File) -> Result<BTreeMap<IpNet, EntryMeta>, StoreError> {
-    let list: StoredList =
-        serde_json::from_reader(BufReader::with_capacity(1 << 20, file)).map_err(|source| {
-            StoreError::Corrupt {
-                path: path.to_owned(),
-                source,
-            }
+    let list: StoredList = serde_json::from_reader(BufReader::with_capacity(1 << 20, file))
+        .map_err(|source| StoreError::Corrupt {
+            path: path.to_owned(),
+            source,
         })?;
     if list.version != FORMAT_VERSION {
         return Err(StoreError::Version {
@@ -382,7 +380,10 @@ mod tests {
             .apply(Change::Add(vec![(net("192.0.2.1/32"), None)]))
             .unwrap();
         let err = store
-            .apply(Change::Remove(vec![net("192.0.2.1/32"), net("192.0.2.2/32")]))
+            .apply(Change::Remove(vec![
+                net("192.0.2.1/32"),
+                net("192.0.2.2/32"),
+            ]))
             .unwrap_err();
         assert!(err.to_string().contains("192.0.2.2/32"), "{err}");
         assert_eq!(store.entries().len(), 1);
@@ -409,7 +410,9 @@ mod tests {
         store.revert(&applied).unwrap();
         assert_eq!(store.entries(), &before);
         assert_eq!(
-            ListStore::open(dir.path(), ListKind::Allow).unwrap().entries(),
+            ListStore::open(dir.path(), ListKind::Allow)
+                .unwrap()
+                .entries(),
             &before
         );
     }
@@ -418,14 +421,21 @@ mod tests {
     fn duplicate_adds_count_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = ListStore::open(dir.path(), ListKind::Deny).unwrap();
-        let change = Change::Add(vec![(net("192.0.2.1/32"), None), (net("192.0.2.1/32"), None)]);
+        let change = Change::Add(vec![
+            (net("192.0.2.1/32"), None),
+            (net("192.0.2.1/32"), None),
+        ]);
         assert_eq!(store.family_counts_after(&change), (1, 0));
     }
 
     #[test]
     fn corrupt_file_is_an_error_not_an_empty_list() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("deny.json"), "{\"version\":1,\"entries\":[{\"pre").unwrap();
+        std::fs::write(
+            dir.path().join("deny.json"),
+            "{\"version\":1,\"entries\":[{\"pre",
+        )
+        .unwrap();
         let err = ListStore::open(dir.path(), ListKind::Deny).err().unwrap();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     }
