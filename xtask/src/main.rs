@@ -1,6 +1,7 @@
 //! `cargo xtask`: toolchain setup, builds, tests and the demo, so a fresh
 //! machine needs nothing but the README's two commands.
 
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -29,6 +30,12 @@ enum Command {
     },
     /// Build, then show the gatekeeper at work in a sandbox of network namespaces.
     Demo,
+    /// Benchmarks (not tests): figures as ratios against a same-run baseline, into BENCHMARKS.md.
+    Bench {
+        /// Seconds-long smoke run with small inputs; BENCHMARKS.md is left alone.
+        #[arg(long)]
+        quick: bool,
+    },
     /// cargo fmt --check and cargo clippy on every crate, eBPF included.
     Lint,
 }
@@ -39,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Command::Build => build::run().map(|_| ()),
         Command::Test { cargo_test_args } => test::run(&cargo_test_args),
         Command::Demo => demo::run(),
+        Command::Bench { quick } => bench::run(quick),
         Command::Lint => build::lint(),
     }
 }

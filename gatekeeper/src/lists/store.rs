@@ -30,17 +30,44 @@ pub struct EntryMeta {
     pub expires: Option<u64>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct StoredEntry {
     prefix: IpNet,
     #[serde(flatten)]
     meta: EntryMeta,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct StoredList {
     version: u32,
     entries: Vec<StoredEntry>,
+}
+
+/// The on-disk shape of [`StoredList`], serialised straight from the map
+/// (no copy of a million entries just to write them).
+#[derive(Serialize)]
+struct StoredListRef<'a> {
+    version: u32,
+    #[serde(serialize_with = "serialize_entries")]
+    entries: &'a BTreeMap<IpNet, EntryMeta>,
+}
+
+#[derive(Serialize)]
+struct StoredEntryRef<'a> {
+    prefix: &'a IpNet,
+    #[serde(flatten)]
+    meta: &'a EntryMeta,
+}
+
+fn serialize_entries<S: serde::Serializer>(
+    entries: &&BTreeMap<IpNet, EntryMeta>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(
+        entries
+            .iter()
+            .map(|(prefix, meta)| StoredEntryRef { prefix, meta }),
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,16 +299,9 @@ impl ListStore {
             .map_err(write_err)?;
         {
             let mut writer = BufWriter::with_capacity(1 << 20, temp.as_file_mut());
-            let list = StoredList {
+            let list = StoredListRef {
                 version: FORMAT_VERSION,
-                entries: self
-                    .entries
-                    .iter()
-                    .map(|(prefix, meta)| StoredEntry {
-                        prefix: *prefix,
-                        meta: meta.clone(),
-                    })
-                    .collect(),
+                entries: &self.entries,
             };
             serde_json::to_writer(&mut writer, &list)
                 .map_err(|e| write_err(std::io::Error::other(e)))?;

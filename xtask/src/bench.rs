@@ -1,0 +1,150 @@
+//! `cargo xtask bench`: figures that tests must not time. Each figure is a
+//! ratio against a baseline measured in the same run, since these machines
+//! are noisy. Results go to BENCHMARKS.md.
+
+use std::fmt::Write as _;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use sandbox::lab::{Lab, PeerSpec};
+
+use crate::{build, setup};
+
+pub fn run(quick: bool) -> Result<()> {
+    setup::ensure_runtime()?;
+    let binary = build::run()?;
+    ensure!(
+        setup::is_root(),
+        "the benchmarks load XDP in namespaces: run them as root"
+    );
+    std::env::set_var("GATEKEEPER_BIN", &binary);
+    let prefixes = if quick { 10_000 } else { 1_000_000 };
+    let import = bulk_import(prefixes)?;
+    let mut report = String::new();
+    writeln!(report, "| figure | gatekeeper | baseline | ratio |")?;
+    writeln!(report, "|---|---|---|---|")?;
+    writeln!(
+        report,
+        "| import {prefixes} IPv4 prefixes (mixed /8–/32) | {:.2} s (`gatekeeper deny import`) | {:.2} s (`nft -f`, interval set) | {:.2}× |",
+        import.gatekeeper.as_secs_f64(),
+        import.nft.as_secs_f64(),
+        import.gatekeeper.as_secs_f64() / import.nft.as_secs_f64()
+    )?;
+    writeln!(
+        report,
+        "| daemon RSS after the import | {} MiB | | |",
+        import.daemon_rss_kib / 1024
+    )?;
+    println!("\n{report}");
+    if !quick {
+        write_benchmarks_md(&report)?;
+    }
+    Ok(())
+}
+
+struct ImportFigures {
+    gatekeeper: Duration,
+    nft: Duration,
+    daemon_rss_kib: u64,
+}
+
+/// Deterministic prefixes of realistic mixed lengths, most of them /32 and /24.
+fn generate_prefixes(count: usize) -> Vec<String> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let lengths = [32u32, 32, 32, 32, 32, 32, 24, 24, 16, 8, 20, 28];
+    let mut seen = std::collections::HashSet::with_capacity(count);
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        let r = next();
+        let len = lengths[(r >> 40) as usize % lengths.len()];
+        let addr = (r as u32) & (u32::MAX << (32 - len));
+        if seen.insert((addr, len)) {
+            let [a, b, c, d] = addr.to_be_bytes();
+            out.push(format!("{a}.{b}.{c}.{d}/{len}"));
+        }
+    }
+    out
+}
+
+fn bulk_import(count: usize) -> Result<ImportFigures> {
+    let mut lab = Lab::new(
+        "benchimport",
+        vec![PeerSpec {
+            name: "peer",
+            edge_addrs: vec!["192.0.2.1/24"],
+            peer_addrs: vec!["192.0.2.2/24"],
+        }],
+    )?;
+    lab.start_daemon("")?;
+    let prefixes = generate_prefixes(count);
+    let list = lab.dir().join("list.txt");
+    std::fs::write(&list, prefixes.join("\n"))?;
+
+    let started = Instant::now();
+    let out = lab
+        .daemon()
+        .cli(&["deny", "import", list.to_str().unwrap()]);
+    let gatekeeper = started.elapsed();
+    ensure!(
+        out.status.success(),
+        "import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = lab.daemon().pid().context("daemon pid")?;
+    let daemon_rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+
+    let ruleset = lab.dir().join("set.nft");
+    let mut text = String::from(
+        "table netdev gkbench {\n  set deny4 {\n    type ipv4_addr\n    flags interval\n    auto-merge\n    elements = {\n",
+    );
+    for p in &prefixes {
+        text.push_str("      ");
+        text.push_str(p);
+        text.push_str(",\n");
+    }
+    text.push_str("    }\n  }\n}\n");
+    std::fs::write(&ruleset, text)?;
+    let started = Instant::now();
+    let out = lab.edge.command("nft").arg("-f").arg(&ruleset).output()?;
+    let nft = started.elapsed();
+    ensure!(
+        out.status.success(),
+        "nft -f failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(ImportFigures {
+        gatekeeper,
+        nft,
+        daemon_rss_kib,
+    })
+}
+
+fn write_benchmarks_md(table: &str) -> Result<()> {
+    let path = build::workspace_root().join("BENCHMARKS.md");
+    let cpu = Command::new("sh")
+        .args(["-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let text = format!(
+        "# Benchmarks\n\nReproduce every figure with:\n\n```sh\ncargo xtask bench     # as root; --quick for a seconds-long smoke run\n```\n\n\
+         Figures are from one run on {cpu} ({} cores, `uname -r` {}); each sits next to a baseline \
+         measured in the same run, because these machines are noisy.\n\n{table}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default(),
+    );
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
