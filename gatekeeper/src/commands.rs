@@ -41,7 +41,14 @@ fn control_socket(cli: &Cli) -> Result<PathBuf> {
 
 fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) -> Result<()> {
     match action {
-        ListAction::Add { prefixes, reason } => {
+        ListAction::Add {
+            prefixes,
+            reason,
+            ttl,
+        } => {
+            if ttl.is_some_and(|t| t.as_secs() == 0) {
+                return Err(UsageError("--ttl must be at least one second".into()).into());
+            }
             let entries = prefixes
                 .iter()
                 .map(|p| {
@@ -49,6 +56,7 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
                         .map(|_| WireEntry {
                             prefix: p.clone(),
                             reason: reason.clone(),
+                            ttl_secs: ttl.map(|t| t.as_secs()),
                         })
                         .map_err(|e| UsageError(e.to_string()))
                 })
@@ -75,11 +83,15 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
+                let now = crate::lists::store::unix_now();
                 for e in entries {
-                    match e.reason {
-                        Some(reason) => println!("{}\t{}", e.prefix, reason),
-                        None => println!("{}", e.prefix),
+                    let mut line = e.prefix;
+                    line.push('\t');
+                    line.push_str(e.reason.as_deref().unwrap_or(""));
+                    if let Some(expires) = e.expires {
+                        line.push_str(&format!("\texpires in {}s", expires.saturating_sub(now)));
                     }
+                    println!("{}", line.trim_end());
                 }
             }
         }
@@ -92,6 +104,7 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
                 .map(|l| WireEntry {
                     prefix: l.prefix.to_string(),
                     reason: l.reason,
+                    ttl_secs: None,
                 })
                 .collect();
             let request = if *replace {

@@ -25,9 +25,8 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
     #[serde(default)]
     pub maps: MapCapacities,
-    /// Owned by the SMTP relay checker; accepted here so one file serves all parts.
-    #[allow(dead_code)] // read once the SMTP front end lands
-    pub smtp: Option<toml::Table>,
+    /// The SMTP relay checker; absent: no SMTP front end.
+    pub smtp: Option<crate::smtp::SmtpConfig>,
     /// Owned by the DNSBL engine; accepted here so one file serves all parts.
     #[allow(dead_code)] // read once the DNSBL engine lands
     pub dnsbl: Option<toml::Table>,
@@ -132,6 +131,9 @@ impl Config {
             if value == 0 {
                 return Err(format!("{key}: capacity must be at least 1"));
             }
+        }
+        if let Some(smtp) = &self.smtp {
+            smtp.validate()?;
         }
         for (key, path) in [
             ("state_dir", &self.state_dir),

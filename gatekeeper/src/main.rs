@@ -8,6 +8,7 @@ mod control;
 mod daemon;
 mod kernel;
 mod lists;
+mod smtp;
 
 use std::process::ExitCode;
 

@@ -12,6 +12,9 @@ pub struct WireEntry {
     pub prefix: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Lifetime in seconds from now; absent: permanent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +95,9 @@ pub struct StatsReport {
     pub allow_entries: usize,
     pub interfaces: Vec<InterfaceReport>,
     pub uptime_secs: u64,
+    /// Present when the SMTP front end runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<crate::smtp::stats::SmtpStatsReport>,
 }
 
 impl Reply {
@@ -121,6 +127,7 @@ mod tests {
             entries: vec![WireEntry {
                 prefix: "192.0.2.0/24".into(),
                 reason: Some("line\nbreak".into()),
+                ttl_secs: None,
             }],
         };
         let line = serde_json::to_string(&request).unwrap();
@@ -144,6 +151,7 @@ mod tests {
             allow_entries: 0,
             interfaces: vec![],
             uptime_secs: 5,
+            smtp: None,
         };
         let value = serde_json::to_value(Reply::Stats(report)).unwrap();
         assert_eq!(value["dropped_deny"], 3);

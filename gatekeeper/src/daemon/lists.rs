@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::control::protocol::{ChangeSummary, ListedEntry, Reply, WireEntry};
 use crate::kernel::Kernel;
 use crate::lists::prefix::parse_prefix;
-use crate::lists::store::{ApplyError, Change, ListStore};
+use crate::lists::store::{unix_now, ApplyError, Change, ListStore, NewEntry};
 use crate::lists::ListKind;
 
 pub struct ListService {
@@ -79,6 +79,24 @@ impl ListService {
             }
         }
         self.change(kind, Change::Remove(nets))
+    }
+
+    /// Removes entries whose time is up from the store and the kernel
+    /// (XDP already ignores them; this frees the slots).
+    pub fn sweep_expired(&mut self) {
+        let now = unix_now();
+        for kind in [ListKind::Deny, ListKind::Allow] {
+            let expired = self.store(kind).expired(now);
+            if expired.is_empty() {
+                continue;
+            }
+            let count = expired.len();
+            if let Reply::Error { message, .. } = self.change(kind, Change::Remove(expired)) {
+                warn!(list = %kind, %message, "removing expired entries failed");
+            } else {
+                info!(list = %kind, count, "expired entries removed");
+            }
+        }
     }
 
     pub fn show(&self, kind: ListKind) -> Reply {
@@ -156,12 +174,17 @@ impl ListService {
     }
 }
 
-fn parse_entries(entries: Vec<WireEntry>) -> Result<Vec<(IpNet, Option<String>)>, Reply> {
+fn parse_entries(entries: Vec<WireEntry>) -> Result<Vec<NewEntry>, Reply> {
+    let now = unix_now();
     entries
         .into_iter()
         .map(|e| {
             parse_prefix(&e.prefix)
-                .map(|net| (net, e.reason))
+                .map(|net| NewEntry {
+                    net,
+                    reason: e.reason,
+                    expires: e.ttl_secs.map(|ttl| now.saturating_add(ttl.max(1))),
+                })
                 .map_err(|err| Reply::invalid(err.to_string()))
         })
         .collect()

@@ -4,25 +4,31 @@ mod lists;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use gatekeeper_common::Counter;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::control::protocol::{InterfaceReport, Reply, Request, StatsReport};
+use crate::control::protocol::{InterfaceReport, Reply, Request, StatsReport, WireEntry};
 use crate::control::server::{locked, ControlSocket};
 use crate::kernel::{check_privileges, Kernel};
 use crate::lists::store::{remove_stale_temp_files, ListStore};
 use crate::lists::ListKind;
+use crate::smtp::{self, stats::SmtpStats, SmtpContext};
 use lists::ListService;
 
 struct Daemon {
     lists: ListService,
     started: Instant,
+    smtp_stats: Option<Arc<SmtpStats>>,
 }
+
+/// How often expired list entries are swept out of the store and the kernel.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 pub async fn run(config: Config) -> Result<()> {
     check_privileges()?;
@@ -38,6 +44,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     // Bind first: a second daemon must fail before touching the first one's pins.
     let control = ControlSocket::bind(&config.control_socket)?;
+    let smtp_listeners = config.smtp.as_ref().map(smtp::bind).transpose()?;
     let kernel = Kernel::load(&config)?;
     let mut lists = ListService::new(deny, allow, kernel)?;
     if let Err(e) = lists.kernel.attach(&config.interfaces, config.xdp_mode) {
@@ -46,11 +53,22 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let socket_path = control.path().to_owned();
+    let smtp_stats = smtp_listeners.as_ref().map(|_| Arc::new(SmtpStats::default()));
     let daemon = Arc::new(Mutex::new(Daemon {
         lists,
         started: Instant::now(),
+        smtp_stats: smtp_stats.clone(),
     }));
     let server = tokio::spawn(control.serve(locked(daemon.clone(), Daemon::handle)));
+    let sweeper = tokio::spawn(sweep_expired(daemon.clone()));
+    let smtp_task = match (config.smtp.clone(), smtp_listeners, smtp_stats) {
+        (Some(smtp_config), Some(listeners), Some(stats)) => {
+            let hook = pregreet_hook(&smtp_config, daemon.clone());
+            let ctx = Arc::new(SmtpContext::new(smtp_config, stats, hook)?);
+            Some(tokio::spawn(smtp::serve(listeners, ctx)))
+        }
+        _ => None,
+    };
     info!(socket = %socket_path.display(), "gatekeeper running");
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -59,6 +77,10 @@ pub async fn run(config: Config) -> Result<()> {
         _ = sigterm.recv() => info!("SIGTERM received, shutting down"),
         _ = sigint.recv() => info!("SIGINT received, shutting down"),
     }
+    if let Some(task) = smtp_task {
+        task.abort();
+    }
+    sweeper.abort();
     server.abort();
     let _ = server.await; // drops the listener, which removes the socket file
                           // Wait for an in-flight change to finish so its acknowledgement holds.
@@ -73,6 +95,45 @@ pub async fn run(config: Config) -> Result<()> {
     }
     info!("gatekeeper stopped");
     Ok(())
+}
+
+async fn sweep_expired(daemon: Arc<Mutex<Daemon>>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        let daemon = daemon.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut daemon) = daemon.lock() {
+                daemon.lists.sweep_expired();
+            }
+        })
+        .await;
+    }
+}
+
+/// With `pregreet_deny_ttl` set, a client that talks before the greeting is
+/// denylisted in the kernel for that long.
+fn pregreet_hook(config: &smtp::SmtpConfig, daemon: Arc<Mutex<Daemon>>) -> Option<smtp::PregreetHook> {
+    let ttl = config.pregreet_deny_ttl;
+    if ttl.is_zero() {
+        return None;
+    }
+    Some(Arc::new(move |client: IpAddr| {
+        let daemon = daemon.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(mut daemon) = daemon.lock() else { return };
+            let entry = WireEntry {
+                prefix: client.to_string(),
+                reason: Some("talked before the SMTP greeting".into()),
+                ttl_secs: Some(ttl.as_secs().max(1)),
+            };
+            if let Reply::Error { message, .. } = daemon.lists.add(ListKind::Deny, vec![entry], false) {
+                warn!(%client, %message, "denylisting a pre-greet client failed");
+            } else {
+                info!(%client, ttl_secs = ttl.as_secs(), "pre-greet client denylisted");
+            }
+        });
+    }))
 }
 
 impl Daemon {
@@ -107,6 +168,7 @@ impl Daemon {
                 .map(|(name, mode)| InterfaceReport { name, mode })
                 .collect(),
             uptime_secs: self.started.elapsed().as_secs(),
+            smtp: self.smtp_stats.as_ref().map(|s| s.report()),
         })
     }
 }

@@ -91,15 +91,24 @@ pub enum StoreError {
     },
 }
 
+/// An entry to add: permanent when `expires` (unix seconds) is `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    pub net: IpNet,
+    pub reason: Option<String>,
+    pub expires: Option<u64>,
+}
+
 /// A change to apply as one unit.
 #[derive(Debug, Clone)]
 pub enum Change {
-    /// Add or update entries (an existing prefix keeps its `added` time).
-    Add(Vec<(IpNet, Option<String>)>),
+    /// Add or update entries (an existing prefix keeps its `added` time;
+    /// a permanent entry never becomes temporary, a temporary one only lives longer).
+    Add(Vec<NewEntry>),
     /// Remove entries; every prefix must be present.
     Remove(Vec<IpNet>),
     /// Make the list exactly these entries.
-    Replace(Vec<(IpNet, Option<String>)>),
+    Replace(Vec<NewEntry>),
 }
 
 /// The effect of a change, as reported to the operator and applied to the kernel.
@@ -163,7 +172,7 @@ impl ListStore {
                 let mut seen = std::collections::HashSet::new();
                 let fresh = items
                     .iter()
-                    .map(|(net, _)| net)
+                    .map(|e| &e.net)
                     .filter(|net| !self.entries.contains_key(net) && seen.insert(**net));
                 let (a4, a6) = count(&mut fresh.into_iter());
                 v4 += a4;
@@ -172,7 +181,7 @@ impl ListStore {
             Change::Remove(_) => {}
             Change::Replace(items) => {
                 let unique: std::collections::BTreeSet<&IpNet> =
-                    items.iter().map(|(n, _)| n).collect();
+                    items.iter().map(|e| &e.net).collect();
                 (v4, v6) = count(&mut unique.into_iter());
             }
         }
@@ -200,8 +209,8 @@ impl ListStore {
         let mut applied = Applied::default();
         match change {
             Change::Add(items) => {
-                for (net, reason) in items {
-                    self.upsert(net, reason, now, &mut applied);
+                for item in items {
+                    self.upsert(item, now, &mut applied);
                 }
             }
             Change::Remove(nets) => {
@@ -225,7 +234,7 @@ impl ListStore {
             }
             Change::Replace(items) => {
                 let keep: std::collections::HashSet<IpNet> =
-                    items.iter().map(|(net, _)| *net).collect();
+                    items.iter().map(|e| e.net).collect();
                 let gone: Vec<IpNet> = self
                     .entries
                     .keys()
@@ -237,22 +246,31 @@ impl ListStore {
                     applied.removed.push(net);
                     applied.undo.push((net, old));
                 }
-                for (net, reason) in items {
-                    self.upsert(net, reason, now, &mut applied);
+                for item in items {
+                    self.upsert(item, now, &mut applied);
                 }
             }
         }
         Ok(applied)
     }
 
-    fn upsert(&mut self, net: IpNet, reason: Option<String>, now: u64, applied: &mut Applied) {
+    fn upsert(&mut self, item: NewEntry, now: u64, applied: &mut Applied) {
+        let NewEntry {
+            net,
+            reason,
+            expires,
+        } = item;
         match self.entries.get_mut(&net) {
             Some(meta) => {
                 let new_reason = reason.or_else(|| meta.reason.clone());
-                if meta.reason != new_reason || meta.expires.is_some() {
+                let new_expires = match (meta.expires, expires) {
+                    (Some(old), Some(new)) => Some(old.max(new)),
+                    _ => None,
+                };
+                if meta.reason != new_reason || meta.expires != new_expires {
                     applied.undo.push((net, Some(meta.clone())));
                     meta.reason = new_reason;
-                    meta.expires = None;
+                    meta.expires = new_expires;
                     applied.updated.push(net);
                 }
             }
@@ -262,13 +280,22 @@ impl ListStore {
                     EntryMeta {
                         reason,
                         added: now,
-                        expires: None,
+                        expires,
                     },
                 );
                 applied.undo.push((net, None));
                 applied.added.push(net);
             }
         }
+    }
+
+    /// Entries whose expiry has passed at unix time `now`.
+    pub fn expired(&self, now: u64) -> Vec<IpNet> {
+        self.entries
+            .iter()
+            .filter(|(_, meta)| meta.expires.is_some_and(|e| e <= now))
+            .map(|(net, _)| *net)
+            .collect()
     }
 
     fn undo_in_memory(&mut self, applied: &Applied) {
@@ -373,14 +400,36 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn entry(s: &str, reason: Option<&str>, expires: Option<u64>) -> NewEntry {
+        NewEntry {
+            net: net(s),
+            reason: reason.map(str::to_owned),
+            expires,
+        }
+    }
+
+    #[test]
+    fn temporary_entries_never_shorten_or_downgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = ListStore::open(dir.path(), ListKind::Deny).unwrap();
+        store.apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(100))])).unwrap();
+        store.apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(50))])).unwrap();
+        assert_eq!(store.entries()[&net("192.0.2.1/32")].expires, Some(100));
+        assert_eq!(store.expired(99), Vec::<IpNet>::new());
+        assert_eq!(store.expired(100), [net("192.0.2.1/32")]);
+        store.apply(Change::Add(vec![entry("192.0.2.1/32", None, None)])).unwrap();
+        store.apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(500))])).unwrap();
+        assert_eq!(store.entries()[&net("192.0.2.1/32")].expires, None);
+    }
+
     #[test]
     fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = ListStore::open(dir.path(), ListKind::Deny).unwrap();
         let applied = store
             .apply(Change::Add(vec![
-                (net("192.0.2.0/24"), Some("SBL1".into())),
-                (net("2001:db8::/32"), None),
+                entry("192.0.2.0/24", Some("SBL1"), None),
+                entry("2001:db8::/32", None, None),
             ]))
             .unwrap();
         assert_eq!(applied.added.len(), 2);
@@ -397,7 +446,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = ListStore::open(dir.path(), ListKind::Deny).unwrap();
         store
-            .apply(Change::Add(vec![(net("192.0.2.1/32"), None)]))
+            .apply(Change::Add(vec![entry("192.0.2.1/32", None, None)]))
             .unwrap();
         let err = store
             .apply(Change::Remove(vec![
@@ -416,13 +465,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = ListStore::open(dir.path(), ListKind::Allow).unwrap();
         store
-            .apply(Change::Add(vec![(net("192.0.2.1/32"), Some("a".into()))]))
+            .apply(Change::Add(vec![entry("192.0.2.1/32", Some("a"), None)]))
             .unwrap();
         let before = store.entries().clone();
         let applied = store
             .apply(Change::Replace(vec![
-                (net("192.0.2.1/32"), Some("b".into())),
-                (net("198.51.100.0/24"), None),
+                entry("192.0.2.1/32", Some("b"), None),
+                entry("198.51.100.0/24", None, None),
             ]))
             .unwrap();
         assert_eq!(applied.added, [net("198.51.100.0/24")]);
@@ -442,8 +491,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ListStore::open(dir.path(), ListKind::Deny).unwrap();
         let change = Change::Add(vec![
-            (net("192.0.2.1/32"), None),
-            (net("192.0.2.1/32"), None),
+            entry("192.0.2.1/32", None, None),
+            entry("192.0.2.1/32", None, None),
         ]);
         assert_eq!(store.family_counts_after(&change), (1, 0));
     }

@@ -1,0 +1,143 @@
+//! The `[smtp]` table. Key names are a contract: add, never rename.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    #[serde(default = "default_listen")]
+    pub listen: Vec<SocketAddr>,
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    #[serde(default)]
+    pub local_domains: Vec<String>,
+    #[serde(default = "default_relay_networks")]
+    pub relay_networks: Vec<IpNet>,
+    /// The MTA behind us, `host:port`.
+    pub upstream: SocketAddr,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Treat `user@[our listen address]` as local (off: literals are relay).
+    #[serde(default)]
+    pub accept_own_literals: bool,
+
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Waiting for a command once MAIL was given (RFC 5321 §4.5.3.2: 5 minutes).
+    #[serde(default = "five_minutes", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Waiting for a command before MAIL: idle bots get less patience.
+    #[serde(default = "one_minute", with = "humantime_serde")]
+    pub pre_mail_timeout: Duration,
+    /// Waiting for each chunk of message data (RFC 5321: 3 minutes).
+    #[serde(default = "three_minutes", with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Waiting for the MTA behind us; its final reply may take long (RFC 5321: 10 minutes).
+    #[serde(default = "ten_minutes", with = "humantime_serde")]
+    pub upstream_timeout: Duration,
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u64,
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: usize,
+    /// Client errors before `421` and disconnect.
+    #[serde(default = "default_max_errors")]
+    pub max_errors: usize,
+    /// Pre-greet detection: send a `220-` teaser and wait this long; a client
+    /// that talks before the full banner is refused. 0 = off (banner at once).
+    #[serde(default, with = "humantime_serde")]
+    pub greet_wait: Duration,
+    /// Denylist pre-greet talkers in the kernel for this long. 0 = off.
+    #[serde(default, with = "humantime_serde")]
+    pub pregreet_deny_ttl: Duration,
+}
+
+impl SmtpConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.listen.is_empty() {
+            return Err("smtp.listen: at least one address is required".into());
+        }
+        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
+            return Err(format!("smtp.hostname: '{}' is not a host name", self.hostname));
+        }
+        for (i, domain) in self.local_domains.iter().enumerate() {
+            let name = domain.trim_start_matches('.');
+            if super::parse::parse_domain(name).is_err() {
+                return Err(format!("smtp.local_domains[{i}]: '{domain}' is not a domain"));
+            }
+        }
+        for (i, net) in self.relay_networks.iter().enumerate() {
+            if net.trunc() != *net {
+                return Err(format!(
+                    "smtp.relay_networks[{i}]: '{net}' has host bits set; did you mean {}?",
+                    net.trunc()
+                ));
+            }
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => return Err("smtp.tls_key: required with smtp.tls_cert".into()),
+            (None, Some(_)) => return Err("smtp.tls_cert: required with smtp.tls_key".into()),
+            _ => {}
+        }
+        for (key, value) in [
+            ("smtp.max_connections", self.max_connections),
+            ("smtp.max_connections_per_ip", self.max_connections_per_ip),
+            ("smtp.max_recipients", self.max_recipients),
+            ("smtp.max_errors", self.max_errors),
+        ] {
+            if value == 0 {
+                return Err(format!("{key}: must be at least 1"));
+            }
+        }
+        if self.max_message_size < 1024 {
+            return Err("smtp.max_message_size: must be at least 1024 octets".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_listen() -> Vec<SocketAddr> {
+    vec!["0.0.0.0:25".parse().unwrap(), "[::]:25".parse().unwrap()]
+}
+fn default_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+fn default_relay_networks() -> Vec<IpNet> {
+    vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]
+}
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_max_connections_per_ip() -> usize {
+    20
+}
+fn one_minute() -> Duration {
+    Duration::from_secs(60)
+}
+fn three_minutes() -> Duration {
+    Duration::from_secs(180)
+}
+fn five_minutes() -> Duration {
+    Duration::from_secs(300)
+}
+fn ten_minutes() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_message_size() -> u64 {
+    25 << 20
+}
+fn default_max_recipients() -> usize {
+    100
+}
+fn default_max_errors() -> usize {
+    10
+}

@@ -1,0 +1,417 @@
+//! SMTP command and path parsing: pure functions from bytes to values.
+//!
+//! The grammar is RFC 5321's, read the way the MTA behind us would read it:
+//! the mailbox splits at the last unquoted `@`, so `user@victim@example.org`
+//! is the local part `user@victim` at `example.org` (an embedded address the
+//! policy refuses), not a syntax error another MTA might read differently.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub const MAX_LOCAL_PART: usize = 64;
+pub const MAX_DOMAIN: usize = 255;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Ehlo(String),
+    Helo(String),
+    Mail { from: ReversePath, params: MailParams },
+    Rcpt { to: Path },
+    Data,
+    Rset,
+    Noop,
+    Quit,
+    Help,
+    Vrfy,
+    Expn,
+    StartTls,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReversePath {
+    /// `<>`: bounces and other notifications.
+    Null,
+    Path(Path),
+}
+
+/// A path as the client wrote it, plus what it means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path {
+    /// Domains of an RFC 821 source route (`<@a,@b:user@c>`), obsolete and a relay trick.
+    pub source_route: Vec<String>,
+    /// Local part after unquoting and unescaping.
+    pub local_part: String,
+    pub domain: Option<Domain>,
+    /// The path's text between the angle brackets, for replies and forwarding.
+    pub raw: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Domain {
+    /// Lower-cased, one trailing dot removed.
+    Name(String),
+    Literal(IpAddr),
+    /// `[tag:content]` literals other than IPv6.
+    GeneralLiteral(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailParams {
+    pub size: Option<u64>,
+    pub body_8bit: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("500 5.5.2 Error: command not recognized")]
+    UnknownCommand,
+    #[error("501 5.5.4 Syntax: {0}")]
+    Syntax(&'static str),
+    #[error("501 5.1.3 Bad address syntax: {0}")]
+    BadAddress(&'static str),
+    #[error("555 5.5.4 Unsupported parameter: {0}")]
+    UnsupportedParameter(String),
+}
+
+impl ParseError {
+    /// The SMTP reply line (code, enhanced code, text) for this error.
+    pub fn reply(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// Parses one command line (without its CRLF).
+pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
+    let line = std::str::from_utf8(line).map_err(|_| ParseError::Syntax("non-ASCII command"))?;
+    if !line.is_ascii() {
+        return Err(ParseError::Syntax("non-ASCII command"));
+    }
+    let (verb, rest) = match line.find(' ') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => (line, ""),
+    };
+    let no_args = |command: Command| {
+        if rest.trim().is_empty() {
+            Ok(command)
+        } else {
+            Err(ParseError::Syntax("no arguments allowed"))
+        }
+    };
+    match verb.to_ascii_uppercase().as_str() {
+        "EHLO" => parse_helo_arg(rest).map(Command::Ehlo),
+        "HELO" => parse_helo_arg(rest).map(Command::Helo),
+        "MAIL" => {
+            let args = strip_keyword(rest, "FROM:").ok_or(ParseError::Syntax("MAIL FROM:<address>"))?;
+            let (path, params) = split_path(args)?;
+            let from = if path == "<>" {
+                ReversePath::Null
+            } else {
+                ReversePath::Path(parse_path(path)?)
+            };
+            Ok(Command::Mail {
+                from,
+                params: parse_mail_params(params)?,
+            })
+        }
+        "RCPT" => {
+            let args = strip_keyword(rest, "TO:").ok_or(ParseError::Syntax("RCPT TO:<address>"))?;
+            let (path, params) = split_path(args)?;
+            if let Some(param) = params.split_whitespace().next() {
+                return Err(ParseError::UnsupportedParameter(param.to_owned()));
+            }
+            Ok(Command::Rcpt { to: parse_path(path)? })
+        }
+        "DATA" => no_args(Command::Data),
+        "RSET" => no_args(Command::Rset),
+        "QUIT" => no_args(Command::Quit),
+        "STARTTLS" => no_args(Command::StartTls),
+        "NOOP" => Ok(Command::Noop),
+        "HELP" => Ok(Command::Help),
+        "VRFY" => Ok(Command::Vrfy),
+        "EXPN" => Ok(Command::Expn),
+        _ => Err(ParseError::UnknownCommand),
+    }
+}
+
+fn parse_helo_arg(rest: &str) -> Result<String, ParseError> {
+    let arg = rest.trim();
+    if arg.is_empty() || arg.contains(char::is_whitespace) {
+        return Err(ParseError::Syntax("EHLO/HELO hostname"));
+    }
+    Ok(arg.to_owned())
+}
+
+/// `FROM:` / `TO:` case-insensitively, tolerating spaces around the colon as most MTAs do.
+fn strip_keyword<'a>(rest: &'a str, keyword: &str) -> Option<&'a str> {
+    let word = keyword.trim_end_matches(':');
+    let rest = rest.trim_start();
+    if rest.len() < word.len() || !rest[..word.len()].eq_ignore_ascii_case(word) {
+        return None;
+    }
+    let rest = rest[word.len()..].trim_start();
+    rest.strip_prefix(':').map(str::trim_start)
+}
+
+/// Splits `<path> params` (or an unbracketed path); brackets may contain quoted spaces.
+fn split_path(args: &str) -> Result<(&str, &str), ParseError> {
+    if args.starts_with('<') {
+        let mut in_quotes = false;
+        let mut escaped = false;
+        for (i, c) in args.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if in_quotes => escaped = true,
+                '"' => in_quotes = !in_quotes,
+                '>' if !in_quotes => return Ok((&args[..=i], args[i + 1..].trim())),
+                _ => {}
+            }
+        }
+        return Err(ParseError::BadAddress("missing '>'"));
+    }
+    // Unbracketed, as some clients send: the path ends at the first space.
+    match args.find(' ') {
+        Some(i) => Ok((&args[..i], args[i + 1..].trim())),
+        None if args.is_empty() => Err(ParseError::BadAddress("empty address")),
+        None => Ok((args, "")),
+    }
+}
+
+/// Parses `<[@route,...:]local@domain>` or the same without brackets.
+pub fn parse_path(text: &str) -> Result<Path, ParseError> {
+    let inner = match text.strip_prefix('<') {
+        Some(rest) => rest.strip_suffix('>').ok_or(ParseError::BadAddress("missing '>'"))?,
+        None => text,
+    };
+    if inner.is_empty() {
+        return Err(ParseError::BadAddress("empty address"));
+    }
+    let (source_route, mailbox) = split_source_route(inner)?;
+    let (local_raw, domain_raw) = split_mailbox(mailbox)?;
+    let local_part = unquote_local_part(local_raw)?;
+    let domain = domain_raw.map(parse_domain).transpose()?;
+    Ok(Path {
+        source_route,
+        local_part,
+        domain,
+        raw: inner.to_owned(),
+    })
+}
+
+fn split_source_route(inner: &str) -> Result<(Vec<String>, &str), ParseError> {
+    if !inner.starts_with('@') {
+        return Ok((Vec::new(), inner));
+    }
+    let colon = inner.find(':').ok_or(ParseError::BadAddress("source route without ':'"))?;
+    let mut route = Vec::new();
+    for hop in inner[..colon].split(',') {
+        let hop = hop.trim().strip_prefix('@').ok_or(ParseError::BadAddress("source route hop"))?;
+        match parse_domain(hop)? {
+            Domain::Name(name) => route.push(name),
+            _ => route.push(hop.to_owned()),
+        }
+    }
+    Ok((route, &inner[colon + 1..]))
+}
+
+/// Splits at the last `@` outside a quoted string.
+fn split_mailbox(mailbox: &str) -> Result<(&str, Option<&str>), ParseError> {
+    let mut in_quotes = false;
+    let mut escaped = false;
+    let mut at = None;
+    for (i, c) in mailbox.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if in_quotes => escaped = true,
+            '"' => in_quotes = !in_quotes,
+            '@' if !in_quotes => at = Some(i),
+            _ => {}
+        }
+    }
+    if in_quotes {
+        return Err(ParseError::BadAddress("unterminated quoted string"));
+    }
+    Ok(match at {
+        Some(i) => (&mailbox[..i], Some(&mailbox[i + 1..])),
+        None => (mailbox, None),
+    })
+}
+
+fn is_atext(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c)
+}
+
+/// Returns the local part as the MTA will see it: quotes removed, escapes resolved.
+fn unquote_local_part(raw: &str) -> Result<String, ParseError> {
+    if raw.is_empty() {
+        return Err(ParseError::BadAddress("empty local part"));
+    }
+    if raw.len() > MAX_LOCAL_PART {
+        return Err(ParseError::BadAddress("local part longer than 64 octets"));
+    }
+    if let Some(body) = raw.strip_prefix('"') {
+        let body = body
+            .strip_suffix('"')
+            .ok_or(ParseError::BadAddress("text after a quoted local part"))?;
+        let mut out = String::with_capacity(body.len());
+        let mut chars = body.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some(e @ ' '..='~') => out.push(e),
+                    _ => return Err(ParseError::BadAddress("bad escape in quoted local part")),
+                },
+                '"' => return Err(ParseError::BadAddress("stray quote in local part")),
+                ' '..='~' => out.push(c),
+                _ => return Err(ParseError::BadAddress("control character in local part")),
+            }
+        }
+        return Ok(out);
+    }
+    // Dot-string; an unquoted '@' is kept so the policy can refuse it as an embedded address.
+    if raw.starts_with('.') || raw.ends_with('.') || raw.contains("..") {
+        return Err(ParseError::BadAddress("misplaced '.' in local part"));
+    }
+    if !raw.chars().all(|c| is_atext(c) || c == '.' || c == '@') {
+        return Err(ParseError::BadAddress("invalid character in local part"));
+    }
+    Ok(raw.to_owned())
+}
+
+/// Parses a domain or address literal; names are lower-cased with one trailing dot removed.
+pub fn parse_domain(text: &str) -> Result<Domain, ParseError> {
+    if let Some(literal) = text.strip_prefix('[') {
+        let literal = literal.strip_suffix(']').ok_or(ParseError::BadAddress("unclosed address literal"))?;
+        if let Some(v6) = literal
+            .get(..5)
+            .filter(|tag| tag.eq_ignore_ascii_case("IPv6:"))
+            .map(|_| &literal[5..])
+        {
+            let addr: Ipv6Addr = v6.parse().map_err(|_| ParseError::BadAddress("bad IPv6 literal"))?;
+            return Ok(Domain::Literal(IpAddr::V6(addr)));
+        }
+        if let Ok(addr) = literal.parse::<Ipv4Addr>() {
+            return Ok(Domain::Literal(IpAddr::V4(addr)));
+        }
+        if literal.contains(':') && !literal.is_empty() {
+            return Ok(Domain::GeneralLiteral(literal.to_owned()));
+        }
+        return Err(ParseError::BadAddress("bad address literal"));
+    }
+    let name = text.strip_suffix('.').unwrap_or(text);
+    if name.is_empty() || name.len() > MAX_DOMAIN {
+        return Err(ParseError::BadAddress("bad domain length"));
+    }
+    for label in name.split('.') {
+        let valid = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !valid {
+            return Err(ParseError::BadAddress("bad domain"));
+        }
+    }
+    Ok(Domain::Name(name.to_ascii_lowercase()))
+}
+
+fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
+    let mut out = MailParams::default();
+    for param in params.split_whitespace() {
+        let (key, value) = match param.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (param, None),
+        };
+        match (key.to_ascii_uppercase().as_str(), value) {
+            ("SIZE", Some(v)) if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) => {
+                out.size = Some(v.parse().map_err(|_| ParseError::Syntax("SIZE=<octets>"))?);
+            }
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => out.body_8bit = true,
+            ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => out.body_8bit = false,
+            _ => return Err(ParseError::UnsupportedParameter(param.to_owned())),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rcpt(line: &str) -> Path {
+        match parse_command(line.as_bytes()) {
+            Ok(Command::Rcpt { to }) => to,
+            other => panic!("{line:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_plain_commands() {
+        assert_eq!(parse_command(b"EHLO client.example").unwrap(), Command::Ehlo("client.example".into()));
+        assert_eq!(parse_command(b"helo [192.0.2.1]").unwrap(), Command::Helo("[192.0.2.1]".into()));
+        assert_eq!(parse_command(b"data").unwrap(), Command::Data);
+        assert_eq!(parse_command(b"NOOP anything").unwrap(), Command::Noop);
+        assert_eq!(parse_command(b"DATA now").unwrap_err(), ParseError::Syntax("no arguments allowed"));
+        assert_eq!(parse_command(b"EHLO").unwrap_err(), ParseError::Syntax("EHLO/HELO hostname"));
+        assert_eq!(parse_command(b"FOO").unwrap_err(), ParseError::UnknownCommand);
+        assert_eq!(parse_command(b"").unwrap_err(), ParseError::UnknownCommand);
+        assert!(parse_command("EHLO h\u{e9}".as_bytes()).is_err());
+    }
+
+    #[test]
+    fn parses_mail_with_params() {
+        let cmd = parse_command(b"MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME").unwrap();
+        let Command::Mail { from: ReversePath::Path(p), params } = cmd else { panic!() };
+        assert_eq!(p.local_part, "a");
+        assert_eq!(params, MailParams { size: Some(1000), body_8bit: true });
+        assert_eq!(
+            parse_command(b"mail from: <>").unwrap(),
+            Command::Mail { from: ReversePath::Null, params: MailParams::default() }
+        );
+        assert!(matches!(
+            parse_command(b"MAIL FROM:<a@b> SMTPUTF8"),
+            Err(ParseError::UnsupportedParameter(_))
+        ));
+        assert!(matches!(parse_command(b"MAIL FROM:<a@b> SIZE=x"), Err(ParseError::UnsupportedParameter(_))));
+        assert!(matches!(parse_command(b"MAIL TO:<a@b>"), Err(ParseError::Syntax(_))));
+    }
+
+    #[test]
+    fn local_parts_are_unquoted_and_unescaped() {
+        assert_eq!(rcpt(r#"RCPT TO:<"user@victim"@example.org>"#).local_part, "user@victim");
+        assert_eq!(rcpt(r#"RCPT TO:<"a\%b"@example.org>"#).local_part, "a%b");
+        assert_eq!(rcpt(r#"RCPT TO:<"with space"@example.org>"#).local_part, "with space");
+        assert_eq!(rcpt("RCPT TO:<user%victim.test@example.org>").local_part, "user%victim.test");
+        assert_eq!(rcpt("RCPT TO:<victim.test!user@example.org>").local_part, "victim.test!user");
+        let p = rcpt("RCPT TO:<user@victim.test@example.org>");
+        assert_eq!((p.local_part.as_str(), p.domain), ("user@victim.test", Some(Domain::Name("example.org".into()))));
+    }
+
+    #[test]
+    fn domains_literals_and_routes() {
+        assert_eq!(rcpt("RCPT TO:<u@EXAMPLE.Org.>").domain, Some(Domain::Name("example.org".into())));
+        assert_eq!(rcpt("RCPT TO:<u@[192.0.2.1]>").domain, Some(Domain::Literal("192.0.2.1".parse().unwrap())));
+        assert_eq!(
+            rcpt("RCPT TO:<u@[ipv6:2001:db8::1]>").domain,
+            Some(Domain::Literal("2001:db8::1".parse().unwrap()))
+        );
+        let p = rcpt("RCPT TO:<@relay.test,@hop.test:user@victim.test>");
+        assert_eq!(p.source_route, ["relay.test", "hop.test"]);
+        assert_eq!(p.domain, Some(Domain::Name("victim.test".into())));
+        assert_eq!(rcpt("RCPT TO:<Postmaster>").domain, None);
+        assert_eq!(rcpt("RCPT TO:user@example.org").local_part, "user");
+    }
+
+    #[test]
+    fn malformed_addresses_are_501() {
+        for line in [
+            "RCPT TO:<>", "RCPT TO:<u@>", "RCPT TO:<@x>", "RCPT TO:<u@exa mple.org>", "RCPT TO:<u@-bad.org>",
+            "RCPT TO:<u@a..b>", "RCPT TO:<.u@example.org>", "RCPT TO:<\"open@example.org>",
+            "RCPT TO:<u@[300.1.1.1]>", "RCPT TO:<u@[IPv6:zz]>", "RCPT TO:<u@example.org", "RCPT TO:<u(x)@example.org>",
+        ] {
+            let err = parse_command(line.as_bytes()).unwrap_err();
+            assert!(err.reply().starts_with("501 5.1.3") || err.reply().starts_with("501"), "{line}: {err}");
+        }
+        let long = format!("RCPT TO:<{}@example.org>", "a".repeat(65));
+        assert!(parse_command(long.as_bytes()).is_err());
+        assert!(matches!(parse_command(b"RCPT TO:<u@example.org> NOTIFY=NEVER"), Err(ParseError::UnsupportedParameter(_))));
+    }
+}

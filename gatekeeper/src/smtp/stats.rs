@@ -1,0 +1,71 @@
+//! SMTP front-end counters, shared by all sessions and read by `gatekeeper stats`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
+
+use super::policy::RelayReason;
+
+#[derive(Default)]
+pub struct SmtpStats {
+    pub connections: AtomicU64,
+    pub refused_connection_limit: AtomicU64,
+    pub pregreet: AtomicU64,
+    pub recipients_accepted: AtomicU64,
+    pub messages_delivered: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub smuggling_refused: AtomicU64,
+    pub oversize_refused: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub error_limit_disconnects: AtomicU64,
+    relay_denied: [AtomicU64; RelayReason::ALL.len()],
+}
+
+/// What `stats --json` shows under `smtp`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmtpStatsReport {
+    pub connections: u64,
+    pub refused_connection_limit: u64,
+    pub pregreet: u64,
+    pub recipients_accepted: u64,
+    pub messages_delivered: u64,
+    pub upstream_failures: u64,
+    pub smuggling_refused: u64,
+    pub oversize_refused: u64,
+    pub timeouts: u64,
+    pub error_limit_disconnects: u64,
+    /// Refused recipients by reason (`foreign_domain`, `percent_hack`, ...).
+    pub relay_denied: BTreeMap<String, u64>,
+}
+
+impl SmtpStats {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn relay_denied(&self, reason: RelayReason) {
+        let index = RelayReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.relay_denied[index].fetch_add(1, Relaxed);
+    }
+
+    pub fn report(&self) -> SmtpStatsReport {
+        SmtpStatsReport {
+            connections: self.connections.load(Relaxed),
+            refused_connection_limit: self.refused_connection_limit.load(Relaxed),
+            pregreet: self.pregreet.load(Relaxed),
+            recipients_accepted: self.recipients_accepted.load(Relaxed),
+            messages_delivered: self.messages_delivered.load(Relaxed),
+            upstream_failures: self.upstream_failures.load(Relaxed),
+            smuggling_refused: self.smuggling_refused.load(Relaxed),
+            oversize_refused: self.oversize_refused.load(Relaxed),
+            timeouts: self.timeouts.load(Relaxed),
+            error_limit_disconnects: self.error_limit_disconnects.load(Relaxed),
+            relay_denied: RelayReason::ALL
+                .iter()
+                .zip(&self.relay_denied)
+                .map(|(reason, count)| (reason.name().to_owned(), count.load(Relaxed)))
+                .collect(),
+        }
+    }
+}
