@@ -10,6 +10,7 @@ pub mod lab;
 pub mod netns;
 pub mod privileges;
 pub mod probe;
+pub mod smtp;
 
 pub use daemon::Daemon;
 pub use lab::{Lab, PeerSpec};

@@ -246,11 +246,10 @@ impl Session {
         let mail_line = self.tx.as_ref().map(|tx| tx.mail_line.clone()).unwrap_or_default();
         let upstream = self.upstream.as_mut().expect("connected above");
         if !upstream.in_transaction {
-            let reply = upstream.command(&mail_line).await?;
+            let reply = upstream.mail(&mail_line).await?;
             if !reply.is_positive() {
                 return Ok(reply);
             }
-            upstream.in_transaction = true;
         }
         upstream.command(&format!("RCPT TO:<{}>", to.raw)).await
     }

@@ -41,6 +41,8 @@ pub struct Upstream {
     timeout: Duration,
     /// A MAIL was accepted and no DATA/RSET closed it yet.
     pub in_transaction: bool,
+    /// XFORWARD line sent before each MAIL (its attributes last one transaction).
+    forward: Option<String>,
 }
 
 const MAX_REPLY_LINE: usize = 4096;
@@ -59,28 +61,34 @@ impl Upstream {
             writer: BufWriter::new(write),
             timeout: limit,
             in_transaction: false,
+            forward: None,
         };
         upstream.expect_positive(None).await?;
         let ehlo = upstream.expect_positive(Some(&format!("EHLO {our_name}"))).await?;
-        let offers_xclient = ehlo.lines.iter().any(|l| {
-            let mut words = l.split_whitespace();
-            words.next().is_some_and(|w| w.eq_ignore_ascii_case("XCLIENT"))
-        });
-        if offers_xclient {
-            let mut command = format!(
-                "XCLIENT ADDR={} PORT={} PROTO={} NAME=[UNAVAILABLE]",
-                xclient_addr(client.addr),
-                client.addr.port(),
-                if client.esmtp { "ESMTP" } else { "SMTP" }
-            );
-            if let Some(helo) = &client.helo {
-                command.push_str(&format!(" HELO={}", xtext(helo)));
-            }
+        if let Some(attributes) = offered(&ehlo, "XCLIENT") {
+            let command = client_attributes("XCLIENT", &attributes, client);
             upstream.expect_positive(Some(&command)).await?;
-            // XCLIENT restarts the session: greet again as the client would.
-            upstream.expect_positive(Some(&format!("EHLO {our_name}"))).await?;
+            // XCLIENT restarts the session: greet again, as the client did.
+            let helo = client.helo.as_deref().unwrap_or(our_name);
+            let ehlo = upstream.expect_positive(Some(&format!("EHLO {helo}"))).await?;
+            upstream.forward = offered(&ehlo, "XFORWARD").map(|a| client_attributes("XFORWARD", &a, client));
+        } else if let Some(attributes) = offered(&ehlo, "XFORWARD") {
+            upstream.forward = Some(client_attributes("XFORWARD", &attributes, client));
         }
         Ok(upstream)
+    }
+
+    /// Starts a transaction: XFORWARD (when offered) then MAIL.
+    pub async fn mail(&mut self, mail_line: &str) -> Result<Reply, UpstreamError> {
+        if let Some(forward) = self.forward.clone() {
+            let reply = self.command(&forward).await?;
+            if !reply.is_positive() {
+                return Ok(reply);
+            }
+        }
+        let reply = self.command(mail_line).await?;
+        self.in_transaction = reply.is_positive();
+        Ok(reply)
     }
 
     /// Sends one command line and returns the reply, whatever its code.
@@ -144,6 +152,37 @@ impl Upstream {
     }
 }
 
+/// The attribute names an EHLO keyword (XCLIENT, XFORWARD) was advertised with.
+fn offered(ehlo: &Reply, keyword: &str) -> Option<Vec<String>> {
+    ehlo.lines.iter().find_map(|line| {
+        let mut words = line.split_whitespace();
+        words
+            .next()
+            .filter(|w| w.eq_ignore_ascii_case(keyword))
+            .map(|_| words.map(str::to_ascii_uppercase).collect())
+    })
+}
+
+/// `KEYWORD ATTR=value ...` with only the attributes the server offered
+/// (Postfix refuses unknown ones).
+fn client_attributes(keyword: &str, offered: &[String], client: &ClientInfo) -> String {
+    let proto = if client.esmtp { "ESMTP" } else { "SMTP" };
+    let candidates = [
+        ("ADDR", Some(xclient_addr(client.addr))),
+        ("PORT", Some(client.addr.port().to_string())),
+        ("PROTO", Some(proto.to_owned())),
+        ("HELO", client.helo.as_deref().map(xtext)),
+        ("NAME", Some("[UNAVAILABLE]".to_owned())),
+    ];
+    let mut line = keyword.to_owned();
+    for (name, value) in candidates {
+        if let (true, Some(value)) = (offered.iter().any(|o| o == name), value) {
+            line.push_str(&format!(" {name}={value}"));
+        }
+    }
+    line
+}
+
 fn xclient_addr(addr: SocketAddr) -> String {
     match super::policy::canonical(addr.ip()) {
         std::net::IpAddr::V4(v4) => v4.to_string(),
@@ -172,6 +211,27 @@ mod tests {
     fn xtext_encodes_specials() {
         assert_eq!(xtext("client.example"), "client.example");
         assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
+    }
+
+    #[test]
+    fn only_offered_attributes_are_sent() {
+        let ehlo = Reply {
+            code: 250,
+            lines: vec!["sink".into(), "XCLIENT NAME HELO".into(), "XFORWARD NAME ADDR PROTO HELO".into()],
+        };
+        let client = ClientInfo {
+            addr: "192.0.2.2:4000".parse().unwrap(),
+            helo: Some("client.test".into()),
+            esmtp: true,
+        };
+        let xclient = offered(&ehlo, "XCLIENT").unwrap();
+        assert_eq!(client_attributes("XCLIENT", &xclient, &client), "XCLIENT HELO=client.test NAME=[UNAVAILABLE]");
+        let xforward = offered(&ehlo, "XFORWARD").unwrap();
+        assert_eq!(
+            client_attributes("XFORWARD", &xforward, &client),
+            "XFORWARD ADDR=192.0.2.2 PROTO=ESMTP HELO=client.test NAME=[UNAVAILABLE]"
+        );
+        assert_eq!(offered(&ehlo, "STARTTLS"), None);
     }
 
     #[test]

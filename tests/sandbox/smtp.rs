@@ -1,0 +1,240 @@
+//! SMTP peers for tests: Postfix's smtp-sink as the MTA behind the
+//! gatekeeper, and a line-level client that shows every reply.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::Netns;
+use crate::probe::{connect_from, Outcome};
+
+/// `smtp-sink` in a namespace, dumping each message to its own file.
+pub struct SmtpSink {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl SmtpSink {
+    pub fn start(ns: &Netns, dir: &Path, listen: &str) -> Result<SmtpSink> {
+        std::fs::create_dir_all(dir)?;
+        // smtp-sink drops to `nobody`, which must reach and write the dump directory.
+        for ancestor in dir.ancestors().take(3) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = if ancestor == dir { 0o777 } else { 0o755 };
+            let _ = std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode));
+        }
+        let child = ns
+            .command("smtp-sink")
+            .args(["-v", "-u", "nobody", "-h", "sink.test", "-d"])
+            .arg(dir.join("msg."))
+            .arg(listen)
+            .arg("256")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.with_extension("log"))?)
+            .spawn()
+            .context("starting smtp-sink (Debian package postfix)")?;
+        let sink = SmtpSink { child, dir: dir.to_owned() };
+        let addr: SocketAddr = listen.parse()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?;
+            if up {
+                return Ok(sink);
+            }
+            if Instant::now() > deadline {
+                bail!("smtp-sink did not start listening on {listen}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The SMTP conversations smtp-sink saw (its `-v` output).
+    pub fn conversation(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// Contents of every dumped message, oldest first.
+    pub fn messages(&self) -> Vec<String> {
+        let mut files: Vec<_> = std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        files
+            .iter()
+            .filter_map(|p| std::fs::read(p).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking SMTP client that exposes raw replies.
+pub struct SmtpClient {
+    reader: BufReader<TcpStream>,
+}
+
+/// One reply: its code and all its lines (without the code prefix).
+#[derive(Debug, Clone)]
+pub struct SmtpReply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl SmtpReply {
+    pub fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+impl std::fmt::Display for SmtpReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.code, self.text())
+    }
+}
+
+impl SmtpClient {
+    pub fn connect(ns: &Netns, source: &str, dest: &str) -> Result<SmtpClient> {
+        let source: IpAddr = source.parse()?;
+        let dest: SocketAddr = dest.parse()?;
+        let (outcome, stream) = connect_from(ns, source, dest)?;
+        match (outcome, stream) {
+            (Outcome::Connected, Some(stream)) => Ok(SmtpClient::over(stream)),
+            (other, _) => bail!("connecting {source} -> {dest}: {other:?}"),
+        }
+    }
+
+    pub fn over(stream: TcpStream) -> SmtpClient {
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        SmtpClient { reader: BufReader::new(stream) }
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.reader.get_mut()
+    }
+
+    pub fn into_stream(self) -> TcpStream {
+        self.reader.into_inner()
+    }
+
+    /// Reads one reply; `Err` when the server closed the connection.
+    pub fn reply(&mut self) -> Result<SmtpReply> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("connection closed (after {lines:?})");
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            let code: u16 = line.get(..3).and_then(|c| c.parse().ok()).with_context(|| format!("bad reply {line:?}"))?;
+            lines.push(line.get(4..).unwrap_or("").to_owned());
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(SmtpReply { code, lines });
+            }
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.reader.get_mut().write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Sends a command line and reads its reply.
+    pub fn cmd(&mut self, line: &str) -> Result<SmtpReply> {
+        self.send(format!("{line}\r\n").as_bytes())?;
+        self.reply()
+    }
+
+    /// True when the server closed the connection (reads EOF).
+    pub fn is_closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.reader.read(&mut byte), Ok(0))
+    }
+
+    /// Greeting, EHLO, MAIL: ready for RCPT.
+    pub fn start_transaction(&mut self, helo: &str, from: &str) -> Result<()> {
+        let banner = self.reply()?;
+        anyhow::ensure!(banner.code == 220, "banner {banner}");
+        let ehlo = self.cmd(&format!("EHLO {helo}"))?;
+        anyhow::ensure!(ehlo.code == 250, "EHLO {ehlo}");
+        let mail = self.cmd(&format!("MAIL FROM:{from}"))?;
+        anyhow::ensure!(mail.code == 250, "MAIL {mail}");
+        Ok(())
+    }
+}
+
+/// A scripted MTA that speaks like Postfix (XCLIENT answered with a fresh
+/// 220) and records every line it receives, for one session.
+pub struct ScriptedMta {
+    handle: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl ScriptedMta {
+    pub fn start(ns: &Netns, listen: &str, extensions: &'static [&'static str]) -> Result<ScriptedMta> {
+        let addr: SocketAddr = listen.parse()?;
+        let listener = ns.run(move || std::net::TcpListener::bind(addr))??;
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let Ok((stream, _)) = listener.accept() else { return seen };
+            let mut out = stream.try_clone().expect("clone");
+            let mut reader = BufReader::new(stream);
+            let greet = |out: &mut TcpStream| out.write_all(b"220 scripted.test ESMTP\r\n");
+            let _ = greet(&mut out);
+            let mut in_data = false;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return seen;
+                }
+                let line = line.trim_end_matches(['\r', '\n']).to_owned();
+                let reply: String = if in_data {
+                    if line == "." {
+                        in_data = false;
+                        "250 2.0.0 Ok: queued\r\n".into()
+                    } else {
+                        seen.push(line);
+                        continue;
+                    }
+                } else {
+                    let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+                    match verb.as_str() {
+                        "EHLO" => {
+                            let mut r = String::from("250-scripted.test\r\n");
+                            for ext in extensions {
+                                r.push_str(&format!("250-{ext}\r\n"));
+                            }
+                            r.push_str("250 ENHANCEDSTATUSCODES\r\n");
+                            r
+                        }
+                        "XCLIENT" => "220 scripted.test ESMTP\r\n".into(),
+                        "DATA" => {
+                            in_data = true;
+                            "354 go ahead\r\n".into()
+                        }
+                        "QUIT" => "221 2.0.0 Bye\r\n".into(),
+                        _ => "250 2.0.0 Ok\r\n".into(),
+                    }
+                };
+                seen.push(line);
+                if out.write_all(reply.as_bytes()).is_err() {
+                    return seen;
+                }
+            }
+        });
+        Ok(ScriptedMta { handle })
+    }
+
+    /// Every line received (commands and message lines), once the session ended.
+    pub fn lines(self) -> Vec<String> {
+        self.handle.join().unwrap_or_default()
+    }
+}
