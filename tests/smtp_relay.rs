@@ -269,7 +269,7 @@ fn upstream_down_or_dying_gives_4xx_and_nothing_is_acknowledged() {
         let (stream, _) = listener.accept().unwrap();
         let mut c = SmtpClient::over(stream.try_clone().unwrap());
         let mut out = stream;
-        let mut read_line = |c: &mut SmtpClient| {
+        let read_line = |c: &mut SmtpClient| {
             let mut line = String::new();
             std::io::BufRead::read_line(&mut std::io::BufReader::new(c.stream()), &mut line).ok();
             line
@@ -409,4 +409,76 @@ fn xclient_tells_a_postfix_like_mta_the_real_client() {
     assert_eq!(after.first().map(String::as_str), Some("EHLO client.test"), "greets again after XCLIENT: {lines:?}");
     assert!(after.contains(&"MAIL FROM:<sender@client.test>".to_owned()), "{lines:?}");
     assert!(after.contains(&"body".to_owned()), "{lines:?}");
+}
+
+/// A self-signed certificate for mx.example.org, written into `dir`.
+fn test_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let certified = rcgen::generate_simple_self_signed(vec!["mx.example.org".to_owned()]).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    (cert, key, certified.cert.der().to_vec())
+}
+
+#[test]
+fn starttls_resets_the_session_and_discards_injected_plaintext() {
+    use tokio_rustls::rustls;
+    if !require_kernel_privileges("starttls_resets_the_session") {
+        return;
+    }
+    let cert_dir = tempfile::tempdir().unwrap();
+    let (cert, key, der) = test_certificate(cert_dir.path());
+    let extra = format!("tls_cert = \"{}\"\ntls_key = \"{}\"", cert.display(), key.display());
+    let lab = smtp_lab("starttls", &extra, true);
+
+    let mut c = lab.client(OUTSIDER);
+    assert_eq!(c.reply().unwrap().code, 220);
+    let ehlo = c.cmd("EHLO client.test").unwrap();
+    assert!(ehlo.lines.iter().any(|l| l == "STARTTLS"), "{ehlo}");
+    assert_eq!(c.cmd("MAIL FROM:<a@client.test>").unwrap().code, 250);
+    // RSET pipelined behind STARTTLS must die with the plaintext phase (CVE-2011-0411).
+    c.send(b"STARTTLS\r\nRSET\r\n").unwrap();
+    assert_eq!(c.reply().unwrap().code, 220);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from(der)).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("mx.example.org").unwrap();
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tls = rustls::StreamOwned::new(connection, c.into_stream());
+    let mut reader = std::io::BufReader::new(tls);
+    let mut cmd = |line: &str| -> (u16, Vec<String>) {
+        use std::io::BufRead;
+        reader.get_mut().write_all(format!("{line}\r\n").as_bytes()).unwrap();
+        let mut lines = Vec::new();
+        loop {
+            let mut text = String::new();
+            reader.read_line(&mut text).unwrap();
+            let text = text.trim_end().to_owned();
+            let done = text.as_bytes().get(3) != Some(&b'-');
+            lines.push(text);
+            if done {
+                return (lines[0][..3].parse().unwrap(), lines);
+            }
+        }
+    };
+    // The session starts over: the first reply is EHLO's, not the injected RSET's.
+    let (code, lines) = cmd("EHLO client.test");
+    assert_eq!(code, 250);
+    assert!(lines[0].contains("mx.example.org"), "injected plaintext was answered: {lines:?}");
+    assert!(!lines.iter().any(|l| l.ends_with("STARTTLS")), "STARTTLS offered again: {lines:?}");
+    // The pre-TLS MAIL was forgotten.
+    assert_eq!(cmd("RCPT TO:<user@example.org>").0, 503);
+    assert_eq!(cmd("MAIL FROM:<a@client.test>").0, 250);
+    assert_eq!(cmd("RCPT TO:<user@example.org>").0, 250);
+    assert_eq!(cmd("RCPT TO:<user@victim.test>").0, 554);
+    assert_eq!(cmd("DATA").0, 354);
+    assert_eq!(cmd("Subject: over tls\r\n\r\nsecret\r\n.").0, 250);
+    assert_eq!(cmd("STARTTLS").0, 503);
+    assert_eq!(lab.sink().messages().len(), 1);
 }
