@@ -1,21 +1,13 @@
 //! Gatekeeper: an SMTP edge gatekeeper. One binary: `gatekeeper run` is the
 //! daemon, every other verb talks to it over the control socket.
 
-mod cli;
-mod commands;
-mod config;
-mod control;
-mod daemon;
-mod kernel;
-mod lists;
-mod smtp;
-
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{Cli, Command};
-use commands::UsageError;
+use gatekeeper::cli::{Cli, Command};
+use gatekeeper::commands::{self, UsageError};
+use gatekeeper::{config, daemon};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

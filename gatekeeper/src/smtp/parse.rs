@@ -415,3 +415,65 @@ mod tests {
         assert!(matches!(parse_command(b"RCPT TO:<u@example.org> NOTIFY=NEVER"), Err(ParseError::UnsupportedParameter(_))));
     }
 }
+
+/// Bounded fuzzing inside the normal test suite (the open-ended runs live in `gatekeeper/fuzz`).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::super::policy::{RelayPolicy, RelayReason};
+    use super::*;
+
+    fn policy() -> RelayPolicy {
+        RelayPolicy::new(&["example.org".into()], vec![], vec![])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(line in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = parse_command(&line);
+        }
+
+        #[test]
+        fn address_like_text_never_panics(
+            verb in "(RCPT TO:|MAIL FROM:|rcpt to: )",
+            addr in "[<>\"@%!.\\\\a-zA-Z0-9:\\[\\], =-]{0,90}",
+        ) {
+            if let Ok(Command::Rcpt { to }) = parse_command(format!("{verb}{addr}").as_bytes()) {
+                let _ = policy().classify(&to);
+            }
+        }
+
+        /// Whatever the spelling, a local part carrying a routing character at
+        /// our own domain is never judged local.
+        #[test]
+        fn routing_characters_are_never_local(
+            left in "[a-z0-9.]{1,10}",
+            special in "[@%!]",
+            right in "[a-z0-9]{1,10}",
+            quoted in any::<bool>(),
+            domain in "(example\\.org|EXAMPLE\\.ORG|example\\.org\\.)",
+        ) {
+            let local = format!("{left}{special}{right}");
+            let addr = if quoted { format!("<\"{local}\"@{domain}>") } else { format!("<{local}@{domain}>") };
+            if let Ok(Command::Rcpt { to }) = parse_command(format!("RCPT TO:{addr}").as_bytes()) {
+                let reason = policy().classify(&to);
+                prop_assert!(matches!(
+                    reason,
+                    Some(RelayReason::EmbeddedAt | RelayReason::PercentHack | RelayReason::BangPath)
+                ), "{addr} judged {reason:?}");
+            }
+        }
+
+        /// Plain mailboxes at our domain are local in any case spelling.
+        #[test]
+        fn plain_local_mailboxes_are_local(local in "[a-zA-Z0-9][a-zA-Z0-9_+-]{0,20}", upper in any::<bool>()) {
+            let domain = if upper { "EXAMPLE.ORG" } else { "example.org" };
+            let parsed = parse_command(format!("RCPT TO:<{local}@{domain}>").as_bytes());
+            let Ok(Command::Rcpt { to }) = parsed else { panic!("{local}: {parsed:?}") };
+            prop_assert_eq!(policy().classify(&to), None);
+        }
+    }
+}

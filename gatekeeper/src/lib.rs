@@ -1,0 +1,12 @@
+//! Gatekeeper: an SMTP edge gatekeeper. The binary (`main.rs`) is the daemon
+//! and the CLI; the library exposes the same modules so the pure parsers
+//! can be fuzzed from `gatekeeper/fuzz`.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod kernel;
+pub mod lists;
+pub mod smtp;
