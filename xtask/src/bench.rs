@@ -21,6 +21,8 @@ pub fn run(quick: bool) -> Result<()> {
     std::env::set_var("GATEKEEPER_BIN", &binary);
     let prefixes = if quick { 10_000 } else { 1_000_000 };
     let import = bulk_import(prefixes)?;
+    let smtp = smtp_throughput(quick)?;
+    let idle = idle_connection_memory(if quick { 200 } else { 2000 })?;
     let mut report = String::new();
     writeln!(report, "| figure | gatekeeper | baseline | ratio |")?;
     writeln!(report, "|---|---|---|---|")?;
@@ -36,11 +38,124 @@ pub fn run(quick: bool) -> Result<()> {
         "| daemon RSS after the import | {} MiB | | |",
         import.daemon_rss_kib / 1024
     )?;
+    for row in &smtp {
+        writeln!(
+            report,
+            "| SMTP messages/s, {} parallel sessions (`smtp-source` → gatekeeper → `smtp-sink`) | {:.0} msg/s | {:.0} msg/s (`smtp-source` → `smtp-sink` direct) | {:.2}× |",
+            row.sessions,
+            row.through_gatekeeper,
+            row.direct,
+            row.through_gatekeeper / row.direct
+        )?;
+    }
+    writeln!(
+        report,
+        "| daemon memory per idle SMTP connection ({} connections) | {:.1} KiB | RSS {} MiB idle → {} MiB | target ≤ 64 KiB |",
+        idle.connections,
+        idle.per_connection_kib,
+        idle.rss_before_kib / 1024,
+        idle.rss_after_kib / 1024
+    )?;
     println!("\n{report}");
     if !quick {
         write_benchmarks_md(&report)?;
     }
     Ok(())
+}
+
+struct ThroughputRow {
+    sessions: u32,
+    through_gatekeeper: f64,
+    direct: f64,
+}
+
+const SMTP_BENCH_CONFIG: &str = "[smtp]\nlisten = [\"127.0.0.1:25\", \"192.0.2.1:25\"]\nhostname = \"mx.example.org\"\n\
+    local_domains = [\"example.org\"]\nrelay_networks = [\"127.0.0.0/8\"]\nupstream = \"127.0.0.1:10025\"\n\
+    max_connections = 10000\nmax_connections_per_ip = 10000\n";
+
+fn smtp_lab(tag: &str) -> Result<(Lab, sandbox::smtp::SmtpSink)> {
+    let mut lab = Lab::new(
+        tag,
+        vec![PeerSpec { name: "client", edge_addrs: vec!["192.0.2.1/24"], peer_addrs: vec!["192.0.2.2/24"] }],
+    )?;
+    let sink = sandbox::smtp::SmtpSink::start(&lab.edge, &lab.dir().join("sink"), "127.0.0.1:10025")?;
+    lab.start_daemon(SMTP_BENCH_CONFIG)?;
+    Ok((lab, sink))
+}
+
+/// messages/s for `smtp-source` run inside the edge namespace against `target`.
+fn smtp_source_rate(lab: &Lab, target: &str, sessions: u32, messages: u32) -> Result<f64> {
+    let started = Instant::now();
+    let out = lab
+        .edge
+        .command("smtp-source")
+        .args(["-s", &sessions.to_string(), "-m", &messages.to_string(), "-l", "4096"])
+        .args(["-f", "bench@client.test", "-t", "user@example.org", target])
+        .output()?;
+    let elapsed = started.elapsed();
+    ensure!(out.status.success(), "smtp-source {target}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(f64::from(messages) / elapsed.as_secs_f64())
+}
+
+fn smtp_throughput(quick: bool) -> Result<Vec<ThroughputRow>> {
+    let (lab, _sink) = smtp_lab("benchsmtp")?;
+    let mut rows = Vec::new();
+    for sessions in [1u32, 10, 100] {
+        let messages = if quick { sessions * 5 } else { (sessions * 100).clamp(500, 5000) };
+        // Alternate the two so drift in machine load hits both alike.
+        let direct = smtp_source_rate(&lab, "127.0.0.1:10025", sessions, messages)?;
+        let through_gatekeeper = smtp_source_rate(&lab, "127.0.0.1:25", sessions, messages)?;
+        rows.push(ThroughputRow { sessions, through_gatekeeper, direct });
+    }
+    Ok(rows)
+}
+
+struct IdleFigures {
+    connections: usize,
+    per_connection_kib: f64,
+    rss_before_kib: u64,
+    rss_after_kib: u64,
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// Opens `count` connections that read the banner and then idle.
+fn idle_connection_memory(count: usize) -> Result<IdleFigures> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let (lab, _sink) = smtp_lab("benchidle")?;
+    let pid = lab.daemon().pid().context("daemon pid")?;
+    // Warm up the runtime's worker threads and allocator first.
+    let mut warm = sandbox::smtp::SmtpClient::connect(lab.peer("client"), "192.0.2.2", "192.0.2.1:25")?;
+    warm.reply()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_before_kib = rss_kib(pid)?;
+    let mut clients = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut client = sandbox::smtp::SmtpClient::connect(lab.peer("client"), "192.0.2.2", "192.0.2.1:25")?;
+        let banner = client.reply()?;
+        ensure!(banner.code == 220, "banner {banner}");
+        clients.push(client);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_after_kib = rss_kib(pid)?;
+    let open = lab.daemon().stats()["smtp"]["connections"].as_u64().unwrap_or(0);
+    ensure!(open as usize > count, "daemon saw {open} connections, expected {count}");
+    drop(clients);
+    Ok(IdleFigures {
+        connections: count,
+        per_connection_kib: (rss_after_kib.saturating_sub(rss_before_kib)) as f64 / count as f64,
+        rss_before_kib,
+        rss_after_kib,
+    })
 }
 
 struct ImportFigures {

@@ -32,6 +32,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 pub async fn run(config: Config) -> Result<()> {
     check_privileges()?;
+    raise_file_limit();
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir {}: cannot create", config.state_dir.display()))?;
     let stale = remove_stale_temp_files(&config.state_dir)
@@ -95,6 +96,17 @@ pub async fn run(config: Config) -> Result<()> {
     }
     info!("gatekeeper stopped");
     Ok(())
+}
+
+/// Every SMTP connection holds a socket (two while proxying): lift the soft
+/// descriptor limit to the hard one, as busy servers do.
+fn raise_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            info!(from = soft, to = hard, "raised the open-file limit");
+        }
+    }
 }
 
 async fn sweep_expired(daemon: Arc<Mutex<Daemon>>) {
