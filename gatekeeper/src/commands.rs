@@ -175,6 +175,19 @@ fn print_stats(report: &StatsReport) {
         .collect();
     println!("{:<16}{}", "interfaces", interfaces.join(", "));
     println!("{:<16}{}s", "uptime", report.uptime_secs);
+    if let Some(smtp) = &report.smtp {
+        let value = serde_json::to_value(smtp).unwrap_or_default();
+        for (name, value) in value.as_object().into_iter().flatten() {
+            match value.as_object() {
+                Some(by_reason) => {
+                    for (reason, count) in by_reason {
+                        println!("smtp.{name}.{reason:<20}{count}");
+                    }
+                }
+                None => println!("smtp.{name:<32}{value}"),
+            }
+        }
+    }
 }
 
 fn print_change(reply: &Reply) {

@@ -1,77 +1,78 @@
 //! `cargo xtask demo`: an edge host, an attacker and a legitimate client in
-//! network namespaces; the attacker is denylisted with the CLI and its SYNs
-//! die in XDP while the client's connections go through.
+//! network namespaces. The gatekeeper's SMTP front end refuses the
+//! attacker's relay attempt and delivers the client's mail to the MTA
+//! behind (Postfix's smtp-sink); then the attacker is denylisted with the
+//! CLI and its SYNs die in XDP while the client's connections go through.
 
 use std::process::Command;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use sandbox::lab::{Lab, PeerSpec};
-use sandbox::probe::{listen, outcome, Outcome};
+use sandbox::probe::{outcome, Outcome};
+use sandbox::smtp::{SmtpClient, SmtpSink};
 
 use crate::{build, setup};
 
 const ATTACKER: &str = "203.0.113.66";
 const CLIENT: &str = "198.51.100.25";
+const SMTP: &str = "[smtp]
+listen = [\"0.0.0.0:25\", \"[::]:25\"]
+hostname = \"mx.example.org\"
+local_domains = [\"example.org\"]
+relay_networks = [\"127.0.0.0/8\"]
+upstream = \"127.0.0.1:10025\"";
 
 pub fn run() -> Result<()> {
     setup::ensure_runtime()?;
     let binary = build::run()?;
-    ensure!(
-        setup::is_root(),
-        "the demo creates network namespaces and loads XDP: run it as root"
-    );
+    ensure!(setup::is_root(), "the demo creates network namespaces and loads XDP: run it as root");
     std::env::set_var("GATEKEEPER_BIN", &binary);
 
-    step(
-        "Sandbox: edge host (gatekeeper on gk0, gk1), attacker 203.0.113.66, client 198.51.100.25",
-    );
+    step("Sandbox: edge host mx.example.org (gatekeeper on gk0, gk1; smtp-sink behind it on 127.0.0.1:10025),\n   attacker 203.0.113.66, legitimate client 198.51.100.25");
     let mut lab = Lab::new(
         "demo",
         vec![
-            PeerSpec {
-                name: "attacker",
-                edge_addrs: vec!["203.0.113.1/24"],
-                peer_addrs: vec!["203.0.113.66/24"],
-            },
-            PeerSpec {
-                name: "client",
-                edge_addrs: vec!["198.51.100.1/24"],
-                peer_addrs: vec!["198.51.100.25/24"],
-            },
+            PeerSpec { name: "attacker", edge_addrs: vec!["203.0.113.1/24"], peer_addrs: vec!["203.0.113.66/24"] },
+            PeerSpec { name: "client", edge_addrs: vec!["198.51.100.1/24"], peer_addrs: vec!["198.51.100.25/24"] },
         ],
     )?;
-    listen(&lab.edge, 25).context("port-25 listener on the edge")?;
-    println!("{}", lab.config(""));
-    lab.start_daemon("")?;
-    println!(
-        "gatekeeper run: XDP attached, control socket {}",
-        lab.control_socket().display()
-    );
+    let sink = SmtpSink::start(&lab.edge, &lab.dir().join("sink"), "127.0.0.1:10025")?;
+    println!("{}", lab.config(SMTP));
+    lab.start_daemon(SMTP)?;
+    println!("gatekeeper run: XDP attached, SMTP front end on port 25, control socket {}", lab.control_socket().display());
 
-    step("Before any listing, both reach port 25");
-    show(
-        "attacker",
-        outcome(lab.peer("attacker"), ATTACKER, "203.0.113.1:25"),
-    );
-    show(
-        "client  ",
-        outcome(lab.peer("client"), CLIENT, "198.51.100.1:25"),
-    );
+    step("The attacker tries to relay through mx.example.org (percent hack, forged local sender)");
+    let mut attacker = SmtpClient::connect(lab.peer("attacker"), ATTACKER, "203.0.113.1:25")?;
+    attacker.start_transaction("spam.test", "<ceo@example.org>")?;
+    for rcpt in ["<victim%elsewhere.test@example.org>", "<victim@elsewhere.test>", "<@example.org:victim@elsewhere.test>"] {
+        let reply = attacker.cmd(&format!("RCPT TO:{rcpt}"))?;
+        println!("  RCPT TO:{rcpt}\n    -> {reply}");
+        ensure!(reply.code == 554, "relay attempt was not refused");
+    }
+    let _ = attacker.cmd("QUIT");
+
+    step("The legitimate client sends mail to a local user");
+    let mut client = SmtpClient::connect(lab.peer("client"), CLIENT, "198.51.100.1:25")?;
+    client.start_transaction("client.test", "<alice@client.test>")?;
+    println!("  RCPT TO:<bob@example.org> -> {}", client.cmd("RCPT TO:<bob@example.org>")?);
+    println!("  DATA -> {}", client.cmd("DATA")?);
+    client.send(b"Subject: hello from the demo\r\n\r\nHi Bob!\r\n")?;
+    let accepted = client.cmd(".")?;
+    println!("  . -> {accepted}");
+    ensure!(accepted.code == 250, "legitimate mail was not accepted");
+    let _ = client.cmd("QUIT");
+    let delivered = sink.messages();
+    ensure!(delivered.len() == 1, "smtp-sink holds {} messages, expected 1", delivered.len());
+    println!("  smtp-sink received it:");
+    for line in delivered[0].lines().take(12) {
+        println!("    | {line}");
+    }
 
     step("Operator denylists the attacker's network");
-    cli(
-        &lab,
-        &[
-            "deny",
-            "add",
-            "203.0.113.0/24",
-            "--reason",
-            "demo: spam flood",
-        ],
-    )?;
+    cli(&lab, &["deny", "add", "203.0.113.0/24", "--reason", "demo: relay probing"])?;
     cli(&lab, &["deny", "list"])?;
 
-    step("Attacker's SYNs now die in XDP; the client is untouched");
+    step("The attacker's SYNs now die in XDP; the client is untouched");
     let mut drops = 0;
     for attempt in 1..=3 {
         let result = outcome(lab.peer("attacker"), ATTACKER, "203.0.113.1:25");
@@ -80,23 +81,17 @@ pub fn run() -> Result<()> {
     }
     let client = outcome(lab.peer("client"), CLIENT, "198.51.100.1:25");
     show("client    ", client);
-    ensure!(
-        drops == 3 && client == Outcome::Connected,
-        "the demo did not show the expected verdicts"
-    );
+    ensure!(drops == 3 && client == Outcome::Connected, "the demo did not show the expected verdicts");
 
     step("gatekeeper stats");
     cli(&lab, &["stats"])?;
     let dropped = lab.daemon().counter("dropped_deny");
-    ensure!(
-        dropped >= 3,
-        "dropped_deny is {dropped}, expected at least 3"
-    );
+    ensure!(dropped >= 3, "dropped_deny is {dropped}, expected at least 3");
 
     step("Cleaning up: daemon stopped (XDP detached), namespaces removed");
     lab.take_daemon().stop()?;
     drop(lab);
-    println!("\ndemo finished: {dropped} SYNs dropped in the kernel, legitimate client served");
+    println!("\ndemo finished: relay refused, legitimate mail delivered, {dropped} SYNs dropped in the kernel");
     Ok(())
 }
 
