@@ -31,7 +31,8 @@ fn smtp_lab(tag: &str, smtp_extra: &str, with_sink: bool) -> SmtpLab {
         }],
     )
     .expect("building the lab");
-    let sink = with_sink.then(|| SmtpSink::start(&lab.edge, &lab.dir().join("sink"), "127.0.0.1:10025").unwrap());
+    let sink = with_sink
+        .then(|| SmtpSink::start(&lab.edge, &lab.dir().join("sink"), "127.0.0.1:10025").unwrap());
     let config = format!(
         "[smtp]\nlisten = [\"0.0.0.0:25\", \"[::]:25\"]\nhostname = \"mx.example.org\"\n\
          local_domains = [\"example.org\", \".sub.example.org\"]\n\
@@ -86,7 +87,10 @@ const RELAY_ATTEMPTS: &[(&str, &str)] = &[
     ("<user@victim.test@example.org>", "embedded_at"),
     ("<\"user\\@victim.test\"@example.org>", "embedded_at"),
     ("<@example.org:user@victim.test>", "source_route"),
-    ("<@example.org,@mx.example.org:user@victim.test>", "source_route"),
+    (
+        "<@example.org,@mx.example.org:user@victim.test>",
+        "source_route",
+    ),
     ("<@example.org:user@example.org>", "source_route"),
     ("<user@[192.0.2.1]>", "address_literal"),
     ("<user@[203.0.113.9]>", "address_literal"),
@@ -113,8 +117,14 @@ fn relay_attempts_are_refused_however_disguised() {
     for sender in ["<forged@example.org>", "<>", "<someone@victim.test>"] {
         for (rcpt, reason) in RELAY_ATTEMPTS {
             let reply = lab.try_rcpt(OUTSIDER, sender, rcpt);
-            assert_eq!(reply.code, 554, "outsider relay via {rcpt} from {sender}: {reply}");
-            assert!(reply.text().contains("5.7.1") && reply.text().contains("Relay access denied"), "{rcpt}: {reply}");
+            assert_eq!(
+                reply.code, 554,
+                "outsider relay via {rcpt} from {sender}: {reply}"
+            );
+            assert!(
+                reply.text().contains("5.7.1") && reply.text().contains("Relay access denied"),
+                "{rcpt}: {reply}"
+            );
             let _ = reason;
         }
     }
@@ -122,10 +132,17 @@ fn relay_attempts_are_refused_however_disguised() {
     let stats = lab.smtp_stats();
     for (_, reason) in RELAY_ATTEMPTS {
         let expected = 3 * RELAY_ATTEMPTS.iter().filter(|(_, r)| r == reason).count() as u64;
-        assert_eq!(stats["relay_denied"][reason], expected, "stats for {reason}: {stats}");
+        assert_eq!(
+            stats["relay_denied"][reason], expected,
+            "stats for {reason}: {stats}"
+        );
     }
     // Over IPv6 too.
-    let reply = lab.try_rcpt(OUTSIDER_V6, "<forged@example.org>", "<user%victim.test@example.org>");
+    let reply = lab.try_rcpt(
+        OUTSIDER_V6,
+        "<forged@example.org>",
+        "<user%victim.test@example.org>",
+    );
     assert_eq!(reply.code, 554, "{reply}");
     // Local recipients are accepted with any sender, including the null sender.
     for sender in ["<>", "<forged@example.org>", "<someone@victim.test>"] {
@@ -176,7 +193,8 @@ fn legitimate_mail_is_delivered_intact_with_xclient() {
     let lab = smtp_lab("deliver", "", true);
     let (wire, expected_body) = test_message("delivery-test");
     let mut c = lab.client(OUTSIDER);
-    c.start_transaction("client.test", "<sender@client.test>").unwrap();
+    c.start_transaction("client.test", "<sender@client.test>")
+        .unwrap();
     assert_eq!(c.cmd("RCPT TO:<user@example.org>").unwrap().code, 250);
     assert_eq!(c.cmd("RCPT TO:<user@victim.test>").unwrap().code, 554);
     assert_eq!(c.cmd("RCPT TO:<other@example.org>").unwrap().code, 250);
@@ -190,13 +208,29 @@ fn legitimate_mail_is_delivered_intact_with_xclient() {
     assert_eq!(messages.len(), 1, "{messages:?}");
     let dump = &messages[0];
     // smtp-sink offers XCLIENT for HELO and NAME only: the client's HELO name reaches it.
-    assert!(dump.contains("X-Helo-Args: client.test"), "client HELO did not reach the MTA:\n{dump}");
+    assert!(
+        dump.contains("X-Helo-Args: client.test"),
+        "client HELO did not reach the MTA:\n{dump}"
+    );
     assert!(dump.contains("X-Mail-Args: <sender@client.test>"), "{dump}");
-    assert!(dump.contains("X-Rcpt-Args: <user@example.org>") && dump.contains("X-Rcpt-Args: <other@example.org>"), "{dump}");
-    assert!(!dump.contains("victim.test"), "refused recipient reached the MTA:\n{dump}");
-    let body_start = dump.find("Subject: delivery-test").expect("message in dump");
+    assert!(
+        dump.contains("X-Rcpt-Args: <user@example.org>")
+            && dump.contains("X-Rcpt-Args: <other@example.org>"),
+        "{dump}"
+    );
+    assert!(
+        !dump.contains("victim.test"),
+        "refused recipient reached the MTA:\n{dump}"
+    );
+    let body_start = dump
+        .find("Subject: delivery-test")
+        .expect("message in dump");
     let body = &dump[body_start..];
-    assert_eq!(body.trim_end_matches('\n'), expected_body.trim_end_matches('\n'), "message altered in transit");
+    assert_eq!(
+        body.trim_end_matches('\n'),
+        expected_body.trim_end_matches('\n'),
+        "message altered in transit"
+    );
     assert_eq!(lab.smtp_stats()["messages_delivered"], 1);
 }
 
@@ -218,7 +252,8 @@ fn pipelined_session_gets_every_reply_in_order() {
     c.send(&batch).unwrap();
     let codes: Vec<u16> = (0..4).map(|_| c.reply().unwrap().code).collect();
     assert_eq!(codes, [250, 250, 250, 354]);
-    c.send(b"Subject: second\r\n\r\nbody\r\n.\r\nQUIT\r\n").unwrap();
+    c.send(b"Subject: second\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        .unwrap();
     assert_eq!(c.reply().unwrap().code, 250);
     assert_eq!(c.reply().unwrap().code, 221);
     assert_eq!(lab.sink().messages().len(), 2);
@@ -239,16 +274,26 @@ fn smuggling_attempts_are_refused_before_anything_reaches_the_mta() {
     ];
     for trick in tricks {
         let mut c = lab.client(OUTSIDER);
-        c.start_transaction("client.test", "<a@client.test>").unwrap();
+        c.start_transaction("client.test", "<a@client.test>")
+            .unwrap();
         assert_eq!(c.cmd("RCPT TO:<user@example.org>").unwrap().code, 250);
         assert_eq!(c.cmd("DATA").unwrap().code, 354);
         c.send(trick).unwrap();
         let reply = c.reply().unwrap();
-        assert_eq!(reply.code, 554, "{}: {reply}", String::from_utf8_lossy(trick));
+        assert_eq!(
+            reply.code,
+            554,
+            "{}: {reply}",
+            String::from_utf8_lossy(trick)
+        );
         assert!(c.is_closed(), "session must end after a smuggling attempt");
     }
     std::thread::sleep(Duration::from_millis(300));
-    assert!(lab.sink().messages().is_empty(), "something reached the MTA: {:?}", lab.sink().messages());
+    assert!(
+        lab.sink().messages().is_empty(),
+        "something reached the MTA: {:?}",
+        lab.sink().messages()
+    );
     assert_eq!(lab.smtp_stats()["smuggling_refused"], tricks.len() as u64);
 }
 
@@ -264,7 +309,12 @@ fn upstream_down_or_dying_gives_4xx_and_nothing_is_acknowledged() {
     assert!(reply.text().starts_with("4.3.0"), "{reply}");
 
     // An MTA that dies in the middle of DATA.
-    let listener = lab.lab.edge.run(|| std::net::TcpListener::bind("127.0.0.1:10025")).unwrap().unwrap();
+    let listener = lab
+        .lab
+        .edge
+        .run(|| std::net::TcpListener::bind("127.0.0.1:10025"))
+        .unwrap()
+        .unwrap();
     let dying = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let mut c = SmtpClient::over(stream.try_clone().unwrap());
@@ -275,7 +325,12 @@ fn upstream_down_or_dying_gives_4xx_and_nothing_is_acknowledged() {
             line
         };
         out.write_all(b"220 dying.test ESMTP\r\n").unwrap();
-        for reply in ["250 dying.test\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n"] {
+        for reply in [
+            "250 dying.test\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+        ] {
             read_line(&mut c);
             out.write_all(reply.as_bytes()).unwrap();
         }
@@ -284,13 +339,18 @@ fn upstream_down_or_dying_gives_4xx_and_nothing_is_acknowledged() {
         drop(out);
     });
     let mut c = lab.client(OUTSIDER);
-    c.start_transaction("client.test", "<a@client.test>").unwrap();
+    c.start_transaction("client.test", "<a@client.test>")
+        .unwrap();
     assert_eq!(c.cmd("RCPT TO:<user@example.org>").unwrap().code, 250);
     assert_eq!(c.cmd("DATA").unwrap().code, 354);
     let (wire, _) = test_message("dies");
     c.send(&wire).unwrap();
     let reply = c.cmd(".").unwrap();
-    assert_eq!(reply.code / 100, 4, "upstream died mid-DATA but the client got {reply}");
+    assert_eq!(
+        reply.code / 100,
+        4,
+        "upstream died mid-DATA but the client got {reply}"
+    );
     dying.join().unwrap();
     assert!(lab.smtp_stats()["upstream_failures"].as_u64().unwrap() >= 2);
 }
@@ -300,33 +360,60 @@ fn limits_size_recipients_lines_and_errors() {
     if !require_kernel_privileges("limits_size_recipients_lines_and_errors") {
         return;
     }
-    let lab = smtp_lab("limits", "max_message_size = 4096\nmax_recipients = 3\nmax_errors = 4", true);
+    let lab = smtp_lab(
+        "limits",
+        "max_message_size = 4096\nmax_recipients = 3\nmax_errors = 4",
+        true,
+    );
     // SIZE declared too big.
     let mut c = lab.client(OUTSIDER);
     assert_eq!(c.reply().unwrap().code, 220);
     let ehlo = c.cmd("EHLO client.test").unwrap();
     for capability in ["PIPELINING", "SIZE 4096", "8BITMIME", "ENHANCEDSTATUSCODES"] {
-        assert!(ehlo.lines.iter().any(|l| l == capability), "EHLO lacks {capability}: {ehlo}");
+        assert!(
+            ehlo.lines.iter().any(|l| l == capability),
+            "EHLO lacks {capability}: {ehlo}"
+        );
     }
-    assert!(!ehlo.lines.iter().any(|l| l == "STARTTLS"), "STARTTLS offered without a certificate");
-    assert_eq!(c.cmd("MAIL FROM:<a@client.test> SIZE=5000").unwrap().code, 552);
+    assert!(
+        !ehlo.lines.iter().any(|l| l == "STARTTLS"),
+        "STARTTLS offered without a certificate"
+    );
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@client.test> SIZE=5000").unwrap().code,
+        552
+    );
     // Recipient limit.
-    assert_eq!(c.cmd("MAIL FROM:<a@client.test> SIZE=100").unwrap().code, 250);
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@client.test> SIZE=100").unwrap().code,
+        250
+    );
     for i in 0..3 {
-        assert_eq!(c.cmd(&format!("RCPT TO:<u{i}@example.org>")).unwrap().code, 250);
+        assert_eq!(
+            c.cmd(&format!("RCPT TO:<u{i}@example.org>")).unwrap().code,
+            250
+        );
     }
     let reply = c.cmd("RCPT TO:<u9@example.org>").unwrap();
-    assert_eq!((reply.code, reply.text().starts_with("4.5.3")), (452, true), "{reply}");
+    assert_eq!(
+        (reply.code, reply.text().starts_with("4.5.3")),
+        (452, true),
+        "{reply}"
+    );
     // Message larger than the limit, though SIZE said otherwise.
     assert_eq!(c.cmd("DATA").unwrap().code, 354);
     for _ in 0..100 {
-        c.send(b"0123456789012345678901234567890123456789012345678901234567890123456789\r\n").unwrap();
+        c.send(b"0123456789012345678901234567890123456789012345678901234567890123456789\r\n")
+            .unwrap();
     }
     assert_eq!(c.cmd(".").unwrap().code, 552);
     // Over-long command line.
     let long = format!("NOOP {}", "x".repeat(600));
     assert_eq!(c.cmd(&long).unwrap().code, 500);
-    assert!(lab.sink().messages().is_empty(), "oversized message reached the MTA");
+    assert!(
+        lab.sink().messages().is_empty(),
+        "oversized message reached the MTA"
+    );
     // Error limit: the fourth error ends the session with 421.
     let mut c = lab.client(OUTSIDER);
     assert_eq!(c.reply().unwrap().code, 220);
@@ -344,7 +431,12 @@ fn limits_size_recipients_lines_and_errors() {
     assert_eq!(c.cmd("EXPN staff").unwrap().code, 502);
     assert_eq!(c.cmd("HELP").unwrap().code, 214);
     assert_eq!(c.cmd("NOOP").unwrap().code, 250);
-    assert_eq!(c.cmd("RCPT TO:<user@example.org> NOTIFY=NEVER").unwrap().code, 555);
+    assert_eq!(
+        c.cmd("RCPT TO:<user@example.org> NOTIFY=NEVER")
+            .unwrap()
+            .code,
+        555
+    );
 }
 
 #[test]
@@ -352,12 +444,20 @@ fn pregreet_talkers_are_refused_and_denylisted() {
     if !require_kernel_privileges("pregreet_talkers_are_refused_and_denylisted") {
         return;
     }
-    let lab = smtp_lab("pregreet", "greet_wait = \"1s\"\npregreet_deny_ttl = \"1h\"", true);
+    let lab = smtp_lab(
+        "pregreet",
+        "greet_wait = \"1s\"\npregreet_deny_ttl = \"1h\"",
+        true,
+    );
     // A patient client gets the teaser, then the banner.
     let mut patient = lab.client(RELAY_CLIENT);
     let banner = patient.reply().unwrap();
     assert_eq!(banner.code, 220);
-    assert_eq!(banner.lines.len(), 2, "expected a 220- teaser before the banner: {banner:?}");
+    assert_eq!(
+        banner.lines.len(),
+        2,
+        "expected a 220- teaser before the banner: {banner:?}"
+    );
     assert_eq!(patient.cmd("EHLO patient.test").unwrap().code, 250);
     // A bot talks at once.
     let mut bot = lab.client(OUTSIDER);
@@ -369,8 +469,14 @@ fn pregreet_talkers_are_refused_and_denylisted() {
     // ... and its next SYN dies in XDP.
     std::thread::sleep(Duration::from_millis(300));
     let listed = lab.lab.daemon().cli(&["deny", "list"]);
-    assert!(String::from_utf8_lossy(&listed.stdout).contains("192.0.2.2/32"), "{listed:?}");
-    assert_eq!(outcome(lab.lab.peer("client"), OUTSIDER, MX), Outcome::TimedOut);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("192.0.2.2/32"),
+        "{listed:?}"
+    );
+    assert_eq!(
+        outcome(lab.lab.peer("client"), OUTSIDER, MX),
+        Outcome::TimedOut
+    );
 }
 
 #[test]
@@ -391,23 +497,49 @@ fn xclient_tells_a_postfix_like_mta_the_real_client() {
         return;
     }
     let lab = smtp_lab("xclient", "", false);
-    let mta = ScriptedMta::start(&lab.lab.edge, "127.0.0.1:10025", &["PIPELINING", "XCLIENT NAME ADDR PORT PROTO HELO LOGIN"]).unwrap();
+    let mta = ScriptedMta::start(
+        &lab.lab.edge,
+        "127.0.0.1:10025",
+        &["PIPELINING", "XCLIENT NAME ADDR PORT PROTO HELO LOGIN"],
+    )
+    .unwrap();
     let mut c = lab.client(OUTSIDER);
-    c.start_transaction("client.test", "<sender@client.test>").unwrap();
+    c.start_transaction("client.test", "<sender@client.test>")
+        .unwrap();
     assert_eq!(c.cmd("RCPT TO:<user@example.org>").unwrap().code, 250);
     assert_eq!(c.cmd("DATA").unwrap().code, 354);
     c.send(b"Subject: x\r\n\r\nbody\r\n").unwrap();
     assert_eq!(c.cmd(".").unwrap().code, 250);
     assert_eq!(c.cmd("QUIT").unwrap().code, 221);
     let lines = mta.lines();
-    let xclient = lines.iter().find(|l| l.starts_with("XCLIENT")).unwrap_or_else(|| panic!("no XCLIENT in {lines:?}"));
-    for attribute in ["ADDR=192.0.2.2", "PROTO=ESMTP", "HELO=client.test", "NAME=[UNAVAILABLE]"] {
+    let xclient = lines
+        .iter()
+        .find(|l| l.starts_with("XCLIENT"))
+        .unwrap_or_else(|| panic!("no XCLIENT in {lines:?}"));
+    for attribute in [
+        "ADDR=192.0.2.2",
+        "PROTO=ESMTP",
+        "HELO=client.test",
+        "NAME=[UNAVAILABLE]",
+    ] {
         assert!(xclient.contains(attribute), "{xclient} lacks {attribute}");
     }
     assert!(xclient.contains("PORT="), "{xclient}");
-    let after = lines.iter().skip_while(|l| !l.starts_with("XCLIENT")).skip(1).cloned().collect::<Vec<_>>();
-    assert_eq!(after.first().map(String::as_str), Some("EHLO client.test"), "greets again after XCLIENT: {lines:?}");
-    assert!(after.contains(&"MAIL FROM:<sender@client.test>".to_owned()), "{lines:?}");
+    let after = lines
+        .iter()
+        .skip_while(|l| !l.starts_with("XCLIENT"))
+        .skip(1)
+        .cloned()
+        .collect::<Vec<_>>();
+    assert_eq!(
+        after.first().map(String::as_str),
+        Some("EHLO client.test"),
+        "greets again after XCLIENT: {lines:?}"
+    );
+    assert!(
+        after.contains(&"MAIL FROM:<sender@client.test>".to_owned()),
+        "{lines:?}"
+    );
     assert!(after.contains(&"body".to_owned()), "{lines:?}");
 }
 
@@ -429,7 +561,11 @@ fn starttls_resets_the_session_and_discards_injected_plaintext() {
     }
     let cert_dir = tempfile::tempdir().unwrap();
     let (cert, key, der) = test_certificate(cert_dir.path());
-    let extra = format!("tls_cert = \"{}\"\ntls_key = \"{}\"", cert.display(), key.display());
+    let extra = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        cert.display(),
+        key.display()
+    );
     let lab = smtp_lab("starttls", &extra, true);
 
     let mut c = lab.client(OUTSIDER);
@@ -442,19 +578,26 @@ fn starttls_resets_the_session_and_discards_injected_plaintext() {
     assert_eq!(c.reply().unwrap().code, 220);
 
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls_pki_types::CertificateDer::from(der)).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    roots
+        .add(rustls_pki_types::CertificateDer::from(der))
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let name = rustls_pki_types::ServerName::try_from("mx.example.org").unwrap();
     let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
     let tls = rustls::StreamOwned::new(connection, c.into_stream());
     let mut reader = std::io::BufReader::new(tls);
     let mut cmd = |line: &str| -> (u16, Vec<String>) {
         use std::io::BufRead;
-        reader.get_mut().write_all(format!("{line}\r\n").as_bytes()).unwrap();
+        reader
+            .get_mut()
+            .write_all(format!("{line}\r\n").as_bytes())
+            .unwrap();
         let mut lines = Vec::new();
         loop {
             let mut text = String::new();
@@ -470,8 +613,14 @@ fn starttls_resets_the_session_and_discards_injected_plaintext() {
     // The session starts over: the first reply is EHLO's, not the injected RSET's.
     let (code, lines) = cmd("EHLO client.test");
     assert_eq!(code, 250);
-    assert!(lines[0].contains("mx.example.org"), "injected plaintext was answered: {lines:?}");
-    assert!(!lines.iter().any(|l| l.ends_with("STARTTLS")), "STARTTLS offered again: {lines:?}");
+    assert!(
+        lines[0].contains("mx.example.org"),
+        "injected plaintext was answered: {lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.ends_with("STARTTLS")),
+        "STARTTLS offered again: {lines:?}"
+    );
     // The pre-TLS MAIL was forgotten.
     assert_eq!(cmd("RCPT TO:<user@example.org>").0, 503);
     assert_eq!(cmd("MAIL FROM:<a@client.test>").0, 250);

@@ -37,11 +37,16 @@ impl SmtpSink {
             .stderr(Stdio::null())
             .spawn()
             .context("starting smtp-sink (Debian package postfix)")?;
-        let sink = SmtpSink { child, dir: dir.to_owned() };
+        let sink = SmtpSink {
+            child,
+            dir: dir.to_owned(),
+        };
         let addr: SocketAddr = listen.parse()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let up = ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?;
+            let up = ns.run(move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })?;
             if up {
                 return Ok(sink);
             }
@@ -110,7 +115,9 @@ impl SmtpClient {
 
     pub fn over(stream: TcpStream) -> SmtpClient {
         stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        SmtpClient { reader: BufReader::new(stream) }
+        SmtpClient {
+            reader: BufReader::new(stream),
+        }
     }
 
     pub fn stream(&mut self) -> &mut TcpStream {
@@ -130,7 +137,10 @@ impl SmtpClient {
                 bail!("connection closed (after {lines:?})");
             }
             let line = line.trim_end_matches(['\r', '\n']);
-            let code: u16 = line.get(..3).and_then(|c| c.parse().ok()).with_context(|| format!("bad reply {line:?}"))?;
+            let code: u16 = line
+                .get(..3)
+                .and_then(|c| c.parse().ok())
+                .with_context(|| format!("bad reply {line:?}"))?;
             lines.push(line.get(4..).unwrap_or("").to_owned());
             if line.as_bytes().get(3) != Some(&b'-') {
                 return Ok(SmtpReply { code, lines });
@@ -174,12 +184,18 @@ pub struct ScriptedMta {
 }
 
 impl ScriptedMta {
-    pub fn start(ns: &Netns, listen: &str, extensions: &'static [&'static str]) -> Result<ScriptedMta> {
+    pub fn start(
+        ns: &Netns,
+        listen: &str,
+        extensions: &'static [&'static str],
+    ) -> Result<ScriptedMta> {
         let addr: SocketAddr = listen.parse()?;
         let listener = ns.run(move || std::net::TcpListener::bind(addr))??;
         let handle = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            let Ok((stream, _)) = listener.accept() else { return seen };
+            let Ok((stream, _)) = listener.accept() else {
+                return seen;
+            };
             let mut out = stream.try_clone().expect("clone");
             let mut reader = BufReader::new(stream);
             let greet = |out: &mut TcpStream| out.write_all(b"220 scripted.test ESMTP\r\n");

@@ -76,9 +76,14 @@ const SMTP_BENCH_CONFIG: &str = "[smtp]\nlisten = [\"127.0.0.1:25\", \"192.0.2.1
 fn smtp_lab(tag: &str) -> Result<(Lab, sandbox::smtp::SmtpSink)> {
     let mut lab = Lab::new(
         tag,
-        vec![PeerSpec { name: "client", edge_addrs: vec!["192.0.2.1/24"], peer_addrs: vec!["192.0.2.2/24"] }],
+        vec![PeerSpec {
+            name: "client",
+            edge_addrs: vec!["192.0.2.1/24"],
+            peer_addrs: vec!["192.0.2.2/24"],
+        }],
     )?;
-    let sink = sandbox::smtp::SmtpSink::start(&lab.edge, &lab.dir().join("sink"), "127.0.0.1:10025")?;
+    let sink =
+        sandbox::smtp::SmtpSink::start(&lab.edge, &lab.dir().join("sink"), "127.0.0.1:10025")?;
     lab.start_daemon(SMTP_BENCH_CONFIG)?;
     Ok((lab, sink))
 }
@@ -89,11 +94,22 @@ fn smtp_source_rate(lab: &Lab, target: &str, sessions: u32, messages: u32) -> Re
     let out = lab
         .edge
         .command("smtp-source")
-        .args(["-s", &sessions.to_string(), "-m", &messages.to_string(), "-l", "4096"])
+        .args([
+            "-s",
+            &sessions.to_string(),
+            "-m",
+            &messages.to_string(),
+            "-l",
+            "4096",
+        ])
         .args(["-f", "bench@client.test", "-t", "user@example.org", target])
         .output()?;
     let elapsed = started.elapsed();
-    ensure!(out.status.success(), "smtp-source {target}: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "smtp-source {target}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(f64::from(messages) / elapsed.as_secs_f64())
 }
 
@@ -101,11 +117,19 @@ fn smtp_throughput(quick: bool) -> Result<Vec<ThroughputRow>> {
     let (lab, _sink) = smtp_lab("benchsmtp")?;
     let mut rows = Vec::new();
     for sessions in [1u32, 10, 100] {
-        let messages = if quick { sessions * 5 } else { (sessions * 100).clamp(500, 5000) };
+        let messages = if quick {
+            sessions * 5
+        } else {
+            (sessions * 100).clamp(500, 5000)
+        };
         // Alternate the two so drift in machine load hits both alike.
         let direct = smtp_source_rate(&lab, "127.0.0.1:10025", sessions, messages)?;
         let through_gatekeeper = smtp_source_rate(&lab, "127.0.0.1:25", sessions, messages)?;
-        rows.push(ThroughputRow { sessions, through_gatekeeper, direct });
+        rows.push(ThroughputRow {
+            sessions,
+            through_gatekeeper,
+            direct,
+        });
     }
     Ok(rows)
 }
@@ -134,21 +158,28 @@ fn idle_connection_memory(count: usize) -> Result<IdleFigures> {
     let (lab, _sink) = smtp_lab("benchidle")?;
     let pid = lab.daemon().pid().context("daemon pid")?;
     // Warm up the runtime's worker threads and allocator first.
-    let mut warm = sandbox::smtp::SmtpClient::connect(lab.peer("client"), "192.0.2.2", "192.0.2.1:25")?;
+    let mut warm =
+        sandbox::smtp::SmtpClient::connect(lab.peer("client"), "192.0.2.2", "192.0.2.1:25")?;
     warm.reply()?;
     std::thread::sleep(Duration::from_millis(300));
     let rss_before_kib = rss_kib(pid)?;
     let mut clients = Vec::with_capacity(count);
     for _ in 0..count {
-        let mut client = sandbox::smtp::SmtpClient::connect(lab.peer("client"), "192.0.2.2", "192.0.2.1:25")?;
+        let mut client =
+            sandbox::smtp::SmtpClient::connect(lab.peer("client"), "192.0.2.2", "192.0.2.1:25")?;
         let banner = client.reply()?;
         ensure!(banner.code == 220, "banner {banner}");
         clients.push(client);
     }
     std::thread::sleep(Duration::from_millis(500));
     let rss_after_kib = rss_kib(pid)?;
-    let open = lab.daemon().stats()["smtp"]["connections"].as_u64().unwrap_or(0);
-    ensure!(open as usize > count, "daemon saw {open} connections, expected {count}");
+    let open = lab.daemon().stats()["smtp"]["connections"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(
+        open as usize > count,
+        "daemon saw {open} connections, expected {count}"
+    );
     drop(clients);
     Ok(IdleFigures {
         connections: count,

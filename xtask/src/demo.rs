@@ -25,26 +25,44 @@ upstream = \"127.0.0.1:10025\"";
 pub fn run() -> Result<()> {
     setup::ensure_runtime()?;
     let binary = build::run()?;
-    ensure!(setup::is_root(), "the demo creates network namespaces and loads XDP: run it as root");
+    ensure!(
+        setup::is_root(),
+        "the demo creates network namespaces and loads XDP: run it as root"
+    );
     std::env::set_var("GATEKEEPER_BIN", &binary);
 
     step("Sandbox: edge host mx.example.org (gatekeeper on gk0, gk1; smtp-sink behind it on 127.0.0.1:10025),\n   attacker 203.0.113.66, legitimate client 198.51.100.25");
     let mut lab = Lab::new(
         "demo",
         vec![
-            PeerSpec { name: "attacker", edge_addrs: vec!["203.0.113.1/24"], peer_addrs: vec!["203.0.113.66/24"] },
-            PeerSpec { name: "client", edge_addrs: vec!["198.51.100.1/24"], peer_addrs: vec!["198.51.100.25/24"] },
+            PeerSpec {
+                name: "attacker",
+                edge_addrs: vec!["203.0.113.1/24"],
+                peer_addrs: vec!["203.0.113.66/24"],
+            },
+            PeerSpec {
+                name: "client",
+                edge_addrs: vec!["198.51.100.1/24"],
+                peer_addrs: vec!["198.51.100.25/24"],
+            },
         ],
     )?;
     let sink = SmtpSink::start(&lab.edge, &lab.dir().join("sink"), "127.0.0.1:10025")?;
     println!("{}", lab.config(SMTP));
     lab.start_daemon(SMTP)?;
-    println!("gatekeeper run: XDP attached, SMTP front end on port 25, control socket {}", lab.control_socket().display());
+    println!(
+        "gatekeeper run: XDP attached, SMTP front end on port 25, control socket {}",
+        lab.control_socket().display()
+    );
 
     step("The attacker tries to relay through mx.example.org (percent hack, forged local sender)");
     let mut attacker = SmtpClient::connect(lab.peer("attacker"), ATTACKER, "203.0.113.1:25")?;
     attacker.start_transaction("spam.test", "<ceo@example.org>")?;
-    for rcpt in ["<victim%elsewhere.test@example.org>", "<victim@elsewhere.test>", "<@example.org:victim@elsewhere.test>"] {
+    for rcpt in [
+        "<victim%elsewhere.test@example.org>",
+        "<victim@elsewhere.test>",
+        "<@example.org:victim@elsewhere.test>",
+    ] {
         let reply = attacker.cmd(&format!("RCPT TO:{rcpt}"))?;
         println!("  RCPT TO:{rcpt}\n    -> {reply}");
         ensure!(reply.code == 554, "relay attempt was not refused");
@@ -54,7 +72,10 @@ pub fn run() -> Result<()> {
     step("The legitimate client sends mail to a local user");
     let mut client = SmtpClient::connect(lab.peer("client"), CLIENT, "198.51.100.1:25")?;
     client.start_transaction("client.test", "<alice@client.test>")?;
-    println!("  RCPT TO:<bob@example.org> -> {}", client.cmd("RCPT TO:<bob@example.org>")?);
+    println!(
+        "  RCPT TO:<bob@example.org> -> {}",
+        client.cmd("RCPT TO:<bob@example.org>")?
+    );
     println!("  DATA -> {}", client.cmd("DATA")?);
     client.send(b"Subject: hello from the demo\r\n\r\nHi Bob!\r\n")?;
     let accepted = client.cmd(".")?;
@@ -62,14 +83,27 @@ pub fn run() -> Result<()> {
     ensure!(accepted.code == 250, "legitimate mail was not accepted");
     let _ = client.cmd("QUIT");
     let delivered = sink.messages();
-    ensure!(delivered.len() == 1, "smtp-sink holds {} messages, expected 1", delivered.len());
+    ensure!(
+        delivered.len() == 1,
+        "smtp-sink holds {} messages, expected 1",
+        delivered.len()
+    );
     println!("  smtp-sink received it:");
     for line in delivered[0].lines().take(12) {
         println!("    | {line}");
     }
 
     step("Operator denylists the attacker's network");
-    cli(&lab, &["deny", "add", "203.0.113.0/24", "--reason", "demo: relay probing"])?;
+    cli(
+        &lab,
+        &[
+            "deny",
+            "add",
+            "203.0.113.0/24",
+            "--reason",
+            "demo: relay probing",
+        ],
+    )?;
     cli(&lab, &["deny", "list"])?;
 
     step("The attacker's SYNs now die in XDP; the client is untouched");
@@ -81,12 +115,18 @@ pub fn run() -> Result<()> {
     }
     let client = outcome(lab.peer("client"), CLIENT, "198.51.100.1:25");
     show("client    ", client);
-    ensure!(drops == 3 && client == Outcome::Connected, "the demo did not show the expected verdicts");
+    ensure!(
+        drops == 3 && client == Outcome::Connected,
+        "the demo did not show the expected verdicts"
+    );
 
     step("gatekeeper stats");
     cli(&lab, &["stats"])?;
     let dropped = lab.daemon().counter("dropped_deny");
-    ensure!(dropped >= 3, "dropped_deny is {dropped}, expected at least 3");
+    ensure!(
+        dropped >= 3,
+        "dropped_deny is {dropped}, expected at least 3"
+    );
 
     step("Cleaning up: daemon stopped (XDP detached), namespaces removed");
     lab.take_daemon().stop()?;

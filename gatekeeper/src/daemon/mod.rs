@@ -3,8 +3,8 @@
 mod lists;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -54,7 +54,9 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let socket_path = control.path().to_owned();
-    let smtp_stats = smtp_listeners.as_ref().map(|_| Arc::new(SmtpStats::default()));
+    let smtp_stats = smtp_listeners
+        .as_ref()
+        .map(|_| Arc::new(SmtpStats::default()));
     let daemon = Arc::new(Mutex::new(Daemon {
         lists,
         started: Instant::now(),
@@ -125,7 +127,10 @@ async fn sweep_expired(daemon: Arc<Mutex<Daemon>>) {
 
 /// With `pregreet_deny_ttl` set, a client that talks before the greeting is
 /// denylisted in the kernel for that long.
-fn pregreet_hook(config: &smtp::SmtpConfig, daemon: Arc<Mutex<Daemon>>) -> Option<smtp::PregreetHook> {
+fn pregreet_hook(
+    config: &smtp::SmtpConfig,
+    daemon: Arc<Mutex<Daemon>>,
+) -> Option<smtp::PregreetHook> {
     let ttl = config.pregreet_deny_ttl;
     if ttl.is_zero() {
         return None;
@@ -133,13 +138,17 @@ fn pregreet_hook(config: &smtp::SmtpConfig, daemon: Arc<Mutex<Daemon>>) -> Optio
     Some(Arc::new(move |client: IpAddr| {
         let daemon = daemon.clone();
         tokio::task::spawn_blocking(move || {
-            let Ok(mut daemon) = daemon.lock() else { return };
+            let Ok(mut daemon) = daemon.lock() else {
+                return;
+            };
             let entry = WireEntry {
                 prefix: client.to_string(),
                 reason: Some("talked before the SMTP greeting".into()),
                 ttl_secs: Some(ttl.as_secs().max(1)),
             };
-            if let Reply::Error { message, .. } = daemon.lists.add(ListKind::Deny, vec![entry], false) {
+            if let Reply::Error { message, .. } =
+                daemon.lists.add(ListKind::Deny, vec![entry], false)
+            {
                 warn!(%client, %message, "denylisting a pre-greet client failed");
             } else {
                 info!(%client, ttl_secs = ttl.as_secs(), "pre-greet client denylisted");

@@ -233,8 +233,7 @@ impl ListStore {
                 }
             }
             Change::Replace(items) => {
-                let keep: std::collections::HashSet<IpNet> =
-                    items.iter().map(|e| e.net).collect();
+                let keep: std::collections::HashSet<IpNet> = items.iter().map(|e| e.net).collect();
                 let gone: Vec<IpNet> = self
                     .entries
                     .keys()
@@ -412,13 +411,21 @@ mod tests {
     fn temporary_entries_never_shorten_or_downgrade() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = ListStore::open(dir.path(), ListKind::Deny).unwrap();
-        store.apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(100))])).unwrap();
-        store.apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(50))])).unwrap();
+        store
+            .apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(100))]))
+            .unwrap();
+        store
+            .apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(50))]))
+            .unwrap();
         assert_eq!(store.entries()[&net("192.0.2.1/32")].expires, Some(100));
         assert_eq!(store.expired(99), Vec::<IpNet>::new());
         assert_eq!(store.expired(100), [net("192.0.2.1/32")]);
-        store.apply(Change::Add(vec![entry("192.0.2.1/32", None, None)])).unwrap();
-        store.apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(500))])).unwrap();
+        store
+            .apply(Change::Add(vec![entry("192.0.2.1/32", None, None)]))
+            .unwrap();
+        store
+            .apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(500))]))
+            .unwrap();
         assert_eq!(store.entries()[&net("192.0.2.1/32")].expires, None);
     }
 

@@ -64,12 +64,17 @@ impl SmtpConfig {
             return Err("smtp.listen: at least one address is required".into());
         }
         if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
-            return Err(format!("smtp.hostname: '{}' is not a host name", self.hostname));
+            return Err(format!(
+                "smtp.hostname: '{}' is not a host name",
+                self.hostname
+            ));
         }
         for (i, domain) in self.local_domains.iter().enumerate() {
             let name = domain.trim_start_matches('.');
             if super::parse::parse_domain(name).is_err() {
-                return Err(format!("smtp.local_domains[{i}]: '{domain}' is not a domain"));
+                return Err(format!(
+                    "smtp.local_domains[{i}]: '{domain}' is not a domain"
+                ));
             }
         }
         for (i, net) in self.relay_networks.iter().enumerate() {

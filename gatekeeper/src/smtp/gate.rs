@@ -30,7 +30,9 @@ pub enum Refusal {
 impl Refusal {
     pub fn reply(&self, hostname: &str) -> String {
         match self {
-            Refusal::TooManyConnections => format!("421 4.7.0 {hostname} Error: too many connections, try again later"),
+            Refusal::TooManyConnections => {
+                format!("421 4.7.0 {hostname} Error: too many connections, try again later")
+            }
             Refusal::TooManyFromClient => {
                 format!("421 4.7.0 {hostname} Error: too many connections from your address")
             }

@@ -22,7 +22,10 @@ pub enum Line {
 }
 
 /// Reads one LF-terminated line of at most `max` bytes (terminator included).
-pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, max: usize) -> std::io::Result<Line> {
+pub async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> std::io::Result<Line> {
     let mut line = Vec::new();
     let mut too_long = false;
     loop {
@@ -44,7 +47,11 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, max: usize) -> s
         }
         reader.consume(chunk_len);
         if done {
-            return Ok(if too_long { Line::TooLong } else { Line::Complete(line) });
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete(line)
+            });
         }
     }
 }
@@ -60,13 +67,21 @@ pub fn trim_eol(line: &[u8]) -> &[u8] {
 pub struct Detached;
 
 impl AsyncRead for Detached {
-    fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()))
     }
 }
 
 impl AsyncWrite for Detached {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()))
     }
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -85,8 +100,14 @@ mod tests {
     async fn reads_bounded_lines() {
         let input: &[u8] = b"EHLO a\r\nbare\nxxxxxxxxxxxxxxxxxxxx\r\npartial";
         let mut reader = BufReader::with_capacity(4, input);
-        assert_eq!(read_line(&mut reader, 16).await.unwrap(), Line::Complete(b"EHLO a\r\n".to_vec()));
-        assert_eq!(read_line(&mut reader, 16).await.unwrap(), Line::Complete(b"bare\n".to_vec()));
+        assert_eq!(
+            read_line(&mut reader, 16).await.unwrap(),
+            Line::Complete(b"EHLO a\r\n".to_vec())
+        );
+        assert_eq!(
+            read_line(&mut reader, 16).await.unwrap(),
+            Line::Complete(b"bare\n".to_vec())
+        );
         assert_eq!(read_line(&mut reader, 16).await.unwrap(), Line::TooLong);
         assert_eq!(read_line(&mut reader, 16).await.unwrap(), Line::Eof);
     }

@@ -44,13 +44,26 @@ pub struct SmtpContext {
 }
 
 impl SmtpContext {
-    pub fn new(config: SmtpConfig, stats: Arc<SmtpStats>, on_pregreet: Option<PregreetHook>) -> Result<SmtpContext> {
+    pub fn new(
+        config: SmtpConfig,
+        stats: Arc<SmtpStats>,
+        on_pregreet: Option<PregreetHook>,
+    ) -> Result<SmtpContext> {
         let own_literals = if config.accept_own_literals {
-            config.listen.iter().map(|a| a.ip()).filter(|ip| !ip.is_unspecified()).collect()
+            config
+                .listen
+                .iter()
+                .map(|a| a.ip())
+                .filter(|ip| !ip.is_unspecified())
+                .collect()
         } else {
             Vec::new()
         };
-        let policy = RelayPolicy::new(&config.local_domains, config.relay_networks.clone(), own_literals);
+        let policy = RelayPolicy::new(
+            &config.local_domains,
+            config.relay_networks.clone(),
+            own_literals,
+        );
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(load_tls(cert, key)?),
             _ => None,
@@ -72,14 +85,21 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustl
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| anyhow::anyhow!("smtp.tls_cert {}: {e}", cert.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "smtp.tls_cert {}: no certificate found", cert.display());
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("smtp.tls_key {}: {e}", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("smtp.tls_cert/tls_key do not form a usable certificate and key")?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "smtp.tls_cert {}: no certificate found",
+        cert.display()
+    );
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("smtp.tls_key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("smtp.tls_cert/tls_key do not form a usable certificate and key")?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -95,7 +115,9 @@ pub fn bind(config: &SmtpConfig) -> Result<Vec<TcpListener>> {
             }
             socket.set_reuse_address(true)?;
             socket.set_nonblocking(true)?;
-            socket.bind(&(*addr).into()).with_context(|| format!("smtp.listen: cannot bind {addr}"))?;
+            socket
+                .bind(&(*addr).into())
+                .with_context(|| format!("smtp.listen: cannot bind {addr}"))?;
             socket.listen(1024)?;
             let listener = TcpListener::from_std(socket.into())?;
             Ok(listener)
@@ -138,7 +160,11 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<SmtpCon
         Err(refusal) => {
             SmtpStats::bump(&ctx.stats.refused_connection_limit);
             let reply = refusal.reply(&ctx.config.hostname);
-            let _ = tokio::io::AsyncWriteExt::write_all(conn.get_mut(), format!("{reply}\r\n").as_bytes()).await;
+            let _ = tokio::io::AsyncWriteExt::write_all(
+                conn.get_mut(),
+                format!("{reply}\r\n").as_bytes(),
+            )
+            .await;
             return;
         }
     };

@@ -14,8 +14,13 @@ pub const MAX_DOMAIN: usize = 255;
 pub enum Command {
     Ehlo(String),
     Helo(String),
-    Mail { from: ReversePath, params: MailParams },
-    Rcpt { to: Path },
+    Mail {
+        from: ReversePath,
+        params: MailParams,
+    },
+    Rcpt {
+        to: Path,
+    },
     Data,
     Rset,
     Noop,
@@ -100,7 +105,8 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         "EHLO" => parse_helo_arg(rest).map(Command::Ehlo),
         "HELO" => parse_helo_arg(rest).map(Command::Helo),
         "MAIL" => {
-            let args = strip_keyword(rest, "FROM:").ok_or(ParseError::Syntax("MAIL FROM:<address>"))?;
+            let args =
+                strip_keyword(rest, "FROM:").ok_or(ParseError::Syntax("MAIL FROM:<address>"))?;
             let (path, params) = split_path(args)?;
             let from = if path == "<>" {
                 ReversePath::Null
@@ -118,7 +124,9 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
             if let Some(param) = params.split_whitespace().next() {
                 return Err(ParseError::UnsupportedParameter(param.to_owned()));
             }
-            Ok(Command::Rcpt { to: parse_path(path)? })
+            Ok(Command::Rcpt {
+                to: parse_path(path)?,
+            })
         }
         "DATA" => no_args(Command::Data),
         "RSET" => no_args(Command::Rset),
@@ -178,7 +186,9 @@ fn split_path(args: &str) -> Result<(&str, &str), ParseError> {
 /// Parses `<[@route,...:]local@domain>` or the same without brackets.
 pub fn parse_path(text: &str) -> Result<Path, ParseError> {
     let inner = match text.strip_prefix('<') {
-        Some(rest) => rest.strip_suffix('>').ok_or(ParseError::BadAddress("missing '>'"))?,
+        Some(rest) => rest
+            .strip_suffix('>')
+            .ok_or(ParseError::BadAddress("missing '>'"))?,
         None => text,
     };
     if inner.is_empty() {
@@ -200,10 +210,15 @@ fn split_source_route(inner: &str) -> Result<(Vec<String>, &str), ParseError> {
     if !inner.starts_with('@') {
         return Ok((Vec::new(), inner));
     }
-    let colon = inner.find(':').ok_or(ParseError::BadAddress("source route without ':'"))?;
+    let colon = inner
+        .find(':')
+        .ok_or(ParseError::BadAddress("source route without ':'"))?;
     let mut route = Vec::new();
     for hop in inner[..colon].split(',') {
-        let hop = hop.trim().strip_prefix('@').ok_or(ParseError::BadAddress("source route hop"))?;
+        let hop = hop
+            .trim()
+            .strip_prefix('@')
+            .ok_or(ParseError::BadAddress("source route hop"))?;
         match parse_domain(hop)? {
             Domain::Name(name) => route.push(name),
             _ => route.push(hop.to_owned()),
@@ -279,13 +294,17 @@ fn unquote_local_part(raw: &str) -> Result<String, ParseError> {
 /// Parses a domain or address literal; names are lower-cased with one trailing dot removed.
 pub fn parse_domain(text: &str) -> Result<Domain, ParseError> {
     if let Some(literal) = text.strip_prefix('[') {
-        let literal = literal.strip_suffix(']').ok_or(ParseError::BadAddress("unclosed address literal"))?;
+        let literal = literal
+            .strip_suffix(']')
+            .ok_or(ParseError::BadAddress("unclosed address literal"))?;
         if let Some(v6) = literal
             .get(..5)
             .filter(|tag| tag.eq_ignore_ascii_case("IPv6:"))
             .map(|_| &literal[5..])
         {
-            let addr: Ipv6Addr = v6.parse().map_err(|_| ParseError::BadAddress("bad IPv6 literal"))?;
+            let addr: Ipv6Addr = v6
+                .parse()
+                .map_err(|_| ParseError::BadAddress("bad IPv6 literal"))?;
             return Ok(Domain::Literal(IpAddr::V6(addr)));
         }
         if let Ok(addr) = literal.parse::<Ipv4Addr>() {
@@ -321,7 +340,9 @@ fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
             None => (param, None),
         };
         match (key.to_ascii_uppercase().as_str(), value) {
-            ("SIZE", Some(v)) if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) => {
+            ("SIZE", Some(v))
+                if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) =>
+            {
                 out.size = Some(v.parse().map_err(|_| ParseError::Syntax("SIZE=<octets>"))?);
             }
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => out.body_8bit = true,
@@ -345,13 +366,28 @@ mod tests {
 
     #[test]
     fn parses_plain_commands() {
-        assert_eq!(parse_command(b"EHLO client.example").unwrap(), Command::Ehlo("client.example".into()));
-        assert_eq!(parse_command(b"helo [192.0.2.1]").unwrap(), Command::Helo("[192.0.2.1]".into()));
+        assert_eq!(
+            parse_command(b"EHLO client.example").unwrap(),
+            Command::Ehlo("client.example".into())
+        );
+        assert_eq!(
+            parse_command(b"helo [192.0.2.1]").unwrap(),
+            Command::Helo("[192.0.2.1]".into())
+        );
         assert_eq!(parse_command(b"data").unwrap(), Command::Data);
         assert_eq!(parse_command(b"NOOP anything").unwrap(), Command::Noop);
-        assert_eq!(parse_command(b"DATA now").unwrap_err(), ParseError::Syntax("no arguments allowed"));
-        assert_eq!(parse_command(b"EHLO").unwrap_err(), ParseError::Syntax("EHLO/HELO hostname"));
-        assert_eq!(parse_command(b"FOO").unwrap_err(), ParseError::UnknownCommand);
+        assert_eq!(
+            parse_command(b"DATA now").unwrap_err(),
+            ParseError::Syntax("no arguments allowed")
+        );
+        assert_eq!(
+            parse_command(b"EHLO").unwrap_err(),
+            ParseError::Syntax("EHLO/HELO hostname")
+        );
+        assert_eq!(
+            parse_command(b"FOO").unwrap_err(),
+            ParseError::UnknownCommand
+        );
         assert_eq!(parse_command(b"").unwrap_err(), ParseError::UnknownCommand);
         assert!(parse_command("EHLO h\u{e9}".as_bytes()).is_err());
     }
@@ -359,36 +395,78 @@ mod tests {
     #[test]
     fn parses_mail_with_params() {
         let cmd = parse_command(b"MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME").unwrap();
-        let Command::Mail { from: ReversePath::Path(p), params } = cmd else { panic!() };
+        let Command::Mail {
+            from: ReversePath::Path(p),
+            params,
+        } = cmd
+        else {
+            panic!()
+        };
         assert_eq!(p.local_part, "a");
-        assert_eq!(params, MailParams { size: Some(1000), body_8bit: true });
+        assert_eq!(
+            params,
+            MailParams {
+                size: Some(1000),
+                body_8bit: true
+            }
+        );
         assert_eq!(
             parse_command(b"mail from: <>").unwrap(),
-            Command::Mail { from: ReversePath::Null, params: MailParams::default() }
+            Command::Mail {
+                from: ReversePath::Null,
+                params: MailParams::default()
+            }
         );
         assert!(matches!(
             parse_command(b"MAIL FROM:<a@b> SMTPUTF8"),
             Err(ParseError::UnsupportedParameter(_))
         ));
-        assert!(matches!(parse_command(b"MAIL FROM:<a@b> SIZE=x"), Err(ParseError::UnsupportedParameter(_))));
-        assert!(matches!(parse_command(b"MAIL TO:<a@b>"), Err(ParseError::Syntax(_))));
+        assert!(matches!(
+            parse_command(b"MAIL FROM:<a@b> SIZE=x"),
+            Err(ParseError::UnsupportedParameter(_))
+        ));
+        assert!(matches!(
+            parse_command(b"MAIL TO:<a@b>"),
+            Err(ParseError::Syntax(_))
+        ));
     }
 
     #[test]
     fn local_parts_are_unquoted_and_unescaped() {
-        assert_eq!(rcpt(r#"RCPT TO:<"user@victim"@example.org>"#).local_part, "user@victim");
+        assert_eq!(
+            rcpt(r#"RCPT TO:<"user@victim"@example.org>"#).local_part,
+            "user@victim"
+        );
         assert_eq!(rcpt(r#"RCPT TO:<"a\%b"@example.org>"#).local_part, "a%b");
-        assert_eq!(rcpt(r#"RCPT TO:<"with space"@example.org>"#).local_part, "with space");
-        assert_eq!(rcpt("RCPT TO:<user%victim.test@example.org>").local_part, "user%victim.test");
-        assert_eq!(rcpt("RCPT TO:<victim.test!user@example.org>").local_part, "victim.test!user");
+        assert_eq!(
+            rcpt(r#"RCPT TO:<"with space"@example.org>"#).local_part,
+            "with space"
+        );
+        assert_eq!(
+            rcpt("RCPT TO:<user%victim.test@example.org>").local_part,
+            "user%victim.test"
+        );
+        assert_eq!(
+            rcpt("RCPT TO:<victim.test!user@example.org>").local_part,
+            "victim.test!user"
+        );
         let p = rcpt("RCPT TO:<user@victim.test@example.org>");
-        assert_eq!((p.local_part.as_str(), p.domain), ("user@victim.test", Some(Domain::Name("example.org".into()))));
+        assert_eq!(
+            (p.local_part.as_str(), p.domain),
+            ("user@victim.test", Some(Domain::Name("example.org".into())))
+        );
     }
 
     #[test]
     fn domains_literals_and_routes() {
-        assert_eq!(rcpt("RCPT TO:<u@EXAMPLE.Org.>").domain, Some(Domain::Name("example.org".into())));
-        assert_eq!(rcpt("RCPT TO:<u@[192.0.2.1]>").domain, Some(Domain::Literal("192.0.2.1".parse().unwrap())));
+        assert_eq!(
+            rcpt("RCPT TO:<u@EXAMPLE.Org.>").domain,
+            Some(Domain::Name("example.org".into()))
+        );
+        assert_eq!(
+            rcpt("RCPT TO:<u@[192.0.2.1]>").domain,
+            Some(Domain::Literal("192.0.2.1".parse().unwrap()))
+        );
         assert_eq!(
             rcpt("RCPT TO:<u@[ipv6:2001:db8::1]>").domain,
             Some(Domain::Literal("2001:db8::1".parse().unwrap()))
@@ -403,16 +481,31 @@ mod tests {
     #[test]
     fn malformed_addresses_are_501() {
         for line in [
-            "RCPT TO:<>", "RCPT TO:<u@>", "RCPT TO:<@x>", "RCPT TO:<u@exa mple.org>", "RCPT TO:<u@-bad.org>",
-            "RCPT TO:<u@a..b>", "RCPT TO:<.u@example.org>", "RCPT TO:<\"open@example.org>",
-            "RCPT TO:<u@[300.1.1.1]>", "RCPT TO:<u@[IPv6:zz]>", "RCPT TO:<u@example.org", "RCPT TO:<u(x)@example.org>",
+            "RCPT TO:<>",
+            "RCPT TO:<u@>",
+            "RCPT TO:<@x>",
+            "RCPT TO:<u@exa mple.org>",
+            "RCPT TO:<u@-bad.org>",
+            "RCPT TO:<u@a..b>",
+            "RCPT TO:<.u@example.org>",
+            "RCPT TO:<\"open@example.org>",
+            "RCPT TO:<u@[300.1.1.1]>",
+            "RCPT TO:<u@[IPv6:zz]>",
+            "RCPT TO:<u@example.org",
+            "RCPT TO:<u(x)@example.org>",
         ] {
             let err = parse_command(line.as_bytes()).unwrap_err();
-            assert!(err.reply().starts_with("501 5.1.3") || err.reply().starts_with("501"), "{line}: {err}");
+            assert!(
+                err.reply().starts_with("501 5.1.3") || err.reply().starts_with("501"),
+                "{line}: {err}"
+            );
         }
         let long = format!("RCPT TO:<{}@example.org>", "a".repeat(65));
         assert!(parse_command(long.as_bytes()).is_err());
-        assert!(matches!(parse_command(b"RCPT TO:<u@example.org> NOTIFY=NEVER"), Err(ParseError::UnsupportedParameter(_))));
+        assert!(matches!(
+            parse_command(b"RCPT TO:<u@example.org> NOTIFY=NEVER"),
+            Err(ParseError::UnsupportedParameter(_))
+        ));
     }
 }
 

@@ -68,7 +68,11 @@ pub enum Decision {
 }
 
 impl RelayPolicy {
-    pub fn new(local_domains: &[String], relay_networks: Vec<IpNet>, own_literals: Vec<IpAddr>) -> RelayPolicy {
+    pub fn new(
+        local_domains: &[String],
+        relay_networks: Vec<IpNet>,
+        own_literals: Vec<IpAddr>,
+    ) -> RelayPolicy {
         let mut policy = RelayPolicy {
             relay_networks,
             own_literals,
@@ -110,7 +114,9 @@ impl RelayPolicy {
             None if local.eq_ignore_ascii_case("postmaster") => None,
             None => Some(RelayReason::NoDomain),
             Some(Domain::Literal(addr)) if self.own_literals.contains(&canonical(*addr)) => None,
-            Some(Domain::Literal(_) | Domain::GeneralLiteral(_)) => Some(RelayReason::AddressLiteral),
+            Some(Domain::Literal(_) | Domain::GeneralLiteral(_)) => {
+                Some(RelayReason::AddressLiteral)
+            }
             Some(Domain::Name(name)) if self.is_local_domain(name) => None,
             Some(Domain::Name(_)) => Some(RelayReason::ForeignDomain),
         }
@@ -126,10 +132,11 @@ impl RelayPolicy {
 
     fn is_local_domain(&self, name: &str) -> bool {
         self.exact.iter().any(|d| d == name)
-            || self
-                .parents
-                .iter()
-                .any(|p| name.len() > p.len() + 1 && name.ends_with(p.as_str()) && name[..name.len() - p.len()].ends_with('.'))
+            || self.parents.iter().any(|p| {
+                name.len() > p.len() + 1
+                    && name.ends_with(p.as_str())
+                    && name[..name.len() - p.len()].ends_with('.')
+            })
     }
 }
 
@@ -148,7 +155,11 @@ mod tests {
 
     fn policy() -> RelayPolicy {
         RelayPolicy::new(
-            &["example.org".into(), ".sub.example.net".into(), "Mixed.Example.".into()],
+            &[
+                "example.org".into(),
+                ".sub.example.net".into(),
+                "Mixed.Example.".into(),
+            ],
             vec!["192.0.2.0/24".parse().unwrap()],
             vec!["198.51.100.25".parse().unwrap()],
         )
@@ -185,7 +196,10 @@ mod tests {
             ("<user@victim.test@example.org>", Some(EmbeddedAt)),
             ("<\"user\\@victim.test\"@example.org>", Some(EmbeddedAt)),
             ("<@example.org:user@victim.test>", Some(SourceRoute)),
-            ("<@example.org,@example.org:user@example.org>", Some(SourceRoute)),
+            (
+                "<@example.org,@example.org:user@example.org>",
+                Some(SourceRoute),
+            ),
             ("<user@[192.0.2.99]>", Some(AddressLiteral)),
             ("<user@[IPv6:2001:db8::25]>", Some(AddressLiteral)),
             ("<user@[198.51.100.25]>", None),
@@ -203,12 +217,21 @@ mod tests {
     fn relay_networks_may_relay_outsiders_may_not() {
         let policy = policy();
         let foreign = path("<user@victim.test>");
-        assert_eq!(policy.decide(&foreign, "192.0.2.7".parse().unwrap()), Decision::Relay);
-        assert_eq!(policy.decide(&foreign, "::ffff:192.0.2.7".parse().unwrap()), Decision::Relay);
+        assert_eq!(
+            policy.decide(&foreign, "192.0.2.7".parse().unwrap()),
+            Decision::Relay
+        );
+        assert_eq!(
+            policy.decide(&foreign, "::ffff:192.0.2.7".parse().unwrap()),
+            Decision::Relay
+        );
         assert_eq!(
             policy.decide(&foreign, "203.0.113.5".parse().unwrap()),
             Decision::Refuse(RelayReason::ForeignDomain)
         );
-        assert_eq!(policy.decide(&path("<user@example.org>"), "203.0.113.5".parse().unwrap()), Decision::Local);
+        assert_eq!(
+            policy.decide(&path("<user@example.org>"), "203.0.113.5".parse().unwrap()),
+            Decision::Local
+        );
     }
 }

@@ -91,7 +91,10 @@ mod tests {
         assert_eq!(parser.push(b"250-mx.example\r\n").unwrap(), None);
         let reply = parser.push(b"250 XCLIENT ADDR NAME\r\n").unwrap().unwrap();
         assert_eq!(reply.lines, ["mx.example", "XCLIENT ADDR NAME"]);
-        assert_eq!(reply.to_wire(), b"250-mx.example\r\n250 XCLIENT ADDR NAME\r\n");
+        assert_eq!(
+            reply.to_wire(),
+            b"250-mx.example\r\n250 XCLIENT ADDR NAME\r\n"
+        );
         assert!(ReplyParser::default().push(b"hello\r\n").is_err());
         assert!(ReplyParser::default().push(b"999 no\r\n").is_err());
     }

@@ -74,7 +74,11 @@ impl Session {
         }
         loop {
             let config = &self.ctx.config;
-            let limit = if self.tx.is_some() { config.command_timeout } else { config.pre_mail_timeout };
+            let limit = if self.tx.is_some() {
+                config.command_timeout
+            } else {
+                config.pre_mail_timeout
+            };
             let line = match timeout(limit, read_line(conn, MAX_COMMAND_LINE)).await {
                 Ok(line) => line?,
                 Err(_) => {
@@ -115,7 +119,13 @@ impl Session {
                 if let Some(hook) = &self.ctx.on_pregreet {
                     hook(self.client_ip());
                 }
-                send(conn, &format!("554 5.7.1 {host} Error: protocol violation: talked before the greeting")).await?;
+                send(
+                    conn,
+                    &format!(
+                        "554 5.7.1 {host} Error: protocol violation: talked before the greeting"
+                    ),
+                )
+                .await?;
                 return Ok(false);
             }
         }
@@ -160,9 +170,25 @@ impl Session {
                 send(conn, "250 2.0.0 Ok").await?;
             }
             Command::Noop => send(conn, "250 2.0.0 Ok").await?,
-            Command::Help => send(conn, "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY").await?,
-            Command::Vrfy => send(conn, "252 2.5.2 Cannot VRFY user; send mail and delivery will be attempted").await?,
-            Command::Expn => return self.error(conn, "502 5.5.1 Error: EXPN not available").await,
+            Command::Help => {
+                send(
+                    conn,
+                    "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY",
+                )
+                .await?
+            }
+            Command::Vrfy => {
+                send(
+                    conn,
+                    "252 2.5.2 Cannot VRFY user; send mail and delivery will be attempted",
+                )
+                .await?
+            }
+            Command::Expn => {
+                return self
+                    .error(conn, "502 5.5.1 Error: EXPN not available")
+                    .await
+            }
             Command::Quit => {
                 send(conn, "221 2.0.0 Bye").await?;
                 return Ok(Flow::Close);
@@ -172,16 +198,27 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    async fn mail(&mut self, conn: &mut Conn, from: ReversePath, params: MailParams) -> std::io::Result<Flow> {
+    async fn mail(
+        &mut self,
+        conn: &mut Conn,
+        from: ReversePath,
+        params: MailParams,
+    ) -> std::io::Result<Flow> {
         if self.helo.is_none() {
-            return self.error(conn, "503 5.5.1 Error: send HELO/EHLO first").await;
+            return self
+                .error(conn, "503 5.5.1 Error: send HELO/EHLO first")
+                .await;
         }
         if self.tx.is_some() {
-            return self.error(conn, "503 5.5.1 Error: nested MAIL command").await;
+            return self
+                .error(conn, "503 5.5.1 Error: nested MAIL command")
+                .await;
         }
         let max = self.ctx.config.max_message_size;
         if params.size.is_some_and(|size| size > max) {
-            return self.error(conn, "552 5.3.4 Error: message size exceeds fixed limit").await;
+            return self
+                .error(conn, "552 5.3.4 Error: message size exceeds fixed limit")
+                .await;
         }
         let mut mail_line = match &from {
             ReversePath::Null => "MAIL FROM:<>".to_owned(),
@@ -193,7 +230,10 @@ impl Session {
         if params.body_8bit {
             mail_line.push_str(" BODY=8BITMIME");
         }
-        self.tx = Some(Transaction { mail_line, recipients: 0 });
+        self.tx = Some(Transaction {
+            mail_line,
+            recipients: 0,
+        });
         send(conn, "250 2.1.0 Ok").await?;
         Ok(Flow::Continue)
     }
@@ -209,7 +249,12 @@ impl Session {
         if let Decision::Refuse(reason) = self.ctx.policy.decide(&to, self.client_ip()) {
             self.ctx.stats.relay_denied(reason);
             debug!(client = %self.peer, rcpt = %to.raw, reason = reason.name(), "relay refused");
-            return self.error(conn, &format!("554 5.7.1 <{}>: Relay access denied", to.raw)).await;
+            return self
+                .error(
+                    conn,
+                    &format!("554 5.7.1 <{}>: Relay access denied", to.raw),
+                )
+                .await;
         }
         let reply = match self.forward_rcpt(&to).await {
             Ok(reply) => reply,
@@ -218,7 +263,10 @@ impl Session {
                 SmtpStats::bump(&self.ctx.stats.upstream_failures);
                 debug!(error = %e, "upstream failed at RCPT");
                 self.upstream = None;
-                Reply::new(451, "4.3.0 Error: mail system behind the gatekeeper unavailable, try again later")
+                Reply::new(
+                    451,
+                    "4.3.0 Error: mail system behind the gatekeeper unavailable, try again later",
+                )
             }
         };
         if reply.is_positive() {
@@ -240,10 +288,20 @@ impl Session {
                 esmtp: self.esmtp,
             };
             let config = &self.ctx.config;
-            let upstream = Upstream::connect(config.upstream, &config.hostname, &client, config.upstream_timeout).await?;
+            let upstream = Upstream::connect(
+                config.upstream,
+                &config.hostname,
+                &client,
+                config.upstream_timeout,
+            )
+            .await?;
             self.upstream = Some(upstream);
         }
-        let mail_line = self.tx.as_ref().map(|tx| tx.mail_line.clone()).unwrap_or_default();
+        let mail_line = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.mail_line.clone())
+            .unwrap_or_default();
         let upstream = self.upstream.as_mut().expect("connected above");
         if !upstream.in_transaction {
             let reply = upstream.mail(&mail_line).await?;
@@ -259,7 +317,9 @@ impl Session {
             return self.error(conn, "503 5.5.1 Error: need MAIL command").await;
         };
         if tx.recipients == 0 {
-            return self.error(conn, "554 5.5.1 Error: no valid recipients").await;
+            return self
+                .error(conn, "554 5.5.1 Error: no valid recipients")
+                .await;
         }
         let Some(upstream) = self.upstream.as_mut() else {
             return self.error(conn, "503 5.5.1 Error: need RCPT command").await;
@@ -276,7 +336,11 @@ impl Session {
                 debug!(error = %e, "upstream failed at DATA");
                 self.upstream = None;
                 self.tx = None;
-                send(conn, "451 4.3.0 Error: mail system behind the gatekeeper failed, try again later").await?;
+                send(
+                    conn,
+                    "451 4.3.0 Error: mail system behind the gatekeeper failed, try again later",
+                )
+                .await?;
                 return Ok(Flow::Continue);
             }
         }
@@ -293,16 +357,17 @@ impl Session {
         let mut size: u64 = 0;
         let mut problem: Option<DataProblem> = None;
         loop {
-            let line = match timeout(self.ctx.config.data_timeout, read_line(conn, MAX_TEXT_LINE)).await {
-                Ok(line) => line?,
-                Err(_) => {
-                    SmtpStats::bump(&self.ctx.stats.timeouts);
-                    self.abandon_transaction();
-                    let host = &self.ctx.config.hostname;
-                    send(conn, &format!("421 4.4.2 {host} Error: timeout exceeded")).await?;
-                    return Ok(Flow::Close);
-                }
-            };
+            let line =
+                match timeout(self.ctx.config.data_timeout, read_line(conn, MAX_TEXT_LINE)).await {
+                    Ok(line) => line?,
+                    Err(_) => {
+                        SmtpStats::bump(&self.ctx.stats.timeouts);
+                        self.abandon_transaction();
+                        let host = &self.ctx.config.hostname;
+                        send(conn, &format!("421 4.4.2 {host} Error: timeout exceeded")).await?;
+                        return Ok(Flow::Close);
+                    }
+                };
             let bytes = match line {
                 Line::Eof => {
                     self.abandon_transaction();
@@ -322,7 +387,11 @@ impl Session {
                 // ends (SMTP smuggling): nothing more is forwarded, the session ends.
                 SmtpStats::bump(&self.ctx.stats.smuggling_refused);
                 self.abandon_transaction();
-                send(conn, "554 5.5.2 Error: bare <CR> or <LF> in message data refused").await?;
+                send(
+                    conn,
+                    "554 5.5.2 Error: bare <CR> or <LF> in message data refused",
+                )
+                .await?;
                 return Ok(Flow::Close);
             }
             size += bytes.len() as u64;
@@ -400,10 +469,14 @@ impl Session {
 
     async fn starttls(&mut self, conn: &mut Conn) -> std::io::Result<Flow> {
         let Some(acceptor) = self.ctx.tls.clone() else {
-            return self.error(conn, "502 5.5.1 Error: command not implemented").await;
+            return self
+                .error(conn, "502 5.5.1 Error: command not implemented")
+                .await;
         };
         if self.tls_active {
-            return self.error(conn, "503 5.5.1 Error: TLS already active").await;
+            return self
+                .error(conn, "503 5.5.1 Error: TLS already active")
+                .await;
         }
         // Plaintext pipelined after STARTTLS must not survive into the TLS session (CVE-2011-0411).
         let buffered = conn.buffer().len();

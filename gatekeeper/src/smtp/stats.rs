@@ -45,7 +45,10 @@ impl SmtpStats {
     }
 
     pub fn relay_denied(&self, reason: RelayReason) {
-        let index = RelayReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let index = RelayReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
         self.relay_denied[index].fetch_add(1, Relaxed);
     }
 

@@ -49,7 +49,12 @@ const MAX_REPLY_LINE: usize = 4096;
 
 impl Upstream {
     /// Connects, greets, and passes the real client on with XCLIENT when offered.
-    pub async fn connect(addr: SocketAddr, our_name: &str, client: &ClientInfo, limit: Duration) -> Result<Upstream, UpstreamError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        our_name: &str,
+        client: &ClientInfo,
+        limit: Duration,
+    ) -> Result<Upstream, UpstreamError> {
         let stream = timeout(limit, TcpStream::connect(addr))
             .await
             .map_err(|_| UpstreamError::Timeout)?
@@ -64,14 +69,19 @@ impl Upstream {
             forward: None,
         };
         upstream.expect_positive(None).await?;
-        let ehlo = upstream.expect_positive(Some(&format!("EHLO {our_name}"))).await?;
+        let ehlo = upstream
+            .expect_positive(Some(&format!("EHLO {our_name}")))
+            .await?;
         if let Some(attributes) = offered(&ehlo, "XCLIENT") {
             let command = client_attributes("XCLIENT", &attributes, client);
             upstream.expect_positive(Some(&command)).await?;
             // XCLIENT restarts the session: greet again, as the client did.
             let helo = client.helo.as_deref().unwrap_or(our_name);
-            let ehlo = upstream.expect_positive(Some(&format!("EHLO {helo}"))).await?;
-            upstream.forward = offered(&ehlo, "XFORWARD").map(|a| client_attributes("XFORWARD", &a, client));
+            let ehlo = upstream
+                .expect_positive(Some(&format!("EHLO {helo}")))
+                .await?;
+            upstream.forward =
+                offered(&ehlo, "XFORWARD").map(|a| client_attributes("XFORWARD", &a, client));
         } else if let Some(attributes) = offered(&ehlo, "XFORWARD") {
             upstream.forward = Some(client_attributes("XFORWARD", &attributes, client));
         }
@@ -123,7 +133,9 @@ impl Upstream {
                         return Ok(reply);
                     }
                 }
-                Line::TooLong => return Err(super::reply::MalformedReply("over-long reply line".into()).into()),
+                Line::TooLong => {
+                    return Err(super::reply::MalformedReply("over-long reply line".into()).into())
+                }
                 Line::Eof => return Err(UpstreamError::Closed),
             }
         }
@@ -217,7 +229,11 @@ mod tests {
     fn only_offered_attributes_are_sent() {
         let ehlo = Reply {
             code: 250,
-            lines: vec!["sink".into(), "XCLIENT NAME HELO".into(), "XFORWARD NAME ADDR PROTO HELO".into()],
+            lines: vec![
+                "sink".into(),
+                "XCLIENT NAME HELO".into(),
+                "XFORWARD NAME ADDR PROTO HELO".into(),
+            ],
         };
         let client = ClientInfo {
             addr: "192.0.2.2:4000".parse().unwrap(),
@@ -225,7 +241,10 @@ mod tests {
             esmtp: true,
         };
         let xclient = offered(&ehlo, "XCLIENT").unwrap();
-        assert_eq!(client_attributes("XCLIENT", &xclient, &client), "XCLIENT HELO=client.test NAME=[UNAVAILABLE]");
+        assert_eq!(
+            client_attributes("XCLIENT", &xclient, &client),
+            "XCLIENT HELO=client.test NAME=[UNAVAILABLE]"
+        );
         let xforward = offered(&ehlo, "XFORWARD").unwrap();
         assert_eq!(
             client_attributes("XFORWARD", &xforward, &client),
@@ -237,7 +256,13 @@ mod tests {
     #[test]
     fn xclient_addresses() {
         assert_eq!(xclient_addr("192.0.2.1:25".parse().unwrap()), "192.0.2.1");
-        assert_eq!(xclient_addr("[::ffff:192.0.2.1]:25".parse().unwrap()), "192.0.2.1");
-        assert_eq!(xclient_addr("[2001:db8::1]:25".parse().unwrap()), "IPV6:2001:db8::1");
+        assert_eq!(
+            xclient_addr("[::ffff:192.0.2.1]:25".parse().unwrap()),
+            "192.0.2.1"
+        );
+        assert_eq!(
+            xclient_addr("[2001:db8::1]:25".parse().unwrap()),
+            "IPV6:2001:db8::1"
+        );
     }
 }
