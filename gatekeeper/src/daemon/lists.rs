@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::control::protocol::{ChangeSummary, ListedEntry, Reply, WireEntry};
 use crate::kernel::Kernel;
-use crate::lists::prefix::parse_prefix;
+use crate::lists::prefix::{parse_prefix, PrefixError};
 use crate::lists::store::{unix_now, ApplyError, Change, ListStore, NewEntry};
 use crate::lists::ListKind;
 
@@ -60,7 +60,7 @@ impl ListService {
     pub fn add(&mut self, kind: ListKind, entries: Vec<WireEntry>, replace: bool) -> Reply {
         let items = match parse_entries(entries) {
             Ok(items) => items,
-            Err(reply) => return reply,
+            Err(e) => return Reply::invalid(e.to_string()),
         };
         let change = if replace {
             Change::Replace(items)
@@ -174,18 +174,16 @@ impl ListService {
     }
 }
 
-fn parse_entries(entries: Vec<WireEntry>) -> Result<Vec<NewEntry>, Reply> {
+fn parse_entries(entries: Vec<WireEntry>) -> Result<Vec<NewEntry>, PrefixError> {
     let now = unix_now();
     entries
         .into_iter()
         .map(|e| {
-            parse_prefix(&e.prefix)
-                .map(|net| NewEntry {
-                    net,
-                    reason: e.reason,
-                    expires: e.ttl_secs.map(|ttl| now.saturating_add(ttl.max(1))),
-                })
-                .map_err(|err| Reply::invalid(err.to_string()))
+            parse_prefix(&e.prefix).map(|net| NewEntry {
+                net,
+                reason: e.reason,
+                expires: e.ttl_secs.map(|ttl| now.saturating_add(ttl.max(1))),
+            })
         })
         .collect()
 }
