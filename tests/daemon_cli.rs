@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use sandbox::daemon::gatekeeper_bin;
+use sandbox::daemon::{gatekeeper_bin, ok};
 use sandbox::lab::{Lab, PeerSpec};
 use sandbox::probe::{listen, outcome, Outcome};
 use sandbox::require_kernel_privileges;
@@ -24,16 +24,6 @@ fn lab(tag: &str) -> Lab {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "CLI failed ({}): {}",
-        out.status,
-        stderr(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn listed(lab: &Lab, list: &str) -> Vec<String> {

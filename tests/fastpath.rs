@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 
+use sandbox::daemon::ok;
 use sandbox::lab::{Lab, PeerSpec};
 use sandbox::probe::{connect_from, listen, outcome, send_raw_frames, Outcome};
 use sandbox::require_kernel_privileges;
@@ -77,16 +78,6 @@ fn sock(addr: &str, port: u16) -> String {
     } else {
         format!("{addr}:{port}")
     }
-}
-
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "CLI failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn deny_allow_scenario(f: &Family) {

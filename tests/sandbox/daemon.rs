@@ -161,3 +161,14 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// The stdout of a CLI run that must have succeeded; fails the test with its stderr otherwise.
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "CLI failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
