@@ -500,7 +500,7 @@ fn xclient_tells_a_postfix_like_mta_the_real_client() {
     let mta = ScriptedMta::start(
         &lab.lab.edge,
         "127.0.0.1:10025",
-        &["PIPELINING", "XCLIENT NAME ADDR PORT PROTO HELO LOGIN"],
+        &["XCLIENT NAME ADDR PORT PROTO HELO LOGIN"],
     )
     .unwrap();
     let mut c = lab.client(OUTSIDER);

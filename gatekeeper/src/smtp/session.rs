@@ -302,14 +302,13 @@ impl Session {
             .as_ref()
             .map(|tx| tx.mail_line.clone())
             .unwrap_or_default();
+        let rcpt_line = format!("RCPT TO:<{}>", to.raw);
         let upstream = self.upstream.as_mut().expect("connected above");
-        if !upstream.in_transaction {
-            let reply = upstream.mail(&mail_line).await?;
-            if !reply.is_positive() {
-                return Ok(reply);
-            }
+        if upstream.in_transaction {
+            upstream.command(&rcpt_line).await
+        } else {
+            upstream.mail_and_rcpt(&mail_line, &rcpt_line).await
         }
-        upstream.command(&format!("RCPT TO:<{}>", to.raw)).await
     }
 
     async fn data(&mut self, conn: &mut Conn) -> std::io::Result<Flow> {

@@ -43,6 +43,8 @@ pub struct Upstream {
     pub in_transaction: bool,
     /// XFORWARD line sent before each MAIL (its attributes last one transaction).
     forward: Option<String>,
+    /// The upstream offers PIPELINING: transaction start goes in one round trip.
+    pipelining: bool,
 }
 
 const MAX_REPLY_LINE: usize = 4096;
@@ -67,11 +69,13 @@ impl Upstream {
             timeout: limit,
             in_transaction: false,
             forward: None,
+            pipelining: false,
         };
         upstream.expect_positive(None).await?;
         let ehlo = upstream
             .expect_positive(Some(&format!("EHLO {our_name}")))
             .await?;
+        upstream.pipelining = offered(&ehlo, "PIPELINING").is_some();
         if let Some(attributes) = offered(&ehlo, "XCLIENT") {
             let command = client_attributes("XCLIENT", &attributes, client);
             upstream.expect_positive(Some(&command)).await?;
@@ -88,17 +92,49 @@ impl Upstream {
         Ok(upstream)
     }
 
-    /// Starts a transaction: XFORWARD (when offered) then MAIL.
-    pub async fn mail(&mut self, mail_line: &str) -> Result<Reply, UpstreamError> {
-        if let Some(forward) = self.forward.clone() {
-            let reply = self.command(&forward).await?;
-            if !reply.is_positive() {
-                return Ok(reply);
+    /// Starts a transaction with its first recipient: XFORWARD (when
+    /// offered), MAIL and RCPT, in one round trip when the upstream offers
+    /// PIPELINING. Returns the first refusal, else the RCPT reply.
+    pub async fn mail_and_rcpt(
+        &mut self,
+        mail_line: &str,
+        rcpt_line: &str,
+    ) -> Result<Reply, UpstreamError> {
+        let mut lines: Vec<String> = self.forward.iter().cloned().collect();
+        lines.push(mail_line.to_owned());
+        lines.push(rcpt_line.to_owned());
+        if !self.pipelining {
+            for (i, line) in lines.iter().enumerate() {
+                let reply = self.command(line).await?;
+                let last = i + 1 == lines.len();
+                if i + 2 == lines.len() {
+                    self.in_transaction = reply.is_positive();
+                }
+                if last || !reply.is_positive() {
+                    return Ok(reply);
+                }
             }
         }
-        let reply = self.command(mail_line).await?;
-        self.in_transaction = reply.is_positive();
-        Ok(reply)
+        for line in &lines {
+            self.writer.write_all(line.as_bytes()).await?;
+            self.writer.write_all(b"\r\n").await?;
+        }
+        self.writer.flush().await?;
+        let mut first_refusal = None;
+        let mut last = None;
+        for i in 0..lines.len() {
+            let reply = self.read_reply().await?;
+            if i + 2 == lines.len() {
+                self.in_transaction = reply.is_positive();
+            }
+            if !reply.is_positive() && first_refusal.is_none() {
+                first_refusal = Some(reply.clone());
+            }
+            last = Some(reply);
+        }
+        Ok(first_refusal
+            .or(last)
+            .expect("at least MAIL and RCPT were sent"))
     }
 
     /// Sends one command line and returns the reply, whatever its code.
