@@ -72,6 +72,14 @@ fn client_lab(tag: &str) -> Lab {
     .expect("building the lab")
 }
 
+/// `client_lab` with a listener on port 25 and the daemon running.
+fn serving_lab(tag: &str) -> Lab {
+    let mut lab = client_lab(tag);
+    listen(&lab.edge, 25).unwrap();
+    lab.start_daemon("").unwrap();
+    lab
+}
+
 fn sock(addr: &str, port: u16) -> String {
     if addr.contains(':') {
         format!("[{addr}]:{port}")
@@ -316,9 +324,7 @@ fn established_connection_survives_a_later_deny() {
     if !require_kernel_privileges("established_connection_survives_a_later_deny") {
         return;
     }
-    let mut lab = client_lab("estab");
-    listen(&lab.edge, 25).unwrap();
-    lab.start_daemon("").unwrap();
+    let lab = serving_lab("estab");
     let gk = lab.daemon();
     let client = lab.peer("client");
     let (result, stream) = connect_from(
@@ -354,9 +360,7 @@ fn malformed_frames_pass_are_counted_and_do_not_break_the_program() {
     if !require_kernel_privileges("malformed_frames_pass_are_counted") {
         return;
     }
-    let mut lab = client_lab("malformed");
-    listen(&lab.edge, 25).unwrap();
-    lab.start_daemon("").unwrap();
+    let lab = serving_lab("malformed");
     let gk = lab.daemon();
     ok(gk.cli(&["deny", "add", "192.0.2.2"]));
     let client = lab.peer("client");
