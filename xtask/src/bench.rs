@@ -261,11 +261,7 @@ fn bulk_import(count: usize) -> Result<ImportFigures> {
         String::from_utf8_lossy(&out.stderr)
     );
     let pid = lab.daemon().pid().context("daemon pid")?;
-    let daemon_rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
+    let daemon_rss_kib = rss_kib(pid).unwrap_or(0);
 
     let ruleset = lab.dir().join("set.nft");
     let mut text = String::from(

@@ -69,11 +69,9 @@ impl Kernel {
             start_xdp_logger(&mut ebpf);
         }
 
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .context("XDP program missing from the embedded object")?
-            .try_into()?;
-        program.load().map_err(describe_program_error)?;
+        xdp_program(&mut ebpf)?
+            .load()
+            .map_err(describe_program_error)?;
 
         for name in map_names::ALL {
             let map = ebpf
@@ -116,11 +114,7 @@ impl Kernel {
 
     /// Attaches to every interface; `auto` tries native mode and falls back to generic.
     pub fn attach(&mut self, interfaces: &[String], mode: XdpModeSetting) -> Result<()> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .context("XDP program vanished")?
-            .try_into()?;
+        let program = xdp_program(&mut self.ebpf)?;
         for interface in interfaces {
             let (link, attached) = match mode {
                 XdpModeSetting::Native => (
@@ -177,7 +171,7 @@ impl Kernel {
     /// Detaches from every interface and removes the pins.
     pub fn shutdown(mut self) {
         let attachments = std::mem::take(&mut self.attachments);
-        if let Ok(program) = self.program_mut() {
+        if let Ok(program) = xdp_program(&mut self.ebpf) {
             for attachment in attachments {
                 match program.detach(attachment.link) {
                     Ok(()) => info!(interface = %attachment.interface, "XDP detached"),
@@ -192,14 +186,14 @@ impl Kernel {
         }
         let _ = std::fs::remove_dir(&self.pin_dir);
     }
+}
 
-    fn program_mut(&mut self) -> Result<&mut Xdp> {
-        Ok(self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .context("XDP program vanished")?
-            .try_into()?)
-    }
+/// The embedded object's one XDP program.
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    Ok(ebpf
+        .program_mut(PROGRAM_NAME)
+        .context("XDP program missing from the embedded object")?
+        .try_into()?)
 }
 
 fn take<T: TryFrom<Map>>(ebpf: &mut Ebpf, name: &str) -> Result<T>

@@ -162,18 +162,17 @@ fn strip_keyword<'a>(rest: &'a str, keyword: &str) -> Option<&'a str> {
 /// Splits `<path> params` (or an unbracketed path); brackets may contain quoted spaces.
 fn split_path(args: &str) -> Result<(&str, &str), ParseError> {
     if args.starts_with('<') {
-        let mut in_quotes = false;
-        let mut escaped = false;
-        for (i, c) in args.char_indices() {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' if in_quotes => escaped = true,
-                '"' => in_quotes = !in_quotes,
-                '>' if !in_quotes => return Ok((&args[..=i], args[i + 1..].trim())),
-                _ => {}
+        let mut close = None;
+        scan_unquoted(args, |i, c| {
+            if c == '>' {
+                close = Some(i);
             }
-        }
-        return Err(ParseError::BadAddress("missing '>'"));
+            close.is_some()
+        });
+        return match close {
+            Some(i) => Ok((&args[..=i], args[i + 1..].trim())),
+            None => Err(ParseError::BadAddress("missing '>'")),
+        };
     }
     // Unbracketed, as some clients send: the path ends at the first space.
     match args.find(' ') {
@@ -227,21 +226,33 @@ fn split_source_route(inner: &str) -> Result<(Vec<String>, &str), ParseError> {
     Ok((route, &inner[colon + 1..]))
 }
 
-/// Splits at the last `@` outside a quoted string.
-fn split_mailbox(mailbox: &str) -> Result<(&str, Option<&str>), ParseError> {
+/// Calls `visit` with each character outside quoted strings (and its byte
+/// index) until it returns true; returns whether a quoted string was left open.
+fn scan_unquoted(text: &str, mut visit: impl FnMut(usize, char) -> bool) -> bool {
     let mut in_quotes = false;
     let mut escaped = false;
-    let mut at = None;
-    for (i, c) in mailbox.char_indices() {
+    for (i, c) in text.char_indices() {
         match c {
             _ if escaped => escaped = false,
             '\\' if in_quotes => escaped = true,
             '"' => in_quotes = !in_quotes,
-            '@' if !in_quotes => at = Some(i),
+            _ if !in_quotes && visit(i, c) => return false,
             _ => {}
         }
     }
-    if in_quotes {
+    in_quotes
+}
+
+/// Splits at the last `@` outside a quoted string.
+fn split_mailbox(mailbox: &str) -> Result<(&str, Option<&str>), ParseError> {
+    let mut at = None;
+    let open_quote = scan_unquoted(mailbox, |i, c| {
+        if c == '@' {
+            at = Some(i);
+        }
+        false
+    });
+    if open_quote {
         return Err(ParseError::BadAddress("unterminated quoted string"));
     }
     Ok(match at {
