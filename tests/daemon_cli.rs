@@ -318,6 +318,14 @@ fn run_refuses_bad_config_with_one_clear_line() {
             "protected_ports",
         ),
         (format!("interfaces = [\"lo\"\n{base}"), "line"),
+        (
+            format!("interfaces = [\"lo\"]\n{base}[smtp]\nupstream = \"127.0.0.1:10025\"\n[dnsbl]\nzones = [\"zen.spamhaus.org=127.0.0.[2..11\"]\n"),
+            "zen.spamhaus.org=127.0.0.[2..11",
+        ),
+        (
+            format!("interfaces = [\"lo\"]\n{base}[smtp]\nupstream = \"127.0.0.1:10025\"\n[dnsbl]\nzones = [\"bl.example.org*x\"]\n"),
+            "bl.example.org*x",
+        ),
     ];
     for (config, named) in &cases {
         let out = run(config);

@@ -12,14 +12,19 @@ pub mod map_names {
     pub const ALLOW_V6: &str = "ALLOW_V6";
     pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
     pub const COUNTERS: &str = "COUNTERS";
+    /// Exact-address hashes of clients a DNSBL listed (keyed by the address bytes).
+    pub const DNSBL_V4: &str = "DNSBL_V4";
+    pub const DNSBL_V6: &str = "DNSBL_V6";
     /// All maps, in the order they are pinned and reported.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 8] = [
         DENY_V4,
         DENY_V6,
         ALLOW_V4,
         ALLOW_V6,
         PROTECTED_PORTS,
         COUNTERS,
+        DNSBL_V4,
+        DNSBL_V6,
     ];
 }
 
@@ -29,6 +34,10 @@ pub mod capacity {
     pub const DENY_V6: u32 = 1 << 17;
     pub const ALLOW_V4: u32 = 1 << 16;
     pub const ALLOW_V6: u32 = 1 << 16;
+    /// DNSBL maps are LRU hashes: when full, the least recently matched
+    /// verdict is evicted (that client is simply checked again).
+    pub const DNSBL_V4: u32 = 1 << 17;
+    pub const DNSBL_V6: u32 = 1 << 16;
 }
 
 /// `BPF_F_NO_PREALLOC`: LPM tries require it, and it keeps memory proportional to use.
@@ -74,7 +83,7 @@ pub enum Counter {
     Passed = 4,
     /// Frame the parser could not walk (truncated, bad IHL, too many extension headers).
     Unparsable = 5,
-    /// Reserved for DNSBL verdicts fed into the kernel.
+    /// Protected SYN from a client with a live DNSBL verdict in the kernel.
     DroppedDnsbl = 6,
 }
 

@@ -1,7 +1,7 @@
 //! The XDP entry point: parse → verdict → count.
 //!
 //! Only TCP SYNs (without ACK) to a protected port are judged: allowlist
-//! first, then denylist. Everything else, including frames that cannot be
+//! first, then denylist, then DNSBL verdicts. Everything else, including frames that cannot be
 //! parsed, passes untouched.
 #![no_std]
 #![no_main]
@@ -12,7 +12,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray},
+    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
@@ -28,6 +28,13 @@ static DENY_V6: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(capac
 static ALLOW_V4: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(capacity::ALLOW_V4, 0);
 #[map]
 static ALLOW_V6: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(capacity::ALLOW_V6, 0);
+/// Clients a DNSBL listed, by exact address; the daemon inserts them with the verdict's expiry.
+#[map]
+static DNSBL_V4: LruHashMap<[u8; 4], PrefixValue> =
+    LruHashMap::with_max_entries(capacity::DNSBL_V4, 0);
+#[map]
+static DNSBL_V6: LruHashMap<[u8; 16], PrefixValue> =
+    LruHashMap::with_max_entries(capacity::DNSBL_V6, 0);
 /// Indexed by destination port; non-zero means protected.
 #[map]
 static PROTECTED_PORTS: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
@@ -63,25 +70,44 @@ fn is_protected(port: u16) -> bool {
     matches!(PROTECTED_PORTS.get(port as u32), Some(&flag) if flag != 0)
 }
 
-/// Allowlist beats denylist; an expired entry is as good as absent.
+/// Allowlist beats denylist beats DNSBL; an expired entry is as good as absent.
 #[inline(always)]
 fn judge(source: &Source) -> (u32, Counter) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let (allowed, denied) = match source {
+    match source {
         Source::V4(addr) => {
             let key = Key::new(32, *addr);
-            (live(ALLOW_V4.get(&key), now), live(DENY_V4.get(&key), now))
+            verdict(
+                live(ALLOW_V4.get(&key), now),
+                || live(DENY_V4.get(&key), now),
+                || live_ptr(DNSBL_V4.get_ptr(addr), now),
+            )
         }
         Source::V6(addr) => {
             let key = Key::new(128, *addr);
-            (live(ALLOW_V6.get(&key), now), live(DENY_V6.get(&key), now))
+            verdict(
+                live(ALLOW_V6.get(&key), now),
+                || live(DENY_V6.get(&key), now),
+                || live_ptr(DNSBL_V6.get_ptr(addr), now),
+            )
         }
-    };
+    }
+}
+
+/// Later lookups run only when the earlier ones did not decide.
+#[inline(always)]
+fn verdict(
+    allowed: bool,
+    denied: impl FnOnce() -> bool,
+    dnsbl_listed: impl FnOnce() -> bool,
+) -> (u32, Counter) {
     if allowed {
         (xdp_action::XDP_PASS, Counter::PassedAllow)
-    } else if denied {
+    } else if denied() {
         (xdp_action::XDP_DROP, Counter::DroppedDeny)
+    } else if dnsbl_listed() {
+        (xdp_action::XDP_DROP, Counter::DroppedDnsbl)
     } else {
         (xdp_action::XDP_PASS, Counter::Passed)
     }
@@ -90,6 +116,16 @@ fn judge(source: &Source) -> (u32, Counter) {
 #[inline(always)]
 fn live(entry: Option<&PrefixValue>, now: u64) -> bool {
     matches!(entry, Some(value) if value.is_live(now))
+}
+
+#[inline(always)]
+fn live_ptr(entry: Option<*const PrefixValue>, now: u64) -> bool {
+    match entry {
+        // SAFETY: the pointer comes from a successful map lookup and the value is plain data;
+        // a concurrent update from userspace at worst yields the old or new expiry.
+        Some(ptr) => unsafe { (*ptr).is_live(now) },
+        None => false,
+    }
 }
 
 #[inline(always)]

@@ -42,6 +42,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show what the gatekeeper thinks of an address: map state, per-zone DNSBL answers, score, verdict.
+    Check {
+        #[arg(value_name = "IP")]
+        ip: String,
+        /// Ask the DNSBL zones even if a cached verdict exists.
+        #[arg(long)]
+        fresh: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// DNSBL verdicts held in the kernel.
+    Dnsbl {
+        #[command(subcommand)]
+        action: DnsblAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DnsblAction {
+    /// Live kernel DNSBL entries with their expiry.
+    List(ListArgs),
+    /// Forget verdicts (kernel entry and cache) for one address, or for all; they are checked afresh.
+    Flush {
+        #[arg(value_name = "IP")]
+        ip: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{Cli, Command, ListAction};
+use crate::cli::{Cli, Command, DnsblAction, ListAction};
 use crate::config::{Config, DEFAULT_PATH};
 use crate::control::client;
-use crate::control::protocol::{ErrorKind, Reply, Request, StatsReport, WireEntry};
+use crate::control::protocol::{
+    CheckReport, DnsblStats, ErrorKind, Reply, Request, StatsReport, WireEntry,
+};
 use crate::lists::listfile::parse_list_file;
 use crate::lists::prefix::parse_prefix;
 use crate::lists::ListKind;
@@ -25,7 +27,130 @@ pub fn dispatch(cli: &Cli) -> Result<()> {
         Command::Deny { action } => list_action(&socket, ListKind::Deny, action),
         Command::Allow { action } => list_action(&socket, ListKind::Allow, action),
         Command::Stats { json } => stats(&socket, *json),
+        Command::Check { ip, fresh, json } => check(&socket, ip, *fresh, *json),
+        Command::Dnsbl { action } => dnsbl_action(&socket, action),
     }
+}
+
+fn parse_ip(text: &str) -> Result<std::net::IpAddr> {
+    text.parse()
+        .map_err(|_| UsageError(format!("'{text}' is not an IP address")).into())
+}
+
+fn check(socket: &std::path::Path, ip: &str, fresh: bool, json: bool) -> Result<()> {
+    parse_ip(ip)?;
+    let request = Request::Check {
+        ip: ip.to_string(),
+        fresh,
+    };
+    let Reply::Checked(report) = expect_ok(client::send(socket, &request)?)? else {
+        bail!("unexpected reply from the daemon");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_check(&report);
+    }
+    Ok(())
+}
+
+fn print_check(report: &CheckReport) {
+    let now = crate::lists::store::unix_now();
+    let map = &report.map_state;
+    println!("{}", report.ip);
+    let dnsbl_entry = match map.dnsbl_until {
+        Some(until) => format!("live for {}s more", until.saturating_sub(now)),
+        None => "none".into(),
+    };
+    println!(
+        "  kernel    {} (allowlisted: {}, denylisted: {}, DNSBL entry: {dnsbl_entry})",
+        map.xdp_verdict,
+        yes_no(map.allowlisted),
+        yes_no(map.denylisted)
+    );
+    if report.verdict == "not_configured" {
+        println!("  dnsbl     not configured");
+        return;
+    }
+    let mut verdict = format!(
+        "{} (score {} / threshold {})",
+        report.verdict,
+        report.score.unwrap_or(0),
+        report.threshold.unwrap_or(0)
+    );
+    if let Some(zone) = &report.blocked_by {
+        verdict.push_str(&format!(", blocked using {zone}"));
+    }
+    if !report.screened {
+        verdict.push_str("; not screened at connection time (allowlisted or relay network)");
+    }
+    println!("  verdict   {verdict}");
+    println!(
+        "  cache     {}, {}s left",
+        if report.cached { "hit" } else { "fresh lookup" },
+        report.ttl_secs.unwrap_or(0)
+    );
+    for zone in &report.zones {
+        let answer = serde_json::to_value(zone.answer.answer).unwrap_or_default();
+        let codes: Vec<String> = zone.answer.codes.iter().map(|c| c.to_string()).collect();
+        let mut line = format!(
+            "  zone      {} *{} {} [{}] health {}",
+            zone.answer.zone,
+            zone.answer.weight,
+            answer.as_str().unwrap_or("?"),
+            codes.join(","),
+            zone.health.name()
+        );
+        if let Some(detail) = &zone.answer.detail {
+            line.push_str(&format!(" ({detail})"));
+        }
+        if let Some(txt) = &zone.answer.txt {
+            line.push_str(&format!(" \"{txt}\""));
+        }
+        println!("{line}");
+    }
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn dnsbl_action(socket: &std::path::Path, action: &DnsblAction) -> Result<()> {
+    match action {
+        DnsblAction::List(args) => {
+            let Reply::DnsblListed { entries } =
+                expect_ok(client::send(socket, &Request::DnsblList)?)?
+            else {
+                bail!("unexpected reply from the daemon");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                for e in entries {
+                    let zone = e.blocked_by.as_deref().unwrap_or("");
+                    println!("{}\texpires in {}s\t{zone}", e.ip, e.remaining_secs);
+                }
+            }
+        }
+        DnsblAction::Flush { ip } => {
+            if let Some(ip) = ip {
+                parse_ip(ip)?;
+            }
+            let request = Request::DnsblFlush { ip: ip.clone() };
+            let Reply::DnsblFlushed(summary) = expect_ok(client::send(socket, &request)?)? else {
+                bail!("unexpected reply from the daemon");
+            };
+            println!(
+                "flushed {} kernel entries and {} cached verdicts",
+                summary.kernel_entries_removed, summary.cached_verdicts_removed
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `--control` wins; else the config's socket; a missing default config means the default socket.
@@ -187,6 +312,37 @@ fn print_stats(report: &StatsReport) {
                 None => println!("smtp.{name:<32}{value}"),
             }
         }
+    }
+    if let Some(dnsbl) = &report.dnsbl {
+        print_dnsbl_stats(dnsbl);
+    }
+}
+
+fn print_dnsbl_stats(dnsbl: &DnsblStats) {
+    let engine = &dnsbl.engine;
+    println!("{:<32}{}", "dnsbl.checks", engine.checks);
+    println!(
+        "{:<32}{:.3}",
+        "dnsbl.cache_hit_ratio", engine.cache_hit_ratio
+    );
+    println!("{:<32}{}", "dnsbl.cache_entries", engine.cache_entries);
+    println!("{:<32}{}", "dnsbl.coalesced", engine.coalesced);
+    println!("{:<32}{}", "dnsbl.overloaded", engine.overloaded);
+    println!("{:<32}{}", "dnsbl.blocked", dnsbl.blocked);
+    println!("{:<32}{}", "dnsbl.kernel_entries", dnsbl.kernel_entries);
+    for zone in &engine.zones {
+        println!(
+            "dnsbl.zone {} *{}: health {}, queries {}, hits {}, errors {} (codes {}, timeouts {}, failures {})",
+            zone.zone,
+            zone.weight,
+            zone.health.name(),
+            zone.queries,
+            zone.hits,
+            zone.errors,
+            zone.error_codes,
+            zone.timeouts,
+            zone.failures
+        );
     }
 }
 

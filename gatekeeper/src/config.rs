@@ -27,9 +27,8 @@ pub struct Config {
     pub maps: MapCapacities,
     /// The SMTP relay checker; absent: no SMTP front end.
     pub smtp: Option<crate::smtp::SmtpConfig>,
-    /// Owned by the DNSBL engine; accepted here so one file serves all parts.
-    #[allow(dead_code)] // read once the DNSBL engine lands
-    pub dnsbl: Option<toml::Table>,
+    /// DNSBL checks at connection time; absent: none.
+    pub dnsbl: Option<crate::dnsbl::DnsblConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -51,6 +50,8 @@ pub struct MapCapacities {
     pub deny_v6: u32,
     pub allow_v4: u32,
     pub allow_v6: u32,
+    pub dnsbl_v4: u32,
+    pub dnsbl_v6: u32,
 }
 
 impl Default for MapCapacities {
@@ -61,6 +62,8 @@ impl Default for MapCapacities {
             deny_v6: capacity::DENY_V6,
             allow_v4: capacity::ALLOW_V4,
             allow_v6: capacity::ALLOW_V6,
+            dnsbl_v4: capacity::DNSBL_V4,
+            dnsbl_v6: capacity::DNSBL_V6,
         }
     }
 }
@@ -127,6 +130,8 @@ impl Config {
             ("maps.deny_v6", self.maps.deny_v6),
             ("maps.allow_v4", self.maps.allow_v4),
             ("maps.allow_v6", self.maps.allow_v6),
+            ("maps.dnsbl_v4", self.maps.dnsbl_v4),
+            ("maps.dnsbl_v6", self.maps.dnsbl_v6),
         ] {
             if value == 0 {
                 return Err(format!("{key}: capacity must be at least 1"));
@@ -134,6 +139,14 @@ impl Config {
         }
         if let Some(smtp) = &self.smtp {
             smtp.validate()?;
+        }
+        if let Some(dnsbl) = &self.dnsbl {
+            dnsbl.validate()?;
+            if self.smtp.is_none() {
+                return Err(
+                    "dnsbl: DNSBL checks run at SMTP connection time; configure [smtp] too".into(),
+                );
+            }
         }
         for (key, path) in [
             ("state_dir", &self.state_dir),

@@ -7,6 +7,8 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dnsbl;
 pub mod kernel;
 pub mod lists;
+pub mod persist;
 pub mod smtp;

@@ -6,6 +6,7 @@
 //! test still leaves no namespace, XDP attachment or pinned map behind.
 
 pub mod daemon;
+pub mod dnsbl;
 pub mod lab;
 pub mod netns;
 pub mod privileges;

@@ -39,6 +39,20 @@ pub enum Request {
         list: ListKind,
     },
     Stats,
+    /// Map state and DNSBL verdict for one address.
+    Check {
+        ip: String,
+        /// Ask the zones even when a cached verdict exists.
+        #[serde(default)]
+        fresh: bool,
+    },
+    /// Live kernel DNSBL entries.
+    DnsblList,
+    /// Forget DNSBL verdicts (kernel and cache) for one address or all.
+    DnsblFlush {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +61,9 @@ pub enum Reply {
     Changed(ChangeSummary),
     Listed { entries: Vec<ListedEntry> },
     Stats(StatsReport),
+    Checked(CheckReport),
+    DnsblListed { entries: Vec<DnsblListedEntry> },
+    DnsblFlushed(FlushSummary),
     Error { kind: ErrorKind, message: String },
 }
 
@@ -86,7 +103,7 @@ pub struct InterfaceReport {
     pub mode: AttachedMode,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsReport {
     /// XDP counters summed over CPUs, under their stable names (`packets`, `dropped_deny`...).
     #[serde(flatten)]
@@ -98,6 +115,81 @@ pub struct StatsReport {
     /// Present when the SMTP front end runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp: Option<crate::smtp::stats::SmtpStatsReport>,
+    /// Present when DNSBL checks are configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dnsbl: Option<DnsblStats>,
+}
+
+/// The DNSBL part of `stats`: the engine's counters plus the kernel's view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DnsblStats {
+    #[serde(flatten)]
+    pub engine: crate::dnsbl::DnsblReport,
+    /// Connections refused with 554 and fed into the kernel.
+    pub blocked: u64,
+    /// Live entries in the kernel DNSBL maps.
+    pub kernel_entries: usize,
+}
+
+/// `gatekeeper check IP`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub ip: String,
+    /// What XDP would do with a SYN from it right now.
+    pub map_state: MapState,
+    /// Whether the SMTP front end would DNSBL-check it (not allowlisted, not a relay network).
+    pub screened: bool,
+    /// `listed`, `clean`, `trusted`, or `not_configured` without `[dnsbl]`.
+    pub verdict: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_by: Option<String>,
+    #[serde(default)]
+    pub zones: Vec<ZoneCheck>,
+    /// Seconds the verdict stays cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    pub cached: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapState {
+    pub allowlisted: bool,
+    pub denylisted: bool,
+    /// Unix seconds at which the live kernel DNSBL entry ends; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dnsbl_until: Option<u64>,
+    /// `pass_allow`, `drop_deny`, `drop_dnsbl` or `pass`.
+    pub xdp_verdict: String,
+}
+
+/// One zone's answer in `check`, with the zone's health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneCheck {
+    #[serde(flatten)]
+    pub answer: crate::dnsbl::verdict::ZoneAnswer,
+    pub health: crate::dnsbl::health::Health,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsblListedEntry {
+    pub ip: String,
+    /// Unix seconds.
+    pub expires: u64,
+    pub remaining_secs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txt: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushSummary {
+    pub kernel_entries_removed: usize,
+    pub cached_verdicts_removed: usize,
 }
 
 impl Reply {
@@ -152,6 +244,7 @@ mod tests {
             interfaces: vec![],
             uptime_secs: 5,
             smtp: None,
+            dnsbl: None,
         };
         let value = serde_json::to_value(Reply::Stats(report)).unwrap();
         assert_eq!(value["dropped_deny"], 3);

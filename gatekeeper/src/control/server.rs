@@ -1,7 +1,9 @@
 //! Daemon side of the control socket.
 
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
@@ -14,9 +16,10 @@ use super::protocol::{Reply, Request};
 /// A request is one line; a million-prefix import is about 40 MB of JSON.
 const MAX_REQUEST_BYTES: u64 = 512 << 20;
 
-/// Handles one request; runs on a blocking thread because it may fsync and
-/// touch a million map entries.
-pub type Handler = Arc<dyn Fn(Request) -> Reply + Send + Sync>;
+/// Handles one request. Handlers that fsync or touch a million map entries
+/// go through [`run_locked`], which moves them to a blocking thread.
+pub type Handler =
+    Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
 
 pub struct ControlSocket {
     listener: UnixListener,
@@ -96,12 +99,7 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
             "control request"
         );
         let reply = match parsed {
-            Ok(request) => {
-                let handler = handler.clone();
-                tokio::task::spawn_blocking(move || handler(request))
-                    .await
-                    .unwrap_or_else(|e| Reply::failed(format!("request handler crashed: {e}")))
-            }
+            Ok(request) => handler(request).await,
             Err(e) if !line.ends_with('\n') => {
                 Reply::invalid(format!("request too large or truncated: {e}"))
             }
@@ -118,13 +116,15 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
     }
 }
 
-/// Serialises access to shared daemon state for the blocking handlers.
-pub fn locked<T: Send + 'static>(
+/// Runs `f` on shared daemon state on a blocking thread, one request at a time.
+pub async fn run_locked<T: Send + 'static>(
     state: Arc<Mutex<T>>,
-    f: impl Fn(&mut T, Request) -> Reply + Send + Sync + 'static,
-) -> Handler {
-    Arc::new(move |request| match state.lock() {
-        Ok(mut guard) => f(&mut guard, request),
+    f: impl FnOnce(&mut T) -> Reply + Send + 'static,
+) -> Reply {
+    tokio::task::spawn_blocking(move || match state.lock() {
+        Ok(mut guard) => f(&mut guard),
         Err(_) => Reply::failed("daemon state poisoned by an earlier panic; restart gatekeeper"),
     })
+    .await
+    .unwrap_or_else(|e| Reply::failed(format!("request handler crashed: {e}")))
 }

@@ -1,6 +1,7 @@
 //! `gatekeeper run`: start-up, the control loop and clean shutdown.
 
 mod lists;
+mod screen;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -14,12 +15,13 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::control::protocol::{InterfaceReport, Reply, Request, StatsReport, WireEntry};
-use crate::control::server::{locked, ControlSocket};
+use crate::control::server::{run_locked, ControlSocket, Handler};
 use crate::kernel::{check_privileges, Kernel};
 use crate::lists::store::{remove_stale_temp_files, ListStore};
 use crate::lists::ListKind;
 use crate::smtp::{self, stats::SmtpStats, SmtpContext};
 use lists::ListService;
+use screen::ScreenService;
 
 struct Daemon {
     lists: ListService,
@@ -46,7 +48,14 @@ pub async fn run(config: Config) -> Result<()> {
     // Bind first: a second daemon must fail before touching the first one's pins.
     let control = ControlSocket::bind(&config.control_socket)?;
     let smtp_listeners = config.smtp.as_ref().map(smtp::bind).transpose()?;
-    let kernel = Kernel::load(&config)?;
+    let mut kernel = Kernel::load(&config)?;
+    let screen = match ScreenService::new(&config, &mut kernel) {
+        Ok(screen) => screen,
+        Err(e) => {
+            kernel.shutdown();
+            return Err(e);
+        }
+    };
     let mut lists = ListService::new(deny, allow, kernel)?;
     if let Err(e) = lists.kernel.attach(&config.interfaces, config.xdp_mode) {
         lists.kernel.shutdown();
@@ -62,13 +71,19 @@ pub async fn run(config: Config) -> Result<()> {
         started: Instant::now(),
         smtp_stats: smtp_stats.clone(),
     }));
-    let server = tokio::spawn(control.serve(locked(daemon.clone(), Daemon::handle)));
-    let sweeper = tokio::spawn(sweep_expired(daemon.clone()));
+    // Zones are judged before the first client (or `check`) is, so a zone
+    // listing the world never blocks anyone. Costs at most one DNSBL timeout.
+    let health = screen.start_health_checks().await;
+    let server = tokio::spawn(control.serve(control_handler(daemon.clone(), screen.clone())));
+    let sweeper = tokio::spawn(sweep_expired(daemon.clone(), screen.clone()));
     let smtp_task = match (config.smtp.clone(), smtp_listeners, smtp_stats) {
         (Some(smtp_config), Some(listeners), Some(stats)) => {
             let hook = pregreet_hook(&smtp_config, daemon.clone());
-            let ctx = Arc::new(SmtpContext::new(smtp_config, stats, hook)?);
-            Some(tokio::spawn(smtp::serve(listeners, ctx)))
+            let mut ctx = SmtpContext::new(smtp_config, stats, hook)?;
+            if config.dnsbl.is_some() {
+                ctx.screen = Some(screen_hook(screen.clone()));
+            }
+            Some(tokio::spawn(smtp::serve(listeners, Arc::new(ctx))))
         }
         _ => None,
     };
@@ -83,6 +98,10 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(task) = smtp_task {
         task.abort();
     }
+    if let Some(task) = health {
+        task.abort();
+    }
+    screen.save_cache();
     sweeper.abort();
     server.abort();
     let _ = server.await; // drops the listener, which removes the socket file
@@ -111,18 +130,50 @@ fn raise_file_limit() {
     }
 }
 
-async fn sweep_expired(daemon: Arc<Mutex<Daemon>>) {
+async fn sweep_expired(daemon: Arc<Mutex<Daemon>>, screen: Arc<ScreenService>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tick.tick().await;
         let daemon = daemon.clone();
+        let screen = screen.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Ok(mut daemon) = daemon.lock() {
                 daemon.lists.sweep_expired();
             }
+            screen.sweep();
         })
         .await;
     }
+}
+
+/// DNSBL verbs run without the daemon lock (they wait on DNS); list changes take it.
+fn control_handler(daemon: Arc<Mutex<Daemon>>, screen: Arc<ScreenService>) -> Handler {
+    Arc::new(move |request| {
+        let daemon = daemon.clone();
+        let screen = screen.clone();
+        Box::pin(async move {
+            match request {
+                Request::Check { ip, fresh } => screen.check(&ip, fresh).await,
+                Request::DnsblList => screen.list(),
+                Request::DnsblFlush { ip } => screen.flush(ip.as_deref()),
+                Request::Stats => {
+                    let mut reply = run_locked(daemon, |d| d.stats()).await;
+                    if let Reply::Stats(report) = &mut reply {
+                        report.dnsbl = screen.report();
+                    }
+                    reply
+                }
+                other => run_locked(daemon, move |d| d.handle(other)).await,
+            }
+        })
+    })
+}
+
+fn screen_hook(screen: Arc<ScreenService>) -> smtp::Screen {
+    Arc::new(move |client| {
+        let screen = screen.clone();
+        Box::pin(async move { screen.screen(client).await })
+    })
 }
 
 /// With `pregreet_deny_ttl` set, a client that talks before the greeting is
@@ -165,6 +216,9 @@ impl Daemon {
             Request::ListDel { list, prefixes } => self.lists.remove(list, prefixes),
             Request::ListShow { list } => self.lists.show(list),
             Request::Stats => self.stats(),
+            Request::Check { .. } | Request::DnsblList | Request::DnsblFlush { .. } => {
+                Reply::failed("DNSBL requests are served by the screen, not the list service")
+            }
         }
     }
 
@@ -190,6 +244,7 @@ impl Daemon {
                 .collect(),
             uptime_secs: self.started.elapsed().as_secs(),
             smtp: self.smtp_stats.as_ref().map(|s| s.report()),
+            dnsbl: None,
         })
     }
 }

@@ -4,12 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
-use aya::maps::{Array, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use gatekeeper_common::map_names;
 use tracing::{debug, info, warn};
 
+use super::dnsbl_maps::DnsblMaps;
 use super::maps::{read_counters, CounterSnapshot, PrefixMaps};
 use super::preflight;
 use crate::config::{Config, XdpModeSetting};
@@ -38,6 +39,8 @@ pub struct Kernel {
     deny: PrefixMaps,
     allow: PrefixMaps,
     counters: PerCpuArray<MapData, u64>,
+    /// Handed to the DNSBL screen at start-up.
+    dnsbl: Option<DnsblMaps>,
     pin_dir: PathBuf,
 }
 
@@ -62,6 +65,8 @@ impl Kernel {
             .map_max_entries(map_names::DENY_V6, caps.deny_v6)
             .map_max_entries(map_names::ALLOW_V4, caps.allow_v4)
             .map_max_entries(map_names::ALLOW_V6, caps.allow_v6)
+            .map_max_entries(map_names::DNSBL_V4, caps.dnsbl_v4)
+            .map_max_entries(map_names::DNSBL_V6, caps.dnsbl_v6)
             .override_global(aya_log::LEVEL, &log_level, false)
             .load(XDP_OBJECT)
             .map_err(describe_load_error)?;
@@ -102,12 +107,17 @@ impl Kernel {
             caps.allow_v6,
         );
         let counters = take(&mut ebpf, map_names::COUNTERS)?;
+        let dnsbl = DnsblMaps::new(
+            take::<HashMap<_, _, _>>(&mut ebpf, map_names::DNSBL_V4)?,
+            take::<HashMap<_, _, _>>(&mut ebpf, map_names::DNSBL_V6)?,
+        );
         Ok(Kernel {
             ebpf,
             attachments: Vec::new(),
             deny,
             allow,
             counters,
+            dnsbl: Some(dnsbl),
             pin_dir: config.bpffs_dir.clone(),
         })
     }
@@ -162,6 +172,15 @@ impl Kernel {
             ListKind::Deny => &mut self.deny,
             ListKind::Allow => &mut self.allow,
         }
+    }
+
+    /// The DNSBL maps, for whoever feeds verdicts into them; `None` after the first call.
+    pub fn take_dnsbl_maps(&mut self) -> Option<DnsblMaps> {
+        self.dnsbl.take()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     pub fn counters(&self) -> Result<CounterSnapshot> {

@@ -42,7 +42,7 @@ impl PrefixMaps {
         let clock = Clock::now();
         for net in touched {
             match entries.get(net) {
-                Some(meta) => match clock.kernel_value(meta) {
+                Some(meta) => match clock.kernel_value(meta.expires) {
                     Some(value) => self.insert(net, value),
                     None => self.remove(net),
                 },
@@ -77,25 +77,29 @@ impl PrefixMaps {
                 .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
         };
         match result {
-            Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(ref e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
+            Err(e) if is_absent(&e) => Ok(()),
             other => other,
         }
     }
 }
 
+/// Whether a map error only says the key was not there.
+pub(super) fn is_absent(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// Maps wall-clock expiry (what the store keeps) onto CLOCK_MONOTONIC (what XDP reads).
-struct Clock {
+pub(super) struct Clock {
     unix_secs: u64,
     monotonic_ns: u64,
 }
 
 impl Clock {
-    fn now() -> Clock {
+    pub(super) fn now() -> Clock {
         let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
             .unwrap_or(0);
@@ -106,14 +110,26 @@ impl Clock {
     }
 
     /// `None` when the entry has already expired and should not be in the kernel.
-    fn kernel_value(&self, meta: &EntryMeta) -> Option<PrefixValue> {
-        match meta.expires {
+    pub(super) fn kernel_value(&self, expires: Option<u64>) -> Option<PrefixValue> {
+        match expires {
             None => Some(PrefixValue::PERMANENT),
             Some(expires) if expires <= self.unix_secs => None,
             Some(expires) => Some(PrefixValue {
                 expires_ns: self.monotonic_ns + (expires - self.unix_secs) * 1_000_000_000,
             }),
         }
+    }
+
+    /// Unix expiry of a kernel value (`u64::MAX` for permanent); `None` once expired.
+    pub(super) fn unix_expiry(&self, value: PrefixValue) -> Option<u64> {
+        if value.expires_ns == 0 {
+            return Some(u64::MAX);
+        }
+        let left_ns = value
+            .expires_ns
+            .checked_sub(self.monotonic_ns)
+            .filter(|&ns| ns > 0)?;
+        Some(self.unix_secs + left_ns.div_ceil(1_000_000_000))
     }
 }
 

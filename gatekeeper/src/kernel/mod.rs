@@ -1,9 +1,11 @@
 //! Where verdicts enter the kernel: loading, attaching and pinning the XDP
 //! program, and typed handles on its maps.
 
+mod dnsbl_maps;
 mod loader;
 mod maps;
 mod preflight;
 
+pub use dnsbl_maps::{DnsblEntry, DnsblMaps, PrefixView};
 pub use loader::{AttachedMode, Kernel};
 pub use preflight::check_privileges;

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::ListKind;
+use crate::persist::write_json_atomically;
 
 const FORMAT_VERSION: u32 = 1;
 
@@ -311,35 +312,16 @@ impl ListStore {
         }
     }
 
-    /// Writes the whole list atomically: temp file, fsync, rename, fsync directory.
+    /// Writes the whole list atomically (see [`write_json_atomically`]).
     fn save(&self) -> Result<(), StoreError> {
-        let write_err = |source| StoreError::Write {
+        let list = StoredListRef {
+            version: FORMAT_VERSION,
+            entries: &self.entries,
+        };
+        write_json_atomically(&self.path, &list).map_err(|source| StoreError::Write {
             path: self.path.clone(),
             source,
-        };
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let mut temp = tempfile::Builder::new()
-            .prefix(&format!(".{}.json.", self.kind.name()))
-            .suffix(".tmp")
-            .tempfile_in(dir)
-            .map_err(write_err)?;
-        {
-            let mut writer = BufWriter::with_capacity(1 << 20, temp.as_file_mut());
-            let list = StoredListRef {
-                version: FORMAT_VERSION,
-                entries: &self.entries,
-            };
-            serde_json::to_writer(&mut writer, &list)
-                .map_err(|e| write_err(std::io::Error::other(e)))?;
-            writer.write_all(b"\n").map_err(write_err)?;
-            writer.flush().map_err(write_err)?;
-        }
-        temp.as_file().sync_all().map_err(write_err)?;
-        temp.persist(&self.path).map_err(|e| write_err(e.error))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write_err)?;
-        Ok(())
+        })
     }
 }
 

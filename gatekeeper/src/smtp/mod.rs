@@ -3,7 +3,8 @@
 //! to the MTA behind.
 //!
 //! `parse` and `policy` are pure; `session` is the state machine over a
-//! connection; `upstream` is the proxy; `gate` is the connection entry point.
+//! connection; `upstream` is the proxy; `gate` (limits) and the [`Screen`]
+//! (DNSBL verdicts) are the connection entry point.
 
 pub mod config;
 mod gate;
@@ -15,7 +16,9 @@ mod session;
 pub mod stats;
 mod upstream;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -33,6 +36,19 @@ use stats::SmtpStats;
 /// Called with the client's address when it talks before the greeting.
 pub type PregreetHook = Arc<dyn Fn(IpAddr) + Send + Sync>;
 
+/// What the connection-time screen decided about a client.
+pub enum Screening {
+    Pass,
+    /// Pass, and spare it the pre-greet wait.
+    Trusted,
+    /// Send this reply line instead of a banner and close.
+    Refuse(String),
+}
+
+/// Judges a client before its banner; the daemon wires the DNSBL engine in here.
+pub type Screen =
+    Arc<dyn Fn(IpAddr) -> Pin<Box<dyn Future<Output = Screening> + Send>> + Send + Sync>;
+
 /// Everything a session needs, shared by all of them.
 pub struct SmtpContext {
     pub config: SmtpConfig,
@@ -41,6 +57,7 @@ pub struct SmtpContext {
     pub stats: Arc<SmtpStats>,
     gate: Arc<ConnectionGate>,
     pub on_pregreet: Option<PregreetHook>,
+    pub screen: Option<Screen>,
 }
 
 impl SmtpContext {
@@ -75,6 +92,7 @@ impl SmtpContext {
             tls,
             stats,
             on_pregreet,
+            screen: None,
         })
     }
 }
@@ -150,7 +168,7 @@ pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<SmtpContext>) {
     while loops.join_next().await.is_some() {}
 }
 
-/// The connection entry point: the gate decides, then the session runs.
+/// The connection entry point: the gate and the screen decide, then the session runs.
 async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<SmtpContext>) {
     SmtpStats::bump(&ctx.stats.connections);
     let _ = stream.set_nodelay(true);
@@ -159,17 +177,30 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<SmtpCon
         Ok(admission) => admission,
         Err(refusal) => {
             SmtpStats::bump(&ctx.stats.refused_connection_limit);
-            let reply = refusal.reply(&ctx.config.hostname);
-            let _ = tokio::io::AsyncWriteExt::write_all(
-                conn.get_mut(),
-                format!("{reply}\r\n").as_bytes(),
-            )
-            .await;
+            refuse(&mut conn, &refusal.reply(&ctx.config.hostname)).await;
             return;
         }
     };
-    let mut session = session::Session::new(ctx, peer);
+    let trusted = match &ctx.screen {
+        None => false,
+        Some(screen) => match screen(peer.ip()).await {
+            Screening::Pass => false,
+            Screening::Trusted => true,
+            Screening::Refuse(reply) => {
+                SmtpStats::bump(&ctx.stats.refused_dnsbl);
+                refuse(&mut conn, &reply).await;
+                return;
+            }
+        },
+    };
+    let mut session = session::Session::new(ctx, peer, trusted);
     if let Err(e) = session.run(&mut conn).await {
         debug!(client = %peer, error = %e, "SMTP session ended with an I/O error");
     }
+}
+
+/// A reply instead of a banner; the connection closes after it.
+async fn refuse(conn: &mut io::Conn, reply: &str) {
+    let _ = tokio::io::AsyncWriteExt::write_all(conn.get_mut(), format!("{reply}\r\n").as_bytes())
+        .await;
 }

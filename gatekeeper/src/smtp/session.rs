@@ -41,6 +41,8 @@ pub struct Session {
     tx: Option<Transaction>,
     upstream: Option<Upstream>,
     errors: usize,
+    /// DNSBL-trusted (allowlist score): spared the pre-greet wait.
+    trusted: bool,
 }
 
 /// Why a message could not be accepted, decided while its data streamed past.
@@ -51,8 +53,9 @@ enum DataProblem {
 }
 
 impl Session {
-    pub fn new(ctx: Arc<SmtpContext>, peer: SocketAddr) -> Session {
+    pub fn new(ctx: Arc<SmtpContext>, peer: SocketAddr, trusted: bool) -> Session {
         Session {
+            trusted,
             ctx,
             peer,
             helo: None,
@@ -108,7 +111,7 @@ impl Session {
     async fn greet(&mut self, conn: &mut Conn) -> std::io::Result<bool> {
         let host = self.ctx.config.hostname.clone();
         let wait = self.ctx.config.greet_wait;
-        if !wait.is_zero() {
+        if !wait.is_zero() && !self.trusted {
             send(conn, &format!("220-{host} ESMTP")).await?;
             if let Ok(read) = timeout(wait, conn.fill_buf()).await {
                 if read?.is_empty() {

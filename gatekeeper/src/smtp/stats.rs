@@ -11,6 +11,7 @@ use super::policy::RelayReason;
 pub struct SmtpStats {
     pub connections: AtomicU64,
     pub refused_connection_limit: AtomicU64,
+    pub refused_dnsbl: AtomicU64,
     pub pregreet: AtomicU64,
     pub recipients_accepted: AtomicU64,
     pub messages_delivered: AtomicU64,
@@ -27,6 +28,8 @@ pub struct SmtpStats {
 pub struct SmtpStatsReport {
     pub connections: u64,
     pub refused_connection_limit: u64,
+    /// Connections refused with 554 because of a DNSBL verdict.
+    pub refused_dnsbl: u64,
     pub pregreet: u64,
     pub recipients_accepted: u64,
     pub messages_delivered: u64,
@@ -56,6 +59,7 @@ impl SmtpStats {
         SmtpStatsReport {
             connections: self.connections.load(Relaxed),
             refused_connection_limit: self.refused_connection_limit.load(Relaxed),
+            refused_dnsbl: self.refused_dnsbl.load(Relaxed),
             pregreet: self.pregreet.load(Relaxed),
             recipients_accepted: self.recipients_accepted.load(Relaxed),
             messages_delivered: self.messages_delivered.load(Relaxed),

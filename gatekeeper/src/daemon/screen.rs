@@ -1,0 +1,305 @@
+//! Connection-time DNSBL screening and the `check`/`dnsbl` control verbs:
+//! where the DNSBL engine's verdicts become kernel entries.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::Result;
+use ipnet::IpNet;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::control::protocol::{
+    CheckReport, DnsblListedEntry, DnsblStats, FlushSummary, MapState, Reply, ZoneCheck,
+};
+use crate::dnsbl::{DnsblEngine, Verdict};
+use crate::kernel::{DnsblMaps, Kernel, PrefixView};
+use crate::lists::store::unix_now;
+use crate::smtp::policy::canonical;
+use crate::smtp::Screening;
+
+const CACHE_FILE: &str = "dnsbl-cache.json";
+
+pub struct ScreenService {
+    /// `None` without `[dnsbl]`: `check` still reports the map state.
+    engine: Option<Arc<DnsblEngine>>,
+    kernel: Mutex<DnsblMaps>,
+    allow: PrefixView,
+    deny: PrefixView,
+    relay_networks: Vec<IpNet>,
+    cache_path: PathBuf,
+    blocked: AtomicU64,
+}
+
+impl ScreenService {
+    /// Opens views on the loaded maps, builds the engine and reloads the
+    /// verdict cache, putting still-valid listings back into the kernel.
+    pub fn new(config: &Config, kernel: &mut Kernel) -> Result<Arc<ScreenService>> {
+        let maps = kernel
+            .take_dnsbl_maps()
+            .ok_or_else(|| anyhow::anyhow!("the kernel DNSBL maps were already taken"))?;
+        let service = ScreenService {
+            engine: config.dnsbl.clone().map(DnsblEngine::new).transpose()?,
+            kernel: Mutex::new(maps),
+            allow: PrefixView::allow(kernel.pin_dir())?,
+            deny: PrefixView::deny(kernel.pin_dir())?,
+            relay_networks: config
+                .smtp
+                .as_ref()
+                .map(|s| s.relay_networks.clone())
+                .unwrap_or_default(),
+            cache_path: config.state_dir.join(CACHE_FILE),
+            blocked: AtomicU64::new(0),
+        };
+        service.reload_cache();
+        Ok(Arc::new(service))
+    }
+
+    fn reload_cache(&self) {
+        let Some(engine) = &self.engine else { return };
+        let now = unix_now();
+        let loaded = engine
+            .cache()
+            .load(&self.cache_path, &engine.config().fingerprint(), now);
+        match loaded {
+            Ok(0) => {}
+            Ok(count) => {
+                let listed: Vec<Arc<Verdict>> = engine
+                    .cache()
+                    .live(now)
+                    .into_iter()
+                    .filter(|v| v.listed)
+                    .collect();
+                for verdict in &listed {
+                    self.feed_kernel(verdict);
+                }
+                info!(
+                    verdicts = count,
+                    listed = listed.len(),
+                    "DNSBL verdict cache reloaded"
+                );
+            }
+            // A cache is not precious: start empty rather than refuse to start.
+            Err(e) => {
+                warn!(error = %e, "DNSBL verdict cache unreadable; starting with an empty cache")
+            }
+        }
+    }
+
+    /// Saves still-valid verdicts for the next start.
+    pub fn save_cache(&self) {
+        let Some(engine) = &self.engine else { return };
+        let fingerprint = engine.config().fingerprint();
+        match engine
+            .cache()
+            .save(&self.cache_path, &fingerprint, unix_now())
+        {
+            Ok(count) => info!(verdicts = count, "DNSBL verdict cache saved"),
+            Err(e) => {
+                warn!(error = %e, path = %self.cache_path.display(), "saving the DNSBL verdict cache failed")
+            }
+        }
+    }
+
+    /// Checks zone health once now, then every `health_interval` in a task.
+    pub async fn start_health_checks(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let engine = self.engine.clone()?;
+        engine.check_health().await;
+        for (zone, health) in engine.zone_health() {
+            info!(%zone, health = health.name(), "DNSBL zone checked");
+        }
+        Some(tokio::spawn(engine.watch_health()))
+    }
+
+    /// The connection-time decision; a listed client also goes into the kernel.
+    pub async fn screen(&self, client: IpAddr) -> Screening {
+        let client = canonical(client);
+        let Some(engine) = &self.engine else {
+            return Screening::Pass;
+        };
+        if !self.is_screened(client) {
+            return Screening::Pass;
+        }
+        let verdict = engine.check(client, false).await.verdict;
+        if verdict.listed {
+            self.blocked.fetch_add(1, Relaxed);
+            self.feed_kernel(&verdict);
+            let zone = verdict.blocked_by.as_deref().unwrap_or("DNSBL");
+            info!(%client, %zone, score = verdict.score, "DNSBL-listed client refused");
+            return Screening::Refuse(format!(
+                "554 5.7.1 Service unavailable; client [{client}] blocked using {zone}"
+            ));
+        }
+        if verdict.trusted {
+            Screening::Trusted
+        } else {
+            Screening::Pass
+        }
+    }
+
+    /// Relay networks and allowlisted prefixes are never DNSBL-checked.
+    fn is_screened(&self, client: IpAddr) -> bool {
+        !self.relay_networks.iter().any(|n| n.contains(&client)) && !self.allow.matches(client)
+    }
+
+    fn kernel(&self) -> MutexGuard<'_, DnsblMaps> {
+        self.kernel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn feed_kernel(&self, verdict: &Verdict) {
+        if let Err(e) = self.kernel().insert(verdict.client, verdict.expires_at) {
+            warn!(client = %verdict.client, error = %format!("{e:#}"), "DNSBL verdict not fed into the kernel");
+        }
+    }
+
+    pub async fn check(&self, ip: &str, fresh: bool) -> Reply {
+        let client = match parse_ip(ip) {
+            Ok(client) => client,
+            Err(reply) => return *reply,
+        };
+        let dnsbl_until = self.kernel().lookup(client).map(|e| e.expires);
+        let (allowlisted, denylisted) = (self.allow.matches(client), self.deny.matches(client));
+        let xdp_verdict = if allowlisted {
+            "pass_allow"
+        } else if denylisted {
+            "drop_deny"
+        } else if dnsbl_until.is_some() {
+            "drop_dnsbl"
+        } else {
+            "pass"
+        };
+        let mut report = CheckReport {
+            ip: client.to_string(),
+            map_state: MapState {
+                allowlisted,
+                denylisted,
+                dnsbl_until,
+                xdp_verdict: xdp_verdict.into(),
+            },
+            screened: self.engine.is_some() && self.is_screened(client),
+            verdict: "not_configured".into(),
+            score: None,
+            threshold: None,
+            blocked_by: None,
+            zones: Vec::new(),
+            ttl_secs: None,
+            cached: false,
+        };
+        if let Some(engine) = &self.engine {
+            let checked = engine.check(client, fresh).await;
+            let verdict = &checked.verdict;
+            let health: std::collections::HashMap<String, _> =
+                engine.zone_health().into_iter().collect();
+            report.verdict = verdict.label().into();
+            report.score = Some(verdict.score);
+            report.threshold = Some(engine.config().threshold);
+            report.blocked_by = verdict.blocked_by.clone();
+            report.ttl_secs = Some(verdict.remaining_secs(unix_now()));
+            report.cached = checked.cached;
+            report.zones = verdict
+                .zones
+                .iter()
+                .map(|answer| ZoneCheck {
+                    health: health[&answer.zone],
+                    answer: answer.clone(),
+                })
+                .collect();
+        }
+        Reply::Checked(report)
+    }
+
+    pub fn list(&self) -> Reply {
+        let now = unix_now();
+        let live = self.kernel().live();
+        let entries = live
+            .into_iter()
+            .map(|entry| {
+                let verdict = self
+                    .engine
+                    .as_ref()
+                    .and_then(|engine| engine.cache().get(entry.client, now));
+                let txt = verdict.as_ref().and_then(|v| {
+                    v.zones
+                        .iter()
+                        .find(|z| Some(&z.zone) == v.blocked_by.as_ref())?
+                        .txt
+                        .clone()
+                });
+                DnsblListedEntry {
+                    ip: entry.client.to_string(),
+                    expires: entry.expires,
+                    remaining_secs: entry.expires.saturating_sub(now),
+                    blocked_by: verdict.and_then(|v| v.blocked_by.clone()),
+                    txt,
+                }
+            })
+            .collect();
+        Reply::DnsblListed { entries }
+    }
+
+    /// Forgets verdicts so the next connection is checked afresh.
+    pub fn flush(&self, ip: Option<&str>) -> Reply {
+        let mut summary = FlushSummary::default();
+        let result = match ip {
+            Some(ip) => {
+                let client = match parse_ip(ip) {
+                    Ok(client) => client,
+                    Err(reply) => return *reply,
+                };
+                let was_live = self.kernel().lookup(client).is_some();
+                self.kernel().remove(client).map(|_| {
+                    summary.kernel_entries_removed = usize::from(was_live);
+                    if let Some(engine) = &self.engine {
+                        summary.cached_verdicts_removed =
+                            usize::from(engine.cache().remove(client));
+                    }
+                })
+            }
+            None => self.kernel().flush().map(|removed| {
+                summary.kernel_entries_removed = removed;
+                if let Some(engine) = &self.engine {
+                    summary.cached_verdicts_removed = engine.cache().clear();
+                }
+            }),
+        };
+        match result {
+            Ok(()) => {
+                info!(
+                    ?ip,
+                    kernel = summary.kernel_entries_removed,
+                    cached = summary.cached_verdicts_removed,
+                    "DNSBL verdicts flushed"
+                );
+                Reply::DnsblFlushed(summary)
+            }
+            Err(e) => Reply::failed(format!("{e:#}")),
+        }
+    }
+
+    pub fn sweep(&self) {
+        match self.kernel().sweep() {
+            Ok(0) => {}
+            Ok(count) => info!(count, "expired DNSBL entries swept from the kernel"),
+            Err(e) => warn!(error = %format!("{e:#}"), "sweeping the kernel DNSBL map failed"),
+        }
+    }
+
+    pub fn report(&self) -> Option<DnsblStats> {
+        let engine = self.engine.as_ref()?;
+        Some(DnsblStats {
+            engine: engine.report(),
+            blocked: self.blocked.load(Relaxed),
+            kernel_entries: self.kernel().live().len(),
+        })
+    }
+}
+
+/// The client address of a request, or the refusal to send back.
+fn parse_ip(text: &str) -> Result<IpAddr, Box<Reply>> {
+    text.trim()
+        .parse::<IpAddr>()
+        .map(canonical)
+        .map_err(|_| Box::new(Reply::invalid(format!("'{text}' is not an IP address"))))
+}

@@ -1,0 +1,449 @@
+//! The DNSBL engine: asks every zone in parallel with hickory-resolver,
+//! turns the answers into a verdict by the deadline, caches it and makes
+//! concurrent checks of one address share a single set of queries.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::{Resolver, TokioResolver};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{timeout_at, Instant};
+use tracing::debug;
+
+use super::answer::{classify, query_name, Classified};
+use super::cache::VerdictCache;
+use super::config::DnsblConfig;
+use super::health::{judge_test_points, ZoneReport, ZoneState};
+use super::verdict::{AnswerKind, Scoring, Verdict, ZoneAnswer};
+use crate::lists::store::unix_now;
+use crate::smtp::policy::canonical;
+
+type Pending = watch::Receiver<Option<Arc<Verdict>>>;
+
+pub struct DnsblEngine {
+    config: DnsblConfig,
+    resolver: TokioResolver,
+    zones: Vec<ZoneState>,
+    cache: Mutex<VerdictCache>,
+    inflight: Mutex<HashMap<IpAddr, Pending>>,
+    slots: Semaphore,
+    checks: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    coalesced: AtomicU64,
+    overloaded: AtomicU64,
+}
+
+/// A verdict and whether it came from the cache.
+pub struct Checked {
+    pub verdict: Arc<Verdict>,
+    pub cached: bool,
+}
+
+/// The engine's part of `gatekeeper stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DnsblReport {
+    pub zones: Vec<ZoneReport>,
+    pub checks: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// `cache_hits / checks`; 0 before the first check.
+    pub cache_hit_ratio: f64,
+    pub cache_entries: usize,
+    /// Checks that joined an identical check already in flight.
+    pub coalesced: u64,
+    /// Checks that found every `max_inflight` slot busy until the deadline.
+    pub overloaded: u64,
+}
+
+/// One A lookup's outcome before a zone's filter is applied.
+enum RawAnswer {
+    Records { codes: Vec<Ipv4Addr>, ttl: u32 },
+    NoRecords { negative_ttl: Option<u32> },
+    Timeout,
+    Failed(String),
+}
+
+impl DnsblEngine {
+    pub fn new(config: DnsblConfig) -> Result<Arc<DnsblEngine>> {
+        let resolver = build_resolver(&config)?;
+        Ok(Arc::new(DnsblEngine {
+            zones: config.zones.iter().cloned().map(ZoneState::new).collect(),
+            cache: Mutex::new(VerdictCache::new(config.cache_size)),
+            inflight: Mutex::new(HashMap::new()),
+            slots: Semaphore::new(config.max_inflight),
+            resolver,
+            config,
+            checks: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            overloaded: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn config(&self) -> &DnsblConfig {
+        &self.config
+    }
+
+    pub fn cache(&self) -> MutexGuard<'_, VerdictCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The verdict for `client`: from the cache unless `fresh`, otherwise
+    /// from one set of queries shared with any concurrent check of it.
+    pub async fn check(self: &Arc<Self>, client: IpAddr, fresh: bool) -> Checked {
+        let client = canonical(client);
+        self.checks.fetch_add(1, Relaxed);
+        if !fresh {
+            if let Some(verdict) = self.cache().get(client, unix_now()) {
+                self.cache_hits.fetch_add(1, Relaxed);
+                return Checked {
+                    verdict,
+                    cached: true,
+                };
+            }
+        }
+        self.cache_misses.fetch_add(1, Relaxed);
+        let mut pending = self.join_or_start(client);
+        let verdict = match pending.wait_for(Option::is_some).await {
+            Ok(done) => done.clone(),
+            Err(_) => None, // the evaluating task died: fail open below
+        };
+        Checked {
+            verdict: verdict.unwrap_or_else(|| Arc::new(self.fail_open(client, "check aborted"))),
+            cached: false,
+        }
+    }
+
+    fn join_or_start(self: &Arc<Self>, client: IpAddr) -> Pending {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pending) = inflight.get(&client) {
+            self.coalesced.fetch_add(1, Relaxed);
+            return pending.clone();
+        }
+        let (done, pending) = watch::channel(None);
+        inflight.insert(client, pending.clone());
+        // A task of its own, so a client that hangs up does not cancel the others' verdict.
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let verdict = Arc::new(engine.evaluate(client).await);
+            engine.cache().insert(verdict.clone());
+            engine
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&client);
+            let _ = done.send(Some(verdict));
+        });
+        pending
+    }
+
+    async fn evaluate(self: &Arc<Self>, client: IpAddr) -> Verdict {
+        let deadline = Instant::now() + self.config.timeout;
+        let Ok(Ok(_slot)) = timeout_at(deadline, self.slots.acquire()).await else {
+            self.overloaded.fetch_add(1, Relaxed);
+            return self.fail_open(client, "max_inflight checks already running");
+        };
+        let mut lookups = JoinSet::new();
+        for index in 0..self.zones.len() {
+            let engine = self.clone();
+            lookups.spawn(async move {
+                let result = engine.ask_zone(index, client, deadline).await;
+                (index, result)
+            });
+        }
+        let mut answers: Vec<Option<(ZoneAnswer, Option<u32>)>> = vec![None; self.zones.len()];
+        while let Some(joined) = lookups.join_next().await {
+            if let Ok((index, result)) = joined {
+                answers[index] = Some(result);
+            }
+        }
+        let mut ttl = self.config.max_ttl.as_secs();
+        let zones = answers
+            .into_iter()
+            .zip(&self.zones)
+            .map(|(answer, zone)| {
+                let (answer, zone_ttl) = answer.unwrap_or_else(|| {
+                    (
+                        zone_answer(
+                            zone,
+                            AnswerKind::Failed,
+                            vec![],
+                            Some("lookup task failed".into()),
+                        ),
+                        None,
+                    )
+                });
+                ttl = ttl.min(zone_ttl.map_or(self.config.min_ttl.as_secs(), u64::from));
+                answer
+            })
+            .collect();
+        let ttl = ttl.clamp(self.config.min_ttl.as_secs(), self.config.max_ttl.as_secs());
+        let now = unix_now();
+        Verdict::new(client, zones, self.scoring(), now, now + ttl)
+    }
+
+    /// One zone's answer for `client` and the TTL it may be cached for.
+    async fn ask_zone(
+        &self,
+        index: usize,
+        client: IpAddr,
+        deadline: Instant,
+    ) -> (ZoneAnswer, Option<u32>) {
+        let zone = &self.zones[index];
+        if !zone.health().scores() {
+            let detail = format!("out of scoring: {}", zone.health().name());
+            return (
+                zone_answer(zone, AnswerKind::Skipped, vec![], Some(detail)),
+                None,
+            );
+        }
+        let name = query_name(client, &zone.spec.name);
+        let (answer, ttl) = match self.lookup_a(&name, deadline).await {
+            RawAnswer::Records { codes, ttl } => match classify(&zone.spec, &codes) {
+                Classified::Listed(_) => {
+                    let txt = self.lookup_txt(&name, deadline).await;
+                    let mut answer = zone_answer(zone, AnswerKind::Listed, codes, None);
+                    answer.txt = txt;
+                    (answer, Some(ttl))
+                }
+                Classified::NotListed => (
+                    zone_answer(zone, AnswerKind::NotListed, codes, None),
+                    Some(ttl),
+                ),
+                Classified::Error { meaning, .. } => (
+                    zone_answer(zone, AnswerKind::Error, codes, Some(meaning.into())),
+                    None,
+                ),
+            },
+            RawAnswer::NoRecords { negative_ttl } => (
+                zone_answer(zone, AnswerKind::NotListed, vec![], None),
+                negative_ttl,
+            ),
+            RawAnswer::Timeout => (zone_answer(zone, AnswerKind::Timeout, vec![], None), None),
+            RawAnswer::Failed(why) => (
+                zone_answer(zone, AnswerKind::Failed, vec![], Some(why)),
+                None,
+            ),
+        };
+        zone.record(&answer);
+        (answer, ttl)
+    }
+
+    async fn lookup_a(&self, name: &str, deadline: Instant) -> RawAnswer {
+        match timeout_at(deadline, self.resolver.lookup(name, RecordType::A)).await {
+            Err(_) => RawAnswer::Timeout,
+            Ok(Ok(lookup)) => {
+                let mut ttl = u32::MAX;
+                let codes = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|record| match &record.data {
+                        RData::A(a) => {
+                            ttl = ttl.min(record.ttl);
+                            Some(a.0)
+                        }
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>();
+                if codes.is_empty() {
+                    RawAnswer::NoRecords { negative_ttl: None }
+                } else {
+                    RawAnswer::Records { codes, ttl }
+                }
+            }
+            Ok(Err(NetError::Dns(DnsError::NoRecordsFound(none))))
+                if matches!(
+                    none.response_code,
+                    ResponseCode::NXDomain | ResponseCode::NoError
+                ) =>
+            {
+                RawAnswer::NoRecords {
+                    negative_ttl: none.negative_ttl,
+                }
+            }
+            Ok(Err(NetError::Timeout)) => RawAnswer::Timeout,
+            Ok(Err(e)) => {
+                debug!(%name, error = %e, "DNSBL query failed");
+                RawAnswer::Failed(e.to_string())
+            }
+        }
+    }
+
+    /// The zone's TXT record, usually its reason and a lookup URL; best effort.
+    async fn lookup_txt(&self, name: &str, deadline: Instant) -> Option<String> {
+        let lookup = timeout_at(deadline, self.resolver.lookup(name, RecordType::TXT))
+            .await
+            .ok()?
+            .ok()?;
+        let texts: Vec<String> = lookup
+            .answers()
+            .iter()
+            .filter_map(|record| match &record.data {
+                RData::TXT(txt) => Some(
+                    txt.txt_data
+                        .iter()
+                        .map(|part| String::from_utf8_lossy(part).into_owned())
+                        .collect::<String>(),
+                ),
+                _ => None,
+            })
+            .collect();
+        (!texts.is_empty()).then(|| texts.join("; "))
+    }
+
+    /// Asks every zone for its RFC 5782 test points and updates its health.
+    pub async fn check_health(self: &Arc<Self>) {
+        let mut probes = JoinSet::new();
+        for index in 0..self.zones.len() {
+            let engine = self.clone();
+            probes.spawn(async move {
+                let zone = &engine.zones[index];
+                let deadline = Instant::now() + engine.config.timeout;
+                let probe = |last_octet: u8| {
+                    let name = query_name(
+                        IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet)),
+                        &zone.spec.name,
+                    );
+                    let engine = &engine;
+                    async move { test_point_answer(zone, engine.lookup_a(&name, deadline).await) }
+                };
+                let (two, one) = tokio::join!(probe(2), probe(1));
+                zone.set_health(judge_test_points(&two, &one));
+            });
+        }
+        while probes.join_next().await.is_some() {}
+    }
+
+    /// Health checks every `health_interval` until the task is dropped.
+    pub async fn watch_health(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.health_interval);
+        tick.tick().await; // the start-up check already ran
+        loop {
+            tick.tick().await;
+            self.check_health().await;
+        }
+    }
+
+    pub fn report(&self) -> DnsblReport {
+        let (checks, hits) = (self.checks.load(Relaxed), self.cache_hits.load(Relaxed));
+        DnsblReport {
+            zones: self.zones.iter().map(ZoneState::report).collect(),
+            checks,
+            cache_hits: hits,
+            cache_misses: self.cache_misses.load(Relaxed),
+            cache_hit_ratio: if checks == 0 {
+                0.0
+            } else {
+                hits as f64 / checks as f64
+            },
+            cache_entries: self.cache().len(),
+            coalesced: self.coalesced.load(Relaxed),
+            overloaded: self.overloaded.load(Relaxed),
+        }
+    }
+
+    pub fn zone_health(&self) -> Vec<(String, super::health::Health)> {
+        self.zones
+            .iter()
+            .map(|z| (z.spec.name.clone(), z.health()))
+            .collect()
+    }
+
+    fn scoring(&self) -> Scoring {
+        Scoring {
+            threshold: self.config.threshold,
+            allowlist_threshold: self.config.allowlist_threshold,
+        }
+    }
+
+    /// Not listed, cached only briefly: DNS trouble must not block mail.
+    fn fail_open(&self, client: IpAddr, why: &str) -> Verdict {
+        let zones = self
+            .zones
+            .iter()
+            .map(|zone| zone_answer(zone, AnswerKind::Timeout, vec![], Some(why.into())))
+            .collect();
+        let now = unix_now();
+        Verdict::new(
+            client,
+            zones,
+            self.scoring(),
+            now,
+            now + self.config.min_ttl.as_secs(),
+        )
+    }
+}
+
+fn zone_answer(
+    zone: &ZoneState,
+    answer: AnswerKind,
+    codes: Vec<Ipv4Addr>,
+    detail: Option<String>,
+) -> ZoneAnswer {
+    ZoneAnswer {
+        zone: zone.spec.name.clone(),
+        weight: zone.spec.weight,
+        answer,
+        codes,
+        txt: None,
+        detail,
+    }
+}
+
+fn test_point_answer(zone: &ZoneState, raw: RawAnswer) -> ZoneAnswer {
+    match raw {
+        RawAnswer::Records { codes, .. } => match classify(&zone.spec, &codes) {
+            Classified::Error { meaning, .. } => {
+                zone_answer(zone, AnswerKind::Error, codes, Some(meaning.into()))
+            }
+            Classified::Listed(_) => zone_answer(zone, AnswerKind::Listed, codes, None),
+            Classified::NotListed => zone_answer(zone, AnswerKind::NotListed, codes, None),
+        },
+        RawAnswer::NoRecords { .. } => zone_answer(zone, AnswerKind::NotListed, vec![], None),
+        RawAnswer::Timeout => zone_answer(zone, AnswerKind::Timeout, vec![], None),
+        RawAnswer::Failed(why) => zone_answer(zone, AnswerKind::Failed, vec![], Some(why)),
+    }
+}
+
+/// Our own cache replaces hickory's (so `check --fresh` really asks), and
+/// names are absolute, so no search domains or hosts file get involved.
+fn build_resolver(config: &DnsblConfig) -> Result<TokioResolver> {
+    let provider = TokioRuntimeProvider::default();
+    let mut builder = if config.nameservers.is_empty() {
+        Resolver::builder(provider).context("dnsbl: reading the system resolver configuration")?
+    } else {
+        let servers = config
+            .nameservers
+            .iter()
+            .map(|addr| {
+                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+                for connection in &mut server.connections {
+                    connection.port = addr.port();
+                }
+                server
+            })
+            .collect();
+        Resolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+    };
+    let options = builder.options_mut();
+    options.cache_size = 0;
+    options.use_hosts_file = ResolveHosts::Never;
+    options.ndots = 0;
+    // Two tries within the deadline, so one lost UDP datagram does not cost a verdict.
+    options.attempts = 2;
+    options.timeout = (config.timeout / 2).max(Duration::from_millis(1));
+    builder.build().context("dnsbl: building the resolver")
+}

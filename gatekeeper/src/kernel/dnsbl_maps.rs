@@ -1,0 +1,167 @@
+//! The kernel's DNSBL verdicts (exact-address LRU hashes) and read-only views
+//! of the allow/deny tries, for the connection-time screen.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, MapError};
+use gatekeeper_common::{map_names, PrefixValue};
+
+use super::maps::{is_absent, Clock};
+use crate::smtp::policy::canonical;
+
+/// Listed clients by address; XDP drops their SYNs while the entry is live.
+pub struct DnsblMaps {
+    v4: HashMap<MapData, [u8; 4], PrefixValue>,
+    v6: HashMap<MapData, [u8; 16], PrefixValue>,
+}
+
+/// A live kernel DNSBL entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsblEntry {
+    pub client: IpAddr,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+impl DnsblMaps {
+    pub fn new(
+        v4: HashMap<MapData, [u8; 4], PrefixValue>,
+        v6: HashMap<MapData, [u8; 16], PrefixValue>,
+    ) -> DnsblMaps {
+        DnsblMaps { v4, v6 }
+    }
+
+    /// Inserts or refreshes `client` until unix time `expires`; an already
+    /// expired verdict is not inserted.
+    pub fn insert(&mut self, client: IpAddr, expires: u64) -> Result<bool> {
+        let Some(value) = Clock::now().kernel_value(Some(expires)) else {
+            return Ok(false);
+        };
+        match canonical(client) {
+            IpAddr::V4(a) => self.v4.insert(a.octets(), value, 0),
+            IpAddr::V6(a) => self.v6.insert(a.octets(), value, 0),
+        }
+        .with_context(|| format!("inserting {client} into the kernel DNSBL map"))?;
+        Ok(true)
+    }
+
+    /// Whether an entry (live or not) was there.
+    pub fn remove(&mut self, client: IpAddr) -> Result<bool> {
+        let result = match canonical(client) {
+            IpAddr::V4(a) => self.v4.remove(&a.octets()),
+            IpAddr::V6(a) => self.v6.remove(&a.octets()),
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) if is_absent(&e) => Ok(false),
+            Err(e) => {
+                Err(e).with_context(|| format!("removing {client} from the kernel DNSBL map"))
+            }
+        }
+    }
+
+    /// The live entry for `client`, if any.
+    pub fn lookup(&self, client: IpAddr) -> Option<DnsblEntry> {
+        let value = match canonical(client) {
+            IpAddr::V4(a) => self.v4.get(&a.octets(), 0).ok(),
+            IpAddr::V6(a) => self.v6.get(&a.octets(), 0).ok(),
+        }?;
+        let expires = Clock::now().unix_expiry(value)?;
+        Some(DnsblEntry { client, expires })
+    }
+
+    /// Every entry with its expiry; `None` for expired ones still in the map.
+    fn all(&self) -> Vec<(IpAddr, Option<u64>)> {
+        let clock = Clock::now();
+        let v4 = self
+            .v4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (IpAddr::from(k), clock.unix_expiry(v)));
+        let v6 = self
+            .v6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (IpAddr::from(k), clock.unix_expiry(v)));
+        v4.chain(v6).collect()
+    }
+
+    pub fn live(&self) -> Vec<DnsblEntry> {
+        let mut entries: Vec<DnsblEntry> = self
+            .all()
+            .into_iter()
+            .filter_map(|(client, expires)| {
+                Some(DnsblEntry {
+                    client,
+                    expires: expires?,
+                })
+            })
+            .collect();
+        entries.sort_by_key(|e| e.client);
+        entries
+    }
+
+    /// Removes expired entries; XDP already ignores them, this frees the slots.
+    pub fn sweep(&mut self) -> Result<usize> {
+        let expired: Vec<IpAddr> = self
+            .all()
+            .into_iter()
+            .filter(|(_, expires)| expires.is_none())
+            .map(|(client, _)| client)
+            .collect();
+        for client in &expired {
+            self.remove(*client)?;
+        }
+        Ok(expired.len())
+    }
+
+    /// Removes every entry; returns how many were live.
+    pub fn flush(&mut self) -> Result<usize> {
+        let all = self.all();
+        for (client, _) in &all {
+            self.remove(*client)?;
+        }
+        Ok(all.iter().filter(|(_, e)| e.is_some()).count())
+    }
+}
+
+/// Read-only handles on the pinned allow or deny tries.
+pub struct PrefixView {
+    v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
+    v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
+}
+
+impl PrefixView {
+    /// Opens the pins `v4_name`/`v6_name` under `pin_dir` (the daemon's own maps).
+    pub fn open(pin_dir: &Path, v4_name: &str, v6_name: &str) -> Result<PrefixView> {
+        let open = |name: &str| -> Result<Map> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            Map::from_map_data(data).with_context(|| format!("pinned map {name}"))
+        };
+        Ok(PrefixView {
+            v4: LpmTrie::try_from(open(v4_name)?)?,
+            v6: LpmTrie::try_from(open(v6_name)?)?,
+        })
+    }
+
+    pub fn allow(pin_dir: &Path) -> Result<PrefixView> {
+        Self::open(pin_dir, map_names::ALLOW_V4, map_names::ALLOW_V6)
+    }
+
+    pub fn deny(pin_dir: &Path) -> Result<PrefixView> {
+        Self::open(pin_dir, map_names::DENY_V4, map_names::DENY_V6)
+    }
+
+    /// Whether the longest matching prefix is live, as XDP would judge it.
+    pub fn matches(&self, client: IpAddr) -> bool {
+        let found: Result<PrefixValue, MapError> = match canonical(client) {
+            IpAddr::V4(a) => self.v4.get(&Key::new(32, a.octets()), 0),
+            IpAddr::V6(a) => self.v6.get(&Key::new(128, a.octets()), 0),
+        };
+        found.is_ok_and(|value| Clock::now().unix_expiry(value).is_some())
+    }
+}
