@@ -72,6 +72,17 @@ pub fn run() -> Result<PathBuf> {
     Ok(gatekeeper_binary())
 }
 
+/// Builds a bench-only example of the gatekeeper crate (after [`run`]); returns its path.
+pub fn example(name: &str) -> Result<PathBuf> {
+    if !workspace_cargo(&["build", "--release", "-p", "gatekeeper", "--example", name])
+        .status()?
+        .success()
+    {
+        bail!("building the {name} example failed");
+    }
+    Ok(workspace_root().join("target/release/examples").join(name))
+}
+
 pub fn lint() -> Result<()> {
     run()?;
     let checks: Vec<(&str, Command)> = vec![

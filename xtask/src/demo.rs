@@ -3,10 +3,13 @@
 //! attacker's relay attempt and delivers the client's mail to the MTA
 //! behind (Postfix's smtp-sink); then the attacker is denylisted with the
 //! CLI and its SYNs die in XDP while the client's connections go through.
+//! A spam bot listed by a DNSBL (rbldnsd on the edge's loopback) is refused
+//! once with 554, and from then on its SYNs die in XDP too.
 
 use std::process::Command;
 
 use anyhow::{ensure, Result};
+use sandbox::dnsbl::{Dataset, Rbldnsd};
 use sandbox::lab::{Lab, PeerSpec};
 use sandbox::probe::{outcome, Outcome};
 use sandbox::smtp::{SmtpClient, SmtpSink};
@@ -15,12 +18,18 @@ use crate::{build, setup};
 
 const ATTACKER: &str = "203.0.113.66";
 const CLIENT: &str = "198.51.100.25";
+const SPAM_BOT: &str = "192.0.2.99";
 const SMTP: &str = "[smtp]
 listen = [\"0.0.0.0:25\", \"[::]:25\"]
 hostname = \"mx.example.org\"
 local_domains = [\"example.org\"]
 relay_networks = [\"127.0.0.0/8\"]
-upstream = \"127.0.0.1:10025\"";
+upstream = \"127.0.0.1:10025\"
+
+[dnsbl]
+zones = [\"bl.demo.test*2\"]
+threshold = 2
+nameservers = [\"127.0.0.1:5300\"]";
 
 pub fn run() -> Result<()> {
     setup::ensure_runtime()?;
@@ -31,7 +40,7 @@ pub fn run() -> Result<()> {
     );
     std::env::set_var("GATEKEEPER_BIN", &binary);
 
-    step("Sandbox: edge host mx.example.org (gatekeeper on gk0, gk1; smtp-sink behind it on 127.0.0.1:10025),\n   attacker 203.0.113.66, legitimate client 198.51.100.25");
+    step("Sandbox: edge host mx.example.org (gatekeeper on gk0-gk2; smtp-sink behind it on 127.0.0.1:10025;\n   rbldnsd serving the DNSBL bl.demo.test on 127.0.0.1:5300),\n   attacker 203.0.113.66, legitimate client 198.51.100.25, DNSBL-listed spam bot 192.0.2.99");
     let mut lab = Lab::new(
         "demo",
         vec![
@@ -45,9 +54,20 @@ pub fn run() -> Result<()> {
                 edge_addrs: vec!["198.51.100.1/24"],
                 peer_addrs: vec!["198.51.100.25/24"],
             },
+            PeerSpec {
+                name: "spambot",
+                edge_addrs: vec!["192.0.2.1/24"],
+                peer_addrs: vec!["192.0.2.99/24"],
+            },
         ],
     )?;
     let sink = SmtpSink::start(&lab.edge, &lab.dir().join("sink"), "127.0.0.1:10025")?;
+    let _rbldnsd = Rbldnsd::start(
+        &lab.edge,
+        &lab.dir().join("rbldnsd"),
+        "127.0.0.1:5300".parse()?,
+        &[Dataset::listing("bl.demo.test", &[SPAM_BOT])],
+    )?;
     println!("{}", lab.config(SMTP));
     lab.start_daemon(SMTP)?;
     println!(
@@ -120,6 +140,29 @@ pub fn run() -> Result<()> {
         "the demo did not show the expected verdicts"
     );
 
+    step("A spam bot listed by the DNSBL connects: one DNS round trip, 554, closed");
+    let mut bot = SmtpClient::connect(lab.peer("spambot"), SPAM_BOT, "192.0.2.1:25")?;
+    let refusal = bot.reply()?;
+    println!("  {SPAM_BOT} <- {refusal}");
+    ensure!(
+        refusal.code == 554,
+        "the DNSBL-listed client was not refused"
+    );
+
+    step("Its address went into the kernel's DNSBL map: its next SYNs die in XDP");
+    let mut bot_drops = 0;
+    for attempt in 1..=2 {
+        let result = outcome(lab.peer("spambot"), SPAM_BOT, "192.0.2.1:25");
+        bot_drops += u32::from(result == Outcome::TimedOut);
+        show(&format!("spam bot #{attempt}"), result);
+    }
+    ensure!(
+        bot_drops == 2,
+        "the DNSBL-listed client was not dropped in XDP"
+    );
+    cli(&lab, &["dnsbl", "list"])?;
+    cli(&lab, &["check", SPAM_BOT])?;
+
     step("gatekeeper stats");
     cli(&lab, &["stats"])?;
     let dropped = lab.daemon().counter("dropped_deny");
@@ -127,11 +170,16 @@ pub fn run() -> Result<()> {
         dropped >= 3,
         "dropped_deny is {dropped}, expected at least 3"
     );
+    let dropped_dnsbl = lab.daemon().counter("dropped_dnsbl");
+    ensure!(
+        dropped_dnsbl >= 2,
+        "dropped_dnsbl is {dropped_dnsbl}, expected at least 2"
+    );
 
     step("Cleaning up: daemon stopped (XDP detached), namespaces removed");
     lab.take_daemon().stop()?;
     drop(lab);
-    println!("\ndemo finished: relay refused, legitimate mail delivered, {dropped} SYNs dropped in the kernel");
+    println!("\ndemo finished: relay refused, legitimate mail delivered, {dropped} denylisted and {dropped_dnsbl} DNSBL-listed SYNs dropped in the kernel");
     Ok(())
 }
 

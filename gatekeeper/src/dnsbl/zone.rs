@@ -120,7 +120,6 @@ fn split_octets(filter: &str) -> Vec<&str> {
     parts
 }
 
-
 fn parse_octet(part: &str) -> Result<OctetSet, String> {
     let number = |s: &str| {
         s.trim()

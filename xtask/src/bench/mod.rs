@@ -11,6 +11,8 @@ use sandbox::lab::{Lab, PeerSpec};
 
 use crate::{build, setup};
 
+mod dnsbl;
+
 pub fn run(quick: bool) -> Result<()> {
     setup::ensure_runtime()?;
     let binary = build::run()?;
@@ -23,6 +25,7 @@ pub fn run(quick: bool) -> Result<()> {
     let import = bulk_import(prefixes)?;
     let smtp = smtp_throughput(quick)?;
     let idle = idle_connection_memory(if quick { 200 } else { 2000 })?;
+    let dnsbl = dnsbl::run(quick)?;
     let mut report = String::new();
     writeln!(report, "| figure | gatekeeper | baseline | ratio |")?;
     writeln!(report, "|---|---|---|---|")?;
@@ -56,11 +59,53 @@ pub fn run(quick: bool) -> Result<()> {
         idle.rss_before_kib / 1024,
         idle.rss_after_kib / 1024
     )?;
+    write_dnsbl_rows(&mut report, &dnsbl)?;
     println!("\n{report}");
     if !quick {
         write_benchmarks_md(&report)?;
     }
     Ok(())
+}
+
+fn write_dnsbl_rows(report: &mut String, d: &dnsbl::DnsblFigures) -> Result<()> {
+    let figure = |name: &str| d.engine[name].as_f64().unwrap_or(0.0);
+    writeln!(
+        report,
+        "| DNSBL cached verdict latency (engine, sequential) | {:.0} ns | {:.0} µs per uncached verdict (rbldnsd on loopback) | {:.4}× |",
+        figure("cached_latency_ns"),
+        figure("uncached_latency_ns") / 1000.0,
+        figure("cached_latency_ns") / figure("uncached_latency_ns")
+    )?;
+    writeln!(
+        report,
+        "| DNSBL uncached verdicts/s ({} distinct clients, {} in flight) | {:.0} /s | {:.0} bare hickory A lookups/s, same names and concurrency | {:.2}× |",
+        d.uncached,
+        d.concurrency,
+        figure("verdicts_per_sec"),
+        figure("raw_lookups_per_sec"),
+        figure("verdicts_per_sec") / figure("raw_lookups_per_sec")
+    )?;
+    for (label, with) in [
+        ("cold verdicts", d.setup_cold),
+        ("cached verdicts", d.setup_cached),
+    ] {
+        writeln!(
+            report,
+            "| SMTP connect-to-banner p50 / p99, DNSBL on, {label} ({} clients) | {:.2} / {:.2} ms | {:.2} / {:.2} ms with DNSBL off | {:.2}× / {:.2}× |",
+            d.clients,
+            ms(with.p50),
+            ms(with.p99),
+            ms(d.setup_off.p50),
+            ms(d.setup_off.p99),
+            ms(with.p50) / ms(d.setup_off.p50),
+            ms(with.p99) / ms(d.setup_off.p99)
+        )?;
+    }
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 struct ThroughputRow {
