@@ -83,6 +83,40 @@ pub fn example(name: &str) -> Result<PathBuf> {
     Ok(workspace_root().join("target/release/examples").join(name))
 }
 
+/// The kernel-level integration test executables (built if needed).
+pub fn integration_test_binaries() -> Result<Vec<PathBuf>> {
+    let out = workspace_cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "gatekeeper-tests",
+        "--tests",
+        "--no-run",
+        "--message-format=json",
+    ])
+    .stderr(std::process::Stdio::inherit())
+    .output()?;
+    if !out.status.success() {
+        bail!("building the integration tests failed");
+    }
+    let mut binaries = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|kinds| kinds.iter().any(|k| k == "test"));
+        if let (true, Some(path)) = (is_test, message["executable"].as_str()) {
+            binaries.push(PathBuf::from(path));
+        }
+    }
+    if binaries.is_empty() {
+        bail!("cargo reported no integration test executables");
+    }
+    Ok(binaries)
+}
+
 pub fn lint() -> Result<()> {
     run()?;
     let checks: Vec<(&str, Command)> = vec![

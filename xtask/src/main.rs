@@ -6,6 +6,7 @@ mod build;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -24,9 +25,18 @@ enum Command {
     Build,
     /// Build, then run every test (unit and kernel-level integration).
     Test {
+        /// Skip the VM matrix (quick local runs); CI runs it.
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for `cargo test` after `--` (e.g. a test name filter).
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
+    },
+    /// The kernel-level integration tests inside QEMU on Debian's 6.1 and 6.12 kernels.
+    VmTest {
+        /// 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
     },
     /// Build, then show the gatekeeper at work in a sandbox of network namespaces.
     Demo,
@@ -44,7 +54,11 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run(),
         Command::Build => build::run().map(|_| ()),
-        Command::Test { cargo_test_args } => test::run(&cargo_test_args),
+        Command::Test {
+            no_vm,
+            cargo_test_args,
+        } => test::run(&cargo_test_args, !no_vm),
+        Command::VmTest { kernel } => vm::run(&kernel).map(|_| ()),
         Command::Demo => demo::run(),
         Command::Bench { quick } => bench::run(quick),
         Command::Lint => build::lint(),

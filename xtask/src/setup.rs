@@ -19,6 +19,11 @@ const PACKAGES: &[&str] = &[
     "swaks",
     "hping3",
     "netsniff-ng",
+    // The VM matrix: QEMU, busybox for its /init, xz for 6.12's modules, strip.
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
+    "binutils",
 ];
 
 pub fn run() -> Result<()> {
@@ -207,6 +212,14 @@ pub fn output(program: &str, args: &[&str]) -> Result<String> {
 
 pub fn is_root() -> bool {
     output("id", &["-u"]).is_ok_and(|s| s.trim() == "0")
+}
+
+/// What `vm-test` needs besides the build tools: QEMU and friends.
+pub fn ensure_vm_tools() -> Result<()> {
+    if !is_root() {
+        bail!("vm-test installs QEMU and runs the kernel-level tests: run it as root");
+    }
+    ensure_packages()
 }
 
 /// Full setup when something a test or the demo needs is missing.

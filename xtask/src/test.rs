@@ -1,10 +1,11 @@
-//! `cargo xtask test`: every test, with kernel-level ones run for real.
+//! `cargo xtask test`: every test, with kernel-level ones run for real, on
+//! the host and then in VMs on the kernels edge hosts run.
 
 use anyhow::{bail, Result};
 
-use crate::{build, setup};
+use crate::{build, setup, vm};
 
-pub fn run(extra: &[String]) -> Result<()> {
+pub fn run(extra: &[String], with_vm: bool) -> Result<()> {
     setup::ensure_runtime()?;
     build::run()?;
     if !setup::is_root() {
@@ -22,5 +23,15 @@ pub fn run(extra: &[String]) -> Result<()> {
     if !passed {
         bail!("tests failed");
     }
+    if !with_vm {
+        println!("\n*** --no-vm: the VM matrix (Debian 6.1 and 6.12 kernels) did NOT run ***");
+        return Ok(());
+    }
+    if !extra.is_empty() {
+        println!("\n*** test filter given: the VM matrix runs the whole integration suite regardless ***");
+    }
+    let results = vm::run("all")?;
+    let summary: Vec<String> = results.iter().map(ToString::to_string).collect();
+    println!("\nhost: all tests passed; {}", summary.join("; "));
     Ok(())
 }
