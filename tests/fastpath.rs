@@ -4,11 +4,11 @@
 use std::io::{Read, Write};
 
 use sandbox::daemon::ok;
+use sandbox::frames;
 use sandbox::lab::{Lab, PeerSpec};
 use sandbox::probe::{connect_from, listen, outcome, send_raw_frames, Outcome};
 use sandbox::require_kernel_privileges;
 
-mod frames;
 
 /// Addresses one address family's scenario needs.
 struct Family {

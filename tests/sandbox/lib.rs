@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod dnsbl;
+pub mod frames;
 pub mod lab;
 pub mod netns;
 pub mod privileges;

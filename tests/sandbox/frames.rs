@@ -122,6 +122,25 @@ impl Ipv6Syn {
     }
 }
 
+/// A small IPv4 UDP datagram (a DNS-sized packet): never judged.
+pub fn ipv4_udp(dst: [u8; 6], src: [u8; 6], source: [u8; 4]) -> Vec<u8> {
+    let mut f = ethernet(dst, src, 0x0800);
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(20u16 + 8 + 32).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&source);
+    ip[16..20].copy_from_slice(&[192, 0, 2, 1]);
+    f.extend_from_slice(&ip);
+    let mut udp = vec![0u8; 8 + 32];
+    udp[0..2].copy_from_slice(&5353u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&40u16.to_be_bytes());
+    f.extend_from_slice(&udp);
+    f
+}
+
 /// Frames the parser must give up on: each must count once as unparsable.
 pub fn malformed(dst: [u8; 6], src: [u8; 6]) -> Vec<Vec<u8>> {
     let good = Ipv4Syn::default().frame(dst, src);

@@ -1,0 +1,304 @@
+//! Per-packet verdict cost with `BPF_PROG_TEST_RUN` (`bpftool prog run`):
+//! a bare `XDP_DROP` floor program, Gatekeeper's program on typical packets
+//! with growing lists, and xdp-filter on the same packets; plus the kernel
+//! memory of the maps and the cost of tearing 1M prefixes down.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use sandbox::frames::{ipv4_udp, Ipv4Syn, Ipv6Syn};
+use sandbox::lab::{Lab, PeerSpec};
+use sandbox::Netns;
+use serde_json::Value;
+
+use super::generate_prefixes;
+use crate::build;
+
+/// Denylisted in every list size; all packets but the clean ones come from it.
+const LISTED_V4: [u8; 4] = [203, 0, 113, 7];
+const CLEAN_V4: [u8; 4] = [198, 51, 100, 7];
+const LISTED_V6: &str = "2001:db8:7::7";
+
+pub struct VerdictFigures {
+    pub repeat: u32,
+    pub floor_ns: f64,
+    /// (list size label, packet label, ns)
+    pub rows: Vec<(String, &'static str, f64)>,
+    pub xdp_filter: Vec<(&'static str, f64)>,
+    /// (label, bytes of kernel memory, entries)
+    pub map_memory: Vec<(String, u64, usize)>,
+    pub teardown: Duration,
+}
+
+struct Packet {
+    label: &'static str,
+    file: PathBuf,
+}
+
+pub fn run(quick: bool) -> Result<VerdictFigures> {
+    let repeat = if quick { 100_000 } else { 1_000_000 };
+    let sizes: &[usize] = if quick { &[1_000, 10_000] } else { &[1_000, 100_000, 1_000_000] };
+    let v6_size = if quick { 10_000 } else { 100_000 };
+
+    let mut lab = Lab::new(
+        "benchverdict",
+        vec![PeerSpec {
+            name: "peer",
+            edge_addrs: vec!["192.0.2.1/24"],
+            peer_addrs: vec!["192.0.2.2/24"],
+        }],
+    )?;
+    let packets = write_packets(lab.dir())?;
+    let floor_ns = floor(&lab, &packets[0].file, repeat)?;
+
+    lab.start_daemon("[maps]\ndeny_v4 = 1100000\ndeny_v6 = 200000\n")?;
+    let program = attached_program(&lab.edge, "gk0")?;
+    let mut rows = Vec::new();
+    let mut map_memory = Vec::new();
+    for &size in sizes {
+        let list = lab.dir().join(format!("v4-{size}.txt"));
+        let mut prefixes = generate_prefixes(size - 1)
+            .into_iter()
+            .filter(|p| !covers(p, CLEAN_V4))
+            .collect::<Vec<_>>();
+        prefixes.push("203.0.113.7/32".into());
+        prefixes.push("2001:db8:7::7/128".into());
+        std::fs::write(&list, prefixes.join("\n"))?;
+        import(&lab, &list)?;
+        let label = format!("{size} IPv4 prefixes");
+        for packet in &packets {
+            rows.push((label.clone(), packet.label, run_program(&program, &packet.file, repeat)?));
+        }
+        map_memory.push((label, map_bytes(&lab, "DENY_V4")?, prefixes.len() - 1));
+    }
+    // Tearing down the largest tries: the daemon's stop removes the pins, the kernel frees them.
+    let started = Instant::now();
+    lab.take_daemon().stop()?;
+    let teardown = started.elapsed();
+
+    lab.start_daemon("[maps]\ndeny_v4 = 1100000\ndeny_v6 = 200000\n")?;
+    let program = attached_program(&lab.edge, "gk0")?;
+    let list = lab.dir().join("v6.txt");
+    let mut v6 = generate_v6_prefixes(v6_size - 1);
+    v6.push(format!("{LISTED_V6}/128"));
+    std::fs::write(&list, v6.join("\n"))?;
+    import(&lab, &list)?;
+    let label = format!("{v6_size} IPv6 prefixes");
+    for packet in packets.iter().filter(|p| p.label.contains("IPv6")) {
+        rows.push((label.clone(), packet.label, run_program(&program, &packet.file, repeat)?));
+    }
+    map_memory.push((label, map_bytes(&lab, "DENY_V6")?, v6.len()));
+    lab.take_daemon().stop()?;
+
+    let xdp_filter = xdp_filter(&packets, repeat)?;
+    Ok(VerdictFigures {
+        repeat,
+        floor_ns,
+        rows,
+        xdp_filter,
+        map_memory,
+        teardown,
+    })
+}
+
+fn write_packets(dir: &Path) -> Result<Vec<Packet>> {
+    let (dst, src) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+    let listed_syn = Ipv4Syn {
+        source: LISTED_V4,
+        ..Ipv4Syn::default()
+    };
+    let frames: Vec<(&'static str, Vec<u8>)> = vec![
+        ("SYN :25 from a denylisted source (drop)", listed_syn.frame(dst, src)),
+        (
+            "SYN :25 from a clean source (pass)",
+            Ipv4Syn {
+                source: CLEAN_V4,
+                ..Ipv4Syn::default()
+            }
+            .frame(dst, src),
+        ),
+        (
+            "ACK segment :25 from a denylisted source (pass)",
+            Ipv4Syn {
+                flags: 0x10,
+                ..listed_syn
+            }
+            .frame(dst, src),
+        ),
+        ("UDP datagram (pass)", ipv4_udp(dst, src, LISTED_V4)),
+        (
+            "IPv6 SYN :25 from a denylisted source (drop)",
+            Ipv6Syn {
+                source: LISTED_V6.parse()?,
+                ext_headers: vec![],
+                first_fragment: false,
+                vlan_tags: 0,
+            }
+            .frame(dst, src),
+        ),
+        (
+            "VLAN-tagged SYN :25 from a denylisted source (drop)",
+            Ipv4Syn {
+                vlan_tags: 1,
+                ..listed_syn
+            }
+            .frame(dst, src),
+        ),
+    ];
+    frames
+        .into_iter()
+        .enumerate()
+        .map(|(i, (label, frame))| {
+            let file = dir.join(format!("packet-{i}.bin"));
+            std::fs::write(&file, frame)?;
+            Ok(Packet { label, file })
+        })
+        .collect()
+}
+
+fn covers(prefix: &str, addr: [u8; 4]) -> bool {
+    let net: ipnet::Ipv4Net = prefix.parse().expect("generated prefix");
+    net.contains(&std::net::Ipv4Addr::from(addr))
+}
+
+fn generate_v6_prefixes(count: usize) -> Vec<String> {
+    let lengths = [128u8, 128, 128, 64, 48, 56, 32];
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut seen = std::collections::HashSet::with_capacity(count);
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let len = lengths[(state >> 50) as usize % lengths.len()];
+        // Inside 2001:db8::/32, away from the listed 2001:db8:7::/48.
+        let low = u128::from(state) << 64 | u128::from(state.rotate_left(29));
+        let addr = (0x2001_0db8u128 << 96) | (low >> 32) & !(0xffffu128 << 80) | (0x8000u128 << 80);
+        let net = ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(addr), len)
+            .expect("lengths are at most 128")
+            .trunc();
+        if seen.insert(net) {
+            out.push(net.to_string());
+        }
+    }
+    out
+}
+
+fn import(lab: &Lab, list: &Path) -> Result<()> {
+    let out = lab
+        .daemon()
+        .cli(&["deny", "import", "--replace", list.to_str().context("list path")?]);
+    ensure!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// The program attached to `interface` in `ns`, as `id N` for bpftool.
+fn attached_program(ns: &Netns, interface: &str) -> Result<String> {
+    let out = ns.command("bpftool").args(["-j", "net", "show", "dev", interface]).output()?;
+    ensure!(out.status.success(), "bpftool net show: {}", String::from_utf8_lossy(&out.stderr));
+    let shown: Value = serde_json::from_slice(&out.stdout)?;
+    let id = shown[0]["xdp"][0]["id"].as_u64().context("no XDP program attached")?;
+    Ok(id.to_string())
+}
+
+/// Median of three `bpftool prog run` averages, in ns.
+fn run_program(id: &str, packet: &Path, repeat: u32) -> Result<f64> {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let out = std::process::Command::new("bpftool")
+            .args(["prog", "run", "id", id, "data_in"])
+            .arg(packet)
+            .args(["repeat", &repeat.to_string()])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success(), "bpftool prog run: {}", String::from_utf8_lossy(&out.stderr));
+        runs.push(parse_duration_ns(&text).with_context(|| format!("bpftool said {text:?}"))?);
+    }
+    Ok(super::median(runs))
+}
+
+/// `Return value: 1, duration (average): 32ns`
+fn parse_duration_ns(text: &str) -> Option<f64> {
+    let after = text.split("duration").nth(1)?;
+    let digits: String = after
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+fn floor(lab: &Lab, packet: &Path, repeat: u32) -> Result<f64> {
+    let object = build::workspace_root().join("target/bpfel-unknown-none/release/bench-floor");
+    let pin = PathBuf::from(format!("/sys/fs/bpf/gkbench-floor-{}", std::process::id()));
+    let _ = std::fs::remove_file(&pin);
+    let out = lab
+        .edge
+        .command("bpftool")
+        .args(["prog", "load"])
+        .arg(&object)
+        .arg(&pin)
+        .args(["type", "xdp"])
+        .output()?;
+    ensure!(out.status.success(), "loading the floor program: {}", String::from_utf8_lossy(&out.stderr));
+    let result = (|| {
+        let shown = std::process::Command::new("bpftool").args(["-j", "prog", "show", "pinned"]).arg(&pin).output()?;
+        let id = serde_json::from_slice::<Value>(&shown.stdout)?["id"].as_u64().context("floor program id")?;
+        run_program(&id.to_string(), packet, repeat)
+    })();
+    let _ = std::fs::remove_file(&pin);
+    result
+}
+
+/// Kernel memory of a pinned map (fdinfo `memlock`, the map's own accounting).
+fn map_bytes(lab: &Lab, name: &str) -> Result<u64> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(lab.bpffs_dir().join(name))
+        .output()?;
+    ensure!(out.status.success(), "bpftool map show: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout)?["bytes_memlock"]
+        .as_u64()
+        .context("no bytes_memlock")
+}
+
+/// xdp-filter (xdp-tools) in a lab of its own, dropping the same source.
+fn xdp_filter(packets: &[Packet], repeat: u32) -> Result<Vec<(&'static str, f64)>> {
+    let lab = Lab::new(
+        "benchxdpfilter",
+        vec![PeerSpec {
+            name: "peer",
+            edge_addrs: vec!["192.0.2.1/24"],
+            peer_addrs: vec!["192.0.2.2/24"],
+        }],
+    )?;
+    let run = |args: &[&str]| -> Result<()> {
+        let out = lab.edge.command("xdp-filter").args(args).output()?;
+        if !out.status.success() {
+            bail!("xdp-filter {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run(&["load", "gk0", "-m", "skb"])?;
+    let result = (|| {
+        run(&["ip", "203.0.113.7", "-m", "src"])?;
+        run(&["ip", LISTED_V6, "-m", "src"])?;
+        let program = attached_program(&lab.edge, "gk0")?;
+        packets
+            .iter()
+            .map(|p| Ok((p.label, run_program(&program, &p.file, repeat)?)))
+            .collect::<Result<Vec<_>>>()
+    })();
+    let _ = run(&["unload", "gk0", "--all"]);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_bpftool_durations() {
+        assert_eq!(super::parse_duration_ns("Return value: 1, duration (average): 32ns\n"), Some(32.0));
+        assert_eq!(super::parse_duration_ns("nothing"), None);
+    }
+}
