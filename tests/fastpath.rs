@@ -9,7 +9,6 @@ use sandbox::lab::{Lab, PeerSpec};
 use sandbox::probe::{connect_from, listen, outcome, send_raw_frames, Outcome};
 use sandbox::require_kernel_privileges;
 
-
 /// Addresses one address family's scenario needs.
 struct Family {
     tag: &'static str,
@@ -148,6 +147,14 @@ fn deny_allow_scenario(f: &Family) {
         gk.counter("passed_allow") > allowed,
         "allow counter did not rise"
     );
+    // A full-length deny entry (kept in the exact-match hash) loses to the allowlist too.
+    ok(gk.cli(&["deny", "add", f.allowed_in_denied_net]));
+    assert_eq!(
+        outcome(client, f.allowed_in_denied_net, &smtp(f.edge_in_denied_net)),
+        Outcome::Connected,
+        "allowlist beats an exact denylist entry"
+    );
+    ok(gk.cli(&["deny", "del", f.allowed_in_denied_net]));
 
     ok(gk.cli(&["deny", "del", f.denied_host]));
     assert_eq!(

@@ -8,6 +8,10 @@
 pub mod map_names {
     pub const DENY_V4: &str = "DENY_V4";
     pub const DENY_V6: &str = "DENY_V6";
+    /// Full-length denylist entries (/32, /128) by exact address: one hash
+    /// lookup instead of a trie walk for the most common entry.
+    pub const DENY_V4_EXACT: &str = "DENY_V4_EXACT";
+    pub const DENY_V6_EXACT: &str = "DENY_V6_EXACT";
     pub const ALLOW_V4: &str = "ALLOW_V4";
     pub const ALLOW_V6: &str = "ALLOW_V6";
     pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
@@ -16,9 +20,11 @@ pub mod map_names {
     pub const DNSBL_V4: &str = "DNSBL_V4";
     pub const DNSBL_V6: &str = "DNSBL_V6";
     /// All maps, in the order they are pinned and reported.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         DENY_V4,
         DENY_V6,
+        DENY_V4_EXACT,
+        DENY_V6_EXACT,
         ALLOW_V4,
         ALLOW_V6,
         PROTECTED_PORTS,
@@ -72,14 +78,18 @@ impl PrefixValue {
 /// Every packet the program sees bumps `Packets`; every protected SYN
 /// (TCP SYN without ACK to a protected port) bumps `ProtectedSyns` and then
 /// exactly one of the verdict counters below it.
+///
+/// The allowlist is consulted only for a source a drop entry matches, so
+/// `PassedAllow` counts SYNs the allowlist saved from a drop.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
     Packets = 0,
     ProtectedSyns = 1,
     DroppedDeny = 2,
+    /// Protected SYN that a deny or DNSBL entry matched, passed because the allowlist covers it.
     PassedAllow = 3,
-    /// Protected SYN from a source on no list.
+    /// Protected SYN from a source no drop entry matches.
     Passed = 4,
     /// Frame the parser could not walk (truncated, bad IHL, too many extension headers).
     Unparsable = 5,

@@ -1,8 +1,11 @@
 //! The XDP entry point: parse → verdict → count.
 //!
-//! Only TCP SYNs (without ACK) to a protected port are judged: allowlist
-//! first, then denylist, then DNSBL verdicts. Everything else, including frames that cannot be
-//! parsed, passes untouched.
+//! Only TCP SYNs (without ACK) to a protected port are judged. A source is
+//! dropped when a denylist entry (exact hash first, then the trie of shorter
+//! prefixes) or a DNSBL verdict matches it, unless the allowlist covers it;
+//! the allowlist is only consulted once a drop entry matched, so a clean
+//! SYN costs no allowlist lookup. Everything else, including frames that
+//! cannot be parsed, passes untouched.
 #![no_std]
 #![no_main]
 
@@ -12,11 +15,11 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
-use gatekeeper_common::{capacity, Counter, PrefixValue, PORT_SLOTS};
+use gatekeeper_common::{capacity, Counter, PrefixValue, BPF_F_NO_PREALLOC, PORT_SLOTS};
 use headers::{Parsed, Source};
 
 // Capacities here are placeholders: the daemon sets the real ones from config at load time.
@@ -24,6 +27,12 @@ use headers::{Parsed, Source};
 static DENY_V4: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(capacity::DENY_V4, 0);
 #[map]
 static DENY_V6: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(capacity::DENY_V6, 0);
+#[map]
+static DENY_V4_EXACT: HashMap<[u8; 4], PrefixValue> =
+    HashMap::with_max_entries(capacity::DENY_V4, BPF_F_NO_PREALLOC);
+#[map]
+static DENY_V6_EXACT: HashMap<[u8; 16], PrefixValue> =
+    HashMap::with_max_entries(capacity::DENY_V6, BPF_F_NO_PREALLOC);
 #[map]
 static ALLOW_V4: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(capacity::ALLOW_V4, 0);
 #[map]
@@ -70,7 +79,8 @@ fn is_protected(port: u16) -> bool {
     matches!(PROTECTED_PORTS.get(port as u32), Some(&flag) if flag != 0)
 }
 
-/// Allowlist beats denylist beats DNSBL; an expired entry is as good as absent.
+/// Drop entries first (deny, then DNSBL); the allowlist overrides a match.
+/// An expired entry is as good as absent.
 #[inline(always)]
 fn judge(source: &Source) -> (u32, Counter) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -79,17 +89,17 @@ fn judge(source: &Source) -> (u32, Counter) {
         Source::V4(addr) => {
             let key = Key::new(32, *addr);
             verdict(
-                live(ALLOW_V4.get(&key), now),
-                || live(DENY_V4.get(&key), now),
+                || live_ptr(DENY_V4_EXACT.get_ptr(addr), now) || live(DENY_V4.get(&key), now),
                 || live_ptr(DNSBL_V4.get_ptr(addr), now),
+                || live(ALLOW_V4.get(&key), now),
             )
         }
         Source::V6(addr) => {
             let key = Key::new(128, *addr);
             verdict(
-                live(ALLOW_V6.get(&key), now),
-                || live(DENY_V6.get(&key), now),
+                || live_ptr(DENY_V6_EXACT.get_ptr(addr), now) || live(DENY_V6.get(&key), now),
                 || live_ptr(DNSBL_V6.get_ptr(addr), now),
+                || live(ALLOW_V6.get(&key), now),
             )
         }
     }
@@ -98,18 +108,21 @@ fn judge(source: &Source) -> (u32, Counter) {
 /// Later lookups run only when the earlier ones did not decide.
 #[inline(always)]
 fn verdict(
-    allowed: bool,
     denied: impl FnOnce() -> bool,
     dnsbl_listed: impl FnOnce() -> bool,
+    allowed: impl FnOnce() -> bool,
 ) -> (u32, Counter) {
-    if allowed {
-        (xdp_action::XDP_PASS, Counter::PassedAllow)
-    } else if denied() {
-        (xdp_action::XDP_DROP, Counter::DroppedDeny)
+    let drop_counter = if denied() {
+        Counter::DroppedDeny
     } else if dnsbl_listed() {
-        (xdp_action::XDP_DROP, Counter::DroppedDnsbl)
+        Counter::DroppedDnsbl
     } else {
-        (xdp_action::XDP_PASS, Counter::Passed)
+        return (xdp_action::XDP_PASS, Counter::Passed);
+    };
+    if allowed() {
+        (xdp_action::XDP_PASS, Counter::PassedAllow)
+    } else {
+        (xdp_action::XDP_DROP, drop_counter)
     }
 }
 

@@ -127,41 +127,62 @@ impl DnsblMaps {
     }
 }
 
-/// Read-only handles on the pinned allow or deny tries.
+/// Read-only handles on the pinned allow or deny maps.
 pub struct PrefixView {
     v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
     v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
+    exact: Option<(
+        HashMap<MapData, [u8; 4], PrefixValue>,
+        HashMap<MapData, [u8; 16], PrefixValue>,
+    )>,
+}
+
+fn open_pin(pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("pinned map {name}"))
 }
 
 impl PrefixView {
-    /// Opens the pins `v4_name`/`v6_name` under `pin_dir` (the daemon's own maps).
-    pub fn open(pin_dir: &Path, v4_name: &str, v6_name: &str) -> Result<PrefixView> {
-        let open = |name: &str| -> Result<Map> {
-            let path = pin_dir.join(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("opening pinned map {}", path.display()))?;
-            Map::from_map_data(data).with_context(|| format!("pinned map {name}"))
-        };
+    pub fn allow(pin_dir: &Path) -> Result<PrefixView> {
         Ok(PrefixView {
-            v4: LpmTrie::try_from(open(v4_name)?)?,
-            v6: LpmTrie::try_from(open(v6_name)?)?,
+            v4: LpmTrie::try_from(open_pin(pin_dir, map_names::ALLOW_V4)?)?,
+            v6: LpmTrie::try_from(open_pin(pin_dir, map_names::ALLOW_V6)?)?,
+            exact: None,
         })
     }
 
-    pub fn allow(pin_dir: &Path) -> Result<PrefixView> {
-        Self::open(pin_dir, map_names::ALLOW_V4, map_names::ALLOW_V6)
-    }
-
     pub fn deny(pin_dir: &Path) -> Result<PrefixView> {
-        Self::open(pin_dir, map_names::DENY_V4, map_names::DENY_V6)
+        Ok(PrefixView {
+            v4: LpmTrie::try_from(open_pin(pin_dir, map_names::DENY_V4)?)?,
+            v6: LpmTrie::try_from(open_pin(pin_dir, map_names::DENY_V6)?)?,
+            exact: Some((
+                HashMap::try_from(open_pin(pin_dir, map_names::DENY_V4_EXACT)?)?,
+                HashMap::try_from(open_pin(pin_dir, map_names::DENY_V6_EXACT)?)?,
+            )),
+        })
     }
 
-    /// Whether the longest matching prefix is live, as XDP would judge it.
+    /// Whether a live entry covers `client`, as XDP would judge it.
     pub fn matches(&self, client: IpAddr) -> bool {
-        let found: Result<PrefixValue, MapError> = match canonical(client) {
-            IpAddr::V4(a) => self.v4.get(&Key::new(32, a.octets()), 0),
-            IpAddr::V6(a) => self.v6.get(&Key::new(128, a.octets()), 0),
+        let clock = Clock::now();
+        let live = |found: Result<PrefixValue, MapError>| {
+            found.is_ok_and(|value| clock.unix_expiry(value).is_some())
         };
-        found.is_ok_and(|value| Clock::now().unix_expiry(value).is_some())
+        match (canonical(client), &self.exact) {
+            (IpAddr::V4(a), exact) => {
+                exact
+                    .as_ref()
+                    .is_some_and(|(v4, _)| live(v4.get(&a.octets(), 0)))
+                    || live(self.v4.get(&Key::new(32, a.octets()), 0))
+            }
+            (IpAddr::V6(a), exact) => {
+                exact
+                    .as_ref()
+                    .is_some_and(|(_, v6)| live(v6.get(&a.octets(), 0)))
+                    || live(self.v6.get(&Key::new(128, a.octets()), 0))
+            }
+        }
     }
 }

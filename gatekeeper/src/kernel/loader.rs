@@ -11,7 +11,7 @@ use gatekeeper_common::map_names;
 use tracing::{debug, info, warn};
 
 use super::dnsbl_maps::DnsblMaps;
-use super::maps::{read_counters, CounterSnapshot, PrefixMaps};
+use super::maps::{read_counters, CounterSnapshot, ExactMaps, PrefixMaps};
 use super::preflight;
 use crate::config::{Config, XdpModeSetting};
 use crate::lists::ListKind;
@@ -63,6 +63,8 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::DENY_V4, caps.deny_v4)
             .map_max_entries(map_names::DENY_V6, caps.deny_v6)
+            .map_max_entries(map_names::DENY_V4_EXACT, caps.deny_v4)
+            .map_max_entries(map_names::DENY_V6_EXACT, caps.deny_v6)
             .map_max_entries(map_names::ALLOW_V4, caps.allow_v4)
             .map_max_entries(map_names::ALLOW_V6, caps.allow_v6)
             .map_max_entries(map_names::DNSBL_V4, caps.dnsbl_v4)
@@ -97,12 +99,17 @@ impl Kernel {
         let deny = PrefixMaps::new(
             take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::DENY_V4)?,
             take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::DENY_V6)?,
+            Some(ExactMaps {
+                v4: take::<HashMap<_, _, _>>(&mut ebpf, map_names::DENY_V4_EXACT)?,
+                v6: take::<HashMap<_, _, _>>(&mut ebpf, map_names::DENY_V6_EXACT)?,
+            }),
             caps.deny_v4,
             caps.deny_v6,
         );
         let allow = PrefixMaps::new(
             take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::ALLOW_V4)?,
             take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::ALLOW_V6)?,
+            None,
             caps.allow_v4,
             caps.allow_v6,
         );

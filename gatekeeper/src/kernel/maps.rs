@@ -3,30 +3,40 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::Key, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use gatekeeper_common::{Counter, PrefixValue};
 use ipnet::IpNet;
 
 use crate::lists::store::{unix_now, EntryMeta};
 
-/// The IPv4 and IPv6 LPM tries of one list (deny or allow).
+/// The IPv4 and IPv6 maps of one list (deny or allow): LPM tries, and for
+/// the denylist exact-address hashes that take its /32 and /128 entries.
 pub struct PrefixMaps {
     v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
     v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
+    exact: Option<ExactMaps>,
     pub capacity_v4: u32,
     pub capacity_v6: u32,
+}
+
+/// Full-length prefixes by address: one hash lookup in XDP instead of a trie walk.
+pub struct ExactMaps {
+    pub v4: HashMap<MapData, [u8; 4], PrefixValue>,
+    pub v6: HashMap<MapData, [u8; 16], PrefixValue>,
 }
 
 impl PrefixMaps {
     pub fn new(
         v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
         v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
+        exact: Option<ExactMaps>,
         capacity_v4: u32,
         capacity_v6: u32,
     ) -> Self {
         PrefixMaps {
             v4,
             v6,
+            exact,
             capacity_v4,
             capacity_v6,
         }
@@ -54,12 +64,18 @@ impl PrefixMaps {
     }
 
     fn insert(&mut self, net: &IpNet, value: PrefixValue) -> Result<(), MapError> {
-        match net {
-            IpNet::V4(n) => {
+        match (net, self.exact.as_mut()) {
+            (IpNet::V4(n), Some(exact)) if n.prefix_len() == 32 => {
+                exact.v4.insert(n.addr().octets(), value, 0)
+            }
+            (IpNet::V6(n), Some(exact)) if n.prefix_len() == 128 => {
+                exact.v6.insert(n.addr().octets(), value, 0)
+            }
+            (IpNet::V4(n), _) => {
                 let key = Key::new(u32::from(n.prefix_len()), n.network().octets());
                 self.v4.insert(&key, value, 0)
             }
-            IpNet::V6(n) => {
+            (IpNet::V6(n), _) => {
                 let key = Key::new(u32::from(n.prefix_len()), n.network().octets());
                 self.v6.insert(&key, value, 0)
             }
@@ -68,11 +84,17 @@ impl PrefixMaps {
 
     /// Removing an absent key is not an error: the goal state is reached.
     fn remove(&mut self, net: &IpNet) -> Result<(), MapError> {
-        let result = match net {
-            IpNet::V4(n) => self
+        let result = match (net, self.exact.as_mut()) {
+            (IpNet::V4(n), Some(exact)) if n.prefix_len() == 32 => {
+                exact.v4.remove(&n.addr().octets())
+            }
+            (IpNet::V6(n), Some(exact)) if n.prefix_len() == 128 => {
+                exact.v6.remove(&n.addr().octets())
+            }
+            (IpNet::V4(n), _) => self
                 .v4
                 .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
-            IpNet::V6(n) => self
+            (IpNet::V6(n), _) => self
                 .v6
                 .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
         };

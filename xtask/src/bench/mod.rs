@@ -79,7 +79,11 @@ fn write_verdict_table(report: &mut String, v: &verdict::VerdictFigures) -> Resu
     writeln!(report, "| lists loaded | packet | gatekeeper | × floor | xdp-filter (same packet, same source listed) | × floor |")?;
     writeln!(report, "|---|---|---|---|---|---|")?;
     for (lists, packet, ns) in &v.rows {
-        let filter = v.xdp_filter.iter().find(|(p, _)| p == packet).map(|(_, ns)| *ns);
+        let filter = v
+            .xdp_filter
+            .iter()
+            .find(|(p, _)| p == packet)
+            .map(|(_, ns)| *ns);
         let (filter_ns, filter_ratio) = match filter {
             Some(f) => (format!("{f:.0} ns"), format!("{:.2}×", f / v.floor_ns)),
             None => (String::new(), String::new()),
@@ -90,7 +94,10 @@ fn write_verdict_table(report: &mut String, v: &verdict::VerdictFigures) -> Resu
             ns / v.floor_ns
         )?;
     }
-    writeln!(report, "\n| map | kernel memory | entries | bytes per entry |\n|---|---|---|---|")?;
+    writeln!(
+        report,
+        "\n| map | kernel memory | entries | bytes per entry |\n|---|---|---|---|"
+    )?;
     for (label, bytes, entries) in &v.map_memory {
         writeln!(
             report,

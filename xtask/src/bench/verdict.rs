@@ -38,7 +38,11 @@ struct Packet {
 
 pub fn run(quick: bool) -> Result<VerdictFigures> {
     let repeat = if quick { 100_000 } else { 1_000_000 };
-    let sizes: &[usize] = if quick { &[1_000, 10_000] } else { &[1_000, 100_000, 1_000_000] };
+    let sizes: &[usize] = if quick {
+        &[1_000, 10_000]
+    } else {
+        &[1_000, 100_000, 1_000_000]
+    };
     let v6_size = if quick { 10_000 } else { 100_000 };
 
     let mut lab = Lab::new(
@@ -68,7 +72,11 @@ pub fn run(quick: bool) -> Result<VerdictFigures> {
         import(&lab, &list)?;
         let label = format!("{size} IPv4 prefixes");
         for packet in &packets {
-            rows.push((label.clone(), packet.label, run_program(&program, &packet.file, repeat)?));
+            rows.push((
+                label.clone(),
+                packet.label,
+                run_program(&program, &packet.file, repeat)?,
+            ));
         }
         map_memory.push((label, map_bytes(&lab, "DENY_V4")?, prefixes.len() - 1));
     }
@@ -86,7 +94,11 @@ pub fn run(quick: bool) -> Result<VerdictFigures> {
     import(&lab, &list)?;
     let label = format!("{v6_size} IPv6 prefixes");
     for packet in packets.iter().filter(|p| p.label.contains("IPv6")) {
-        rows.push((label.clone(), packet.label, run_program(&program, &packet.file, repeat)?));
+        rows.push((
+            label.clone(),
+            packet.label,
+            run_program(&program, &packet.file, repeat)?,
+        ));
     }
     map_memory.push((label, map_bytes(&lab, "DENY_V6")?, v6.len()));
     lab.take_daemon().stop()?;
@@ -109,7 +121,10 @@ fn write_packets(dir: &Path) -> Result<Vec<Packet>> {
         ..Ipv4Syn::default()
     };
     let frames: Vec<(&'static str, Vec<u8>)> = vec![
-        ("SYN :25 from a denylisted source (drop)", listed_syn.frame(dst, src)),
+        (
+            "SYN :25 from a denylisted source (drop)",
+            listed_syn.frame(dst, src),
+        ),
         (
             "SYN :25 from a clean source (pass)",
             Ipv4Syn {
@@ -186,19 +201,35 @@ fn generate_v6_prefixes(count: usize) -> Vec<String> {
 }
 
 fn import(lab: &Lab, list: &Path) -> Result<()> {
-    let out = lab
-        .daemon()
-        .cli(&["deny", "import", "--replace", list.to_str().context("list path")?]);
-    ensure!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
+    let out = lab.daemon().cli(&[
+        "deny",
+        "import",
+        "--replace",
+        list.to_str().context("list path")?,
+    ]);
+    ensure!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
 /// The program attached to `interface` in `ns`, as `id N` for bpftool.
 fn attached_program(ns: &Netns, interface: &str) -> Result<String> {
-    let out = ns.command("bpftool").args(["-j", "net", "show", "dev", interface]).output()?;
-    ensure!(out.status.success(), "bpftool net show: {}", String::from_utf8_lossy(&out.stderr));
+    let out = ns
+        .command("bpftool")
+        .args(["-j", "net", "show", "dev", interface])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool net show: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shown: Value = serde_json::from_slice(&out.stdout)?;
-    let id = shown[0]["xdp"][0]["id"].as_u64().context("no XDP program attached")?;
+    let id = shown[0]["xdp"][0]["id"]
+        .as_u64()
+        .context("no XDP program attached")?;
     Ok(id.to_string())
 }
 
@@ -212,7 +243,11 @@ fn run_program(id: &str, packet: &Path, repeat: u32) -> Result<f64> {
             .args(["repeat", &repeat.to_string()])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(out.status.success(), "bpftool prog run: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "bpftool prog run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         runs.push(parse_duration_ns(&text).with_context(|| format!("bpftool said {text:?}"))?);
     }
     Ok(super::median(runs))
@@ -241,10 +276,19 @@ fn floor(lab: &Lab, packet: &Path, repeat: u32) -> Result<f64> {
         .arg(&pin)
         .args(["type", "xdp"])
         .output()?;
-    ensure!(out.status.success(), "loading the floor program: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "loading the floor program: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let result = (|| {
-        let shown = std::process::Command::new("bpftool").args(["-j", "prog", "show", "pinned"]).arg(&pin).output()?;
-        let id = serde_json::from_slice::<Value>(&shown.stdout)?["id"].as_u64().context("floor program id")?;
+        let shown = std::process::Command::new("bpftool")
+            .args(["-j", "prog", "show", "pinned"])
+            .arg(&pin)
+            .output()?;
+        let id = serde_json::from_slice::<Value>(&shown.stdout)?["id"]
+            .as_u64()
+            .context("floor program id")?;
         run_program(&id.to_string(), packet, repeat)
     })();
     let _ = std::fs::remove_file(&pin);
@@ -257,7 +301,11 @@ fn map_bytes(lab: &Lab, name: &str) -> Result<u64> {
         .args(["-j", "map", "show", "pinned"])
         .arg(lab.bpffs_dir().join(name))
         .output()?;
-    ensure!(out.status.success(), "bpftool map show: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "bpftool map show: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice::<Value>(&out.stdout)?["bytes_memlock"]
         .as_u64()
         .context("no bytes_memlock")
@@ -276,7 +324,11 @@ fn xdp_filter(packets: &[Packet], repeat: u32) -> Result<Vec<(&'static str, f64)
     let run = |args: &[&str]| -> Result<()> {
         let out = lab.edge.command("xdp-filter").args(args).output()?;
         if !out.status.success() {
-            bail!("xdp-filter {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "xdp-filter {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     };
@@ -298,7 +350,10 @@ fn xdp_filter(packets: &[Packet], repeat: u32) -> Result<Vec<(&'static str, f64)
 mod tests {
     #[test]
     fn parses_bpftool_durations() {
-        assert_eq!(super::parse_duration_ns("Return value: 1, duration (average): 32ns\n"), Some(32.0));
+        assert_eq!(
+            super::parse_duration_ns("Return value: 1, duration (average): 32ns\n"),
+            Some(32.0)
+        );
         assert_eq!(super::parse_duration_ns("nothing"), None);
     }
 }
