@@ -83,23 +83,21 @@ fn is_protected(port: u16) -> bool {
 /// An expired entry is as good as absent.
 #[inline(always)]
 fn judge(source: &Source) -> (u32, Counter) {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     match source {
         Source::V4(addr) => {
             let key = Key::new(32, *addr);
             verdict(
-                || live_ptr(DENY_V4_EXACT.get_ptr(addr), now) || live(DENY_V4.get(&key), now),
-                || live_ptr(DNSBL_V4.get_ptr(addr), now),
-                || live(ALLOW_V4.get(&key), now),
+                || live_ptr(DENY_V4_EXACT.get_ptr(addr)) || live(DENY_V4.get(&key)),
+                || live_ptr(DNSBL_V4.get_ptr(addr)),
+                || live(ALLOW_V4.get(&key)),
             )
         }
         Source::V6(addr) => {
             let key = Key::new(128, *addr);
             verdict(
-                || live_ptr(DENY_V6_EXACT.get_ptr(addr), now) || live(DENY_V6.get(&key), now),
-                || live_ptr(DNSBL_V6.get_ptr(addr), now),
-                || live(ALLOW_V6.get(&key), now),
+                || live_ptr(DENY_V6_EXACT.get_ptr(addr)) || live(DENY_V6.get(&key)),
+                || live_ptr(DNSBL_V6.get_ptr(addr)),
+                || live(ALLOW_V6.get(&key)),
             )
         }
     }
@@ -126,19 +124,23 @@ fn verdict(
     }
 }
 
+/// The clock is read only for an entry that can expire: permanent entries
+/// and misses (the common cases) cost no helper call.
 #[inline(always)]
-fn live(entry: Option<&PrefixValue>, now: u64) -> bool {
-    matches!(entry, Some(value) if value.is_live(now))
+fn live(entry: Option<&PrefixValue>) -> bool {
+    match entry {
+        Some(value) if value.expires_ns == 0 => true,
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        Some(value) => value.is_live(unsafe { bpf_ktime_get_ns() }),
+        None => false,
+    }
 }
 
 #[inline(always)]
-fn live_ptr(entry: Option<*const PrefixValue>, now: u64) -> bool {
-    match entry {
-        // SAFETY: the pointer comes from a successful map lookup and the value is plain data;
-        // a concurrent update from userspace at worst yields the old or new expiry.
-        Some(ptr) => unsafe { (*ptr).is_live(now) },
-        None => false,
-    }
+fn live_ptr(entry: Option<*const PrefixValue>) -> bool {
+    // SAFETY: the pointer comes from a successful map lookup and the value is plain data;
+    // a concurrent update from userspace at worst yields the old or new expiry.
+    live(entry.map(|ptr| unsafe { &*ptr }))
 }
 
 #[inline(always)]

@@ -45,6 +45,9 @@ enum Command {
         /// Seconds-long smoke run with small inputs; BENCHMARKS.md is left alone.
         #[arg(long)]
         quick: bool,
+        /// Run one section only (verdict, import, smtp, idle, dnsbl); BENCHMARKS.md is left alone.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// cargo fmt --check and cargo clippy on every crate, eBPF included.
     Lint,
@@ -60,7 +63,7 @@ fn main() -> anyhow::Result<()> {
         } => test::run(&cargo_test_args, !no_vm),
         Command::VmTest { kernel } => vm::run(&kernel).map(|_| ()),
         Command::Demo => demo::run(),
-        Command::Bench { quick } => bench::run(quick),
+        Command::Bench { quick, only } => bench::run(quick, only.as_deref()),
         Command::Lint => build::lint(),
     }
 }

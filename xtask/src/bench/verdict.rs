@@ -22,10 +22,12 @@ const LISTED_V6: &str = "2001:db8:7::7";
 
 pub struct VerdictFigures {
     pub repeat: u32,
+    /// Median of every floor sample of the run.
     pub floor_ns: f64,
-    /// (list size label, packet label, ns)
-    pub rows: Vec<(String, &'static str, f64)>,
-    pub xdp_filter: Vec<(&'static str, f64)>,
+    /// (list size label, packet label, ns, ratio to the floor samples taken beside it)
+    pub rows: Vec<(String, &'static str, f64, f64)>,
+    /// (packet label, ns, ratio)
+    pub xdp_filter: Vec<(&'static str, f64, f64)>,
     /// (label, bytes of kernel memory, entries)
     pub map_memory: Vec<(String, u64, usize)>,
     pub teardown: Duration,
@@ -54,7 +56,7 @@ pub fn run(quick: bool) -> Result<VerdictFigures> {
         }],
     )?;
     let packets = write_packets(lab.dir())?;
-    let floor_ns = floor(&lab, &packets[0].file, repeat)?;
+    let floor = Floor::load(&lab)?;
 
     lab.start_daemon("[maps]\ndeny_v4 = 1100000\ndeny_v6 = 200000\n")?;
     let program = attached_program(&lab.edge, "gk0")?;
@@ -72,13 +74,11 @@ pub fn run(quick: bool) -> Result<VerdictFigures> {
         import(&lab, &list)?;
         let label = format!("{size} IPv4 prefixes");
         for packet in &packets {
-            rows.push((
-                label.clone(),
-                packet.label,
-                run_program(&program, &packet.file, repeat)?,
-            ));
+            let (ns, ratio) = floor.compare(&program, &packet.file, repeat)?;
+            rows.push((label.clone(), packet.label, ns, ratio));
         }
-        map_memory.push((label, map_bytes(&lab, "DENY_V4")?, prefixes.len() - 1));
+        let bytes = map_bytes(&lab, "DENY_V4")? + map_bytes(&lab, "DENY_V4_EXACT")?;
+        map_memory.push((label, bytes, prefixes.len() - 1));
     }
     // Tearing down the largest tries: the daemon's stop removes the pins, the kernel frees them.
     let started = Instant::now();
@@ -94,16 +94,15 @@ pub fn run(quick: bool) -> Result<VerdictFigures> {
     import(&lab, &list)?;
     let label = format!("{v6_size} IPv6 prefixes");
     for packet in packets.iter().filter(|p| p.label.contains("IPv6")) {
-        rows.push((
-            label.clone(),
-            packet.label,
-            run_program(&program, &packet.file, repeat)?,
-        ));
+        let (ns, ratio) = floor.compare(&program, &packet.file, repeat)?;
+        rows.push((label.clone(), packet.label, ns, ratio));
     }
-    map_memory.push((label, map_bytes(&lab, "DENY_V6")?, v6.len()));
+    let bytes = map_bytes(&lab, "DENY_V6")? + map_bytes(&lab, "DENY_V6_EXACT")?;
+    map_memory.push((label, bytes, v6.len()));
     lab.take_daemon().stop()?;
 
-    let xdp_filter = xdp_filter(&packets, repeat)?;
+    let xdp_filter = xdp_filter(&packets, repeat, &floor)?;
+    let floor_ns = super::median(floor.samples.borrow().clone());
     Ok(VerdictFigures {
         repeat,
         floor_ns,
@@ -264,35 +263,66 @@ fn parse_duration_ns(text: &str) -> Option<f64> {
     digits.parse().ok()
 }
 
-fn floor(lab: &Lab, packet: &Path, repeat: u32) -> Result<f64> {
-    let object = build::workspace_root().join("target/bpfel-unknown-none/release/bench-floor");
-    let pin = PathBuf::from(format!("/sys/fs/bpf/gkbench-floor-{}", std::process::id()));
-    let _ = std::fs::remove_file(&pin);
-    let out = lab
-        .edge
-        .command("bpftool")
-        .args(["prog", "load"])
-        .arg(&object)
-        .arg(&pin)
-        .args(["type", "xdp"])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "loading the floor program: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result = (|| {
+/// The bench-only floor program, loaded once; every measurement alternates
+/// it with the program under test on the same packet, so drifts in machine
+/// speed hit both sides of a ratio alike.
+struct Floor {
+    id: String,
+    pin: PathBuf,
+    samples: std::cell::RefCell<Vec<f64>>,
+}
+
+impl Floor {
+    fn load(lab: &Lab) -> Result<Floor> {
+        let object = build::workspace_root().join("target/bpfel-unknown-none/release/bench-floor");
+        let pin = PathBuf::from(format!("/sys/fs/bpf/gkbench-floor-{}", std::process::id()));
+        let _ = std::fs::remove_file(&pin);
+        let out = lab
+            .edge
+            .command("bpftool")
+            .args(["prog", "load"])
+            .arg(&object)
+            .arg(&pin)
+            .args(["type", "xdp"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "loading the floor program: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut floor = Floor {
+            id: String::new(),
+            pin,
+            samples: Default::default(),
+        };
         let shown = std::process::Command::new("bpftool")
             .args(["-j", "prog", "show", "pinned"])
-            .arg(&pin)
+            .arg(&floor.pin)
             .output()?;
         let id = serde_json::from_slice::<Value>(&shown.stdout)?["id"]
             .as_u64()
             .context("floor program id")?;
-        run_program(&id.to_string(), packet, repeat)
-    })();
-    let _ = std::fs::remove_file(&pin);
-    result
+        floor.id = id.to_string();
+        Ok(floor)
+    }
+
+    /// The program's ns per packet and its ratio to the floor, both medians of three alternating runs.
+    fn compare(&self, program: &str, packet: &Path, repeat: u32) -> Result<(f64, f64)> {
+        let (mut floor, mut measured) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            floor.push(run_program(&self.id, packet, repeat)?);
+            measured.push(run_program(program, packet, repeat)?);
+        }
+        self.samples.borrow_mut().extend(&floor);
+        let (floor, measured) = (super::median(floor), super::median(measured));
+        Ok((measured, measured / floor))
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.pin);
+    }
 }
 
 /// Kernel memory of a pinned map (fdinfo `memlock`, the map's own accounting).
@@ -312,7 +342,11 @@ fn map_bytes(lab: &Lab, name: &str) -> Result<u64> {
 }
 
 /// xdp-filter (xdp-tools) in a lab of its own, dropping the same source.
-fn xdp_filter(packets: &[Packet], repeat: u32) -> Result<Vec<(&'static str, f64)>> {
+fn xdp_filter(
+    packets: &[Packet],
+    repeat: u32,
+    floor: &Floor,
+) -> Result<Vec<(&'static str, f64, f64)>> {
     let lab = Lab::new(
         "benchxdpfilter",
         vec![PeerSpec {
@@ -339,7 +373,10 @@ fn xdp_filter(packets: &[Packet], repeat: u32) -> Result<Vec<(&'static str, f64)
         let program = attached_program(&lab.edge, "gk0")?;
         packets
             .iter()
-            .map(|p| Ok((p.label, run_program(&program, &p.file, repeat)?)))
+            .map(|p| {
+                let (ns, ratio) = floor.compare(&program, &p.file, repeat)?;
+                Ok((p.label, ns, ratio))
+            })
             .collect::<Result<Vec<_>>>()
     })();
     let _ = run(&["unload", "gk0", "--all"]);
