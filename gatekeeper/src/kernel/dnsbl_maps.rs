@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, MapError};
 use gatekeeper_common::{map_names, PrefixValue};
 
-use super::maps::{is_absent, Clock};
+use super::maps::{is_absent, Clock, ExactMaps};
 use crate::smtp::policy::canonical;
 
 /// Listed clients by address; XDP drops their SYNs while the entry is live.
@@ -131,10 +131,7 @@ impl DnsblMaps {
 pub struct PrefixView {
     v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
     v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
-    exact: Option<(
-        HashMap<MapData, [u8; 4], PrefixValue>,
-        HashMap<MapData, [u8; 16], PrefixValue>,
-    )>,
+    exact: Option<ExactMaps>,
 }
 
 fn open_pin(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -157,10 +154,10 @@ impl PrefixView {
         Ok(PrefixView {
             v4: LpmTrie::try_from(open_pin(pin_dir, map_names::DENY_V4)?)?,
             v6: LpmTrie::try_from(open_pin(pin_dir, map_names::DENY_V6)?)?,
-            exact: Some((
-                HashMap::try_from(open_pin(pin_dir, map_names::DENY_V4_EXACT)?)?,
-                HashMap::try_from(open_pin(pin_dir, map_names::DENY_V6_EXACT)?)?,
-            )),
+            exact: Some(ExactMaps {
+                v4: HashMap::try_from(open_pin(pin_dir, map_names::DENY_V4_EXACT)?)?,
+                v6: HashMap::try_from(open_pin(pin_dir, map_names::DENY_V6_EXACT)?)?,
+            }),
         })
     }
 
@@ -174,13 +171,13 @@ impl PrefixView {
             (IpAddr::V4(a), exact) => {
                 exact
                     .as_ref()
-                    .is_some_and(|(v4, _)| live(v4.get(&a.octets(), 0)))
+                    .is_some_and(|e| live(e.v4.get(&a.octets(), 0)))
                     || live(self.v4.get(&Key::new(32, a.octets()), 0))
             }
             (IpAddr::V6(a), exact) => {
                 exact
                     .as_ref()
-                    .is_some_and(|(_, v6)| live(v6.get(&a.octets(), 0)))
+                    .is_some_and(|e| live(e.v6.get(&a.octets(), 0)))
                     || live(self.v6.get(&Key::new(128, a.octets()), 0))
             }
         }
