@@ -189,3 +189,36 @@ pub fn malformed(dst: [u8; 6], src: [u8; 6]) -> Vec<Vec<u8>> {
     frames.push(f);
     frames
 }
+
+/// Fills in the IPv4 header and TCP checksums of an untagged IPv4 TCP frame,
+/// for traffic the receiving stack must take as genuine.
+pub fn with_ipv4_tcp_checksums(mut frame: Vec<u8>) -> Vec<u8> {
+    let ip = 14;
+    let ihl = usize::from(frame[ip] & 0x0f) * 4;
+    let tcp = ip + ihl;
+    frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    let ip_sum = checksum(&frame[ip..tcp], 0);
+    frame[ip + 10..ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
+    frame[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
+    let segment_len = frame.len() - tcp;
+    let mut pseudo = 0u32;
+    for word in frame[ip + 12..ip + 20].chunks(2) {
+        pseudo += u32::from(u16::from_be_bytes([word[0], word[1]]));
+    }
+    pseudo += 6 + segment_len as u32;
+    let tcp_sum = checksum(&frame[tcp..], pseudo);
+    frame[tcp + 16..tcp + 18].copy_from_slice(&tcp_sum.to_be_bytes());
+    frame
+}
+
+/// The Internet checksum (RFC 1071) of `bytes`, starting from `sum`.
+fn checksum(bytes: &[u8], mut sum: u32) -> u16 {
+    for chunk in bytes.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -79,12 +79,15 @@ pub fn listen(ns: &Netns, port: u16) -> Result<()> {
     Ok(())
 }
 
-/// Sends raw Ethernet frames out of `interface` in `ns` (AF_PACKET).
-pub fn send_raw_frames(ns: &Netns, interface: &str, frames: &[Vec<u8>]) -> Result<()> {
-    let interface = interface.to_owned();
-    let frames = frames.to_vec();
-    ns.run(move || -> Result<()> {
-        let index = nix::net::if_::if_nametoindex(interface.as_str())?;
+/// An AF_PACKET socket bound for sending on one interface of the current namespace.
+struct RawSender {
+    fd: std::os::fd::OwnedFd,
+    index: i32,
+}
+
+impl RawSender {
+    fn open(interface: &str) -> Result<RawSender> {
+        let index = nix::net::if_::if_nametoindex(interface)? as i32;
         // SAFETY: plain socket(2) call; the fd is owned by OwnedFd below.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
         anyhow::ensure!(
@@ -94,30 +97,46 @@ pub fn send_raw_frames(ns: &Netns, interface: &str, frames: &[Vec<u8>]) -> Resul
         );
         // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        for frame in &frames {
-            // SAFETY: zeroed sockaddr_ll is valid; we fill the fields sendto needs.
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = index as i32;
-            addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-            // SAFETY: buffer and address pointers are valid for the lengths given.
-            let sent = unsafe {
-                libc::sendto(
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            anyhow::ensure!(
-                sent == frame.len() as isize,
-                "sending a {}-byte frame: {}",
+        Ok(RawSender { fd, index })
+    }
+
+    /// Whether the whole frame went out.
+    fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        // SAFETY: zeroed sockaddr_ll is valid; we fill the fields sendto needs.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.index;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: buffer and address pointers are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                frame.as_ptr().cast(),
                 frame.len(),
-                std::io::Error::last_os_error()
-            );
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if sent == frame.len() as isize {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+/// Sends raw Ethernet frames out of `interface` in `ns` (AF_PACKET).
+pub fn send_raw_frames(ns: &Netns, interface: &str, frames: &[Vec<u8>]) -> Result<()> {
+    let interface = interface.to_owned();
+    let frames = frames.to_vec();
+    ns.run(move || -> Result<()> {
+        let sender = RawSender::open(&interface)?;
+        for frame in &frames {
+            sender
+                .send(frame)
+                .with_context(|| format!("sending a {}-byte frame", frame.len()))?;
         }
         Ok(())
     })?

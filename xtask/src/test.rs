@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::{build, setup, vm};
+use crate::{bench, build, setup, vm};
 
 pub fn run(extra: &[String], with_vm: bool) -> Result<()> {
     setup::ensure_runtime()?;
@@ -22,6 +22,11 @@ pub fn run(extra: &[String], with_vm: bool) -> Result<()> {
     }
     if !passed {
         bail!("tests failed");
+    }
+    if setup::is_root() {
+        // The benchmarks are not tests, but their smoke run keeps them from rotting.
+        println!("\n== cargo xtask bench --quick (smoke run; figures not recorded)");
+        bench::run(true, None)?;
     }
     if !with_vm {
         println!("\n*** --no-vm: the VM matrix (Debian 6.1 and 6.12 kernels) did NOT run ***");

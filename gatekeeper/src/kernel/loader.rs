@@ -129,7 +129,8 @@ impl Kernel {
         })
     }
 
-    /// Attaches to every interface; `auto` tries native mode and falls back to generic.
+    /// Attaches to every interface; `auto` uses generic mode on veth and
+    /// elsewhere tries native mode, falling back to generic.
     pub fn attach(&mut self, interfaces: &[String], mode: XdpModeSetting) -> Result<()> {
         let program = xdp_program(&mut self.ebpf)?;
         for interface in interfaces {
@@ -146,6 +147,15 @@ impl Kernel {
                         .with_context(|| format!("attaching XDP (skb) to {interface}"))?,
                     AttachedMode::Skb,
                 ),
+                XdpModeSetting::Auto
+                    if super::driver::driver_name(interface).as_deref() == Some("veth") =>
+                {
+                    info!(%interface, "veth: using generic (skb) XDP; native mode on veth gains nothing over it (the sender already built the skb) and was seen to starve under a flood (set xdp_mode = \"native\" to force it)");
+                    let link = program
+                        .attach(interface, XdpMode::Skb)
+                        .with_context(|| format!("attaching XDP (skb) to {interface}"))?;
+                    (link, AttachedMode::Skb)
+                }
                 XdpModeSetting::Auto => match program.attach(interface, XdpMode::Driver) {
                     Ok(link) => (link, AttachedMode::Native),
                     Err(e) => {

@@ -2,6 +2,7 @@
 //! program, and typed handles on its maps.
 
 mod dnsbl_maps;
+mod driver;
 mod loader;
 mod maps;
 mod preflight;

@@ -12,10 +12,11 @@ use sandbox::lab::{Lab, PeerSpec};
 use crate::{build, setup};
 
 mod dnsbl;
+mod flood;
 mod verdict;
 
 /// Sections, in run order; `--only` takes one of these names.
-pub const SECTIONS: &[&str] = &["verdict", "import", "smtp", "idle", "dnsbl"];
+pub const SECTIONS: &[&str] = &["verdict", "flood", "import", "smtp", "idle", "dnsbl"];
 
 pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     if let Some(section) = only {
@@ -36,6 +37,9 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     let mut report = String::new();
     if wanted("verdict") {
         write_verdict_table(&mut report, &verdict::run(quick)?)?;
+    }
+    if wanted("flood") {
+        write_flood_table(&mut report, &flood::run(quick)?)?;
     }
     writeln!(report, "| figure | gatekeeper | baseline | ratio |")?;
     writeln!(report, "|---|---|---|---|")?;
@@ -124,6 +128,36 @@ fn write_verdict_table(report: &mut String, v: &verdict::VerdictFigures) -> Resu
         "\nDaemon stop (detach, unpin, kernel frees the tries) holding the largest IPv4 list: {:.2} s.\n",
         v.teardown.as_secs_f64()
     )?;
+    Ok(())
+}
+
+fn write_flood_table(report: &mut String, rows: &[flood::FloodRow]) -> Result<()> {
+    writeln!(
+        report,
+        "### SYN flood over veth (trafgen on one CPU; half the sources denylisted; softirq time from /proc/stat, all CPUs)\n"
+    )?;
+    let baseline = rows
+        .iter()
+        .find(|r| r.mode.starts_with("nftables netdev"))
+        .map(|r| r.softirq_ns_per_packet)
+        .unwrap_or(f64::NAN);
+    writeln!(report, "| mode | sent pps | received pps | softirq ns / received packet | × nftables netdev ingress | dropped share |")?;
+    writeln!(report, "|---|---|---|---|---|---|")?;
+    for row in rows {
+        writeln!(
+            report,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2}× | {} |",
+            row.mode,
+            row.sent_pps,
+            row.received_pps,
+            row.softirq_ns_per_packet,
+            row.softirq_ns_per_packet / baseline,
+            row.dropped_share
+                .map(|s| format!("{:.0} %", s * 100.0))
+                .unwrap_or_default()
+        )?;
+    }
+    writeln!(report)?;
     Ok(())
 }
 
