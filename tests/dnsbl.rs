@@ -86,6 +86,17 @@ fn greeting(lab: &Lab, source: &str) -> sandbox::smtp::SmtpReply {
     client.reply().expect("a greeting")
 }
 
+/// rbldnsd on the edge's loopback at [`RBLDNSD`].
+fn start_rbldnsd(lab: &Lab, datasets: &[Dataset]) -> Rbldnsd {
+    Rbldnsd::start(
+        &lab.edge,
+        &lab.dir().join("rbldnsd"),
+        RBLDNSD.parse().unwrap(),
+        datasets,
+    )
+    .expect("starting rbldnsd")
+}
+
 fn query_name(ip: &str, zone: &str) -> String {
     let octets: Vec<&str> = ip.split('.').rev().collect();
     format!("{}.{zone}", octets.join("."))
@@ -99,10 +110,8 @@ fn zone_answers_weights_errors_and_health() {
     let mut lab = lab("dnsbl-zones", vec![]);
     let mut strong = Dataset::listing("strong.test", &[LISTED, "192.0.2.13"]);
     strong.lines.push(String::new());
-    let rbldnsd = Rbldnsd::start(
-        &lab.edge,
-        &lab.dir().join("rbldnsd"),
-        RBLDNSD.parse().unwrap(),
+    let rbldnsd = start_rbldnsd(
+        &lab,
         &[
             strong,
             Dataset::ipv6("strong.test", &[LISTED_V6]),
@@ -116,8 +125,7 @@ fn zone_answers_weights_errors_and_health() {
             Dataset::listing("world.test", &["0.0.0.0/1", "128.0.0.0/1"]),
             Dataset::listing("silent.test", &[LISTED]),
         ],
-    )
-    .unwrap();
+    );
     let _relay = SilentRelay::start(
         &lab.edge,
         RELAY.parse().unwrap(),
@@ -259,16 +267,13 @@ fn listed_client_refused_once_then_dropped_in_xdp_until_expiry() {
         return;
     }
     let mut lab = lab("dnsbl-e2e", vec![]);
-    let rbldnsd = Rbldnsd::start(
-        &lab.edge,
-        &lab.dir().join("rbldnsd"),
-        RBLDNSD.parse().unwrap(),
+    let rbldnsd = start_rbldnsd(
+        &lab,
         &[
             Dataset::listing("bl.test", &[LISTED]),
             Dataset::ipv6("bl.test", &[LISTED_V6]),
         ],
-    )
-    .unwrap();
+    );
     lab.start_daemon(&config(
         &["bl.test"],
         &format!("min_ttl = \"1s\"\nmax_ttl = \"3s\"\nnameservers = [\"{RBLDNSD}\"]"),
@@ -416,13 +421,7 @@ fn verdict_cache_survives_restart() {
         return;
     }
     let mut lab = lab("dnsbl-restart", vec![]);
-    let rbldnsd = Rbldnsd::start(
-        &lab.edge,
-        &lab.dir().join("rbldnsd"),
-        RBLDNSD.parse().unwrap(),
-        &[Dataset::listing("bl.test", &[LISTED])],
-    )
-    .unwrap();
+    let rbldnsd = start_rbldnsd(&lab, &[Dataset::listing("bl.test", &[LISTED])]);
     let dnsbl = config(&["bl.test"], &format!("nameservers = [\"{RBLDNSD}\"]"));
     lab.start_daemon(&dnsbl).unwrap();
     assert_eq!(greeting(&lab, LISTED).code, 554);

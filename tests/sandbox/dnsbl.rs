@@ -64,13 +64,9 @@ impl Rbldnsd {
         addr: SocketAddr,
         datasets: &[Dataset],
     ) -> Result<Rbldnsd> {
-        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir)?;
         // rbldnsd drops to its own user, which must read the zone files and write the log.
-        for ancestor in dir.ancestors().take(3) {
-            let mode = if ancestor == dir { 0o777 } else { 0o755 };
-            let _ = std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode));
-        }
+        crate::netns::open_to_service_users(dir);
         let mut specs = Vec::new();
         for (i, dataset) in datasets.iter().enumerate() {
             let file = format!("zone{i}.data");

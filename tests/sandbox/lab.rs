@@ -31,6 +31,18 @@ pub fn edge_iface(i: usize) -> String {
 }
 
 impl Lab {
+    /// The smallest lab: the edge (192.0.2.1/24 on `gk0`) and one peer (192.0.2.2/24).
+    pub fn two_hosts(tag: &str, peer: &'static str) -> Result<Lab> {
+        Lab::new(
+            tag,
+            vec![PeerSpec {
+                name: peer,
+                edge_addrs: vec!["192.0.2.1/24"],
+                peer_addrs: vec!["192.0.2.2/24"],
+            }],
+        )
+    }
+
     /// `tag` must be unique among concurrently running tests.
     pub fn new(tag: &str, peers: Vec<PeerSpec>) -> Result<Lab> {
         let tag = format!("{tag}-{}", std::process::id());

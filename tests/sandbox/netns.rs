@@ -97,3 +97,13 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     }
     Ok(out)
 }
+
+/// Lets daemons that drop root (smtp-sink as `nobody`, rbldnsd as `rbldns`)
+/// reach `dir` through its parents and write in it.
+pub fn open_to_service_users(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for ancestor in dir.ancestors().take(3) {
+        let mode = if ancestor == dir { 0o777 } else { 0o755 };
+        let _ = std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode));
+    }
+}

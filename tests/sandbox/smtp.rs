@@ -22,11 +22,7 @@ impl SmtpSink {
     pub fn start(ns: &Netns, dir: &Path, listen: &str) -> Result<SmtpSink> {
         std::fs::create_dir_all(dir)?;
         // smtp-sink drops to `nobody`, which must reach and write the dump directory.
-        for ancestor in dir.ancestors().take(3) {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = if ancestor == dir { 0o777 } else { 0o755 };
-            let _ = std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode));
-        }
+        crate::netns::open_to_service_users(dir);
         let child = ns
             .command("smtp-sink")
             .args(["-u", "nobody", "-h", "sink.test", "-d"])

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use sandbox::frames::{with_ipv4_tcp_checksums, Ipv4Syn};
-use sandbox::lab::{Lab, PeerSpec};
+use sandbox::lab::Lab;
 use serde_json::Value;
 
 use super::generate_prefixes;
@@ -28,14 +28,7 @@ const DENIED: &str = "192.0.2.128/25";
 pub fn run(quick: bool) -> Result<Vec<FloodRow>> {
     let duration = Duration::from_secs(if quick { 1 } else { 5 });
     let list_size = if quick { 1_000 } else { 100_000 };
-    let mut lab = Lab::new(
-        "benchflood",
-        vec![PeerSpec {
-            name: "flooder",
-            edge_addrs: vec!["192.0.2.1/24"],
-            peer_addrs: vec!["192.0.2.2/24"],
-        }],
-    )?;
+    let mut lab = Lab::two_hosts("benchflood", "flooder")?;
     let flooder = lab.peer("flooder");
     let (dst, src) = (lab.edge.mac_of("gk0")?, flooder.mac_of("eth0")?);
     let frames: Vec<Vec<u8>> = (16u8..240)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use sandbox::frames::{ipv4_udp, Ipv4Syn, Ipv6Syn};
-use sandbox::lab::{Lab, PeerSpec};
+use sandbox::lab::Lab;
 use sandbox::Netns;
 use serde_json::Value;
 
@@ -47,14 +47,7 @@ pub fn run(quick: bool) -> Result<VerdictFigures> {
     };
     let v6_size = if quick { 10_000 } else { 100_000 };
 
-    let mut lab = Lab::new(
-        "benchverdict",
-        vec![PeerSpec {
-            name: "peer",
-            edge_addrs: vec!["192.0.2.1/24"],
-            peer_addrs: vec!["192.0.2.2/24"],
-        }],
-    )?;
+    let mut lab = Lab::two_hosts("benchverdict", "peer")?;
     let packets = write_packets(lab.dir())?;
     let floor = Floor::load(&lab)?;
 
@@ -347,14 +340,7 @@ fn xdp_filter(
     repeat: u32,
     floor: &Floor,
 ) -> Result<Vec<(&'static str, f64, f64)>> {
-    let lab = Lab::new(
-        "benchxdpfilter",
-        vec![PeerSpec {
-            name: "peer",
-            edge_addrs: vec!["192.0.2.1/24"],
-            peer_addrs: vec!["192.0.2.2/24"],
-        }],
-    )?;
+    let lab = Lab::two_hosts("benchxdpfilter", "peer")?;
     let run = |args: &[&str]| -> Result<()> {
         let out = lab.edge.command("xdp-filter").args(args).output()?;
         if !out.status.success() {
