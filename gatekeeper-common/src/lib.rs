@@ -16,11 +16,14 @@ pub mod map_names {
     pub const ALLOW_V6: &str = "ALLOW_V6";
     pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
     pub const COUNTERS: &str = "COUNTERS";
+    /// `[v4, v6]`: non-zero while the allowlist holds entries of that family,
+    /// so a drop verdict can skip an empty allowlist trie.
+    pub const ALLOW_PRESENT: &str = "ALLOW_PRESENT";
     /// Exact-address hashes of clients a DNSBL listed (keyed by the address bytes).
     pub const DNSBL_V4: &str = "DNSBL_V4";
     pub const DNSBL_V6: &str = "DNSBL_V6";
     /// All maps, in the order they are pinned and reported.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         DENY_V4,
         DENY_V6,
         DENY_V4_EXACT,
@@ -31,6 +34,7 @@ pub mod map_names {
         COUNTERS,
         DNSBL_V4,
         DNSBL_V6,
+        ALLOW_PRESENT,
     ];
 }
 
@@ -76,8 +80,9 @@ impl PrefixValue {
 /// Indices into the per-CPU `COUNTERS` array.
 ///
 /// Every packet the program sees bumps `Packets`; every protected SYN
-/// (TCP SYN without ACK to a protected port) bumps `ProtectedSyns` and then
-/// exactly one of the verdict counters below it.
+/// (TCP SYN without ACK to a protected port) bumps exactly one of the
+/// verdict counters below. `ProtectedSyns` is their sum, computed in
+/// userspace so the fast path saves an increment.
 ///
 /// The allowlist is consulted only for a source a drop entry matches, so
 /// `PassedAllow` counts SYNs the allowlist saved from a drop.

@@ -44,6 +44,9 @@ static DNSBL_V4: LruHashMap<[u8; 4], PrefixValue> =
 #[map]
 static DNSBL_V6: LruHashMap<[u8; 16], PrefixValue> =
     LruHashMap::with_max_entries(capacity::DNSBL_V6, 0);
+/// `[v4, v6]`: set by the daemon while the allowlist has entries of that family.
+#[map]
+static ALLOW_PRESENT: Array<u8> = Array::with_max_entries(2, 0);
 /// Indexed by destination port; non-zero means protected.
 #[map]
 static PROTECTED_PORTS: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
@@ -55,7 +58,6 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
     count(Counter::Packets);
     match headers::parse(&ctx) {
         Parsed::Syn { source, dest_port } if is_protected(dest_port) => {
-            count(Counter::ProtectedSyns);
             let (action, counter) = judge(&source);
             count(counter);
             action
@@ -74,6 +76,12 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
     }
 }
 
+/// An inlined array read instead of a trie lookup when the allowlist is empty.
+#[inline(always)]
+fn allow_present(family: u32) -> bool {
+    matches!(ALLOW_PRESENT.get(family), Some(&flag) if flag != 0)
+}
+
 #[inline(always)]
 fn is_protected(port: u16) -> bool {
     matches!(PROTECTED_PORTS.get(port as u32), Some(&flag) if flag != 0)
@@ -89,7 +97,7 @@ fn judge(source: &Source) -> (u32, Counter) {
             verdict(
                 || live_ptr(DENY_V4_EXACT.get_ptr(addr)) || live(DENY_V4.get(&key)),
                 || live_ptr(DNSBL_V4.get_ptr(addr)),
-                || live(ALLOW_V4.get(&key)),
+                || allow_present(0) && live(ALLOW_V4.get(&key)),
             )
         }
         Source::V6(addr) => {
@@ -97,7 +105,7 @@ fn judge(source: &Source) -> (u32, Counter) {
             verdict(
                 || live_ptr(DENY_V6_EXACT.get_ptr(addr)) || live(DENY_V6.get(&key)),
                 || live_ptr(DNSBL_V6.get_ptr(addr)),
-                || live(ALLOW_V6.get(&key)),
+                || allow_present(1) && live(ALLOW_V6.get(&key)),
             )
         }
     }

@@ -103,6 +103,7 @@ impl Kernel {
                 v4: take::<HashMap<_, _, _>>(&mut ebpf, map_names::DENY_V4_EXACT)?,
                 v6: take::<HashMap<_, _, _>>(&mut ebpf, map_names::DENY_V6_EXACT)?,
             }),
+            None,
             caps.deny_v4,
             caps.deny_v6,
         );
@@ -110,6 +111,7 @@ impl Kernel {
             take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::ALLOW_V4)?,
             take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::ALLOW_V6)?,
             None,
+            Some(take::<Array<_, _>>(&mut ebpf, map_names::ALLOW_PRESENT)?),
             caps.allow_v4,
             caps.allow_v6,
         );

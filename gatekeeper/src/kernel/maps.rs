@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
 use gatekeeper_common::{Counter, PrefixValue};
 use ipnet::IpNet;
 
@@ -15,6 +15,8 @@ pub struct PrefixMaps {
     v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
     v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
     exact: Option<ExactMaps>,
+    /// The allowlist's `[v4, v6]` non-empty flags, kept current after every sync.
+    presence: Option<Array<MapData, u8>>,
     pub capacity_v4: u32,
     pub capacity_v6: u32,
 }
@@ -30,6 +32,7 @@ impl PrefixMaps {
         v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
         v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
         exact: Option<ExactMaps>,
+        presence: Option<Array<MapData, u8>>,
         capacity_v4: u32,
         capacity_v6: u32,
     ) -> Self {
@@ -37,6 +40,7 @@ impl PrefixMaps {
             v4,
             v6,
             exact,
+            presence,
             capacity_v4,
             capacity_v6,
         }
@@ -59,6 +63,16 @@ impl PrefixMaps {
                 None => self.remove(net),
             }
             .with_context(|| format!("kernel map update for {net}"))?;
+        }
+        if let Some(presence) = self.presence.as_mut() {
+            let has_v4 = entries.keys().any(|net| matches!(net, IpNet::V4(_)));
+            let has_v6 = entries.keys().any(|net| matches!(net, IpNet::V6(_)));
+            presence
+                .set(0, u8::from(has_v4), 0)
+                .context("allowlist presence flag")?;
+            presence
+                .set(1, u8::from(has_v6), 0)
+                .context("allowlist presence flag")?;
         }
         Ok(())
     }
@@ -173,5 +187,14 @@ pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<CounterSnapshot>
             .with_context(|| format!("reading counter {}", counter.name()))?;
         snapshot.0[counter as usize] = per_cpu.iter().sum();
     }
+    snapshot.0[Counter::ProtectedSyns as usize] = [
+        Counter::DroppedDeny,
+        Counter::PassedAllow,
+        Counter::Passed,
+        Counter::DroppedDnsbl,
+    ]
+    .iter()
+    .map(|&c| snapshot.get(c))
+    .sum();
     Ok(snapshot)
 }
