@@ -493,3 +493,53 @@ fn crafted_syns_are_judged_through_ip_options_and_extension_headers() {
         "IPv6 SYN behind hop-by-hop, dest-opts, routing and fragment headers",
     );
 }
+
+#[test]
+fn covering_longer_and_expiring_prefixes_keep_their_meaning() {
+    if !require_kernel_privileges("covering_longer_and_expiring_prefixes_keep_their_meaning") {
+        return;
+    }
+    let lab = serving_lab("cover");
+    let gk = lab.daemon();
+    let client = lab.peer("client");
+    let to_edge = |source: &str, edge: &str| outcome(client, source, &sock(edge, 25));
+
+    // A /16 and a /24 inside it: removing either leaves the other in force.
+    ok(gk.cli(&["deny", "add", "198.51.0.0/16", "198.51.100.0/24"]));
+    assert_eq!(to_edge("198.51.100.7", "198.51.100.1"), Outcome::TimedOut);
+    ok(gk.cli(&["deny", "del", "198.51.0.0/16"]));
+    assert_eq!(
+        to_edge("198.51.100.7", "198.51.100.1"),
+        Outcome::TimedOut,
+        "/24 alone"
+    );
+    ok(gk.cli(&["deny", "del", "198.51.100.0/24"]));
+    assert_eq!(to_edge("198.51.100.7", "198.51.100.1"), Outcome::Connected);
+
+    // Longer than /24: only the covered part of the block is dropped.
+    ok(gk.cli(&["deny", "add", "198.51.100.0/29"]));
+    assert_eq!(
+        to_edge("198.51.100.7", "198.51.100.1"),
+        Outcome::TimedOut,
+        "inside /29"
+    );
+    assert_eq!(
+        to_edge("198.51.100.9", "198.51.100.1"),
+        Outcome::Connected,
+        "outside /29"
+    );
+
+    // An expiring /24 stops matching when it runs out.
+    ok(gk.cli(&["deny", "add", "192.0.2.0/24", "--ttl", "2s"]));
+    assert_eq!(
+        to_edge("192.0.2.3", "192.0.2.1"),
+        Outcome::TimedOut,
+        "expiring /24"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    assert_eq!(
+        to_edge("192.0.2.3", "192.0.2.1"),
+        Outcome::Connected,
+        "expired /24"
+    );
+}

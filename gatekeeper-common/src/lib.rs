@@ -16,6 +16,13 @@ pub mod map_names {
     pub const ALLOW_V6: &str = "ALLOW_V6";
     pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
     pub const COUNTERS: &str = "COUNTERS";
+    /// One bit per IPv4 /24 block: set where a permanent denylist prefix of
+    /// /24 or shorter covers the whole block, so XDP drops without a trie walk.
+    pub const DENY_V4_COVER: &str = "DENY_V4_COVER";
+    /// One bit per IPv4 /24 block: set where the denylist trie holds some
+    /// other entry (longer than /24, or expiring) overlapping the block; a
+    /// source in a block with neither bit set skips the trie altogether.
+    pub const DENY_V4_TRIE_HINT: &str = "DENY_V4_TRIE_HINT";
     /// `[v4, v6]`: non-zero while the allowlist holds entries of that family,
     /// so a drop verdict can skip an empty allowlist trie.
     pub const ALLOW_PRESENT: &str = "ALLOW_PRESENT";
@@ -23,7 +30,7 @@ pub mod map_names {
     pub const DNSBL_V4: &str = "DNSBL_V4";
     pub const DNSBL_V6: &str = "DNSBL_V6";
     /// All maps, in the order they are pinned and reported.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         DENY_V4,
         DENY_V6,
         DENY_V4_EXACT,
@@ -35,6 +42,8 @@ pub mod map_names {
         DNSBL_V4,
         DNSBL_V6,
         ALLOW_PRESENT,
+        DENY_V4_COVER,
+        DENY_V4_TRIE_HINT,
     ];
 }
 
@@ -48,6 +57,16 @@ pub mod capacity {
     /// verdict is evicted (that client is simply checked again).
     pub const DNSBL_V4: u32 = 1 << 17;
     pub const DNSBL_V6: u32 = 1 << 16;
+}
+
+/// u64 words in a per-/24 IPv4 bitmap (2^24 blocks).
+pub const BLOCK_WORDS_V4: u32 = 1 << 18;
+
+/// The word and bit of `addr`'s /24 block in a per-/24 bitmap.
+#[inline(always)]
+pub fn block_position(addr: [u8; 4]) -> (u32, u64) {
+    let block = u32::from_be_bytes(addr) >> 8;
+    (block >> 6, 1u64 << (block & 63))
 }
 
 /// `BPF_F_NO_PREALLOC`: LPM tries require it, and it keeps memory proportional to use.

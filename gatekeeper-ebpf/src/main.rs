@@ -19,7 +19,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
-use gatekeeper_common::{capacity, Counter, PrefixValue, BPF_F_NO_PREALLOC, PORT_SLOTS};
+use gatekeeper_common::{
+    block_position, capacity, Counter, PrefixValue, BLOCK_WORDS_V4, BPF_F_NO_PREALLOC, PORT_SLOTS,
+};
 use headers::{Parsed, Source};
 
 // Capacities here are placeholders: the daemon sets the real ones from config at load time.
@@ -44,6 +46,11 @@ static DNSBL_V4: LruHashMap<[u8; 4], PrefixValue> =
 #[map]
 static DNSBL_V6: LruHashMap<[u8; 16], PrefixValue> =
     LruHashMap::with_max_entries(capacity::DNSBL_V6, 0);
+/// Per-/24 bitmaps the daemon derives from the denylist (see gatekeeper-common).
+#[map]
+static DENY_V4_COVER: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, 0);
+#[map]
+static DENY_V4_TRIE_HINT: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, 0);
 /// `[v4, v6]`: set by the daemon while the allowlist has entries of that family.
 #[map]
 static ALLOW_PRESENT: Array<u8> = Array::with_max_entries(2, 0);
@@ -76,6 +83,13 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Whether `addr`'s /24 block is marked in a per-/24 bitmap: an inlined array read.
+#[inline(always)]
+fn block_marked(bitmap: &Array<u64>, addr: &[u8; 4]) -> bool {
+    let (word, bit) = block_position(*addr);
+    matches!(bitmap.get(word), Some(&bits) if bits & bit != 0)
+}
+
 /// An inlined array read instead of a trie lookup when the allowlist is empty.
 #[inline(always)]
 fn allow_present(family: u32) -> bool {
@@ -95,7 +109,11 @@ fn judge(source: &Source) -> (u32, Counter) {
         Source::V4(addr) => {
             let key = Key::new(32, *addr);
             verdict(
-                || live_ptr(DENY_V4_EXACT.get_ptr(addr)) || live(DENY_V4.get(&key)),
+                || {
+                    live_ptr(DENY_V4_EXACT.get_ptr(addr))
+                        || block_marked(&DENY_V4_COVER, addr)
+                        || block_marked(&DENY_V4_TRIE_HINT, addr) && live(DENY_V4.get(&key))
+                },
                 || live_ptr(DNSBL_V4.get_ptr(addr)),
                 || allow_present(0) && live(ALLOW_V4.get(&key)),
             )

@@ -10,6 +10,7 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use gatekeeper_common::map_names;
 use tracing::{debug, info, warn};
 
+use super::block_bitmaps::BlockBitmaps;
 use super::dnsbl_maps::DnsblMaps;
 use super::maps::{read_counters, CounterSnapshot, ExactMaps, PrefixMaps};
 use super::preflight;
@@ -104,6 +105,10 @@ impl Kernel {
                 v6: take::<HashMap<_, _, _>>(&mut ebpf, map_names::DENY_V6_EXACT)?,
             }),
             None,
+            Some(BlockBitmaps::new(
+                take::<Array<_, _>>(&mut ebpf, map_names::DENY_V4_COVER)?,
+                take::<Array<_, _>>(&mut ebpf, map_names::DENY_V4_TRIE_HINT)?,
+            )),
             caps.deny_v4,
             caps.deny_v6,
         );
@@ -112,6 +117,7 @@ impl Kernel {
             take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::ALLOW_V6)?,
             None,
             Some(take::<Array<_, _>>(&mut ebpf, map_names::ALLOW_PRESENT)?),
+            None,
             caps.allow_v4,
             caps.allow_v6,
         );

@@ -7,6 +7,7 @@ use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCp
 use gatekeeper_common::{Counter, PrefixValue};
 use ipnet::IpNet;
 
+use super::block_bitmaps::BlockBitmaps;
 use crate::lists::store::{unix_now, EntryMeta};
 
 /// The IPv4 and IPv6 maps of one list (deny or allow): LPM tries, and for
@@ -17,6 +18,8 @@ pub struct PrefixMaps {
     exact: Option<ExactMaps>,
     /// The allowlist's `[v4, v6]` non-empty flags, kept current after every sync.
     presence: Option<Array<MapData, u8>>,
+    /// The denylist's per-/24 bitmaps, rebuilt after every sync.
+    blocks: Option<BlockBitmaps>,
     pub capacity_v4: u32,
     pub capacity_v6: u32,
 }
@@ -33,6 +36,7 @@ impl PrefixMaps {
         v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
         exact: Option<ExactMaps>,
         presence: Option<Array<MapData, u8>>,
+        blocks: Option<BlockBitmaps>,
         capacity_v4: u32,
         capacity_v6: u32,
     ) -> Self {
@@ -41,6 +45,7 @@ impl PrefixMaps {
             v6,
             exact,
             presence,
+            blocks,
             capacity_v4,
             capacity_v6,
         }
@@ -63,6 +68,9 @@ impl PrefixMaps {
                 None => self.remove(net),
             }
             .with_context(|| format!("kernel map update for {net}"))?;
+        }
+        if let Some(blocks) = self.blocks.as_mut() {
+            blocks.update(entries, clock.unix_secs)?;
         }
         if let Some(presence) = self.presence.as_mut() {
             let has_v4 = entries.keys().any(|net| matches!(net, IpNet::V4(_)));
