@@ -86,7 +86,7 @@ impl BlockBitmaps {
 
 fn write_changes(
     map: &mut Array<MapData, u64>,
-    written: &mut Vec<u64>,
+    written: &mut [u64],
     wanted: Vec<u64>,
 ) -> Result<()> {
     for (index, (&new, old)) in wanted.iter().zip(written.iter_mut()).enumerate() {

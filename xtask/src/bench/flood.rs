@@ -153,8 +153,12 @@ fn measure(
     })
 }
 
-/// Runs trafgen in the flooder's namespace for `duration`; returns the frames it sent.
+/// Runs trafgen in the flooder's namespace for `duration`; returns the frames
+/// that left the flooder's interface (its own counter: trafgen's summary is
+/// missing when it stops on a full TX ring).
 fn trafgen(lab: &Lab, frames: &[Vec<u8>], duration: Duration) -> Result<u64> {
+    let flooder = lab.peer("flooder");
+    let tx_before = link_packets(flooder, "eth0", "tx")?;
     let config = lab.dir().join("flood.trafgen");
     let text: Vec<String> = frames
         .iter()
@@ -182,25 +186,24 @@ fn trafgen(lab: &Lab, frames: &[Vec<u8>], duration: Duration) -> Result<u64> {
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
     )?;
-    let out = child.wait_with_output()?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    text.lines()
-        .find(|l| l.contains("packets outgoing"))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("trafgen reported no packet count: {text}"))
+    child.wait_with_output()?;
+    Ok(link_packets(flooder, "eth0", "tx")? - tx_before)
 }
 
 fn rx_packets(lab: &Lab) -> Result<u64> {
-    let out = lab
-        .edge
+    link_packets(&lab.edge, "gk0", "rx")
+}
+
+/// An interface's `rx` or `tx` packet counter in `ns`.
+fn link_packets(ns: &sandbox::Netns, interface: &str, direction: &str) -> Result<u64> {
+    let out = ns
         .command("ip")
-        .args(["-j", "-s", "link", "show", "gk0"])
+        .args(["-j", "-s", "link", "show", interface])
         .output()?;
     let shown: Value = serde_json::from_slice(&out.stdout).context("ip -j -s link")?;
-    shown[0]["stats64"]["rx"]["packets"]
+    shown[0]["stats64"][direction]["packets"]
         .as_u64()
-        .context("no rx packet count")
+        .with_context(|| format!("no {direction} packet count for {interface}"))
 }
 
 /// Softirq time of all CPUs, in USER_HZ ticks.
