@@ -23,6 +23,12 @@ pub mod map_names {
     /// other entry (longer than /24, or expiring) overlapping the block; a
     /// source in a block with neither bit set skips the trie altogether.
     pub const DENY_V4_TRIE_HINT: &str = "DENY_V4_TRIE_HINT";
+    /// One bit per IPv4 /24 block holding a /32 denylist entry: elsewhere
+    /// the exact hash is not even asked.
+    pub const DENY_V4_EXACT_HINT: &str = "DENY_V4_EXACT_HINT";
+    /// One bit per IPv4 /24 block where a DNSBL verdict was inserted. A stale
+    /// bit (an evicted or expired entry) only costs a hash lookup, never a drop.
+    pub const DNSBL_V4_HINT: &str = "DNSBL_V4_HINT";
     /// `[v4, v6]`: non-zero while the allowlist holds entries of that family,
     /// so a drop verdict can skip an empty allowlist trie.
     pub const ALLOW_PRESENT: &str = "ALLOW_PRESENT";
@@ -30,7 +36,7 @@ pub mod map_names {
     pub const DNSBL_V4: &str = "DNSBL_V4";
     pub const DNSBL_V6: &str = "DNSBL_V6";
     /// All maps, in the order they are pinned and reported.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         DENY_V4,
         DENY_V6,
         DENY_V4_EXACT,
@@ -44,6 +50,8 @@ pub mod map_names {
         ALLOW_PRESENT,
         DENY_V4_COVER,
         DENY_V4_TRIE_HINT,
+        DENY_V4_EXACT_HINT,
+        DNSBL_V4_HINT,
     ];
 }
 

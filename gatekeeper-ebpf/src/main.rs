@@ -51,6 +51,10 @@ static DNSBL_V6: LruHashMap<[u8; 16], PrefixValue> =
 static DENY_V4_COVER: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, 0);
 #[map]
 static DENY_V4_TRIE_HINT: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, 0);
+#[map]
+static DENY_V4_EXACT_HINT: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, 0);
+#[map]
+static DNSBL_V4_HINT: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, 0);
 /// `[v4, v6]`: set by the daemon while the allowlist has entries of that family.
 #[map]
 static ALLOW_PRESENT: Array<u8> = Array::with_max_entries(2, 0);
@@ -110,11 +114,12 @@ fn judge(source: &Source) -> (u32, Counter) {
             let key = Key::new(32, *addr);
             verdict(
                 || {
-                    live_ptr(DENY_V4_EXACT.get_ptr(addr))
+                    block_marked(&DENY_V4_EXACT_HINT, addr)
+                        && live_ptr(DENY_V4_EXACT.get_ptr(addr))
                         || block_marked(&DENY_V4_COVER, addr)
                         || block_marked(&DENY_V4_TRIE_HINT, addr) && live(DENY_V4.get(&key))
                 },
-                || live_ptr(DNSBL_V4.get_ptr(addr)),
+                || block_marked(&DNSBL_V4_HINT, addr) && live_ptr(DNSBL_V4.get_ptr(addr)),
                 || allow_present(0) && live(ALLOW_V4.get(&key)),
             )
         }

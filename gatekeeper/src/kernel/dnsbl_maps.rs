@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, MapError};
 use gatekeeper_common::{map_names, PrefixValue};
 
+use super::block_bitmaps::{set_range, KernelBitmap};
 use super::maps::{is_absent, Clock, ExactMaps};
 use crate::smtp::policy::canonical;
 
@@ -15,6 +16,8 @@ use crate::smtp::policy::canonical;
 pub struct DnsblMaps {
     v4: HashMap<MapData, [u8; 4], PrefixValue>,
     v6: HashMap<MapData, [u8; 16], PrefixValue>,
+    /// Per-/24 blocks holding IPv4 entries; XDP asks the hash only there.
+    hint_v4: KernelBitmap,
 }
 
 /// A live kernel DNSBL entry.
@@ -29,8 +32,9 @@ impl DnsblMaps {
     pub fn new(
         v4: HashMap<MapData, [u8; 4], PrefixValue>,
         v6: HashMap<MapData, [u8; 16], PrefixValue>,
+        hint_v4: KernelBitmap,
     ) -> DnsblMaps {
-        DnsblMaps { v4, v6 }
+        DnsblMaps { v4, v6, hint_v4 }
     }
 
     /// Inserts or refreshes `client` until unix time `expires`; an already
@@ -44,6 +48,10 @@ impl DnsblMaps {
             IpAddr::V6(a) => self.v6.insert(a.octets(), value, 0),
         }
         .with_context(|| format!("inserting {client} into the kernel DNSBL map"))?;
+        // After the entry: until the bit is set, XDP does not look (as before the verdict).
+        if let IpAddr::V4(a) = canonical(client) {
+            self.hint_v4.mark(a.octets()).context("DNSBL hint bitmap")?;
+        }
         Ok(true)
     }
 
@@ -114,7 +122,18 @@ impl DnsblMaps {
         for client in &expired {
             self.remove(*client)?;
         }
+        // Also clears bits left by entries the kernel evicted (LRU).
+        self.rebuild_hint()?;
         Ok(expired.len())
+    }
+
+    /// The hint bitmap from the IPv4 entries still in the map.
+    fn rebuild_hint(&mut self) -> Result<()> {
+        let mut bitmap = vec![0u64; gatekeeper_common::BLOCK_WORDS_V4 as usize];
+        for key in self.v4.keys().filter_map(Result::ok) {
+            set_range(&mut bitmap, u32::from_be_bytes(key) >> 8, 1);
+        }
+        self.hint_v4.write(&bitmap).context("DNSBL hint bitmap")
     }
 
     /// Removes every entry; returns how many were live.
@@ -123,6 +142,7 @@ impl DnsblMaps {
         for (client, _) in &all {
             self.remove(*client)?;
         }
+        self.rebuild_hint()?;
         Ok(all.iter().filter(|(_, e)| e.is_some()).count())
     }
 }

@@ -10,7 +10,7 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use gatekeeper_common::map_names;
 use tracing::{debug, info, warn};
 
-use super::block_bitmaps::BlockBitmaps;
+use super::block_bitmaps::{BlockBitmaps, KernelBitmap};
 use super::dnsbl_maps::DnsblMaps;
 use super::maps::{read_counters, CounterSnapshot, ExactMaps, PrefixMaps};
 use super::preflight;
@@ -108,6 +108,7 @@ impl Kernel {
             Some(BlockBitmaps::new(
                 take::<Array<_, _>>(&mut ebpf, map_names::DENY_V4_COVER)?,
                 take::<Array<_, _>>(&mut ebpf, map_names::DENY_V4_TRIE_HINT)?,
+                take::<Array<_, _>>(&mut ebpf, map_names::DENY_V4_EXACT_HINT)?,
             )),
             caps.deny_v4,
             caps.deny_v6,
@@ -125,6 +126,7 @@ impl Kernel {
         let dnsbl = DnsblMaps::new(
             take::<HashMap<_, _, _>>(&mut ebpf, map_names::DNSBL_V4)?,
             take::<HashMap<_, _, _>>(&mut ebpf, map_names::DNSBL_V6)?,
+            KernelBitmap::new(take::<Array<_, _>>(&mut ebpf, map_names::DNSBL_V4_HINT)?),
         );
         Ok(Kernel {
             ebpf,

@@ -467,8 +467,9 @@ const NOTES: &str = r#"## Notes
 - **Clean SYN** (no entry matches): the daemon derives two per-/24 bitmaps from the denylist
   (2 MiB each): blocks wholly covered by a permanent prefix of /24 or shorter (drop without a
   trie walk) and blocks that some longer or expiring entry overlaps (only there is the trie
-  walked). A source in a block with neither bit costs the exact-hash miss, two inlined array
-  reads and the DNSBL hash miss. Before the bitmaps, a clean SYN walked the trie: 4.9× floor
+  walked); two more mark the blocks holding /32 denylist entries and DNSBL verdicts, so the
+  exact hashes are asked only there. A source in a block with no bit set costs four inlined
+  array reads. Before the bitmaps, a clean SYN walked the trie: 4.9× floor
   with 1,000 prefixes, 7.3× with 1,000,000. The bitmaps are rebuilt from the store after every
   change and only changed words are written; the tries and hashes stay the source of truth.
   The generated list is harsh here: with a twelfth of a million prefixes being /8s, every /8
@@ -478,7 +479,7 @@ const NOTES: &str = r#"## Notes
 - **Map memory** is the kernel's own accounting (`bytes_memlock` from fdinfo) of the deny
   tries plus the exact hashes. A hash's bucket array is sized by its capacity, not its use
   (1.1 M capacity → 2 M buckets × 16 bytes = 32 MiB), which dominates small lists and
-  amortises at a million entries. The two per-/24 bitmaps add a fixed 4 MiB (2 × 2^18 words),
+  amortises at a million entries. The four per-/24 bitmaps add a fixed 8 MiB (4 × 2^18 words),
   not included in these rows.
 - **Teardown**: the daemon's stop with the largest list loaded (detach, unpin, the kernel
   frees the maps afterwards in RCU callbacks); no stall was observed.
