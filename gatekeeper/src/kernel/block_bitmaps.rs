@@ -181,7 +181,7 @@ mod tests {
         let built = build(&list, 100);
         let (cover, hint) = (&built.cover, &built.trie_hint);
         for covered in [[10, 0, 0, 1], [10, 255, 255, 255], [192, 0, 2, 200]] {
-            assert!(marked(&cover, covered), "{covered:?}");
+            assert!(marked(cover, covered), "{covered:?}");
         }
         for uncovered in [
             [11, 0, 0, 1],
@@ -189,16 +189,16 @@ mod tests {
             [198, 51, 100, 1],
             [198, 18, 0, 7],
         ] {
-            assert!(!marked(&cover, uncovered), "{uncovered:?}");
+            assert!(!marked(cover, uncovered), "{uncovered:?}");
         }
         // A /28 and an expiring /24 send their block to the trie; an expired one marks nothing.
-        assert!(marked(&hint, [198, 51, 100, 200]) && marked(&hint, [203, 0, 113, 5]));
-        assert!(!marked(&hint, [203, 0, 114, 5]) && !marked(&hint, [198, 18, 0, 7]));
+        assert!(marked(hint, [198, 51, 100, 200]) && marked(hint, [203, 0, 113, 5]));
+        assert!(!marked(hint, [203, 0, 114, 5]) && !marked(hint, [198, 18, 0, 7]));
         assert!(
             marked(&built.exact_hint, [198, 18, 0, 200])
                 && !marked(&built.exact_hint, [198, 18, 1, 7])
         );
-        assert!(!marked(&hint, [10, 0, 0, 1]));
+        assert!(!marked(hint, [10, 0, 0, 1]));
         let covered_blocks: u32 = cover.iter().map(|w| w.count_ones()).sum();
         assert_eq!(covered_blocks, (1 << 16) + 1);
     }
