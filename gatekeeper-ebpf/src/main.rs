@@ -114,8 +114,7 @@ fn judge(source: &Source) -> (u32, Counter) {
             let key = Key::new(32, *addr);
             verdict(
                 || {
-                    block_marked(&DENY_V4_EXACT_HINT, addr)
-                        && live_ptr(DENY_V4_EXACT.get_ptr(addr))
+                    block_marked(&DENY_V4_EXACT_HINT, addr) && live_ptr(DENY_V4_EXACT.get_ptr(addr))
                         || block_marked(&DENY_V4_COVER, addr)
                         || block_marked(&DENY_V4_TRIE_HINT, addr) && live(DENY_V4.get(&key))
                 },
