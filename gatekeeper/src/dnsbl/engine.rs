@@ -211,33 +211,10 @@ impl DnsblEngine {
             );
         }
         let name = query_name(client, &zone.spec.name);
-        let (answer, ttl) = match self.lookup_a(&name, deadline).await {
-            RawAnswer::Records { codes, ttl } => match classify(&zone.spec, &codes) {
-                Classified::Listed(_) => {
-                    let txt = self.lookup_txt(&name, deadline).await;
-                    let mut answer = zone_answer(zone, AnswerKind::Listed, codes, None);
-                    answer.txt = txt;
-                    (answer, Some(ttl))
-                }
-                Classified::NotListed => (
-                    zone_answer(zone, AnswerKind::NotListed, codes, None),
-                    Some(ttl),
-                ),
-                Classified::Error { meaning, .. } => (
-                    zone_answer(zone, AnswerKind::Error, codes, Some(meaning.into())),
-                    None,
-                ),
-            },
-            RawAnswer::NoRecords { negative_ttl } => (
-                zone_answer(zone, AnswerKind::NotListed, vec![], None),
-                negative_ttl,
-            ),
-            RawAnswer::Timeout => (zone_answer(zone, AnswerKind::Timeout, vec![], None), None),
-            RawAnswer::Failed(why) => (
-                zone_answer(zone, AnswerKind::Failed, vec![], Some(why)),
-                None,
-            ),
-        };
+        let (mut answer, ttl) = interpret(zone, self.lookup_a(&name, deadline).await);
+        if answer.answer == AnswerKind::Listed {
+            answer.txt = self.lookup_txt(&name, deadline).await;
+        }
         zone.record(&answer);
         (answer, ttl)
     }
@@ -318,7 +295,7 @@ impl DnsblEngine {
                         &zone.spec.name,
                     );
                     let engine = &engine;
-                    async move { test_point_answer(zone, engine.lookup_a(&name, deadline).await) }
+                    async move { interpret(zone, engine.lookup_a(&name, deadline).await).0 }
                 };
                 let (two, one) = tokio::join!(probe(2), probe(1));
                 zone.set_health(judge_test_points(&two, &one));
@@ -403,18 +380,33 @@ fn zone_answer(
     }
 }
 
-fn test_point_answer(zone: &ZoneState, raw: RawAnswer) -> ZoneAnswer {
+/// A zone's answer from one A lookup, and how long it may be cached
+/// (`None`: the verdict's minimum; error answers and failures are not trusted longer).
+fn interpret(zone: &ZoneState, raw: RawAnswer) -> (ZoneAnswer, Option<u32>) {
     match raw {
-        RawAnswer::Records { codes, .. } => match classify(&zone.spec, &codes) {
-            Classified::Error { meaning, .. } => {
-                zone_answer(zone, AnswerKind::Error, codes, Some(meaning.into()))
-            }
-            Classified::Listed(_) => zone_answer(zone, AnswerKind::Listed, codes, None),
-            Classified::NotListed => zone_answer(zone, AnswerKind::NotListed, codes, None),
+        RawAnswer::Records { codes, ttl } => match classify(&zone.spec, &codes) {
+            Classified::Listed(_) => (
+                zone_answer(zone, AnswerKind::Listed, codes, None),
+                Some(ttl),
+            ),
+            Classified::NotListed => (
+                zone_answer(zone, AnswerKind::NotListed, codes, None),
+                Some(ttl),
+            ),
+            Classified::Error { meaning, .. } => (
+                zone_answer(zone, AnswerKind::Error, codes, Some(meaning.into())),
+                None,
+            ),
         },
-        RawAnswer::NoRecords { .. } => zone_answer(zone, AnswerKind::NotListed, vec![], None),
-        RawAnswer::Timeout => zone_answer(zone, AnswerKind::Timeout, vec![], None),
-        RawAnswer::Failed(why) => zone_answer(zone, AnswerKind::Failed, vec![], Some(why)),
+        RawAnswer::NoRecords { negative_ttl } => (
+            zone_answer(zone, AnswerKind::NotListed, vec![], None),
+            negative_ttl,
+        ),
+        RawAnswer::Timeout => (zone_answer(zone, AnswerKind::Timeout, vec![], None), None),
+        RawAnswer::Failed(why) => (
+            zone_answer(zone, AnswerKind::Failed, vec![], Some(why)),
+            None,
+        ),
     }
 }
 
