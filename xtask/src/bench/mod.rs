@@ -375,15 +375,20 @@ struct ImportFigures {
     daemon_rss_kib: u64,
 }
 
-/// Deterministic prefixes of realistic mixed lengths, most of them /32 and /24.
-pub(crate) fn generate_prefixes(count: usize) -> Vec<String> {
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
+/// A xorshift64 generator: deterministic benchmark inputs, run after run.
+pub(crate) fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         state
-    };
+    }
+}
+
+/// Deterministic prefixes of realistic mixed lengths, most of them /32 and /24.
+pub(crate) fn generate_prefixes(count: usize) -> Vec<String> {
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
     let lengths = [32u32, 32, 32, 32, 32, 32, 24, 24, 16, 8, 20, 28];
     let mut seen = std::collections::HashSet::with_capacity(count);
     let mut out = Vec::with_capacity(count);

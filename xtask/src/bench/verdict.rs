@@ -171,13 +171,11 @@ fn covers(prefix: &str, addr: [u8; 4]) -> bool {
 
 fn generate_v6_prefixes(count: usize) -> Vec<String> {
     let lengths = [128u8, 128, 128, 64, 48, 56, 32];
-    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = super::xorshift(0x2545_f491_4f6c_dd1d);
     let mut seen = std::collections::HashSet::with_capacity(count);
     let mut out = Vec::with_capacity(count);
     while out.len() < count {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
+        let state = next();
         let len = lengths[(state >> 50) as usize % lengths.len()];
         // Inside 2001:db8::/32, away from the listed 2001:db8:7::/48.
         let low = u128::from(state) << 64 | u128::from(state.rotate_left(29));
@@ -352,6 +350,9 @@ fn xdp_filter(
         }
         Ok(())
     };
+    // libxdp leaves its bpffs directory behind; remove it afterwards if we caused it.
+    let libxdp_dir = Path::new("/sys/fs/bpf/xdp");
+    let libxdp_dir_was_there = libxdp_dir.exists();
     run(&["load", "gk0", "-m", "skb"])?;
     let result = (|| {
         run(&["ip", "203.0.113.7", "-m", "src"])?;
@@ -366,6 +367,9 @@ fn xdp_filter(
             .collect::<Result<Vec<_>>>()
     })();
     let _ = run(&["unload", "gk0", "--all"]);
+    if !libxdp_dir_was_there {
+        let _ = std::fs::remove_dir(libxdp_dir); // only succeeds when empty
+    }
     result
 }
 
