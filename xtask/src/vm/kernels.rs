@@ -6,6 +6,8 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::setup;
+
 /// A kernel of the test matrix.
 pub struct KernelSpec {
     /// What `--kernel` calls it.
@@ -63,7 +65,8 @@ pub fn fetch(spec: &KernelSpec) -> Result<Kernel> {
     let stamp = unpacked.join(".unpacked");
     if !stamp.exists() {
         let _ = std::fs::remove_dir_all(&unpacked);
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+        let (deb_path, dir) = (path_str(&deb)?, path_str(&unpacked)?);
+        setup::status("dpkg-deb", &["-x", deb_path, dir])?;
         std::fs::write(&stamp, deb.display().to_string())?;
     }
     let version = deb_version(&deb)?;
@@ -151,7 +154,7 @@ fn download(dir: &Path, package: &str) -> Result<()> {
     if attempt()?.success() {
         return Ok(());
     }
-    run(Command::new("apt-get").arg("update"))?;
+    setup::status("apt-get", &["update"])?;
     ensure!(attempt()?.success(), "apt-get download {package} failed");
     Ok(())
 }
@@ -197,8 +200,7 @@ fn only_match(dir: &Path, prefix: &str) -> Result<PathBuf> {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(status.success(), "{cmd:?} failed");
-    Ok(())
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
 }
