@@ -37,6 +37,12 @@ enum Command {
         /// 6.1, 6.12 or all.
         #[arg(long, default_value = "all")]
         kernel: String,
+        /// Only the integration tests whose names contain this (libtest filter).
+        #[arg(long)]
+        filter: Option<String>,
+        /// Run the selection this many times in one boot (e.g. 20 for a flakiness check).
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// Build, then show the gatekeeper at work in a sandbox of network namespaces.
     Demo,
@@ -61,7 +67,11 @@ fn main() -> anyhow::Result<()> {
             no_vm,
             cargo_test_args,
         } => test::run(&cargo_test_args, !no_vm),
-        Command::VmTest { kernel } => vm::run(&kernel).map(|_| ()),
+        Command::VmTest {
+            kernel,
+            filter,
+            repeat,
+        } => vm::run(&kernel, &vm::Selection { filter, repeat }).map(|_| ()),
         Command::Demo => demo::run(),
         Command::Bench { quick, only } => bench::run(quick, only.as_deref()),
         Command::Lint => build::lint(),

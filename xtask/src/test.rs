@@ -35,7 +35,7 @@ pub fn run(extra: &[String], with_vm: bool) -> Result<()> {
     if !extra.is_empty() {
         println!("\n*** test filter given: the VM matrix runs the whole integration suite regardless ***");
     }
-    let results = vm::run("all")?;
+    let results = vm::run("all", &vm::Selection::default())?;
     let summary: Vec<String> = results.iter().map(ToString::to_string).collect();
     println!("\nhost: all tests passed; {}", summary.join("; "));
     Ok(())

@@ -138,8 +138,13 @@ impl DnsblEngine {
         // A task of its own, so a client that hangs up does not cancel the others' verdict.
         let engine = self.clone();
         tokio::spawn(async move {
-            let verdict = Arc::new(engine.evaluate(client).await);
-            engine.cache().insert(verdict.clone());
+            let (verdict, checked) = engine.evaluate(client).await;
+            let verdict = Arc::new(verdict);
+            // An unchecked client is let in once, never remembered as clean:
+            // a flood that saturates the engine must not buy its bots a pass.
+            if checked {
+                engine.cache().insert(verdict.clone());
+            }
             engine
                 .inflight
                 .lock()
@@ -150,11 +155,16 @@ impl DnsblEngine {
         pending
     }
 
-    async fn evaluate(self: &Arc<Self>, client: IpAddr) -> Verdict {
+    /// The verdict, and whether the zones were really asked (false when every
+    /// `max_inflight` slot stayed busy until the deadline).
+    async fn evaluate(self: &Arc<Self>, client: IpAddr) -> (Verdict, bool) {
         let deadline = Instant::now() + self.config.timeout;
         let Ok(Ok(_slot)) = timeout_at(deadline, self.slots.acquire()).await else {
             self.overloaded.fetch_add(1, Relaxed);
-            return self.fail_open(client, "max_inflight checks already running");
+            return (
+                self.fail_open(client, "max_inflight checks already running"),
+                false,
+            );
         };
         let mut lookups = JoinSet::new();
         for index in 0..self.zones.len() {
@@ -192,7 +202,10 @@ impl DnsblEngine {
             .collect();
         let ttl = ttl.clamp(self.config.min_ttl.as_secs(), self.config.max_ttl.as_secs());
         let now = unix_now();
-        Verdict::new(client, zones, self.scoring(), now, now + ttl)
+        (
+            Verdict::new(client, zones, self.scoring(), now, now + ttl),
+            true,
+        )
     }
 
     /// One zone's answer for `client` and the TTL it may be cached for.
@@ -438,4 +451,57 @@ fn build_resolver(config: &DnsblConfig) -> Result<TokioResolver> {
     options.attempts = 2;
     options.timeout = (config.timeout / 2).max(Duration::from_millis(1));
     builder.build().context("dnsbl: building the resolver")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A nameserver that reads queries and never answers, on loopback.
+    fn silent_nameserver() -> std::net::UdpSocket {
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap()
+    }
+
+    fn engine(nameserver: std::net::SocketAddr, max_inflight: usize) -> Arc<DnsblEngine> {
+        let config: DnsblConfig = toml::from_str(&format!(
+            "zones = [\"silent.test\"]\nnameservers = [\"{nameserver}\"]\n\
+             timeout = \"300ms\"\nmax_inflight = {max_inflight}"
+        ))
+        .unwrap();
+        config.validate().unwrap();
+        DnsblEngine::new(config).unwrap()
+    }
+
+    /// Paused time: the four checks share one deadline to the nanosecond, so
+    /// whichever way its timers fire, the one slot cannot serve them all.
+    #[tokio::test(start_paused = true)]
+    async fn a_saturated_engine_lets_clients_in_without_caching_them_as_clean() {
+        let server = silent_nameserver();
+        let engine = engine(server.local_addr().unwrap(), 1);
+        let clients: Vec<IpAddr> = (1..=4)
+            .map(|i| format!("192.0.2.{i}").parse().unwrap())
+            .collect();
+        let checks = clients.iter().map(|&client| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.check(client, false).await })
+        });
+        for check in checks.collect::<Vec<_>>() {
+            assert!(!check.await.unwrap().verdict.listed, "fails open");
+        }
+        let report = engine.report();
+        assert!(
+            report.overloaded >= 1,
+            "one slot for four simultaneous checks of one deadline: {report:?}"
+        );
+        let now = unix_now();
+        let remembered = clients
+            .iter()
+            .filter(|&&client| engine.cache().get(client, now).is_some())
+            .count() as u64;
+        assert_eq!(
+            remembered + report.overloaded,
+            clients.len() as u64,
+            "only checked clients are cached"
+        );
+    }
 }

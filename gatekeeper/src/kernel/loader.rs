@@ -52,7 +52,14 @@ impl Kernel {
     pub fn load(config: &Config) -> Result<Kernel> {
         preflight::check_interfaces(&config.interfaces)?;
         preflight::prepare_bpffs_dir(&config.bpffs_dir)?;
-        remove_stale_pins(&config.bpffs_dir)?;
+        let reclaimed = remove_stale_pins(&config.bpffs_dir)?;
+        if reclaimed > 0 {
+            warn!(
+                pins = reclaimed,
+                dir = %config.bpffs_dir.display(),
+                "reclaimed the map pins of a daemon that did not stop cleanly (killed or crashed)"
+            );
+        }
 
         let caps = config.maps;
         // aya-log level inside XDP: off unless debug logging is on for gatekeeper.
@@ -214,8 +221,16 @@ impl Kernel {
         read_counters(&self.counters)
     }
 
-    /// Detaches from every interface and removes the pins.
-    pub fn shutdown(mut self) {
+    /// Detaches from every interface and removes the pins (what dropping does).
+    pub fn shutdown(self) {
+        drop(self);
+    }
+}
+
+/// Teardown is tied to ownership, so every exit path (clean stop, a failed
+/// start-up, an error or a panic unwinding out of `run`) detaches and unpins.
+impl Drop for Kernel {
+    fn drop(&mut self) {
         let attachments = std::mem::take(&mut self.attachments);
         if let Ok(program) = xdp_program(&mut self.ebpf) {
             for attachment in attachments {
@@ -227,10 +242,12 @@ impl Kernel {
                 }
             }
         }
-        if let Err(e) = remove_stale_pins(&self.pin_dir) {
-            warn!(error = %e, "removing pinned maps failed");
+        match remove_stale_pins(&self.pin_dir) {
+            Ok(pins) => info!(pins, dir = %self.pin_dir.display(), "map pins removed"),
+            Err(e) => warn!(error = %format!("{e:#}"), "removing pinned maps failed"),
         }
         let _ = std::fs::remove_dir(&self.pin_dir);
+        info!("kernel teardown complete");
     }
 }
 
@@ -252,17 +269,22 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-/// Pins left by a daemon that died are dead weight: its program went with it.
-fn remove_stale_pins(dir: &Path) -> Result<()> {
+/// Pins left by a daemon that died are dead weight: its program went with
+/// it. Returns how many were removed.
+fn remove_stale_pins(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
     for name in map_names::ALL {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
-            Ok(()) => debug!(path = %path.display(), "removed stale pin"),
+            Ok(()) => {
+                debug!(path = %path.display(), "removed pin");
+                removed += 1;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 fn describe_load_error(error: EbpfError) -> anyhow::Error {

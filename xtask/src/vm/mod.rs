@@ -42,8 +42,17 @@ impl std::fmt::Display for VmResult {
     }
 }
 
+/// Which integration tests the guest runs, and how often.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// A libtest name filter passed to every test binary; `None`: all tests.
+    pub filter: Option<String>,
+    /// Run the selection this many times in one boot (flakiness hunts); 0 counts as 1.
+    pub repeat: u32,
+}
+
 /// Runs the matrix (`which`: `6.1`, `6.12` or `all`); fails if any kernel fails.
-pub fn run(which: &str) -> Result<Vec<VmResult>> {
+pub fn run(which: &str, selection: &Selection) -> Result<Vec<VmResult>> {
     let specs: Vec<&KernelSpec> = MATRIX
         .iter()
         .filter(|k| which == "all" || k.name == which)
@@ -59,7 +68,7 @@ pub fn run(which: &str) -> Result<Vec<VmResult>> {
     let work = build::workspace_root().join("target/vm");
     std::fs::create_dir_all(&work)?;
     let initrd = work.join("initramfs.cpio");
-    let size = assemble(&binary, &tests, &work, &initrd)?;
+    let size = assemble(&binary, &tests, &work, &initrd, selection)?;
     println!(
         "vm: initramfs {} ({} MiB, {} test binaries)",
         initrd.display(),
@@ -112,11 +121,17 @@ pub fn run(which: &str) -> Result<Vec<VmResult>> {
     Ok(results)
 }
 
-fn assemble(binary: &Path, tests: &[PathBuf], work: &Path, out: &Path) -> Result<u64> {
+fn assemble(
+    binary: &Path,
+    tests: &[PathBuf],
+    work: &Path,
+    out: &Path,
+    selection: &Selection,
+) -> Result<u64> {
     let stripped_dir = work.join("stripped");
     std::fs::create_dir_all(&stripped_dir)?;
     let mut fs = Initramfs::default();
-    fs.add_bytes("init", 0o755, init_script().into_bytes());
+    fs.add_bytes("init", 0o755, init_script(selection).into_bytes());
     fs.add_file(
         "bin/busybox",
         0o755,
@@ -163,10 +178,17 @@ fn assemble(binary: &Path, tests: &[PathBuf], work: &Path, out: &Path) -> Result
 }
 
 /// `/init`: busybox applets by absolute path, since they would win over `$PATH` otherwise.
-fn init_script() -> String {
+fn init_script(selection: &Selection) -> String {
     let ip = initramfs::which("ip")
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "/usr/bin/ip".into());
+    // Test names are Rust identifiers: nothing here needs shell quoting beyond the quotes.
+    let filter = selection
+        .filter
+        .as_deref()
+        .map(|f| format!(" '{}'", f.replace('\'', "")))
+        .unwrap_or_default();
+    let repeat = selection.repeat.max(1);
     format!(
         r#"#!/bin/busybox sh
 B=/bin/busybox
@@ -186,9 +208,11 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/r
 export GATEKEEPER_BIN=/usr/bin/gatekeeper GATEKEEPER_TEST_NOTES=/tmp/notes RUST_BACKTRACE=1
 echo "VMTEST: kernel $($B uname -r)"
 rc=0
-for t in /tests/*; do
-  echo "VMTEST: RUN ${{t##*/}}"
-  "$t" --test-threads=2 || rc=$?
+for round in $($B seq {repeat}); do
+  for t in /tests/*; do
+    echo "VMTEST: RUN ${{t##*/}} (round $round of {repeat})"
+    "$t" --test-threads=2{filter} || rc=$?
+  done
 done
 [ -f /tmp/notes ] && $B cat /tmp/notes
 if [ "$rc" -eq 0 ]; then echo "VMTEST: PASS"; code='\020'; else echo "VMTEST: FAIL rc=$rc"; code='\021'; fi
