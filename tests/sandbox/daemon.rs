@@ -111,14 +111,28 @@ impl Daemon {
         self.child.as_ref().map(Child::id)
     }
 
-    /// SIGTERM and wait: the clean shutdown path.
-    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
-        let mut child = self.child.take().context("daemon already gone")?;
+    /// Sends SIGTERM without waiting: the clean shutdown path begins.
+    pub fn terminate(&self) -> Result<()> {
+        let child = self.child.as_ref().context("daemon already gone")?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         )?;
-        wait_with_timeout(&mut child, Duration::from_secs(10))
+        Ok(())
+    }
+
+    /// SIGTERM and wait: the clean shutdown path. The wait is generous (a
+    /// drain may be in progress, and emulated machines are slow); it only
+    /// catches a daemon that does not exit at all.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        self.terminate()?;
+        let mut child = self.child.take().context("daemon already gone")?;
+        wait_with_timeout(&mut child, Duration::from_secs(90))
+    }
+
+    /// Where the daemon writes its log (it outlives the daemon).
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// SIGKILL: the crash path. Nothing gets a chance to clean up.

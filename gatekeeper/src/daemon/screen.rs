@@ -18,7 +18,7 @@ use crate::dnsbl::{DnsblEngine, Verdict};
 use crate::kernel::{DnsblMaps, Kernel, PrefixView};
 use crate::lists::store::unix_now;
 use crate::smtp::policy::canonical;
-use crate::smtp::Screening;
+use crate::smtp::{ScreenRefusal, Screening};
 
 const CACHE_FILE: &str = "dnsbl-cache.json";
 
@@ -113,9 +113,30 @@ impl ScreenService {
         Some(tokio::spawn(engine.watch_health()))
     }
 
-    /// The connection-time decision; a listed client also goes into the kernel.
+    /// The connection-time decision for every client the SMTP front end
+    /// accepts. XDP should have dropped a listed source already; this is the
+    /// second line for whatever reached us anyway (a `listen` port missing
+    /// from `protected_ports`, an interface XDP is not attached to, a frame
+    /// XDP passed). The order is XDP's: allowlist, denylist, live DNSBL
+    /// entries; then, for screened clients, the DNSBL engine, whose listed
+    /// verdicts go into the kernel.
     pub async fn screen(&self, client: IpAddr) -> Screening {
         let client = canonical(client);
+        if self.allow.matches(client) {
+            return Screening::Pass;
+        }
+        if self.deny.matches(client) {
+            info!(%client, "denylisted client reached the SMTP front end; refused");
+            return Screening::Refuse(ScreenRefusal::Denylisted(format!(
+                "554 5.7.1 Service unavailable; client [{client}] is denylisted"
+            )));
+        }
+        if self.kernel().lookup(client).is_some() {
+            self.blocked.fetch_add(1, Relaxed);
+            let zone = self.listing_zone(client);
+            info!(%client, %zone, "DNSBL-listed client reached the SMTP front end; refused");
+            return Screening::Refuse(ScreenRefusal::Dnsbl(dnsbl_reply(client, &zone)));
+        }
         let Some(engine) = &self.engine else {
             return Screening::Pass;
         };
@@ -128,15 +149,22 @@ impl ScreenService {
             self.feed_kernel(&verdict);
             let zone = verdict.blocked_by.as_deref().unwrap_or("DNSBL");
             info!(%client, %zone, score = verdict.score, "DNSBL-listed client refused");
-            return Screening::Refuse(format!(
-                "554 5.7.1 Service unavailable; client [{client}] blocked using {zone}"
-            ));
+            return Screening::Refuse(ScreenRefusal::Dnsbl(dnsbl_reply(client, zone)));
         }
         if verdict.trusted {
             Screening::Trusted
         } else {
             Screening::Pass
         }
+    }
+
+    /// The zone a live kernel DNSBL entry came from, as the cache remembers it.
+    fn listing_zone(&self, client: IpAddr) -> String {
+        self.engine
+            .as_ref()
+            .and_then(|engine| engine.cache().get(client, unix_now()))
+            .and_then(|verdict| verdict.blocked_by.clone())
+            .unwrap_or_else(|| "DNSBL".into())
     }
 
     /// Relay networks and allowlisted prefixes are never DNSBL-checked.
@@ -294,6 +322,10 @@ impl ScreenService {
             kernel_entries: self.kernel().live().len(),
         })
     }
+}
+
+fn dnsbl_reply(client: IpAddr, zone: &str) -> String {
+    format!("554 5.7.1 Service unavailable; client [{client}] blocked using {zone}")
 }
 
 /// The client address of a request, or the refusal to send back.

@@ -42,7 +42,15 @@ pub enum Screening {
     /// Pass, and spare it the pre-greet wait.
     Trusted,
     /// Send this reply line instead of a banner and close.
-    Refuse(String),
+    Refuse(ScreenRefusal),
+}
+
+/// Why the screen refused a client; each reason has its own counter.
+pub enum ScreenRefusal {
+    /// On the denylist (XDP should have dropped it: a second line of defence).
+    Denylisted(String),
+    /// Listed by the DNSBLs (a live kernel entry, or a fresh verdict).
+    Dnsbl(String),
 }
 
 /// Judges a client before its banner; the daemon wires the DNSBL engine in here.
@@ -186,9 +194,13 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<SmtpCon
         Some(screen) => match screen(peer.ip()).await {
             Screening::Pass => false,
             Screening::Trusted => true,
-            Screening::Refuse(reply) => {
-                SmtpStats::bump(&ctx.stats.refused_dnsbl);
-                refuse(&mut conn, &reply).await;
+            Screening::Refuse(refusal) => {
+                let (counter, reply) = match &refusal {
+                    ScreenRefusal::Denylisted(reply) => (&ctx.stats.refused_denylisted, reply),
+                    ScreenRefusal::Dnsbl(reply) => (&ctx.stats.refused_dnsbl, reply),
+                };
+                SmtpStats::bump(counter);
+                refuse(&mut conn, reply).await;
                 return;
             }
         },

@@ -12,6 +12,7 @@ pub struct SmtpStats {
     pub connections: AtomicU64,
     pub refused_connection_limit: AtomicU64,
     pub refused_dnsbl: AtomicU64,
+    pub refused_denylisted: AtomicU64,
     pub pregreet: AtomicU64,
     pub recipients_accepted: AtomicU64,
     pub messages_delivered: AtomicU64,
@@ -30,6 +31,8 @@ pub struct SmtpStatsReport {
     pub refused_connection_limit: u64,
     /// Connections refused with 554 because of a DNSBL verdict.
     pub refused_dnsbl: u64,
+    /// Denylisted clients that got past XDP and were refused with 554 by the front end.
+    pub refused_denylisted: u64,
     pub pregreet: u64,
     pub recipients_accepted: u64,
     pub messages_delivered: u64,
@@ -60,6 +63,7 @@ impl SmtpStats {
             connections: self.connections.load(Relaxed),
             refused_connection_limit: self.refused_connection_limit.load(Relaxed),
             refused_dnsbl: self.refused_dnsbl.load(Relaxed),
+            refused_denylisted: self.refused_denylisted.load(Relaxed),
             pregreet: self.pregreet.load(Relaxed),
             recipients_accepted: self.recipients_accepted.load(Relaxed),
             messages_delivered: self.messages_delivered.load(Relaxed),
