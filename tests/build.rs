@@ -18,14 +18,13 @@ fn main() {
         Some(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => {
             panic!("CI=true but the kernel-level tests cannot run: {reason}")
         }
-        Some(reason) => println!(
-            "cargo:warning=kernel-level tests will be reported as ignored: {reason}"
-        ),
+        Some(reason) => {
+            println!("cargo:warning=kernel-level tests will be reported as ignored: {reason}")
+        }
     }
 }
 
 fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
 }

@@ -3,11 +3,11 @@
 //! reclaims, and the SMTP front end refusing listed clients that XDP did not
 //! judge.
 
+use sandbox::daemon::ok;
 use sandbox::lab::Lab;
 use sandbox::probe::{outcome, Outcome};
 use sandbox::require_kernel_privileges;
 use sandbox::smtp::{SmtpClient, SmtpSink};
-use sandbox::daemon::ok;
 
 const CLIENT: &str = "192.0.2.2";
 const MX: &str = "192.0.2.1:25";
@@ -169,7 +169,9 @@ fn front_end_refuses_listed_clients_on_a_port_xdp_does_not_protect() {
         .unwrap();
     assert_eq!(allowed.cmd("RCPT TO:<user@example.org>").unwrap().code, 250);
     assert_eq!(allowed.cmd("DATA").unwrap().code, 354);
-    allowed.send(b"Subject: allowed\r\n\r\nhi\r\n.\r\n").unwrap();
+    allowed
+        .send(b"Subject: allowed\r\n\r\nhi\r\n.\r\n")
+        .unwrap();
     assert_eq!(allowed.reply().unwrap().code, 250);
     let _ = allowed.cmd("QUIT");
 
@@ -181,5 +183,9 @@ fn front_end_refuses_listed_clients_on_a_port_xdp_does_not_protect() {
 
     let smtp = &lab.daemon().stats()["smtp"];
     assert_eq!(smtp["refused_denylisted"], 1, "{smtp:#}");
-    assert_eq!(sink.messages().len(), 1, "only the allowlisted client's message");
+    assert_eq!(
+        sink.messages().len(),
+        1,
+        "only the allowlisted client's message"
+    );
 }

@@ -99,11 +99,22 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
 }
 
 /// Lets daemons that drop root (smtp-sink as `nobody`, rbldnsd as `rbldns`)
-/// reach `dir` through its parents and write in it.
+/// reach `dir` through its parents and write in it. Parents only gain the
+/// read and search bits: replacing their mode once turned `/tmp` (1777)
+/// into 0755, which broke every unprivileged writer on the machine (apt).
 pub fn open_to_service_users(dir: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     for ancestor in dir.ancestors().take(3) {
-        let mode = if ancestor == dir { 0o777 } else { 0o755 };
-        let _ = std::fs::set_permissions(ancestor, std::fs::Permissions::from_mode(mode));
+        let Ok(meta) = std::fs::metadata(ancestor) else {
+            continue;
+        };
+        let current = meta.permissions().mode() & 0o7777;
+        let wanted = if ancestor == dir { 0o777 } else { 0o555 };
+        if current & wanted != wanted {
+            let _ = std::fs::set_permissions(
+                ancestor,
+                std::fs::Permissions::from_mode(current | wanted),
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use tracing::{info, warn};
 
 use crate::control::protocol::{ChangeSummary, ListedEntry, Reply, WireEntry};
-use crate::kernel::Kernel;
+use crate::kernel::{ListMaps, PrefixMaps};
 use crate::lists::prefix::{parse_prefix, PrefixError};
 use crate::lists::store::{unix_now, ApplyError, Change, ListStore, NewEntry};
 use crate::lists::ListKind;
@@ -18,17 +18,15 @@ use crate::lists::ListKind;
 pub struct ListService {
     deny: ListStore,
     allow: ListStore,
-    pub kernel: Kernel,
+    maps: ListMaps,
 }
 
 impl ListService {
     /// Fills the kernel maps from the stores; called before XDP is attached.
-    pub fn new(deny: ListStore, allow: ListStore, mut kernel: Kernel) -> anyhow::Result<Self> {
+    pub fn new(deny: ListStore, allow: ListStore, mut maps: ListMaps) -> anyhow::Result<Self> {
         for store in [&deny, &allow] {
             let started = Instant::now();
-            kernel
-                .list_maps(store.kind())
-                .sync(store.entries(), store.entries().keys())?;
+            kernel_maps(&mut maps, store.kind()).sync(store.entries(), store.entries().keys())?;
             info!(
                 list = %store.kind(),
                 entries = store.entries().len(),
@@ -36,11 +34,7 @@ impl ListService {
                 "list loaded into the kernel"
             );
         }
-        Ok(ListService {
-            deny,
-            allow,
-            kernel,
-        })
+        Ok(ListService { deny, allow, maps })
     }
 
     pub fn store(&self, kind: ListKind) -> &ListStore {
@@ -117,7 +111,7 @@ impl ListService {
     fn change(&mut self, kind: ListKind, change: Change) -> Reply {
         let started = Instant::now();
         let (v4, v6) = self.store(kind).family_counts_after(&change);
-        let maps = self.kernel.list_maps(kind);
+        let maps = kernel_maps(&mut self.maps, kind);
         let (cap4, cap6) = (maps.capacity_v4 as usize, maps.capacity_v6 as usize);
         if v4 > cap4 || v6 > cap6 {
             return Reply::failed(format!(
@@ -141,10 +135,10 @@ impl ListService {
             ListKind::Deny => &mut self.deny,
             ListKind::Allow => &mut self.allow,
         };
-        if let Err(e) = self.kernel.list_maps(kind).sync(store.entries(), &touched) {
+        if let Err(e) = kernel_maps(&mut self.maps, kind).sync(store.entries(), &touched) {
             warn!(error = %format!("{e:#}"), "kernel update failed; reverting");
             let reverted = store.revert(&applied);
-            let resynced = self.kernel.list_maps(kind).sync(store.entries(), &touched);
+            let resynced = kernel_maps(&mut self.maps, kind).sync(store.entries(), &touched);
             if let Err(r) = reverted {
                 warn!(error = %r, "reverting the list file failed");
             }
@@ -171,6 +165,13 @@ impl ListService {
             "list changed"
         );
         Reply::Changed(summary)
+    }
+}
+
+fn kernel_maps(maps: &mut ListMaps, kind: ListKind) -> &mut PrefixMaps {
+    match kind {
+        ListKind::Deny => &mut maps.deny,
+        ListKind::Allow => &mut maps.allow,
     }
 }
 

@@ -1,40 +1,46 @@
-//! `gatekeeper run`: start-up, the control loop and clean shutdown.
+//! `gatekeeper run`: start-up, the tasks of a running daemon, and a clean
+//! shutdown that always ends in kernel teardown.
+//!
+//! Ownership carries the life cycle: `run` owns the [`Kernel`] (whose `Drop`
+//! detaches XDP and removes the pins), every task is spawned on one
+//! [`TaskTracker`] and obeys one [`CancellationToken`], and the services the
+//! tasks share hold map handles only, never the attachment. So no clone of
+//! anything a task holds can keep the teardown from running.
 
 mod lists;
+mod router;
 mod screen;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use gatekeeper_common::Counter;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::control::protocol::{InterfaceReport, Reply, Request, StatsReport, WireEntry};
-use crate::control::server::{run_locked, ControlSocket, Handler};
+use crate::control::protocol::{Reply, WireEntry};
+use crate::control::server::ControlSocket;
 use crate::kernel::{check_privileges, Kernel};
 use crate::lists::store::{remove_stale_temp_files, ListStore};
 use crate::lists::ListKind;
 use crate::smtp::{self, stats::SmtpStats, SmtpContext};
 use lists::ListService;
+use router::Router;
 use screen::ScreenService;
-
-struct Daemon {
-    lists: ListService,
-    started: Instant,
-    smtp_stats: Option<Arc<SmtpStats>>,
-}
 
 /// How often expired list entries are swept out of the store and the kernel.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// Beyond the SMTP drain: time for the other tasks to notice the shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 pub async fn run(config: Config) -> Result<()> {
     check_privileges()?;
     raise_file_limit();
+    warn_about_unprotected_listen_ports(&config);
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir {}: cannot create", config.state_dir.display()))?;
     let stale = remove_stale_temp_files(&config.state_dir)
@@ -48,75 +54,107 @@ pub async fn run(config: Config) -> Result<()> {
     // Bind first: a second daemon must fail before touching the first one's pins.
     let control = ControlSocket::bind(&config.control_socket)?;
     let smtp_listeners = config.smtp.as_ref().map(smtp::bind).transpose()?;
+    // From here on every return path drops `kernel`, which tears it down.
     let mut kernel = Kernel::load(&config)?;
-    let screen = match ScreenService::new(&config, &mut kernel) {
-        Ok(screen) => screen,
-        Err(e) => {
-            kernel.shutdown();
-            return Err(e);
-        }
-    };
-    let mut lists = ListService::new(deny, allow, kernel)?;
-    if let Err(e) = lists.kernel.attach(&config.interfaces, config.xdp_mode) {
-        lists.kernel.shutdown();
-        return Err(e);
-    }
+    let screen = ScreenService::new(&config, &mut kernel)?;
+    let maps = kernel
+        .take_list_maps()
+        .context("the kernel list maps were already taken")?;
+    let lists = Arc::new(Mutex::new(ListService::new(deny, allow, maps)?));
+    kernel.attach(&config.interfaces, config.xdp_mode)?;
+    let status = kernel
+        .take_status()
+        .context("the kernel counters were already taken")?;
 
-    let socket_path = control.path().to_owned();
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
     let smtp_stats = smtp_listeners
         .as_ref()
         .map(|_| Arc::new(SmtpStats::default()));
-    let daemon = Arc::new(Mutex::new(Daemon {
-        lists,
+    let router = Arc::new(Router {
+        lists: lists.clone(),
+        screen: screen.clone(),
+        kernel: status,
         started: Instant::now(),
         smtp_stats: smtp_stats.clone(),
-    }));
+    });
     // Zones are judged before the first client (or `check`) is, so a zone
     // listing the world never blocks anyone. Costs at most one DNSBL timeout.
-    let health = screen.start_health_checks().await;
-    let server = tokio::spawn(control.serve(control_handler(daemon.clone(), screen.clone())));
-    let sweeper = tokio::spawn(sweep_expired(daemon.clone(), screen.clone()));
-    let smtp_task = match (config.smtp.clone(), smtp_listeners, smtp_stats) {
-        (Some(smtp_config), Some(listeners), Some(stats)) => {
-            let hook = pregreet_hook(&smtp_config, daemon.clone());
-            let mut ctx = SmtpContext::new(smtp_config, stats, hook)?;
-            if config.dnsbl.is_some() {
-                ctx.screen = Some(screen_hook(screen.clone()));
-            }
-            Some(tokio::spawn(smtp::serve(listeners, Arc::new(ctx))))
-        }
-        _ => None,
-    };
+    if let Some(engine) = screen.start_health_checks().await {
+        tasks.spawn(until_cancelled(shutdown.clone(), engine.watch_health()));
+    }
+    let socket_path = control.path().to_owned();
+    tasks.spawn(until_cancelled(
+        shutdown.clone(),
+        control.serve(router.handler()),
+    ));
+    tasks.spawn(until_cancelled(
+        shutdown.clone(),
+        sweep_expired(lists.clone(), screen.clone()),
+    ));
+    let drain = Duration::ZERO;
+    if let (Some(smtp_config), Some(listeners), Some(stats)) =
+        (config.smtp.clone(), smtp_listeners, smtp_stats)
+    {
+        let hook = pregreet_hook(&smtp_config, lists.clone());
+        let mut ctx = SmtpContext::new(smtp_config, stats, hook)?;
+        ctx.screen = Some(screen_hook(screen.clone()));
+        tasks.spawn(until_cancelled(
+            shutdown.clone(),
+            smtp::serve(listeners, Arc::new(ctx)),
+        ));
+    }
+    tasks.close();
     info!(socket = %socket_path.display(), "gatekeeper running");
 
+    wait_for_signal().await?;
+    shutdown.cancel();
+    if tokio::time::timeout(drain + SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = tasks.len(),
+            "tasks still running past the shutdown deadline; tearing down anyway"
+        );
+    }
+    screen.save_cache();
+    drop(kernel);
+    info!("gatekeeper stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     tokio::select! {
         _ = sigterm.recv() => info!("SIGTERM received, shutting down"),
         _ = sigint.recv() => info!("SIGINT received, shutting down"),
     }
-    if let Some(task) = smtp_task {
-        task.abort();
-    }
-    if let Some(task) = health {
-        task.abort();
-    }
-    screen.save_cache();
-    sweeper.abort();
-    server.abort();
-    let _ = server.await; // drops the listener, which removes the socket file
-                          // Wait for an in-flight change to finish so its acknowledgement holds.
-    let daemon = tokio::task::spawn_blocking(move || {
-        let guard = daemon.lock();
-        drop(guard);
-        Arc::try_unwrap(daemon).ok()
-    })
-    .await?;
-    if let Some(daemon) = daemon.and_then(|m| m.into_inner().ok()) {
-        daemon.lists.kernel.shutdown();
-    }
-    info!("gatekeeper stopped");
     Ok(())
+}
+
+/// Runs `task` until it ends or the daemon shuts down, whichever is first.
+async fn until_cancelled(shutdown: CancellationToken, task: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = task => {}
+        () = shutdown.cancelled() => {}
+    }
+}
+
+/// XDP judges SYNs to `protected_ports` only; a front-end port outside them
+/// still refuses listed clients (the screen), but only after the handshake.
+fn warn_about_unprotected_listen_ports(config: &Config) {
+    let Some(smtp) = &config.smtp else { return };
+    for addr in &smtp.listen {
+        let port = addr.port();
+        if !config.protected_ports.contains(&port) {
+            warn!(
+                %addr,
+                "smtp.listen port {port} is not in protected_ports: XDP will not drop listed sources' SYNs to it (the SMTP front end still refuses them)"
+            );
+        }
+    }
 }
 
 /// Every SMTP connection holds a socket (two while proxying): lift the soft
@@ -130,43 +168,20 @@ fn raise_file_limit() {
     }
 }
 
-async fn sweep_expired(daemon: Arc<Mutex<Daemon>>, screen: Arc<ScreenService>) {
+async fn sweep_expired(lists: Arc<Mutex<ListService>>, screen: Arc<ScreenService>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tick.tick().await;
-        let daemon = daemon.clone();
+        let lists = lists.clone();
         let screen = screen.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            if let Ok(mut daemon) = daemon.lock() {
-                daemon.lists.sweep_expired();
+            if let Ok(mut lists) = lists.lock() {
+                lists.sweep_expired();
             }
             screen.sweep();
         })
         .await;
     }
-}
-
-/// DNSBL verbs run without the daemon lock (they wait on DNS); list changes take it.
-fn control_handler(daemon: Arc<Mutex<Daemon>>, screen: Arc<ScreenService>) -> Handler {
-    Arc::new(move |request| {
-        let daemon = daemon.clone();
-        let screen = screen.clone();
-        Box::pin(async move {
-            match request {
-                Request::Check { ip, fresh } => screen.check(&ip, fresh).await,
-                Request::DnsblList => screen.list(),
-                Request::DnsblFlush { ip } => screen.flush(ip.as_deref()),
-                Request::Stats => {
-                    let mut reply = run_locked(daemon, |d| d.stats()).await;
-                    if let Reply::Stats(report) = &mut reply {
-                        report.dnsbl = screen.report();
-                    }
-                    reply
-                }
-                other => run_locked(daemon, move |d| d.handle(other)).await,
-            }
-        })
-    })
 }
 
 fn screen_hook(screen: Arc<ScreenService>) -> smtp::Screen {
@@ -180,16 +195,16 @@ fn screen_hook(screen: Arc<ScreenService>) -> smtp::Screen {
 /// denylisted in the kernel for that long.
 fn pregreet_hook(
     config: &smtp::SmtpConfig,
-    daemon: Arc<Mutex<Daemon>>,
+    lists: Arc<Mutex<ListService>>,
 ) -> Option<smtp::PregreetHook> {
     let ttl = config.pregreet_deny_ttl;
     if ttl.is_zero() {
         return None;
     }
     Some(Arc::new(move |client: IpAddr| {
-        let daemon = daemon.clone();
+        let lists = lists.clone();
         tokio::task::spawn_blocking(move || {
-            let Ok(mut daemon) = daemon.lock() else {
+            let Ok(mut lists) = lists.lock() else {
                 return;
             };
             let entry = WireEntry {
@@ -197,54 +212,11 @@ fn pregreet_hook(
                 reason: Some("talked before the SMTP greeting".into()),
                 ttl_secs: Some(ttl.as_secs().max(1)),
             };
-            if let Reply::Error { message, .. } =
-                daemon.lists.add(ListKind::Deny, vec![entry], false)
-            {
+            if let Reply::Error { message, .. } = lists.add(ListKind::Deny, vec![entry], false) {
                 warn!(%client, %message, "denylisting a pre-greet client failed");
             } else {
                 info!(%client, ttl_secs = ttl.as_secs(), "pre-greet client denylisted");
             }
         });
     }))
-}
-
-impl Daemon {
-    fn handle(&mut self, request: Request) -> Reply {
-        match request {
-            Request::ListAdd { list, entries } => self.lists.add(list, entries, false),
-            Request::ListReplace { list, entries } => self.lists.add(list, entries, true),
-            Request::ListDel { list, prefixes } => self.lists.remove(list, prefixes),
-            Request::ListShow { list } => self.lists.show(list),
-            Request::Stats => self.stats(),
-            Request::Check { .. } | Request::DnsblList | Request::DnsblFlush { .. } => {
-                Reply::failed("DNSBL requests are served by the screen, not the list service")
-            }
-        }
-    }
-
-    fn stats(&self) -> Reply {
-        let snapshot = match self.lists.kernel.counters() {
-            Ok(snapshot) => snapshot,
-            Err(e) => return Reply::failed(format!("{e:#}")),
-        };
-        let counters: BTreeMap<String, u64> = Counter::ALL
-            .iter()
-            .map(|&c| (c.name().to_string(), snapshot.get(c)))
-            .collect();
-        Reply::Stats(StatsReport {
-            counters,
-            deny_entries: self.lists.store(ListKind::Deny).entries().len(),
-            allow_entries: self.lists.store(ListKind::Allow).entries().len(),
-            interfaces: self
-                .lists
-                .kernel
-                .attachments()
-                .into_iter()
-                .map(|(name, mode)| InterfaceReport { name, mode })
-                .collect(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            smtp: self.smtp_stats.as_ref().map(|s| s.report()),
-            dnsbl: None,
-        })
-    }
 }

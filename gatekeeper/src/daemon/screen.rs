@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::control::protocol::{
-    CheckReport, DnsblListedEntry, DnsblStats, FlushSummary, MapState, Reply, ZoneCheck,
+    CheckReport, DnsblListedEntry, DnsblStats, FlushSummary, MapState, ZoneCheck,
 };
 use crate::dnsbl::{DnsblEngine, Verdict};
 use crate::kernel::{DnsblMaps, Kernel, PrefixView};
@@ -103,14 +103,15 @@ impl ScreenService {
         }
     }
 
-    /// Checks zone health once now, then every `health_interval` in a task.
-    pub async fn start_health_checks(&self) -> Option<tokio::task::JoinHandle<()>> {
+    /// Checks zone health once now; returns the engine, whose
+    /// `watch_health` then re-checks every `health_interval`.
+    pub async fn start_health_checks(&self) -> Option<Arc<DnsblEngine>> {
         let engine = self.engine.clone()?;
         engine.check_health().await;
         for (zone, health) in engine.zone_health() {
             info!(%zone, health = health.name(), "DNSBL zone checked");
         }
-        Some(tokio::spawn(engine.watch_health()))
+        Some(engine)
     }
 
     /// The connection-time decision for every client the SMTP front end
@@ -182,11 +183,8 @@ impl ScreenService {
         }
     }
 
-    pub async fn check(&self, ip: &str, fresh: bool) -> Reply {
-        let client = match parse_ip(ip) {
-            Ok(client) => client,
-            Err(reply) => return *reply,
-        };
+    pub async fn check(&self, client: IpAddr, fresh: bool) -> CheckReport {
+        let client = canonical(client);
         let dnsbl_until = self.kernel().lookup(client).map(|e| e.expires);
         let (allowlisted, denylisted) = (self.allow.matches(client), self.deny.matches(client));
         let xdp_verdict = if allowlisted {
@@ -235,10 +233,10 @@ impl ScreenService {
                 })
                 .collect();
         }
-        Reply::Checked(report)
+        report
     }
 
-    pub fn list(&self) -> Reply {
+    pub fn list(&self) -> Vec<DnsblListedEntry> {
         let now = unix_now();
         let live = self.kernel().live();
         let entries = live
@@ -264,18 +262,14 @@ impl ScreenService {
                 }
             })
             .collect();
-        Reply::DnsblListed { entries }
+        entries
     }
 
     /// Forgets verdicts so the next connection is checked afresh.
-    pub fn flush(&self, ip: Option<&str>) -> Reply {
+    pub fn flush(&self, client: Option<IpAddr>) -> Result<FlushSummary, ScreenError> {
         let mut summary = FlushSummary::default();
-        let result = match ip {
-            Some(ip) => {
-                let client = match parse_ip(ip) {
-                    Ok(client) => client,
-                    Err(reply) => return *reply,
-                };
+        let result = match client.map(canonical) {
+            Some(client) => {
                 let was_live = self.kernel().lookup(client).is_some();
                 self.kernel().remove(client).map(|_| {
                     summary.kernel_entries_removed = usize::from(was_live);
@@ -292,18 +286,14 @@ impl ScreenService {
                 }
             }),
         };
-        match result {
-            Ok(()) => {
-                info!(
-                    ?ip,
-                    kernel = summary.kernel_entries_removed,
-                    cached = summary.cached_verdicts_removed,
-                    "DNSBL verdicts flushed"
-                );
-                Reply::DnsblFlushed(summary)
-            }
-            Err(e) => Reply::failed(format!("{e:#}")),
-        }
+        result.map_err(|e| ScreenError::Kernel(format!("{e:#}")))?;
+        info!(
+            ?client,
+            kernel = summary.kernel_entries_removed,
+            cached = summary.cached_verdicts_removed,
+            "DNSBL verdicts flushed"
+        );
+        Ok(summary)
     }
 
     pub fn sweep(&self) {
@@ -328,10 +318,8 @@ fn dnsbl_reply(client: IpAddr, zone: &str) -> String {
     format!("554 5.7.1 Service unavailable; client [{client}] blocked using {zone}")
 }
 
-/// The client address of a request, or the refusal to send back.
-fn parse_ip(text: &str) -> Result<IpAddr, Box<Reply>> {
-    text.trim()
-        .parse::<IpAddr>()
-        .map(canonical)
-        .map_err(|_| Box::new(Reply::invalid(format!("'{text}' is not an IP address"))))
+#[derive(Debug, thiserror::Error)]
+pub enum ScreenError {
+    #[error("kernel DNSBL map update failed: {0}")]
+    Kernel(String),
 }

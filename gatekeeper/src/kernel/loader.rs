@@ -15,7 +15,6 @@ use super::dnsbl_maps::DnsblMaps;
 use super::maps::{read_counters, CounterSnapshot, ExactMaps, PrefixMaps};
 use super::preflight;
 use crate::config::{Config, XdpModeSetting};
-use crate::lists::ListKind;
 
 /// The eBPF object built by `cargo xtask build`, embedded so the binary is self-contained.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("GATEKEEPER_XDP_OBJECT"));
@@ -34,15 +33,39 @@ struct Attachment {
     link: aya::programs::xdp::XdpLinkId,
 }
 
+/// The loaded program and its attachments and pins. Whoever owns it owns
+/// the teardown (see `Drop`); the maps are handed to the services that
+/// write them (`take_*`), which may outlive it harmlessly: a map handle
+/// keeps a map alive, never an attachment or a pin.
 pub struct Kernel {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
-    deny: PrefixMaps,
-    allow: PrefixMaps,
-    counters: PerCpuArray<MapData, u64>,
-    /// Handed to the DNSBL screen at start-up.
+    lists: Option<ListMaps>,
+    counters: Option<PerCpuArray<MapData, u64>>,
     dnsbl: Option<DnsblMaps>,
     pin_dir: PathBuf,
+}
+
+/// The deny and allow maps, for the list service.
+pub struct ListMaps {
+    pub deny: PrefixMaps,
+    pub allow: PrefixMaps,
+}
+
+/// What `stats` reads of the kernel: the counters and where XDP is attached.
+pub struct KernelStatus {
+    counters: PerCpuArray<MapData, u64>,
+    attachments: Vec<(String, AttachedMode)>,
+}
+
+impl KernelStatus {
+    pub fn counters(&self) -> Result<CounterSnapshot> {
+        read_counters(&self.counters)
+    }
+
+    pub fn attachments(&self) -> &[(String, AttachedMode)] {
+        &self.attachments
+    }
 }
 
 impl Kernel {
@@ -138,9 +161,8 @@ impl Kernel {
         Ok(Kernel {
             ebpf,
             attachments: Vec::new(),
-            deny,
-            allow,
-            counters,
+            lists: Some(ListMaps { deny, allow }),
+            counters: Some(counters),
             dnsbl: Some(dnsbl),
             pin_dir: config.bpffs_dir.clone(),
         })
@@ -201,11 +223,17 @@ impl Kernel {
             .collect()
     }
 
-    pub fn list_maps(&mut self, kind: ListKind) -> &mut PrefixMaps {
-        match kind {
-            ListKind::Deny => &mut self.deny,
-            ListKind::Allow => &mut self.allow,
-        }
+    /// The deny and allow maps, for the list service; `None` after the first call.
+    pub fn take_list_maps(&mut self) -> Option<ListMaps> {
+        self.lists.take()
+    }
+
+    /// Counters and attachments, once XDP is attached; `None` after the first call.
+    pub fn take_status(&mut self) -> Option<KernelStatus> {
+        Some(KernelStatus {
+            counters: self.counters.take()?,
+            attachments: self.attachments(),
+        })
     }
 
     /// The DNSBL maps, for whoever feeds verdicts into them; `None` after the first call.
@@ -215,10 +243,6 @@ impl Kernel {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
-    }
-
-    pub fn counters(&self) -> Result<CounterSnapshot> {
-        read_counters(&self.counters)
     }
 
     /// Detaches from every interface and removes the pins (what dropping does).
