@@ -4,6 +4,11 @@
 //! the mailbox splits at the last unquoted `@`, so `user@victim@example.org`
 //! is the local part `user@victim` at `example.org` (an embedded address the
 //! policy refuses), not a syntax error another MTA might read differently.
+//!
+//! Nothing the client wrote is forwarded as text: what goes upstream is
+//! rebuilt from the parsed values (`Path::to_wire`, `MailParams::to_wire`,
+//! the canonical HELO name), so a byte the parser let through but the MTA
+//! reads differently cannot reach it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -12,6 +17,7 @@ pub const MAX_DOMAIN: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// The client's name in canonical form (see [`parse_helo_name`]).
     Ehlo(String),
     Helo(String),
     Mail {
@@ -46,7 +52,9 @@ pub struct Path {
     /// Local part after unquoting and unescaping.
     pub local_part: String,
     pub domain: Option<Domain>,
-    /// The path's text between the angle brackets, for replies and forwarding.
+    /// The path's text between the angle brackets as the client wrote it, for
+    /// replies and logs only (printable ASCII: the command passed the hygiene
+    /// check). Never sent upstream: that is [`Path::to_wire`].
     pub raw: String,
 }
 
@@ -55,7 +63,8 @@ pub enum Domain {
     /// Lower-cased, one trailing dot removed.
     Name(String),
     Literal(IpAddr),
-    /// `[tag:content]` literals other than IPv6.
+    /// `[tag:content]` literals other than IPv6, validated per RFC 5321
+    /// (`Standardized-tag ":" 1*dcontent`), kept as `tag:content`.
     GeneralLiteral(String),
 }
 
@@ -67,6 +76,10 @@ pub struct MailParams {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
+    /// A byte below 0x20 (other than the line's CRLF) or 0x7f: a CR here is
+    /// where a filter that ends lines at CR would see a second command.
+    #[error("501 5.5.2 Syntax error: control character in command")]
+    ControlCharacter,
     #[error("500 5.5.2 Error: command not recognized")]
     UnknownCommand,
     #[error("501 5.5.4 Syntax: {0}")]
@@ -84,8 +97,12 @@ impl ParseError {
     }
 }
 
-/// Parses one command line (without its CRLF).
+/// Parses one command line (without its CRLF, or the bare LF the session
+/// also accepts as a command terminator).
 pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
+    if line.iter().any(|&b| b < 0x20 || b == 0x7f) {
+        return Err(ParseError::ControlCharacter);
+    }
     let line = std::str::from_utf8(line).map_err(|_| ParseError::Syntax("non-ASCII command"))?;
     if !line.is_ascii() {
         return Err(ParseError::Syntax("non-ASCII command"));
@@ -102,8 +119,8 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         }
     };
     match verb.to_ascii_uppercase().as_str() {
-        "EHLO" => parse_helo_arg(rest).map(Command::Ehlo),
-        "HELO" => parse_helo_arg(rest).map(Command::Helo),
+        "EHLO" => parse_helo_name(rest).map(Command::Ehlo),
+        "HELO" => parse_helo_name(rest).map(Command::Helo),
         "MAIL" => {
             let args =
                 strip_keyword(rest, "FROM:").ok_or(ParseError::Syntax("MAIL FROM:<address>"))?;
@@ -140,10 +157,38 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     }
 }
 
-fn parse_helo_arg(rest: &str) -> Result<String, ParseError> {
-    let arg = rest.trim();
-    if arg.is_empty() || arg.contains(char::is_whitespace) {
+/// Validates an EHLO/HELO argument and returns its canonical form: an
+/// address literal re-rendered from the parsed address, a name unchanged.
+///
+/// Realistic rather than strict: a name is 1 to 255 octets of dot-separated
+/// labels (1 to 63 octets each, one trailing dot allowed) of letters, digits,
+/// `-` and `_`, no label starting or ending with `-`, so single labels
+/// (`localhost`, `DESKTOP-4F2K`) and underscores (`my_pc.lan`) pass, as they
+/// do in Postfix. Anything that cannot be a name is refused: spaces, quotes,
+/// brackets outside a literal, `@`, empty labels.
+pub fn parse_helo_name(text: &str) -> Result<String, ParseError> {
+    let arg = text.trim_matches(' ');
+    if arg.is_empty() {
         return Err(ParseError::Syntax("EHLO/HELO hostname"));
+    }
+    let invalid = ParseError::Syntax("invalid EHLO/HELO name");
+    if arg.starts_with('[') {
+        return match parse_domain(arg) {
+            Ok(literal) => Ok(Domain::to_wire(&literal).into_owned()),
+            Err(_) => Err(invalid),
+        };
+    }
+    let name = arg.strip_suffix('.').unwrap_or(arg);
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > MAX_DOMAIN || !name.split('.').all(label_ok) {
+        return Err(invalid);
     }
     Ok(arg.to_owned())
 }
@@ -196,6 +241,10 @@ pub fn parse_path(text: &str) -> Result<Path, ParseError> {
     let (source_route, mailbox) = split_source_route(inner)?;
     let (local_raw, domain_raw) = split_mailbox(mailbox)?;
     let local_part = unquote_local_part(local_raw)?;
+    if wire_local_part(&local_part).len() > MAX_LOCAL_PART {
+        // What is forwarded must parse again (a dot-string holding '@' gains quotes).
+        return Err(ParseError::BadAddress("local part longer than 64 octets"));
+    }
     let domain = domain_raw.map(parse_domain).transpose()?;
     Ok(Path {
         source_route,
@@ -321,10 +370,12 @@ pub fn parse_domain(text: &str) -> Result<Domain, ParseError> {
         if let Ok(addr) = literal.parse::<Ipv4Addr>() {
             return Ok(Domain::Literal(IpAddr::V4(addr)));
         }
-        if literal.contains(':') && !literal.is_empty() {
-            return Ok(Domain::GeneralLiteral(literal.to_owned()));
-        }
-        return Err(ParseError::BadAddress("bad address literal"));
+        return match literal.split_once(':') {
+            Some((tag, content)) if is_standardized_tag(tag) && is_dcontent(content) => {
+                Ok(Domain::GeneralLiteral(literal.to_owned()))
+            }
+            _ => Err(ParseError::BadAddress("bad address literal")),
+        };
     }
     let name = text.strip_suffix('.').unwrap_or(text);
     if name.is_empty() || name.len() > MAX_DOMAIN {
@@ -341,6 +392,92 @@ pub fn parse_domain(text: &str) -> Result<Domain, ParseError> {
         }
     }
     Ok(Domain::Name(name.to_ascii_lowercase()))
+}
+
+/// RFC 5321 `Standardized-tag = Ldh-str`: letters, digits and inner hyphens.
+fn is_standardized_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && !tag.starts_with('-')
+        && !tag.ends_with('-')
+        && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// RFC 5321 `1*dcontent`, dcontent = %d33-90 / %d94-126 (printable, no `[\]`).
+fn is_dcontent(content: &str) -> bool {
+    !content.is_empty() && content.bytes().all(|b| matches!(b, 33..=90 | 94..=126))
+}
+
+/// A dot-string local part goes out as it is; anything else is quoted,
+/// with a backslash only before `"` and `\`.
+fn wire_local_part(local: &str) -> std::borrow::Cow<'_, str> {
+    let dot_string = !local.is_empty()
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(is_atext));
+    if dot_string {
+        return local.into();
+    }
+    let mut out = String::with_capacity(local.len() + 2);
+    out.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out.into()
+}
+
+impl Path {
+    /// The canonical text between the angle brackets, as sent upstream: the
+    /// local part re-quoted only when it is not a dot-string, the domain as
+    /// parsed (lower-cased, literals rendered from the address). A source
+    /// route is dropped, as RFC 5321 (section 3.6.1, appendix C) lets a
+    /// server do: the relay decision already saw it.
+    pub fn to_wire(&self) -> String {
+        let local = wire_local_part(&self.local_part);
+        match &self.domain {
+            Some(domain) => format!("{local}@{}", domain.to_wire()),
+            None => local.into_owned(),
+        }
+    }
+}
+
+impl ReversePath {
+    /// The text between the angle brackets of the MAIL command sent upstream.
+    pub fn to_wire(&self) -> String {
+        match self {
+            ReversePath::Null => String::new(),
+            ReversePath::Path(path) => path.to_wire(),
+        }
+    }
+}
+
+impl Domain {
+    pub fn to_wire(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Domain::Name(name) => name.into(),
+            Domain::Literal(IpAddr::V4(v4)) => format!("[{v4}]").into(),
+            Domain::Literal(IpAddr::V6(v6)) => format!("[IPv6:{v6}]").into(),
+            Domain::GeneralLiteral(literal) => format!("[{literal}]").into(),
+        }
+    }
+}
+
+impl MailParams {
+    /// The parameters we accepted, as appended to the MAIL command sent
+    /// upstream (each with its leading space); nothing else is forwarded.
+    pub fn to_wire(&self) -> String {
+        let mut out = String::new();
+        if let Some(size) = self.size {
+            out.push_str(&format!(" SIZE={size}"));
+        }
+        if self.body_8bit {
+            out.push_str(" BODY=8BITMIME");
+        }
+        out
+    }
 }
 
 fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
@@ -517,6 +654,220 @@ mod tests {
             parse_command(b"RCPT TO:<u@example.org> NOTIFY=NEVER"),
             Err(ParseError::UnsupportedParameter(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod hygiene {
+    use super::*;
+
+    fn wire(line: &str) -> String {
+        match parse_command(line.as_bytes()) {
+            Ok(Command::Rcpt { to }) => to.to_wire(),
+            Ok(Command::Mail { from, params }) => format!("{}{}", from.to_wire(), params.to_wire()),
+            other => panic!("{line:?} gave {other:?}"),
+        }
+    }
+
+    fn helo(name: &str) -> Result<String, ParseError> {
+        match parse_command(format!("EHLO {name}").as_bytes()) {
+            Ok(Command::Ehlo(name)) => Ok(name),
+            Ok(other) => panic!("{name:?} gave {other:?}"),
+            Err(e) => Err(e),
+        }
+    }
+
+    #[test]
+    fn control_bytes_anywhere_in_any_command_are_501_5_5_2() {
+        let lines = [
+            "MAIL FROM:<a@b.example>",
+            "MAIL FROM:<a@[x:ab]>",
+            "RCPT TO:<user@example.org>",
+            "RCPT TO:<\"a b\"@example.org>",
+            "EHLO client.example",
+            "HELO client.example",
+            "NOOP x",
+            "VRFY user",
+            "EXPN list",
+            "HELP me",
+            "DATA",
+            "RSET",
+            "QUIT",
+            "STARTTLS",
+            "XYZZY plugh",
+        ];
+        for line in lines {
+            for control in [b'\r', b'\n', 0, 0x1b, 0x7f, b'\t', 0x01, 0x1f] {
+                // Inside the verb, after it, inside the argument, at the end.
+                for at in [2, 4, line.len() - 1, line.len()] {
+                    let mut bytes = line.as_bytes().to_vec();
+                    bytes.insert(at, control);
+                    let err = parse_command(&bytes).unwrap_err();
+                    assert_eq!(err, ParseError::ControlCharacter, "{bytes:?}");
+                    assert!(err.reply().starts_with("501 5.5.2 "), "{}", err.reply());
+                }
+            }
+        }
+        // The issue's measured injection: CRs inside a general literal.
+        let injected = b"MAIL FROM:<a@[x:\"\rMAIL FROM:<>\rRCPT TO:<user@victim.test>\r\"]>";
+        assert_eq!(
+            parse_command(injected).unwrap_err(),
+            ParseError::ControlCharacter
+        );
+        for spaced in [
+            "MAIL FROM:<a@[x:a b]>",
+            "MAIL FROM:<a@[x:\" RCPT TO:<v@victim.test> \"]>",
+        ] {
+            assert!(parse_command(spaced.as_bytes()).is_err(), "{spaced}");
+        }
+    }
+
+    #[test]
+    fn general_literals_follow_rfc5321() {
+        for (addr, literal) in [
+            ("<u@[x:abc]>", "x:abc"),
+            ("<u@[X-400:c=us;a=;p=x]>", "X-400:c=us;a=;p=x"),
+            ("<u@[tag:a:b:c]>", "tag:a:b:c"),
+            ("<u@[t1:!~^_`{|}]>", "t1:!~^_`{|}"),
+        ] {
+            let Ok(Command::Rcpt { to }) = parse_command(format!("RCPT TO:{addr}").as_bytes())
+            else {
+                panic!("{addr} refused")
+            };
+            assert_eq!(to.domain, Some(Domain::GeneralLiteral(literal.into())));
+            assert_eq!(to.to_wire(), format!("u@[{literal}]"));
+        }
+        for bad in [
+            "[:abc]",
+            "[-x:abc]",
+            "[x-:abc]",
+            "[x_y:abc]",
+            "[x:]",
+            "[x:a b]",
+            "[x:a\\b]",
+            "[x:a[b]",
+            "[x:a]b]",
+            "[x]",
+            "[]",
+            "[IPv6:x:y]",
+            "[ipv6:]",
+        ] {
+            assert!(parse_domain(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn helo_names_are_realistic_but_must_be_names() {
+        for name in [
+            "client.example",
+            "localhost",
+            "DESKTOP-4F2K",
+            "my_pc.lan",
+            "_gateway",
+            "host.example.",
+            "192.0.2.1",
+            "mail-1.example.org",
+        ] {
+            assert_eq!(helo(name).as_deref(), Ok(name), "{name}");
+        }
+        assert_eq!(helo("[192.0.2.1]").unwrap(), "[192.0.2.1]");
+        assert_eq!(helo("[IPv6:2001:DB8:0::1]").unwrap(), "[IPv6:2001:db8::1]");
+        assert_eq!(helo("[x:y]").unwrap(), "[x:y]");
+        assert_eq!(helo("  spaced.example  ").unwrap(), "spaced.example");
+        for name in [
+            "\"quoted\"",
+            "a\"b",
+            "host[1]",
+            "[192.0.2.1",
+            "192.0.2.1]",
+            "[300.0.0.1]",
+            "[x:a b]",
+            "a..b",
+            ".a",
+            "..",
+            "-a",
+            "a-.example",
+            "user@host",
+            "a/b",
+            "a,b",
+            "a b",
+            "a:b",
+            "::1",
+            "\\host",
+        ] {
+            assert_eq!(
+                helo(name),
+                Err(ParseError::Syntax("invalid EHLO/HELO name")),
+                "{name}"
+            );
+        }
+        assert!(helo(&format!("{}.example", "a".repeat(64))).is_err());
+        assert!(helo(&["a"; 129].join(".")).is_err());
+        assert!(helo(&["a"; 128].join(".")).is_ok(), "255 octets");
+        assert_eq!(helo(""), Err(ParseError::Syntax("EHLO/HELO hostname")));
+    }
+
+    #[test]
+    fn paths_are_rendered_canonically() {
+        for (line, expected) in [
+            (
+                "MAIL FROM:<\"a b\"@EXAMPLE.net> BODY=8BITMIME",
+                "\"a b\"@example.net BODY=8BITMIME",
+            ),
+            ("MAIL FROM:<> SIZE=100 BODY=7BIT", " SIZE=100"),
+            (
+                "mail from: <a@b.example> body=8bitmime size=7",
+                "a@b.example SIZE=7 BODY=8BITMIME",
+            ),
+            (
+                "MAIL FROM:<@relay.test,@hop.test:u@b.example>",
+                "u@b.example",
+            ),
+            ("RCPT TO:<User@Example.ORG.>", "User@example.org"),
+            ("RCPT TO:user@example.org", "user@example.org"),
+            ("RCPT TO:<\"abc\"@x.example>", "abc@x.example"),
+            ("RCPT TO:<\"a\\b.c\"@x.example>", "ab.c@x.example"),
+            ("RCPT TO:<\"a\\\"b\"@x.example>", "\"a\\\"b\"@x.example"),
+            ("RCPT TO:<\"a\\\\b\"@x.example>", "\"a\\\\b\"@x.example"),
+            ("RCPT TO:<\"a..b\"@x.example>", "\"a..b\"@x.example"),
+            ("RCPT TO:<\".a\"@x.example>", "\".a\"@x.example"),
+            ("RCPT TO:<\"\"@x.example>", "\"\"@x.example"),
+            ("RCPT TO:<\"a,b\"@x.example>", "\"a,b\"@x.example"),
+            (
+                "RCPT TO:<user@victim.test@example.org>",
+                "\"user@victim.test\"@example.org",
+            ),
+            (
+                "RCPT TO:<user%victim.test@example.org>",
+                "user%victim.test@example.org",
+            ),
+            ("RCPT TO:<u@[IPv6:2001:DB8:0:0::1]>", "u@[IPv6:2001:db8::1]"),
+            (
+                "RCPT TO:<u@[ipv6:::ffff:192.0.2.1]>",
+                "u@[IPv6:::ffff:192.0.2.1]",
+            ),
+            ("RCPT TO:<u@[192.0.2.1]>", "u@[192.0.2.1]"),
+            ("RCPT TO:<Postmaster>", "Postmaster"),
+        ] {
+            assert_eq!(wire(line), expected, "{line}");
+        }
+    }
+
+    #[test]
+    fn the_local_part_limit_holds_for_what_is_forwarded() {
+        // 64 octets as written, 66 once the embedded '@' forces quotes.
+        let local = format!("{}@{}", "a".repeat(31), "b".repeat(32));
+        let line = format!("RCPT TO:<{local}@example.org>");
+        assert_eq!(
+            parse_command(line.as_bytes()).unwrap_err(),
+            ParseError::BadAddress("local part longer than 64 octets")
+        );
+        let fits = format!(
+            "RCPT TO:<{}@{}@example.org>",
+            "a".repeat(30),
+            "b".repeat(31)
+        );
+        assert!(wire(&fits).starts_with('"'));
     }
 }
 

@@ -223,16 +223,7 @@ impl Session {
                 .error(conn, "552 5.3.4 Error: message size exceeds fixed limit")
                 .await;
         }
-        let mut mail_line = match &from {
-            ReversePath::Null => "MAIL FROM:<>".to_owned(),
-            ReversePath::Path(path) => format!("MAIL FROM:<{}>", path.raw),
-        };
-        if let Some(size) = params.size {
-            mail_line.push_str(&format!(" SIZE={size}"));
-        }
-        if params.body_8bit {
-            mail_line.push_str(" BODY=8BITMIME");
-        }
+        let mail_line = format!("MAIL FROM:<{}>{}", from.to_wire(), params.to_wire());
         self.tx = Some(Transaction {
             mail_line,
             recipients: 0,
@@ -305,7 +296,7 @@ impl Session {
             .as_ref()
             .map(|tx| tx.mail_line.clone())
             .unwrap_or_default();
-        let rcpt_line = format!("RCPT TO:<{}>", to.raw);
+        let rcpt_line = format!("RCPT TO:<{}>", to.to_wire());
         let upstream = self.upstream.as_mut().expect("connected above");
         if upstream.in_transaction {
             upstream.command(&rcpt_line).await
