@@ -4,7 +4,6 @@ mod lists;
 mod screen;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,7 +82,9 @@ pub async fn run(config: Config) -> Result<()> {
             if config.dnsbl.is_some() {
                 ctx.screen = Some(screen_hook(screen.clone()));
             }
-            Some(tokio::spawn(smtp::serve(listeners, Arc::new(ctx))))
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(smtp::serve(listeners, Arc::new(ctx), shutdown.clone()));
+            Some((task, shutdown))
         }
         _ => None,
     };
@@ -95,8 +96,9 @@ pub async fn run(config: Config) -> Result<()> {
         _ = sigterm.recv() => info!("SIGTERM received, shutting down"),
         _ = sigint.recv() => info!("SIGINT received, shutting down"),
     }
-    if let Some(task) = smtp_task {
-        task.abort();
+    if let Some((task, shutdown)) = smtp_task {
+        shutdown.cancel();
+        let _ = task.await;
     }
     if let Some(task) = health {
         task.abort();
@@ -186,7 +188,7 @@ fn pregreet_hook(
     if ttl.is_zero() {
         return None;
     }
-    Some(Arc::new(move |client: IpAddr| {
+    Some(Arc::new(move |client: ipnet::IpNet| {
         let daemon = daemon.clone();
         tokio::task::spawn_blocking(move || {
             let Ok(mut daemon) = daemon.lock() else {
