@@ -10,5 +10,6 @@ pub mod daemon;
 pub mod dnsbl;
 pub mod kernel;
 pub mod lists;
+pub mod netaddr;
 pub mod persist;
 pub mod smtp;

@@ -11,7 +11,6 @@ mod lists;
 mod router;
 mod screen;
 
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,17 +91,15 @@ pub async fn run(config: Config) -> Result<()> {
         shutdown.clone(),
         sweep_expired(lists.clone(), screen.clone()),
     ));
-    let drain = Duration::ZERO;
+    let mut drain = Duration::ZERO;
     if let (Some(smtp_config), Some(listeners), Some(stats)) =
         (config.smtp.clone(), smtp_listeners, smtp_stats)
     {
+        drain = smtp_config.drain_timeout;
         let hook = pregreet_hook(&smtp_config, lists.clone());
         let mut ctx = SmtpContext::new(smtp_config, stats, hook)?;
         ctx.screen = Some(screen_hook(screen.clone()));
-        tasks.spawn(until_cancelled(
-            shutdown.clone(),
-            smtp::serve(listeners, Arc::new(ctx)),
-        ));
+        tasks.spawn(smtp::serve(listeners, Arc::new(ctx), shutdown.clone()));
     }
     tasks.close();
     info!(socket = %socket_path.display(), "gatekeeper running");
@@ -201,7 +198,7 @@ fn pregreet_hook(
     if ttl.is_zero() {
         return None;
     }
-    Some(Arc::new(move |client: IpAddr| {
+    Some(Arc::new(move |client: ipnet::IpNet| {
         let lists = lists.clone();
         tokio::task::spawn_blocking(move || {
             let Ok(mut lists) = lists.lock() else {

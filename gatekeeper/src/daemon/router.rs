@@ -108,6 +108,6 @@ impl Router {
 fn parse_ip(text: &str) -> Result<std::net::IpAddr, Reply> {
     text.trim()
         .parse()
-        .map(crate::smtp::policy::canonical)
+        .map(crate::netaddr::canonical)
         .map_err(|_| Reply::invalid(format!("'{text}' is not an IP address")))
 }

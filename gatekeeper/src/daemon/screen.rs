@@ -17,7 +17,7 @@ use crate::control::protocol::{
 use crate::dnsbl::{DnsblEngine, Verdict};
 use crate::kernel::{DnsblMaps, Kernel, PrefixView};
 use crate::lists::store::unix_now;
-use crate::smtp::policy::canonical;
+use crate::netaddr::canonical;
 use crate::smtp::{ScreenRefusal, Screening};
 
 const CACHE_FILE: &str = "dnsbl-cache.json";

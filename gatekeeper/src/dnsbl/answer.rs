@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::zone::ZoneSpec;
-use crate::smtp::policy::canonical;
+use crate::netaddr::canonical;
 
 /// `d.c.b.a.zone.` for IPv4, 32 reversed nibbles for IPv6; IPv4-mapped IPv6 is asked as IPv4.
 /// The trailing dot keeps resolver search domains out of it.

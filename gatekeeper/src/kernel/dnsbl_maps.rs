@@ -10,7 +10,7 @@ use gatekeeper_common::{map_names, PrefixValue};
 
 use super::block_bitmaps::{set_range, KernelBitmap};
 use super::maps::{is_absent, Clock, ExactMaps};
-use crate::smtp::policy::canonical;
+use crate::netaddr::canonical;
 
 /// Listed clients by address; XDP drops their SYNs while the entry is live.
 pub struct DnsblMaps {

@@ -56,6 +56,35 @@ pub struct SmtpConfig {
     /// Denylist pre-greet talkers in the kernel for this long. 0 = off.
     #[serde(default, with = "humantime_serde")]
     pub pregreet_deny_ttl: Duration,
+
+    /// Hard cap on a session's life, however busy it keeps itself (NOOPs).
+    #[serde(default = "ten_minutes", with = "humantime_serde")]
+    pub max_session_time: Duration,
+    /// Commands per session (message lines are not commands).
+    #[serde(default = "default_max_commands")]
+    pub max_commands: usize,
+    /// A reply the client does not take within this long ends the session;
+    /// also the sockets' `TCP_USER_TIMEOUT` (unacknowledged data).
+    #[serde(default = "two_minutes", with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// IPv6 clients are counted per prefix of this length (IPv4: per address).
+    #[serde(default = "default_ipv6_client_prefix")]
+    pub ipv6_client_prefix: u8,
+    /// New connections per minute per client (burst of as many); 0 = off.
+    #[serde(default = "default_max_connection_rate")]
+    pub max_connection_rate: u32,
+    /// Upstream (MTA) sessions open at once, over all clients.
+    #[serde(default = "default_max_upstream_sessions")]
+    pub max_upstream_sessions: usize,
+    /// How long a recipient waits for a free upstream session before `451 4.3.2`.
+    #[serde(default = "thirty_seconds", with = "humantime_serde")]
+    pub upstream_wait: Duration,
+    /// TCP connect, greeting and EHLO/XCLIENT set-up of an upstream session.
+    #[serde(default = "thirty_seconds", with = "humantime_serde")]
+    pub upstream_connect_timeout: Duration,
+    /// On shutdown, sessions still open after this long are dropped.
+    #[serde(default = "thirty_seconds", with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl SmtpConfig {
@@ -95,9 +124,23 @@ impl SmtpConfig {
             ("smtp.max_connections_per_ip", self.max_connections_per_ip),
             ("smtp.max_recipients", self.max_recipients),
             ("smtp.max_errors", self.max_errors),
+            ("smtp.max_commands", self.max_commands),
+            ("smtp.max_upstream_sessions", self.max_upstream_sessions),
         ] {
             if value == 0 {
                 return Err(format!("{key}: must be at least 1"));
+            }
+        }
+        if !(1..=128).contains(&self.ipv6_client_prefix) {
+            return Err("smtp.ipv6_client_prefix: must be 1 to 128".into());
+        }
+        for (key, value) in [
+            ("smtp.max_session_time", self.max_session_time),
+            ("smtp.write_timeout", self.write_timeout),
+            ("smtp.upstream_connect_timeout", self.upstream_connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(format!("{key}: must be more than 0s"));
             }
         }
         if self.max_message_size < 1024 {
@@ -128,6 +171,12 @@ fn default_max_connections_per_ip() -> usize {
 fn one_minute() -> Duration {
     Duration::from_secs(60)
 }
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
+fn two_minutes() -> Duration {
+    Duration::from_secs(120)
+}
 fn three_minutes() -> Duration {
     Duration::from_secs(180)
 }
@@ -145,4 +194,19 @@ fn default_max_recipients() -> usize {
 }
 fn default_max_errors() -> usize {
     10
+}
+fn default_max_commands() -> usize {
+    1000
+}
+fn default_ipv6_client_prefix() -> u8 {
+    64
+}
+/// Ten a second sustained, 600 at once: a busy legitimate sender's pool seldom
+/// shares one /64 at that pace, while a bot reconnecting at line rate is stopped.
+fn default_max_connection_rate() -> u32 {
+    600
+}
+/// Below a stock Postfix's 100 smtpd processes, leaving it room for local submissions.
+fn default_max_upstream_sessions() -> usize {
+    50
 }

@@ -4,7 +4,8 @@
 //!
 //! `parse` and `policy` are pure; `session` is the state machine over a
 //! connection; `upstream` is the proxy; `gate` (limits) and the [`Screen`]
-//! (DNSBL verdicts) are the connection entry point.
+//! (DNSBL verdicts) are the connection entry point; [`serve`] runs the accept
+//! loops and drains the sessions at shutdown.
 
 pub mod config;
 mod gate;
@@ -14,6 +15,8 @@ pub mod policy;
 mod reply;
 mod session;
 pub mod stats;
+#[cfg(test)]
+mod tests;
 mod upstream;
 
 use std::future::Future;
@@ -22,19 +25,25 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use socket2::{Domain, Socket, Type};
+use ipnet::IpNet;
+use socket2::{Domain, SockRef, Socket, Type};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::rustls;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub use config::SmtpConfig;
-use gate::ConnectionGate;
+use gate::{ConnectionGate, GateLimits};
 use policy::RelayPolicy;
 use stats::SmtpStats;
 
-/// Called with the client's address when it talks before the greeting.
-pub type PregreetHook = Arc<dyn Fn(IpAddr) + Send + Sync>;
+/// Called when a client talks before the greeting, with what to ban: its
+/// group (/32 for IPv4, `/ipv6_client_prefix` for IPv6), narrowed to the
+/// address itself if the group holds a relay network; never for relay clients.
+pub type PregreetHook = Arc<dyn Fn(IpNet) + Send + Sync>;
 
 /// What the connection-time screen decided about a client.
 pub enum Screening {
@@ -64,6 +73,8 @@ pub struct SmtpContext {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub stats: Arc<SmtpStats>,
     gate: Arc<ConnectionGate>,
+    /// `max_upstream_sessions` slots, one held per open upstream session.
+    upstream_slots: Arc<Semaphore>,
     pub on_pregreet: Option<PregreetHook>,
     pub screen: Option<Screen>,
 }
@@ -94,7 +105,14 @@ impl SmtpContext {
             _ => None,
         };
         Ok(SmtpContext {
-            gate: ConnectionGate::new(config.max_connections, config.max_connections_per_ip),
+            gate: ConnectionGate::new(GateLimits {
+                max_total: config.max_connections,
+                max_per_client: config.max_connections_per_ip,
+                ipv6_prefix: config.ipv6_client_prefix,
+                rate_per_minute: config.max_connection_rate,
+                rate_exempt: config.relay_networks.clone(),
+            }),
+            upstream_slots: Arc::new(Semaphore::new(config.max_upstream_sessions)),
             config,
             policy,
             tls,
@@ -151,41 +169,102 @@ pub fn bind(config: &SmtpConfig) -> Result<Vec<TcpListener>> {
         .collect()
 }
 
-/// Runs the accept loops until the task is dropped.
-pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<SmtpContext>) {
+/// Runs the accept loops until `shutdown` is cancelled, then stops accepting
+/// and returns once every session has ended: idle ones at once with
+/// `421 4.3.2`, a message in flight after the MTA's answer to it, and any
+/// left at `drain_timeout` are dropped.
+pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<SmtpContext>, shutdown: CancellationToken) {
+    let sessions = TaskTracker::new();
+    let dropped = CancellationToken::new();
     let mut loops = tokio::task::JoinSet::new();
     for listener in listeners {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "SMTP front end listening");
         }
-        let ctx = ctx.clone();
-        loops.spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        tokio::spawn(handle_connection(stream, peer, ctx.clone()));
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "SMTP accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
+        loops.spawn(accept_loop(
+            listener,
+            ctx.clone(),
+            shutdown.clone(),
+            sessions.clone(),
+            dropped.clone(),
+        ));
     }
     while loops.join_next().await.is_some() {}
+    sessions.close();
+    if tokio::time::timeout(ctx.config.drain_timeout, sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = sessions.len(),
+            "SMTP sessions still open at the drain deadline are dropped"
+        );
+        dropped.cancel();
+        sessions.wait().await;
+    }
+}
+
+/// Accepts until shutdown; the listener closes when this returns.
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<SmtpContext>,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+    dropped: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let connection = handle_connection(stream, peer, ctx.clone(), shutdown.clone());
+                let dropped = dropped.clone();
+                sessions.spawn(async move {
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = dropped.cancelled() => {}
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "SMTP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Bounds how long unacknowledged data may sit on a client socket, so a dead
+/// or zero-window peer is cut off by the kernel too.
+fn tune_client_socket(stream: &TcpStream, config: &SmtpConfig) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    SockRef::from(stream).set_tcp_user_timeout(Some(config.write_timeout))
 }
 
 /// The connection entry point: the gate and the screen decide, then the session runs.
-async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<SmtpContext>) {
+async fn handle_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<SmtpContext>,
+    shutdown: CancellationToken,
+) {
     SmtpStats::bump(&ctx.stats.connections);
-    let _ = stream.set_nodelay(true);
+    if let Err(e) = tune_client_socket(&stream, &ctx.config) {
+        debug!(client = %peer, error = %e, "cannot set client socket options");
+    }
     let mut conn: io::Conn = BufReader::new(Box::new(stream));
     let _admission = match ctx.gate.admit(peer.ip()) {
         Ok(admission) => admission,
         Err(refusal) => {
-            SmtpStats::bump(&ctx.stats.refused_connection_limit);
-            refuse(&mut conn, &refusal.reply(&ctx.config.hostname)).await;
+            let counter = match refusal {
+                gate::Refusal::TooFast => &ctx.stats.refused_connection_rate,
+                _ => &ctx.stats.refused_connection_limit,
+            };
+            SmtpStats::bump(counter);
+            refuse(&mut conn, &refusal.reply(&ctx.config.hostname), &ctx.config).await;
             return;
         }
     };
@@ -200,19 +279,19 @@ async fn handle_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<SmtpCon
                     ScreenRefusal::Dnsbl(reply) => (&ctx.stats.refused_dnsbl, reply),
                 };
                 SmtpStats::bump(counter);
-                refuse(&mut conn, reply).await;
+                refuse(&mut conn, reply, &ctx.config).await;
                 return;
             }
         },
     };
-    let mut session = session::Session::new(ctx, peer, trusted);
+    let mut session = session::Session::new(ctx, peer, trusted, shutdown);
     if let Err(e) = session.run(&mut conn).await {
         debug!(client = %peer, error = %e, "SMTP session ended with an I/O error");
     }
 }
 
 /// A reply instead of a banner; the connection closes after it.
-async fn refuse(conn: &mut io::Conn, reply: &str) {
-    let _ = tokio::io::AsyncWriteExt::write_all(conn.get_mut(), format!("{reply}\r\n").as_bytes())
-        .await;
+async fn refuse(conn: &mut io::Conn, reply: &str, config: &SmtpConfig) {
+    let wire = format!("{reply}\r\n");
+    let _ = session::write_reply(conn, wire.as_bytes(), config.write_timeout).await;
 }

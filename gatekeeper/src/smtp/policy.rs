@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::parse::{Domain, Path};
+use crate::netaddr::canonical;
 
 /// Why a recipient is not local. The names are the stats keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -94,6 +95,13 @@ impl RelayPolicy {
         self.relay_networks.iter().any(|net| net.contains(&client))
     }
 
+    /// Whether `net` holds any relay network (so banning it would ban one).
+    pub fn overlaps_relay_networks(&self, net: &IpNet) -> bool {
+        self.relay_networks
+            .iter()
+            .any(|relay| net.contains(relay) || relay.contains(net))
+    }
+
     /// Why `path` is not one of our mailboxes, or `None` when it is.
     pub fn classify(&self, path: &Path) -> Option<RelayReason> {
         if !path.source_route.is_empty() {
@@ -137,14 +145,6 @@ impl RelayPolicy {
                     && name.ends_with(p.as_str())
                     && name[..name.len() - p.len()].ends_with('.')
             })
-    }
-}
-
-/// IPv4-mapped IPv6 clients (dual-stack sockets) are judged as IPv4.
-pub fn canonical(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
-        v4 => v4,
     }
 }
 

@@ -21,8 +21,9 @@ impl Reply {
         Reply::new(code, text.get(4..).unwrap_or("").to_owned())
     }
 
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
+    /// 2xx only: a 3xx to anything but DATA is no acceptance.
+    pub fn is_success(&self) -> bool {
+        self.code / 100 == 2
     }
 
     pub fn is_error(&self) -> bool {

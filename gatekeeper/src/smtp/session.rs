@@ -4,8 +4,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::io::{read_line, trim_eol, Conn, Detached, Line};
@@ -13,7 +15,7 @@ use super::parse::{parse_command, Command, MailParams, Path, ReversePath};
 use super::policy::Decision;
 use super::reply::Reply;
 use super::stats::SmtpStats;
-use super::upstream::{ClientInfo, Upstream, UpstreamError};
+use super::upstream::{ClientInfo, Timeouts, Upstream, UpstreamError};
 use super::SmtpContext;
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
@@ -29,7 +31,19 @@ enum Flow {
 struct Transaction {
     /// The MAIL command as it will be forwarded.
     mail_line: String,
-    recipients: usize,
+    /// The RCPT commands the client got 250 for: replayed whole on a fresh
+    /// upstream session if the MTA fails mid-transaction.
+    accepted: Vec<String>,
+    /// An acknowledged recipient could not be replayed: DATA gets 451.
+    lost: bool,
+}
+
+/// What waiting for the next command line produced.
+enum Wait {
+    Line(Line),
+    Timeout,
+    SessionTime,
+    Shutdown,
 }
 
 pub struct Session {
@@ -43,6 +57,10 @@ pub struct Session {
     errors: usize,
     /// DNSBL-trusted (allowlist score): spared the pre-greet wait.
     trusted: bool,
+    /// `max_session_time` after the connection was accepted.
+    deadline: Instant,
+    commands: usize,
+    shutdown: CancellationToken,
 }
 
 /// Why a message could not be accepted, decided while its data streamed past.
@@ -53,9 +71,17 @@ enum DataProblem {
 }
 
 impl Session {
-    pub fn new(ctx: Arc<SmtpContext>, peer: SocketAddr, trusted: bool) -> Session {
+    pub fn new(
+        ctx: Arc<SmtpContext>,
+        peer: SocketAddr,
+        trusted: bool,
+        shutdown: CancellationToken,
+    ) -> Session {
         Session {
             trusted,
+            deadline: Instant::now() + ctx.config.max_session_time,
+            commands: 0,
+            shutdown,
             ctx,
             peer,
             helo: None,
@@ -68,42 +94,91 @@ impl Session {
     }
 
     fn client_ip(&self) -> IpAddr {
-        super::policy::canonical(self.peer.ip())
+        crate::netaddr::canonical(self.peer.ip())
     }
 
     pub async fn run(&mut self, conn: &mut Conn) -> std::io::Result<()> {
+        let result = self.converse(conn).await;
+        if let Err(e) = &result {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                // The client stopped taking replies: nothing more can reach it.
+                SmtpStats::bump(&self.ctx.stats.write_timeouts);
+            }
+        }
+        self.end_transaction().await;
+        result
+    }
+
+    async fn converse(&mut self, conn: &mut Conn) -> std::io::Result<()> {
         if !self.greet(conn).await? {
             return Ok(());
         }
+        let host = self.ctx.config.hostname.clone();
         loop {
-            let config = &self.ctx.config;
-            let limit = if self.tx.is_some() {
-                config.command_timeout
-            } else {
-                config.pre_mail_timeout
-            };
-            let line = match timeout(limit, read_line(conn, MAX_COMMAND_LINE)).await {
-                Ok(line) => line?,
-                Err(_) => {
+            let line = match self.next_command(conn).await? {
+                Wait::Line(line) => line,
+                Wait::Timeout => {
                     SmtpStats::bump(&self.ctx.stats.timeouts);
-                    let host = &self.ctx.config.hostname;
-                    send(conn, &format!("421 4.4.2 {host} Error: timeout exceeded")).await?;
-                    break;
+                    self.send(conn, &format!("421 4.4.2 {host} Error: timeout exceeded"))
+                        .await?;
+                    return Ok(());
+                }
+                Wait::SessionTime => return self.session_too_long(conn).await,
+                Wait::Shutdown => {
+                    SmtpStats::bump(&self.ctx.stats.shutdown_disconnects);
+                    self.send(conn, &format!("421 4.3.2 {host} Service shutting down"))
+                        .await?;
+                    return Ok(());
                 }
             };
+            if line != Line::Eof {
+                self.commands += 1;
+                if self.commands > self.ctx.config.max_commands {
+                    SmtpStats::bump(&self.ctx.stats.command_limit_disconnects);
+                    self.send(conn, &format!("421 4.7.0 {host} Error: too many commands"))
+                        .await?;
+                    return Ok(());
+                }
+            }
             let flow = match line {
-                Line::Eof => break,
+                Line::Eof => return Ok(()),
                 Line::TooLong => self.error(conn, "500 5.5.2 Error: line too long").await?,
                 Line::Complete(bytes) => self.dispatch(conn, trim_eol(&bytes)).await?,
             };
             if let Flow::Close = flow {
-                break;
+                return Ok(());
             }
         }
-        if let Some(upstream) = self.upstream.take() {
-            upstream.quit().await;
+    }
+
+    /// The next command, unless a timeout, the session's life or shutdown
+    /// comes first. Shutdown is checked first, so a client pipelining
+    /// commands still hears of it at the next command boundary.
+    async fn next_command(&self, conn: &mut Conn) -> std::io::Result<Wait> {
+        let config = &self.ctx.config;
+        let limit = if self.tx.is_some() {
+            config.command_timeout
+        } else {
+            config.pre_mail_timeout
+        };
+        let by_command = Instant::now() + limit;
+        let deadline = by_command.min(self.deadline);
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Ok(Wait::Shutdown),
+            line = timeout_at(deadline, read_line(conn, MAX_COMMAND_LINE)) => match line {
+                Ok(line) => Ok(Wait::Line(line?)),
+                Err(_) if deadline < by_command => Ok(Wait::SessionTime),
+                Err(_) => Ok(Wait::Timeout),
+            },
         }
-        Ok(())
+    }
+
+    async fn session_too_long(&mut self, conn: &mut Conn) -> std::io::Result<()> {
+        SmtpStats::bump(&self.ctx.stats.session_time_disconnects);
+        let host = &self.ctx.config.hostname;
+        let reply = format!("421 4.4.2 {host} Error: session time limit exceeded");
+        self.send(conn, &reply).await
     }
 
     /// Sends the banner; with `greet_wait`, first a `220-` teaser and a pause
@@ -112,17 +187,17 @@ impl Session {
         let host = self.ctx.config.hostname.clone();
         let wait = self.ctx.config.greet_wait;
         if !wait.is_zero() && !self.trusted {
-            send(conn, &format!("220-{host} ESMTP")).await?;
+            self.send(conn, &format!("220-{host} ESMTP")).await?;
             if let Ok(read) = timeout(wait, conn.fill_buf()).await {
                 if read?.is_empty() {
                     return Ok(false);
                 }
                 SmtpStats::bump(&self.ctx.stats.pregreet);
                 debug!(client = %self.peer, "client talked before the greeting");
-                if let Some(hook) = &self.ctx.on_pregreet {
-                    hook(self.client_ip());
+                if let (Some(hook), Some(target)) = (&self.ctx.on_pregreet, self.ban_target()) {
+                    hook(target);
                 }
-                send(
+                self.send(
                     conn,
                     &format!(
                         "554 5.7.1 {host} Error: protocol violation: talked before the greeting"
@@ -132,8 +207,23 @@ impl Session {
                 return Ok(false);
             }
         }
-        send(conn, &format!("220 {host} ESMTP Gatekeeper")).await?;
+        self.send(conn, &format!("220 {host} ESMTP Gatekeeper")).await?;
         Ok(true)
+    }
+
+    /// What a pre-greet ban covers: the client's group, narrowed to its own
+    /// address when the group holds a relay network; relay clients never.
+    fn ban_target(&self) -> Option<IpNet> {
+        let client = self.client_ip();
+        let policy = &self.ctx.policy;
+        if policy.may_relay(client) {
+            return None;
+        }
+        let group = crate::netaddr::client_group(client, self.ctx.config.ipv6_client_prefix);
+        if policy.overlaps_relay_networks(&group) {
+            return Some(IpNet::from(client));
+        }
+        Some(group)
     }
 
     async fn dispatch(&mut self, conn: &mut Conn, line: &[u8]) -> std::io::Result<Flow> {
@@ -144,7 +234,7 @@ impl Session {
         let host = self.ctx.config.hostname.clone();
         match command {
             Command::Ehlo(name) => {
-                self.reset_transaction().await;
+                self.end_transaction().await;
                 self.helo = Some(name);
                 self.esmtp = true;
                 let mut lines = vec![
@@ -157,31 +247,31 @@ impl Session {
                 if self.ctx.tls.is_some() && !self.tls_active {
                     lines.push("STARTTLS".to_owned());
                 }
-                send_reply(conn, &Reply { code: 250, lines }).await?;
+                self.send_reply(conn, &Reply { code: 250, lines }).await?;
             }
             Command::Helo(name) => {
-                self.reset_transaction().await;
+                self.end_transaction().await;
                 self.helo = Some(name);
                 self.esmtp = false;
-                send(conn, &format!("250 {host}")).await?;
+                self.send(conn, &format!("250 {host}")).await?;
             }
             Command::Mail { from, params } => return self.mail(conn, from, params).await,
             Command::Rcpt { to } => return self.rcpt(conn, to).await,
             Command::Data => return self.data(conn).await,
             Command::Rset => {
-                self.reset_transaction().await;
-                send(conn, "250 2.0.0 Ok").await?;
+                self.end_transaction().await;
+                self.send(conn, "250 2.0.0 Ok").await?;
             }
-            Command::Noop => send(conn, "250 2.0.0 Ok").await?,
+            Command::Noop => self.send(conn, "250 2.0.0 Ok").await?,
             Command::Help => {
-                send(
+                self.send(
                     conn,
                     "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY",
                 )
                 .await?
             }
             Command::Vrfy => {
-                send(
+                self.send(
                     conn,
                     "252 2.5.2 Cannot VRFY user; send mail and delivery will be attempted",
                 )
@@ -193,7 +283,7 @@ impl Session {
                     .await
             }
             Command::Quit => {
-                send(conn, "221 2.0.0 Bye").await?;
+                self.send(conn, "221 2.0.0 Bye").await?;
                 return Ok(Flow::Close);
             }
             Command::StartTls => return self.starttls(conn).await,
@@ -226,9 +316,10 @@ impl Session {
         let mail_line = format!("MAIL FROM:<{}>{}", from.to_wire(), params.to_wire());
         self.tx = Some(Transaction {
             mail_line,
-            recipients: 0,
+            accepted: Vec::new(),
+            lost: false,
         });
-        send(conn, "250 2.1.0 Ok").await?;
+        self.send(conn, "250 2.1.0 Ok").await?;
         Ok(Flow::Continue)
     }
 
@@ -236,9 +327,12 @@ impl Session {
         let Some(tx) = &self.tx else {
             return self.error(conn, "503 5.5.1 Error: need MAIL command").await;
         };
-        if tx.recipients >= self.ctx.config.max_recipients {
-            send(conn, "452 4.5.3 Error: too many recipients").await?;
+        if tx.accepted.len() >= self.ctx.config.max_recipients {
+            self.send(conn, "452 4.5.3 Error: too many recipients").await?;
             return Ok(Flow::Continue);
+        }
+        if tx.lost {
+            return self.send_lost(conn).await;
         }
         if let Decision::Refuse(reason) = self.ctx.policy.decide(&to, self.client_ip()) {
             self.ctx.stats.relay_denied(reason);
@@ -250,9 +344,33 @@ impl Session {
                 )
                 .await;
         }
-        let reply = match self.forward_rcpt(&to).await {
-            Ok(reply) => reply,
-            Err(UpstreamError::Refused(reply)) => reply,
+        let rcpt_line = format!("RCPT TO:<{}>", to.to_wire());
+        let reply = match self.forward_rcpt(&rcpt_line).await {
+            Ok(reply) if reply.is_success() => reply,
+            Ok(reply) if reply.code < 400 => {
+                // A 3xx (or 1xx) to RCPT: the MTA's state is unknown, so the
+                // session is dropped and the transaction replayed if it goes on.
+                SmtpStats::bump(&self.ctx.stats.upstream_failures);
+                debug!(code = reply.code, "upstream gave a non-2xx, non-error reply to RCPT");
+                self.upstream = None;
+                Reply::new(
+                    451,
+                    "4.3.0 Error: mail system behind the gatekeeper misbehaved, try again later",
+                )
+            }
+            // The MTA refused (unknown user, ...): counts like our own refusals,
+            // so harvesting addresses ends at `max_errors`.
+            Ok(reply) | Err(UpstreamError::Refused(reply)) => {
+                self.send_reply(conn, &reply).await?;
+                return self.count_error(conn).await;
+            }
+            Err(UpstreamError::Busy) => {
+                SmtpStats::bump(&self.ctx.stats.upstream_busy);
+                Reply::new(
+                    451,
+                    "4.3.2 Error: mail system behind the gatekeeper busy, try again later",
+                )
+            }
             Err(e) => {
                 SmtpStats::bump(&self.ctx.stats.upstream_failures);
                 debug!(error = %e, "upstream failed at RCPT");
@@ -263,73 +381,142 @@ impl Session {
                 )
             }
         };
-        if reply.is_positive() {
+        if reply.is_success() {
             if let Some(tx) = &mut self.tx {
-                tx.recipients += 1;
+                tx.accepted.push(rcpt_line);
             }
             SmtpStats::bump(&self.ctx.stats.recipients_accepted);
         }
-        send_reply(conn, &reply).await?;
+        self.send_reply(conn, &reply).await?;
         Ok(Flow::Continue)
     }
 
-    /// Opens the upstream session and its MAIL on first use, then forwards the RCPT.
-    async fn forward_rcpt(&mut self, to: &Path) -> Result<Reply, UpstreamError> {
-        if self.upstream.is_none() {
-            let client = ClientInfo {
-                addr: self.peer,
-                helo: self.helo.clone(),
-                esmtp: self.esmtp,
-            };
-            let config = &self.ctx.config;
-            let upstream = Upstream::connect(
-                config.upstream,
-                &config.hostname,
-                &client,
-                config.upstream_timeout,
-            )
-            .await?;
-            self.upstream = Some(upstream);
+    /// Forwards a RCPT on the open upstream session; if there is none, or it
+    /// just failed, opens a fresh one and replays the transaction first.
+    async fn forward_rcpt(&mut self, rcpt_line: &str) -> Result<Reply, UpstreamError> {
+        if let Some(upstream) = self.upstream.as_mut() {
+            match upstream.command(rcpt_line).await {
+                Ok(reply) => return Ok(reply),
+                Err(e) => {
+                    SmtpStats::bump(&self.ctx.stats.upstream_failures);
+                    debug!(error = %e, "upstream failed at RCPT; reopening");
+                    self.upstream = None;
+                }
+            }
         }
-        let mail_line = self
-            .tx
+        let mut replies = self.open_transaction(Some(rcpt_line)).await?;
+        Ok(replies.pop().expect("one reply per RCPT sent"))
+    }
+
+    /// Opens an upstream session (waiting at most `upstream_wait` for a free
+    /// one) and starts the transaction on it: MAIL, every recipient already
+    /// acknowledged, then `extra`. Returns the replies to `extra`. If an
+    /// acknowledged recipient does not get 250 again, the transaction is lost.
+    async fn open_transaction(&mut self, extra: Option<&str>) -> Result<Vec<Reply>, UpstreamError> {
+        let Some(tx) = self.tx.as_ref() else {
+            return Err(UpstreamError::Closed);
+        };
+        let replayed = tx.accepted.len();
+        let mut lines = tx.accepted.clone();
+        lines.extend(extra.map(str::to_owned));
+        let mail_line = tx.mail_line.clone();
+        let started = self.connect_upstream().await;
+        let result = match started {
+            Ok(mut upstream) => match upstream.start_transaction(&mail_line, &lines).await {
+                Ok(replies) => {
+                    self.upstream = Some(upstream);
+                    Ok(replies)
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if replayed == 0 {
+            return result;
+        }
+        let kept = result
             .as_ref()
-            .map(|tx| tx.mail_line.clone())
-            .unwrap_or_default();
-        let rcpt_line = format!("RCPT TO:<{}>", to.to_wire());
-        let upstream = self.upstream.as_mut().expect("connected above");
-        if upstream.in_transaction {
-            upstream.command(&rcpt_line).await
+            .is_ok_and(|replies| replies[..replayed].iter().all(Reply::is_success));
+        if kept {
+            SmtpStats::bump(&self.ctx.stats.transactions_replayed);
         } else {
-            upstream.mail_and_rcpt(&mail_line, &rcpt_line).await
+            debug!(client = %self.peer, "acknowledged recipients could not be replayed");
+            self.upstream = None;
+            if let Some(tx) = &mut self.tx {
+                tx.lost = true;
+            }
         }
+        let mut replies = result?;
+        Ok(replies.split_off(replayed))
+    }
+
+    async fn connect_upstream(&self) -> Result<Upstream, UpstreamError> {
+        let config = &self.ctx.config;
+        let slot = timeout(
+            config.upstream_wait,
+            self.ctx.upstream_slots.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| UpstreamError::Busy)?
+        .map_err(|_| UpstreamError::Busy)?;
+        let client = ClientInfo {
+            addr: self.peer,
+            helo: self.helo.clone(),
+            esmtp: self.esmtp,
+        };
+        let timeouts = Timeouts {
+            connect: config.upstream_connect_timeout,
+            reply: config.upstream_timeout,
+        };
+        Upstream::connect(config.upstream, &config.hostname, &client, timeouts, slot).await
+    }
+
+    /// The answer to a transaction that lost acknowledged recipients: it ends here.
+    async fn send_lost(&mut self, conn: &mut Conn) -> std::io::Result<Flow> {
+        SmtpStats::bump(&self.ctx.stats.transactions_lost);
+        self.end_transaction().await;
+        self.send(
+            conn,
+            "451 4.3.0 Error: mail system behind the gatekeeper failed mid-transaction; recipients lost, send the message again later",
+        )
+        .await?;
+        Ok(Flow::Continue)
     }
 
     async fn data(&mut self, conn: &mut Conn) -> std::io::Result<Flow> {
         let Some(tx) = &self.tx else {
             return self.error(conn, "503 5.5.1 Error: need MAIL command").await;
         };
-        if tx.recipients == 0 {
+        if tx.lost {
+            return self.send_lost(conn).await;
+        }
+        if tx.accepted.is_empty() {
             return self
                 .error(conn, "554 5.5.1 Error: no valid recipients")
                 .await;
         }
+        if self.upstream.is_none() {
+            // The MTA failed after the last RCPT: replay before DATA.
+            let reopened = self.open_transaction(None).await;
+            if self.tx.as_ref().is_some_and(|tx| tx.lost) || reopened.is_err() {
+                return self.send_lost(conn).await;
+            }
+        }
         let Some(upstream) = self.upstream.as_mut() else {
-            return self.error(conn, "503 5.5.1 Error: need RCPT command").await;
+            return self.send_lost(conn).await;
         };
         match upstream.command("DATA").await {
             Ok(reply) if reply.code == 354 => {}
             Ok(reply) => {
-                self.reset_transaction().await;
-                send_reply(conn, &reply).await?;
+                self.end_transaction().await;
+                self.send_reply(conn, &reply).await?;
                 return Ok(Flow::Continue);
             }
             Err(e) => {
                 SmtpStats::bump(&self.ctx.stats.upstream_failures);
                 debug!(error = %e, "upstream failed at DATA");
-                self.upstream = None;
-                self.tx = None;
-                send(
+                self.abandon_transaction();
+                self.send(
                     conn,
                     "451 4.3.0 Error: mail system behind the gatekeeper failed, try again later",
                 )
@@ -337,30 +524,36 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         }
-        send(conn, "354 End data with <CR><LF>.<CR><LF>").await?;
+        self.send(conn, "354 End data with <CR><LF>.<CR><LF>").await?;
         self.receive_data(conn).await
     }
 
     /// Streams the message to the upstream line by line. Nothing is
     /// acknowledged before the upstream accepted it; a message that goes
     /// wrong is abandoned by dropping the upstream connection mid-DATA, so
-    /// the MTA discards it.
+    /// the MTA discards it. Shutdown waits for it (up to the drain deadline).
     async fn receive_data(&mut self, conn: &mut Conn) -> std::io::Result<Flow> {
         let max = self.ctx.config.max_message_size;
         let mut size: u64 = 0;
         let mut problem: Option<DataProblem> = None;
         loop {
-            let line =
-                match timeout(self.ctx.config.data_timeout, read_line(conn, MAX_TEXT_LINE)).await {
-                    Ok(line) => line?,
-                    Err(_) => {
-                        SmtpStats::bump(&self.ctx.stats.timeouts);
-                        self.abandon_transaction();
-                        let host = &self.ctx.config.hostname;
-                        send(conn, &format!("421 4.4.2 {host} Error: timeout exceeded")).await?;
+            let by_chunk = Instant::now() + self.ctx.config.data_timeout;
+            let deadline = by_chunk.min(self.deadline);
+            let line = match timeout_at(deadline, read_line(conn, MAX_TEXT_LINE)).await {
+                Ok(line) => line?,
+                Err(_) => {
+                    self.abandon_transaction();
+                    if deadline < by_chunk {
+                        self.session_too_long(conn).await?;
                         return Ok(Flow::Close);
                     }
-                };
+                    SmtpStats::bump(&self.ctx.stats.timeouts);
+                    let host = &self.ctx.config.hostname;
+                    self.send(conn, &format!("421 4.4.2 {host} Error: timeout exceeded"))
+                        .await?;
+                    return Ok(Flow::Close);
+                }
+            };
             let bytes = match line {
                 Line::Eof => {
                     self.abandon_transaction();
@@ -380,7 +573,7 @@ impl Session {
                 // ends (SMTP smuggling): nothing more is forwarded, the session ends.
                 SmtpStats::bump(&self.ctx.stats.smuggling_refused);
                 self.abandon_transaction();
-                send(
+                self.send(
                     conn,
                     "554 5.5.2 Error: bare <CR> or <LF> in message data refused",
                 )
@@ -407,7 +600,7 @@ impl Session {
                 };
                 match finished {
                     Ok(reply) => {
-                        if reply.is_positive() {
+                        if reply.is_success() {
                             SmtpStats::bump(&self.ctx.stats.messages_delivered);
                         }
                         reply
@@ -426,11 +619,11 @@ impl Session {
                 Reply::parse_line("554 5.6.0 Error: message line longer than 1000 octets")
             }
         };
-        self.tx = None;
         if reply.is_error() && reply.code >= 500 {
             self.errors += 1;
         }
-        send_reply(conn, &reply).await?;
+        self.send_reply(conn, &reply).await?;
+        self.end_transaction().await;
         Ok(Flow::Continue)
     }
 
@@ -450,13 +643,12 @@ impl Session {
         self.tx = None;
     }
 
-    async fn reset_transaction(&mut self) {
+    /// Ends the transaction and its upstream session (QUIT discards an
+    /// unfinished transaction), freeing the upstream slot.
+    async fn end_transaction(&mut self) {
         self.tx = None;
-        if let Some(upstream) = self.upstream.as_mut().filter(|u| u.in_transaction) {
-            match upstream.command("RSET").await {
-                Ok(reply) if reply.is_positive() => upstream.in_transaction = false,
-                _ => self.upstream = None,
-            }
+        if let Some(upstream) = self.upstream.take() {
+            upstream.quit().await;
         }
     }
 
@@ -474,7 +666,7 @@ impl Session {
         // Plaintext pipelined after STARTTLS must not survive into the TLS session (CVE-2011-0411).
         let buffered = conn.buffer().len();
         conn.consume(buffered);
-        send(conn, "220 2.0.0 Ready to start TLS").await?;
+        self.send(conn, "220 2.0.0 Ready to start TLS").await?;
         let plain = std::mem::replace(conn, BufReader::new(Box::new(Detached))).into_inner();
         let tls = match timeout(Duration::from_secs(30), acceptor.accept(plain)).await {
             Ok(Ok(tls)) => tls,
@@ -489,24 +681,38 @@ impl Session {
         self.tls_active = true;
         self.helo = None;
         self.esmtp = false;
-        self.tx = None;
-        if let Some(upstream) = self.upstream.take() {
-            upstream.quit().await;
-        }
+        self.end_transaction().await;
         Ok(Flow::Continue)
     }
 
     /// Sends an error reply and enforces the hard error limit.
     async fn error(&mut self, conn: &mut Conn, reply: &str) -> std::io::Result<Flow> {
-        send(conn, reply).await?;
+        self.send(conn, reply).await?;
+        self.count_error(conn).await
+    }
+
+    /// Counts an error reply already sent; at `max_errors` the session ends.
+    async fn count_error(&mut self, conn: &mut Conn) -> std::io::Result<Flow> {
         self.errors += 1;
         if self.errors >= self.ctx.config.max_errors {
             SmtpStats::bump(&self.ctx.stats.error_limit_disconnects);
             let host = &self.ctx.config.hostname;
-            send(conn, &format!("421 4.7.0 {host} Error: too many errors")).await?;
+            self.send(conn, &format!("421 4.7.0 {host} Error: too many errors"))
+                .await?;
             return Ok(Flow::Close);
         }
         Ok(Flow::Continue)
+    }
+
+    async fn send(&self, conn: &mut Conn, line: &str) -> std::io::Result<()> {
+        let mut wire = Vec::with_capacity(line.len() + 2);
+        wire.extend_from_slice(line.as_bytes());
+        wire.extend_from_slice(b"\r\n");
+        write_reply(conn, &wire, self.ctx.config.write_timeout).await
+    }
+
+    async fn send_reply(&self, conn: &mut Conn, reply: &Reply) -> std::io::Result<()> {
+        write_reply(conn, &reply.to_wire(), self.ctx.config.write_timeout).await
     }
 }
 
@@ -518,19 +724,16 @@ fn has_bare_cr_or_lf(line: &[u8]) -> bool {
     }
 }
 
-async fn send(conn: &mut Conn, line: &str) -> std::io::Result<()> {
-    let mut wire = Vec::with_capacity(line.len() + 2);
-    wire.extend_from_slice(line.as_bytes());
-    wire.extend_from_slice(b"\r\n");
+/// Writes to the client, or `TimedOut` if it does not take the bytes within
+/// `limit` (a client that stops reading must not hold its slot).
+pub async fn write_reply(conn: &mut Conn, wire: &[u8], limit: Duration) -> std::io::Result<()> {
     let stream = conn.get_mut();
-    stream.write_all(&wire).await?;
-    stream.flush().await
-}
-
-async fn send_reply(conn: &mut Conn, reply: &Reply) -> std::io::Result<()> {
-    let stream = conn.get_mut();
-    stream.write_all(&reply.to_wire()).await?;
-    stream.flush().await
+    timeout(limit, async {
+        stream.write_all(wire).await?;
+        stream.flush().await
+    })
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
 #[cfg(test)]

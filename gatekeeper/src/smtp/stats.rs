@@ -21,6 +21,14 @@ pub struct SmtpStats {
     pub oversize_refused: AtomicU64,
     pub timeouts: AtomicU64,
     pub error_limit_disconnects: AtomicU64,
+    pub refused_connection_rate: AtomicU64,
+    pub command_limit_disconnects: AtomicU64,
+    pub session_time_disconnects: AtomicU64,
+    pub write_timeouts: AtomicU64,
+    pub upstream_busy: AtomicU64,
+    pub transactions_replayed: AtomicU64,
+    pub transactions_lost: AtomicU64,
+    pub shutdown_disconnects: AtomicU64,
     relay_denied: [AtomicU64; RelayReason::ALL.len()],
 }
 
@@ -41,6 +49,22 @@ pub struct SmtpStatsReport {
     pub oversize_refused: u64,
     pub timeouts: u64,
     pub error_limit_disconnects: u64,
+    /// Connections refused by `max_connection_rate`.
+    pub refused_connection_rate: u64,
+    /// Sessions ended with 421 at `max_commands`.
+    pub command_limit_disconnects: u64,
+    /// Sessions ended with 421 at `max_session_time`.
+    pub session_time_disconnects: u64,
+    /// Sessions dropped because the client stopped taking replies (`write_timeout`).
+    pub write_timeouts: u64,
+    /// Recipients answered 451 4.3.2 because `max_upstream_sessions` stayed full for `upstream_wait`.
+    pub upstream_busy: u64,
+    /// Transactions replayed whole on a fresh upstream session after the MTA failed mid-transaction.
+    pub transactions_replayed: u64,
+    /// Transactions refused at DATA (451) because acknowledged recipients could not be replayed.
+    pub transactions_lost: u64,
+    /// Sessions told 421 4.3.2 at shutdown.
+    pub shutdown_disconnects: u64,
     /// Refused recipients by reason (`foreign_domain`, `percent_hack`, ...).
     pub relay_denied: BTreeMap<String, u64>,
 }
@@ -72,6 +96,14 @@ impl SmtpStats {
             oversize_refused: self.oversize_refused.load(Relaxed),
             timeouts: self.timeouts.load(Relaxed),
             error_limit_disconnects: self.error_limit_disconnects.load(Relaxed),
+            refused_connection_rate: self.refused_connection_rate.load(Relaxed),
+            command_limit_disconnects: self.command_limit_disconnects.load(Relaxed),
+            session_time_disconnects: self.session_time_disconnects.load(Relaxed),
+            write_timeouts: self.write_timeouts.load(Relaxed),
+            upstream_busy: self.upstream_busy.load(Relaxed),
+            transactions_replayed: self.transactions_replayed.load(Relaxed),
+            transactions_lost: self.transactions_lost.load(Relaxed),
+            shutdown_disconnects: self.shutdown_disconnects.load(Relaxed),
             relay_denied: RelayReason::ALL
                 .iter()
                 .zip(&self.relay_denied)

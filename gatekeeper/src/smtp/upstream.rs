@@ -1,11 +1,13 @@
 //! The proxy to the MTA behind us: one upstream SMTP session per client
-//! session, opened when the first recipient is accepted.
+//! transaction, opened at its first recipient and closed when it ends, so an
+//! idle client holds none of the `max_upstream_sessions`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 
 use super::io::{read_line, Line};
@@ -24,6 +26,9 @@ pub enum UpstreamError {
     Connect(SocketAddr, std::io::Error),
     #[error("upstream timed out")]
     Timeout,
+    /// All `max_upstream_sessions` stayed busy for `upstream_wait`.
+    #[error("no upstream session free")]
+    Busy,
     #[error("upstream connection failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("upstream closed the connection")]
@@ -39,102 +44,125 @@ pub struct Upstream {
     reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
     writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
     timeout: Duration,
-    /// A MAIL was accepted and no DATA/RSET closed it yet.
-    pub in_transaction: bool,
     /// XFORWARD line sent before each MAIL (its attributes last one transaction).
     forward: Option<String>,
     /// The upstream offers PIPELINING: transaction start goes in one round trip.
     pipelining: bool,
+    /// One of the `max_upstream_sessions` slots, freed when the session ends.
+    _slot: OwnedSemaphorePermit,
 }
 
 const MAX_REPLY_LINE: usize = 4096;
 
+/// How long an upstream session may take to set up, and to answer afterwards.
+pub struct Timeouts {
+    pub connect: Duration,
+    pub reply: Duration,
+}
+
 impl Upstream {
-    /// Connects, greets, and passes the real client on with XCLIENT when offered.
+    /// Connects, greets, and passes the real client on with XCLIENT when
+    /// offered, all within `timeouts.connect`.
     pub async fn connect(
         addr: SocketAddr,
         our_name: &str,
         client: &ClientInfo,
-        limit: Duration,
+        timeouts: Timeouts,
+        slot: OwnedSemaphorePermit,
     ) -> Result<Upstream, UpstreamError> {
-        let stream = timeout(limit, TcpStream::connect(addr))
+        timeout(
+            timeouts.connect,
+            Self::set_up(addr, our_name, client, timeouts.reply, slot),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    async fn set_up(
+        addr: SocketAddr,
+        our_name: &str,
+        client: &ClientInfo,
+        reply_timeout: Duration,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<Upstream, UpstreamError> {
+        let stream = TcpStream::connect(addr)
             .await
-            .map_err(|_| UpstreamError::Timeout)?
             .map_err(|e| UpstreamError::Connect(addr, e))?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
         let mut upstream = Upstream {
             reader: BufReader::new(read),
             writer: BufWriter::new(write),
-            timeout: limit,
-            in_transaction: false,
+            timeout: reply_timeout,
             forward: None,
             pipelining: false,
+            _slot: slot,
         };
-        upstream.expect_positive(None).await?;
-        let ehlo = upstream
-            .expect_positive(Some(&format!("EHLO {our_name}")))
+        upstream.expect_success(None).await?;
+        let mut ehlo = upstream
+            .expect_success(Some(&format!("EHLO {our_name}")))
             .await?;
-        upstream.pipelining = offered(&ehlo, "PIPELINING").is_some();
         if let Some(attributes) = offered(&ehlo, "XCLIENT") {
             let command = client_attributes("XCLIENT", &attributes, client);
-            upstream.expect_positive(Some(&command)).await?;
+            upstream.expect_success(Some(&command)).await?;
             // XCLIENT restarts the session: greet again, as the client did.
+            // What this EHLO offers is what the session has from now on.
             let helo = client.helo.as_deref().unwrap_or(our_name);
-            let ehlo = upstream
-                .expect_positive(Some(&format!("EHLO {helo}")))
+            ehlo = upstream
+                .expect_success(Some(&format!("EHLO {helo}")))
                 .await?;
             upstream.forward =
                 offered(&ehlo, "XFORWARD").map(|a| client_attributes("XFORWARD", &a, client));
         } else if let Some(attributes) = offered(&ehlo, "XFORWARD") {
             upstream.forward = Some(client_attributes("XFORWARD", &attributes, client));
         }
+        upstream.pipelining = offered(&ehlo, "PIPELINING").is_some();
         Ok(upstream)
     }
 
-    /// Starts a transaction with its first recipient: XFORWARD (when
-    /// offered), MAIL and RCPT, in one round trip when the upstream offers
-    /// PIPELINING. Returns the first refusal, else the RCPT reply.
-    pub async fn mail_and_rcpt(
+    /// Starts a transaction: XFORWARD (when offered), MAIL and the RCPTs, in
+    /// one round trip when the upstream offers PIPELINING. A refused
+    /// XFORWARD or MAIL is an error; the RCPT replies come back in order.
+    pub async fn start_transaction(
         &mut self,
         mail_line: &str,
-        rcpt_line: &str,
-    ) -> Result<Reply, UpstreamError> {
-        let mut lines: Vec<String> = self.forward.iter().cloned().collect();
-        lines.push(mail_line.to_owned());
-        lines.push(rcpt_line.to_owned());
+        rcpt_lines: &[String],
+    ) -> Result<Vec<Reply>, UpstreamError> {
+        let set_up: Vec<String> = self
+            .forward
+            .iter()
+            .cloned()
+            .chain([mail_line.to_owned()])
+            .collect();
         if !self.pipelining {
-            for (i, line) in lines.iter().enumerate() {
-                let reply = self.command(line).await?;
-                let last = i + 1 == lines.len();
-                if i + 2 == lines.len() {
-                    self.in_transaction = reply.is_positive();
-                }
-                if last || !reply.is_positive() {
-                    return Ok(reply);
-                }
+            for line in &set_up {
+                self.expect_success(Some(line)).await?;
             }
+            let mut replies = Vec::with_capacity(rcpt_lines.len());
+            for line in rcpt_lines {
+                replies.push(self.command(line).await?);
+            }
+            return Ok(replies);
         }
-        for line in &lines {
+        for line in set_up.iter().chain(rcpt_lines) {
             self.writer.write_all(line.as_bytes()).await?;
             self.writer.write_all(b"\r\n").await?;
         }
         self.writer.flush().await?;
-        let mut first_refusal = None;
-        let mut last = None;
-        for i in 0..lines.len() {
-            let reply = self.read_reply().await?;
-            if i + 2 == lines.len() {
-                self.in_transaction = reply.is_positive();
+        let mut refusal = None;
+        for _ in &set_up {
+            if let Err(e) = success(self.read_reply().await?) {
+                refusal.get_or_insert(e);
             }
-            if !reply.is_positive() && first_refusal.is_none() {
-                first_refusal = Some(reply.clone());
-            }
-            last = Some(reply);
         }
-        Ok(first_refusal
-            .or(last)
-            .expect("at least MAIL and RCPT were sent"))
+        let mut replies = Vec::with_capacity(rcpt_lines.len());
+        for _ in rcpt_lines {
+            replies.push(self.read_reply().await?);
+        }
+        match refusal {
+            Some(e) => Err(e),
+            None => Ok(replies),
+        }
     }
 
     /// Sends one command line and returns the reply, whatever its code.
@@ -145,16 +173,12 @@ impl Upstream {
         self.read_reply().await
     }
 
-    async fn expect_positive(&mut self, line: Option<&str>) -> Result<Reply, UpstreamError> {
+    async fn expect_success(&mut self, line: Option<&str>) -> Result<Reply, UpstreamError> {
         let reply = match line {
             Some(line) => self.command(line).await?,
             None => self.read_reply().await?,
         };
-        if reply.is_positive() {
-            Ok(reply)
-        } else {
-            Err(UpstreamError::Refused(reply))
-        }
+        success(reply)
     }
 
     pub async fn read_reply(&mut self) -> Result<Reply, UpstreamError> {
@@ -187,7 +211,6 @@ impl Upstream {
 
     /// Ends the message and waits for the upstream's verdict on it.
     pub async fn finish_data(&mut self) -> Result<Reply, UpstreamError> {
-        self.in_transaction = false;
         self.writer.write_all(b".\r\n").await?;
         timeout(self.timeout, self.writer.flush())
             .await
@@ -197,6 +220,16 @@ impl Upstream {
 
     pub async fn quit(mut self) {
         let _ = timeout(Duration::from_secs(5), self.command("QUIT")).await;
+    }
+}
+
+/// A 2xx is success and 4xx/5xx a refusal kept for the client; anything
+/// else (3xx, 1xx) is nonsense at this step and ends the session.
+fn success(reply: Reply) -> Result<Reply, UpstreamError> {
+    match reply.code / 100 {
+        2 => Ok(reply),
+        4 | 5 => Err(UpstreamError::Refused(reply)),
+        _ => Err(super::reply::MalformedReply(format!("unexpected {} reply", reply.code)).into()),
     }
 }
 
@@ -232,7 +265,7 @@ fn client_attributes(keyword: &str, offered: &[String], client: &ClientInfo) -> 
 }
 
 fn xclient_addr(addr: SocketAddr) -> String {
-    match super::policy::canonical(addr.ip()) {
+    match crate::netaddr::canonical(addr.ip()) {
         std::net::IpAddr::V4(v4) => v4.to_string(),
         std::net::IpAddr::V6(v6) => format!("IPV6:{v6}"),
     }
