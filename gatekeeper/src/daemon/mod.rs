@@ -18,6 +18,7 @@ use crate::control::protocol::{InterfaceReport, Reply, Request, StatsReport, Wir
 use crate::control::server::{run_locked, ControlSocket, Handler};
 use crate::kernel::{check_privileges, Kernel};
 use crate::lists::store::{remove_stale_temp_files, ListStore};
+use crate::lists::ttl::Ttl;
 use crate::lists::ListKind;
 use crate::smtp::{self, stats::SmtpStats, SmtpContext};
 use lists::ListService;
@@ -46,7 +47,7 @@ pub async fn run(config: Config) -> Result<()> {
     let allow = ListStore::open(&config.state_dir, ListKind::Allow)?;
 
     // Bind first: a second daemon must fail before touching the first one's pins.
-    let control = ControlSocket::bind(&config.control_socket)?;
+    let control = ControlSocket::bind(&config.control_socket, config.control_group.as_deref())?;
     let smtp_listeners = config.smtp.as_ref().map(smtp::bind).transpose()?;
     let mut kernel = Kernel::load(&config)?;
     let screen = match ScreenService::new(&config, &mut kernel) {
@@ -153,10 +154,10 @@ fn control_handler(daemon: Arc<Mutex<Daemon>>, screen: Arc<ScreenService>) -> Ha
         let screen = screen.clone();
         Box::pin(async move {
             match request {
-                Request::Check { ip, fresh } => screen.check(&ip, fresh).await,
-                Request::DnsblList => screen.list(),
-                Request::DnsblFlush { ip } => screen.flush(ip.as_deref()),
-                Request::Stats => {
+                Request::Check { ip, fresh } => screen.check(ip, fresh).await,
+                Request::DnsblList {} => screen.list(),
+                Request::DnsblFlush { ip } => screen.flush(ip),
+                Request::Stats {} => {
                     let mut reply = run_locked(daemon, |d| d.stats()).await;
                     if let Reply::Stats(report) = &mut reply {
                         report.dnsbl = screen.report();
@@ -182,10 +183,11 @@ fn pregreet_hook(
     config: &smtp::SmtpConfig,
     daemon: Arc<Mutex<Daemon>>,
 ) -> Option<smtp::PregreetHook> {
-    let ttl = config.pregreet_deny_ttl;
-    if ttl.is_zero() {
+    if config.pregreet_deny_ttl.is_zero() {
         return None;
     }
+    // Config validation caps it at the maximum TTL; sub-second rounds up to 1 s.
+    let ttl = Ttl::from_duration(config.pregreet_deny_ttl.max(Duration::from_secs(1))).ok()?;
     Some(Arc::new(move |client: IpAddr| {
         let daemon = daemon.clone();
         tokio::task::spawn_blocking(move || {
@@ -193,16 +195,16 @@ fn pregreet_hook(
                 return;
             };
             let entry = WireEntry {
-                prefix: client.to_string(),
+                prefix: client.into(),
                 reason: Some("talked before the SMTP greeting".into()),
-                ttl_secs: Some(ttl.as_secs().max(1)),
+                ttl_secs: Some(ttl),
             };
             if let Reply::Error { message, .. } =
                 daemon.lists.add(ListKind::Deny, vec![entry], false)
             {
                 warn!(%client, %message, "denylisting a pre-greet client failed");
             } else {
-                info!(%client, ttl_secs = ttl.as_secs(), "pre-greet client denylisted");
+                info!(%client, ttl_secs = ttl.secs(), "pre-greet client denylisted");
             }
         });
     }))
@@ -215,8 +217,8 @@ impl Daemon {
             Request::ListReplace { list, entries } => self.lists.add(list, entries, true),
             Request::ListDel { list, prefixes } => self.lists.remove(list, prefixes),
             Request::ListShow { list } => self.lists.show(list),
-            Request::Stats => self.stats(),
-            Request::Check { .. } | Request::DnsblList | Request::DnsblFlush { .. } => {
+            Request::Stats {} => self.stats(),
+            Request::Check { .. } | Request::DnsblList {} | Request::DnsblFlush { .. } => {
                 Reply::failed("DNSBL requests are served by the screen, not the list service")
             }
         }

@@ -154,11 +154,8 @@ impl ScreenService {
         }
     }
 
-    pub async fn check(&self, ip: &str, fresh: bool) -> Reply {
-        let client = match parse_ip(ip) {
-            Ok(client) => client,
-            Err(reply) => return *reply,
-        };
+    pub async fn check(&self, ip: IpAddr, fresh: bool) -> Reply {
+        let client = canonical(ip);
         let dnsbl_until = self.kernel().lookup(client).map(|e| e.expires);
         let (allowlisted, denylisted) = (self.allow.matches(client), self.deny.matches(client));
         let xdp_verdict = if allowlisted {
@@ -240,14 +237,11 @@ impl ScreenService {
     }
 
     /// Forgets verdicts so the next connection is checked afresh.
-    pub fn flush(&self, ip: Option<&str>) -> Reply {
+    pub fn flush(&self, ip: Option<IpAddr>) -> Reply {
         let mut summary = FlushSummary::default();
         let result = match ip {
             Some(ip) => {
-                let client = match parse_ip(ip) {
-                    Ok(client) => client,
-                    Err(reply) => return *reply,
-                };
+                let client = canonical(ip);
                 let was_live = self.kernel().lookup(client).is_some();
                 self.kernel().remove(client).map(|_| {
                     summary.kernel_entries_removed = usize::from(was_live);
@@ -294,12 +288,4 @@ impl ScreenService {
             kernel_entries: self.kernel().live().len(),
         })
     }
-}
-
-/// The client address of a request, or the refusal to send back.
-fn parse_ip(text: &str) -> Result<IpAddr, Box<Reply>> {
-    text.trim()
-        .parse::<IpAddr>()
-        .map(canonical)
-        .map_err(|_| Box::new(Reply::invalid(format!("'{text}' is not an IP address"))))
 }
