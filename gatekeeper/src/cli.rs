@@ -79,9 +79,9 @@ pub enum ListAction {
         /// Why they are listed; shown by `list`.
         #[arg(long)]
         reason: Option<String>,
-        /// Make the entries temporary (e.g. `90s`, `1h`, `7d`); they stop matching when it runs out.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        ttl: Option<std::time::Duration>,
+        /// Make the entries temporary (e.g. `90s`, `1h`, `7d`; 1s to 10y); they stop matching when it runs out.
+        #[arg(long, value_parser = crate::lists::ttl::parse_ttl_arg)]
+        ttl: Option<crate::lists::ttl::Ttl>,
     },
     /// Remove addresses or CIDRs (all or nothing; each must be listed).
     Del {

@@ -12,7 +12,7 @@ use crate::control::protocol::{
     CheckReport, DnsblStats, ErrorKind, Reply, Request, StatsReport, WireEntry,
 };
 use crate::lists::listfile::parse_list_file;
-use crate::lists::prefix::parse_prefix;
+use crate::lists::prefix::Prefix;
 use crate::lists::ListKind;
 
 /// Bad input from the operator: exit status 2, nothing changed.
@@ -37,10 +37,14 @@ fn parse_ip(text: &str) -> Result<std::net::IpAddr> {
         .map_err(|_| UsageError(format!("'{text}' is not an IP address")).into())
 }
 
+fn parse_prefix(text: &str) -> Result<Prefix, UsageError> {
+    text.parse()
+        .map_err(|e: crate::lists::prefix::PrefixError| UsageError(e.to_string()))
+}
+
 fn check(socket: &std::path::Path, ip: &str, fresh: bool, json: bool) -> Result<()> {
-    parse_ip(ip)?;
     let request = Request::Check {
-        ip: ip.to_string(),
+        ip: parse_ip(ip)?,
         fresh,
     };
     let Reply::Checked(report) = expect_ok(client::send(socket, &request)?)? else {
@@ -123,7 +127,7 @@ fn dnsbl_action(socket: &std::path::Path, action: &DnsblAction) -> Result<()> {
     match action {
         DnsblAction::List(args) => {
             let Reply::DnsblListed { entries } =
-                expect_ok(client::send(socket, &Request::DnsblList)?)?
+                expect_ok(client::send(socket, &Request::DnsblList {})?)?
             else {
                 bail!("unexpected reply from the daemon");
             };
@@ -137,10 +141,8 @@ fn dnsbl_action(socket: &std::path::Path, action: &DnsblAction) -> Result<()> {
             }
         }
         DnsblAction::Flush { ip } => {
-            if let Some(ip) = ip {
-                parse_ip(ip)?;
-            }
-            let request = Request::DnsblFlush { ip: ip.clone() };
+            let ip = ip.as_deref().map(parse_ip).transpose()?;
+            let request = Request::DnsblFlush { ip };
             let Reply::DnsblFlushed(summary) = expect_ok(client::send(socket, &request)?)? else {
                 bail!("unexpected reply from the daemon");
             };
@@ -171,32 +173,25 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
             reason,
             ttl,
         } => {
-            if ttl.is_some_and(|t| t.as_secs() == 0) {
-                return Err(UsageError("--ttl must be at least one second".into()).into());
-            }
             let entries = prefixes
                 .iter()
                 .map(|p| {
-                    parse_prefix(p)
-                        .map(|_| WireEntry {
-                            prefix: p.clone(),
-                            reason: reason.clone(),
-                            ttl_secs: ttl.map(|t| t.as_secs()),
-                        })
-                        .map_err(|e| UsageError(e.to_string()))
+                    parse_prefix(p).map(|prefix| WireEntry {
+                        prefix,
+                        reason: reason.clone(),
+                        ttl_secs: *ttl,
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let reply = expect_ok(client::send(socket, &Request::ListAdd { list, entries })?)?;
             print_change(&reply);
         }
         ListAction::Del { prefixes } => {
-            for p in prefixes {
-                parse_prefix(p).map_err(|e| UsageError(e.to_string()))?;
-            }
-            let request = Request::ListDel {
-                list,
-                prefixes: prefixes.clone(),
-            };
+            let prefixes = prefixes
+                .iter()
+                .map(|p| parse_prefix(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let request = Request::ListDel { list, prefixes };
             print_change(&expect_ok(client::send(socket, &request)?)?);
         }
         ListAction::List(args) => {
@@ -226,12 +221,18 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
                 .map_err(|e| UsageError(format!("{}: {e}; nothing imported", file.display())))?;
             let entries = lines
                 .into_iter()
-                .map(|l| WireEntry {
-                    prefix: l.prefix.to_string(),
-                    reason: l.reason,
-                    ttl_secs: None,
+                .map(|l| {
+                    Prefix::try_from(l.prefix)
+                        .map(|prefix| WireEntry {
+                            prefix,
+                            reason: l.reason,
+                            ttl_secs: None,
+                        })
+                        .map_err(|e| {
+                            UsageError(format!("{}: {e}; nothing imported", file.display()))
+                        })
                 })
-                .collect();
+                .collect::<Result<Vec<_>, _>>()?;
             let request = if *replace {
                 Request::ListReplace { list, entries }
             } else {
@@ -267,7 +268,7 @@ fn read_list_file(file: &std::path::Path) -> Result<String> {
 }
 
 fn stats(socket: &std::path::Path, json: bool) -> Result<()> {
-    let Reply::Stats(report) = expect_ok(client::send(socket, &Request::Stats)?)? else {
+    let Reply::Stats(report) = expect_ok(client::send(socket, &Request::Stats {})?)? else {
         bail!("unexpected reply from the daemon");
     };
     if json {

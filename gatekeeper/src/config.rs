@@ -21,6 +21,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Members of this group (primary or supplementary) may use the control
+    /// socket too, which is then group-owned 0660; absent: root only (0600).
+    #[serde(default)]
+    pub control_group: Option<String>,
     #[serde(default = "default_bpffs_dir")]
     pub bpffs_dir: PathBuf,
     #[serde(default)]
@@ -137,8 +141,22 @@ impl Config {
                 return Err(format!("{key}: capacity must be at least 1"));
             }
         }
+        if let Some(group) = &self.control_group {
+            if group.is_empty()
+                || group.contains(|c: char| c.is_whitespace() || c == ':' || c == '/')
+            {
+                return Err(format!("control_group: '{group}' is not a group name"));
+            }
+        }
         if let Some(smtp) = &self.smtp {
             smtp.validate()?;
+            let ttl = smtp.pregreet_deny_ttl;
+            if !ttl.is_zero() && ttl.as_secs() > crate::lists::ttl::MAX_TTL_SECS {
+                return Err(format!(
+                    "smtp.pregreet_deny_ttl: over the maximum TTL of {} s (10y)",
+                    crate::lists::ttl::MAX_TTL_SECS
+                ));
+            }
         }
         if let Some(dnsbl) = &self.dnsbl {
             dnsbl.validate()?;
@@ -188,6 +206,7 @@ xdp_mode = "auto"
 protected_ports = [25]
 state_dir = "/var/lib/gatekeeper"
 control_socket = "/run/gatekeeper/control.sock"
+control_group = "gatekeeper"
 bpffs_dir = "/sys/fs/bpf/gatekeeper"
 
 [smtp]
@@ -210,6 +229,7 @@ threshold = 3
         assert_eq!(config.xdp_mode, XdpModeSetting::Auto);
         assert_eq!(config.protected_ports, [25]);
         assert_eq!(config.bpffs_dir, Path::new("/sys/fs/bpf/gatekeeper"));
+        assert_eq!(config.control_group.as_deref(), Some("gatekeeper"));
         assert_eq!(config.maps, MapCapacities::default());
         assert!(config.maps.deny_v4 >= 1_000_000 && config.maps.deny_v6 >= 100_000);
     }
@@ -219,6 +239,7 @@ threshold = 3
         let config = Config::parse("interfaces = []").unwrap();
         assert_eq!(config.protected_ports, [25]);
         assert_eq!(config.state_dir, Path::new("/var/lib/gatekeeper"));
+        assert_eq!(config.control_group, None);
     }
 
     #[test]
@@ -243,6 +264,12 @@ threshold = 3
                 "maps.deny_v4",
             ),
             ("xdp_mode = \"auto\"", "interfaces"),
+            ("interfaces = []\ncontrol_group = \"\"", "control_group"),
+            ("interfaces = []\ncontrol_group = \"a b\"", "control_group"),
+            (
+                "interfaces = []\n[smtp]\nupstream = \"127.0.0.1:10025\"\npregreet_deny_ttl = \"11y\"",
+                "smtp.pregreet_deny_ttl",
+            ),
         ];
         for (text, expected) in cases {
             let err = Config::parse(text).unwrap_err();

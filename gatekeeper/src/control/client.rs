@@ -26,21 +26,32 @@ pub fn send(socket: &Path, request: &Request) -> Result<Reply> {
                 socket.display()
             )
         }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            bail!(
+                "permission denied on {}: the control socket is for root and the daemon's control_group",
+                socket.display()
+            )
+        }
         Err(e) => {
             return Err(e).with_context(|| format!("connecting to {}", socket.display()));
         }
     };
-    let mut writer = std::io::BufWriter::new(&stream);
-    serde_json::to_writer(&mut writer, request).context("encoding request")?;
-    writer.write_all(b"\n")?;
-    writer.flush().context("sending request to the daemon")?;
-    drop(writer);
+    // A daemon that refuses the request (or the peer) may close before reading
+    // all of it: its reply, already sent, says why, so read it before the write error.
+    let sent = write_request(&stream, request);
     let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .context("reading the daemon's reply")?;
+    let read = BufReader::new(&stream).read_line(&mut line);
     if line.is_empty() {
+        sent?;
+        read.context("reading the daemon's reply")?;
         bail!("the daemon closed the connection without replying");
     }
     serde_json::from_str(&line).context("decoding the daemon's reply")
+}
+
+fn write_request(stream: &UnixStream, request: &Request) -> Result<()> {
+    let mut writer = std::io::BufWriter::new(stream);
+    serde_json::to_writer(&mut writer, request).context("encoding request")?;
+    writer.write_all(b"\n")?;
+    writer.flush().context("sending request to the daemon")
 }

@@ -1,24 +1,33 @@
 //! Request and reply types; one JSON object per line in each direction.
 
+//!
+//! Requests are typed down to their addresses, prefixes and TTLs and refuse
+//! unknown fields, so a misspelt `ttl` cannot silently make an entry permanent
+//! and the daemon never parses a string itself.
+
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::AttachedMode;
+use crate::lists::prefix::Prefix;
+use crate::lists::ttl::Ttl;
 use crate::lists::ListKind;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WireEntry {
-    pub prefix: String,
+    pub prefix: Prefix,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Lifetime in seconds from now; absent: permanent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl_secs: Option<u64>,
+    pub ttl_secs: Option<Ttl>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Add or update entries; the whole batch or nothing.
     ListAdd {
@@ -28,7 +37,7 @@ pub enum Request {
     /// Remove entries; every prefix must be listed.
     ListDel {
         list: ListKind,
-        prefixes: Vec<String>,
+        prefixes: Vec<Prefix>,
     },
     /// Make the list exactly `entries`.
     ListReplace {
@@ -38,20 +47,22 @@ pub enum Request {
     ListShow {
         list: ListKind,
     },
-    Stats,
+    /// Field-less variants are empty structs, not units: serde lets an internally
+    /// tagged unit variant ignore unknown fields, so `{"op":"stats","x":1}` would pass.
+    Stats {},
     /// Map state and DNSBL verdict for one address.
     Check {
-        ip: String,
+        ip: IpAddr,
         /// Ask the zones even when a cached verdict exists.
         #[serde(default)]
         fresh: bool,
     },
     /// Live kernel DNSBL entries.
-    DnsblList,
+    DnsblList {},
     /// Forget DNSBL verdicts (kernel and cache) for one address or all.
     DnsblFlush {
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        ip: Option<String>,
+        ip: Option<IpAddr>,
     },
 }
 
@@ -192,6 +203,17 @@ pub struct FlushSummary {
     pub cached_verdicts_removed: usize,
 }
 
+/// Decodes one request line (without its newline); the refusal is the reply to send.
+pub fn decode_request(line: &[u8]) -> Result<Request, Reply> {
+    let text = std::str::from_utf8(line).map_err(|e| {
+        Reply::invalid(format!(
+            "request is not valid UTF-8 (bad byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+    serde_json::from_str(text).map_err(|e| Reply::invalid(format!("malformed request: {e}")))
+}
+
 impl Reply {
     pub fn invalid(message: impl Into<String>) -> Reply {
         Reply::Error {
@@ -217,7 +239,7 @@ mod tests {
         let request = Request::ListAdd {
             list: ListKind::Deny,
             entries: vec![WireEntry {
-                prefix: "192.0.2.0/24".into(),
+                prefix: "192.0.2.0/24".parse().unwrap(),
                 reason: Some("line\nbreak".into()),
                 ttl_secs: None,
             }],
@@ -249,5 +271,95 @@ mod tests {
         let value = serde_json::to_value(Reply::Stats(report)).unwrap();
         assert_eq!(value["dropped_deny"], 3);
         assert_eq!(value["reply"], "stats");
+    }
+
+    /// One valid line per request variant, in wire form.
+    const EVERY_REQUEST: &[&str] = &[
+        r#"{"op":"list_add","list":"deny","entries":[{"prefix":"192.0.2.1/32","reason":"r","ttl_secs":60}]}"#,
+        r#"{"op":"list_del","list":"allow","prefixes":["2001:db8::/32"]}"#,
+        r#"{"op":"list_replace","list":"deny","entries":[]}"#,
+        r#"{"op":"list_show","list":"deny"}"#,
+        r#"{"op":"stats"}"#,
+        r#"{"op":"check","ip":"192.0.2.1","fresh":true}"#,
+        r#"{"op":"dnsbl_list"}"#,
+        r#"{"op":"dnsbl_flush","ip":"2001:db8::1"}"#,
+        r#"{"op":"dnsbl_flush"}"#,
+    ];
+
+    fn refusal(line: &str) -> String {
+        match decode_request(line.as_bytes()) {
+            Err(Reply::Error {
+                kind: ErrorKind::InvalidInput,
+                message,
+            }) => message,
+            other => panic!("{line} was not refused as invalid input: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_in_every_variant() {
+        for line in EVERY_REQUEST {
+            let request =
+                decode_request(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e:?}"));
+            let expected: serde_json::Value = serde_json::from_str(line).unwrap();
+            let encoded = serde_json::to_value(&request).unwrap();
+            assert_eq!(encoded, expected, "the wire shape changed");
+            let mut value: serde_json::Value = serde_json::from_str(line).unwrap();
+            value["bogus"] = 1.into();
+            let message = refusal(&value.to_string());
+            assert!(message.contains("bogus"), "{value}: {message}");
+        }
+    }
+
+    #[test]
+    fn misspelt_ttl_is_refused_not_permanent() {
+        let message = refusal(
+            r#"{"op":"list_add","list":"deny","entries":[{"prefix":"192.0.2.1","ttl":60}]}"#,
+        );
+        assert!(message.contains("unknown field `ttl`"), "{message}");
+    }
+
+    #[test]
+    fn typed_fields_refuse_bad_values() {
+        for (line, named) in [
+            (
+                r#"{"op":"list_add","list":"deny","entries":[{"prefix":"192.0.2.7/24"}]}"#,
+                "192.0.2.0/24",
+            ),
+            (
+                r#"{"op":"list_replace","list":"deny","entries":[{"prefix":"::ffff:192.0.2.1"}]}"#,
+                "use 192.0.2.1",
+            ),
+            (
+                r#"{"op":"list_del","list":"deny","prefixes":["192.0.2.1","junk"]}"#,
+                "junk",
+            ),
+            (r#"{"op":"check","ip":"192.0.2.0/24"}"#, "IP address"),
+            (r#"{"op":"dnsbl_flush","ip":"nope"}"#, "IP address"),
+            (
+                r#"{"op":"list_add","list":"deny","entries":[{"prefix":"192.0.2.1","ttl_secs":0}]}"#,
+                "at least one second",
+            ),
+            (
+                r#"{"op":"list_add","list":"deny","entries":[{"prefix":"192.0.2.1","ttl_secs":18446744074}]}"#,
+                "maximum",
+            ),
+            (r#"{"op":"list_show","list":"grey"}"#, "grey"),
+            (r#"{"op":"shutdown"}"#, "shutdown"),
+        ] {
+            let message = refusal(line);
+            assert!(message.contains(named), "{line}: {message}");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_named() {
+        match decode_request(b"{\"op\":\"check\",\"ip\":\"\xff\"}") {
+            Err(Reply::Error {
+                kind: ErrorKind::InvalidInput,
+                message,
+            }) => assert!(message.contains("UTF-8"), "{message}"),
+            other => panic!("accepted: {other:?}"),
+        }
     }
 }

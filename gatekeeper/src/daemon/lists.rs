@@ -11,8 +11,9 @@ use tracing::{info, warn};
 
 use crate::control::protocol::{ChangeSummary, ListedEntry, Reply, WireEntry};
 use crate::kernel::{ListMaps, PrefixMaps};
-use crate::lists::prefix::{parse_prefix, PrefixError};
+use crate::lists::prefix::Prefix;
 use crate::lists::store::{unix_now, ApplyError, Change, ListStore, NewEntry};
+use crate::lists::ttl::TtlError;
 use crate::lists::ListKind;
 
 pub struct ListService {
@@ -64,14 +65,8 @@ impl ListService {
         self.change(kind, change)
     }
 
-    pub fn remove(&mut self, kind: ListKind, prefixes: Vec<String>) -> Reply {
-        let mut nets = Vec::with_capacity(prefixes.len());
-        for text in prefixes {
-            match parse_prefix(&text) {
-                Ok(net) => nets.push(net),
-                Err(e) => return Reply::invalid(e.to_string()),
-            }
-        }
+    pub fn remove(&mut self, kind: ListKind, prefixes: Vec<Prefix>) -> Reply {
+        let nets = prefixes.into_iter().map(Prefix::net).collect();
         self.change(kind, Change::Remove(nets))
     }
 
@@ -175,15 +170,15 @@ fn kernel_maps(maps: &mut ListMaps, kind: ListKind) -> &mut PrefixMaps {
     }
 }
 
-fn parse_entries(entries: Vec<WireEntry>) -> Result<Vec<NewEntry>, PrefixError> {
+fn parse_entries(entries: Vec<WireEntry>) -> Result<Vec<NewEntry>, TtlError> {
     let now = unix_now();
     entries
         .into_iter()
         .map(|e| {
-            parse_prefix(&e.prefix).map(|net| NewEntry {
-                net,
+            Ok(NewEntry {
+                net: e.prefix.net(),
                 reason: e.reason,
-                expires: e.ttl_secs.map(|ttl| now.saturating_add(ttl.max(1))),
+                expires: e.ttl_secs.map(|ttl| ttl.expires_at(now)).transpose()?,
             })
         })
         .collect()

@@ -25,6 +25,8 @@ use crate::control::protocol::{Reply, WireEntry};
 use crate::control::server::ControlSocket;
 use crate::kernel::{check_privileges, Kernel};
 use crate::lists::store::{remove_stale_temp_files, ListStore};
+use crate::lists::prefix::Prefix;
+use crate::lists::ttl::Ttl;
 use crate::lists::ListKind;
 use crate::smtp::{self, stats::SmtpStats, SmtpContext};
 use lists::ListService;
@@ -51,7 +53,7 @@ pub async fn run(config: Config) -> Result<()> {
     let allow = ListStore::open(&config.state_dir, ListKind::Allow)?;
 
     // Bind first: a second daemon must fail before touching the first one's pins.
-    let control = ControlSocket::bind(&config.control_socket)?;
+    let control = ControlSocket::bind(&config.control_socket, config.control_group.as_deref())?;
     let smtp_listeners = config.smtp.as_ref().map(smtp::bind).transpose()?;
     // From here on every return path drops `kernel`, which tears it down.
     let mut kernel = Kernel::load(&config)?;
@@ -194,25 +196,30 @@ fn pregreet_hook(
     config: &smtp::SmtpConfig,
     lists: Arc<Mutex<ListService>>,
 ) -> Option<smtp::PregreetHook> {
-    let ttl = config.pregreet_deny_ttl;
-    if ttl.is_zero() {
+    if config.pregreet_deny_ttl.is_zero() {
         return None;
     }
+    // Config validation caps it at the maximum TTL; sub-second rounds up to 1 s.
+    let ttl = Ttl::from_duration(config.pregreet_deny_ttl.max(Duration::from_secs(1))).ok()?;
     Some(Arc::new(move |client: ipnet::IpNet| {
         let lists = lists.clone();
+        let prefix = match Prefix::try_from(client) {
+            Ok(prefix) => prefix,
+            Err(e) => return warn!(%client, error = %e, "pre-greet client not denylisted"),
+        };
         tokio::task::spawn_blocking(move || {
             let Ok(mut lists) = lists.lock() else {
                 return;
             };
             let entry = WireEntry {
-                prefix: client.to_string(),
+                prefix,
                 reason: Some("talked before the SMTP greeting".into()),
-                ttl_secs: Some(ttl.as_secs().max(1)),
+                ttl_secs: Some(ttl),
             };
             if let Reply::Error { message, .. } = lists.add(ListKind::Deny, vec![entry], false) {
                 warn!(%client, %message, "denylisting a pre-greet client failed");
             } else {
-                info!(%client, ttl_secs = ttl.as_secs(), "pre-greet client denylisted");
+                info!(%client, ttl_secs = ttl.secs(), "pre-greet client denylisted");
             }
         });
     }))

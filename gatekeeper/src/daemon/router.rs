@@ -35,24 +35,15 @@ impl Router {
     /// DNSBL verbs never wait for the list lock (they may wait on DNS).
     async fn route(&self, request: Request) -> Reply {
         match request {
-            Request::Check { ip, fresh } => match parse_ip(&ip) {
-                Ok(ip) => Reply::Checked(self.screen.check(ip, fresh).await),
-                Err(reply) => reply,
-            },
-            Request::DnsblList => Reply::DnsblListed {
+            Request::Check { ip, fresh } => Reply::Checked(self.screen.check(ip, fresh).await),
+            Request::DnsblList {} => Reply::DnsblListed {
                 entries: self.screen.list(),
             },
-            Request::DnsblFlush { ip } => {
-                let ip = match ip.as_deref().map(parse_ip).transpose() {
-                    Ok(ip) => ip,
-                    Err(reply) => return reply,
-                };
-                match self.screen.flush(ip) {
-                    Ok(summary) => Reply::DnsblFlushed(summary),
-                    Err(e @ ScreenError::Kernel(_)) => Reply::failed(e.to_string()),
-                }
-            }
-            Request::Stats => self.stats().await,
+            Request::DnsblFlush { ip } => match self.screen.flush(ip) {
+                Ok(summary) => Reply::DnsblFlushed(summary),
+                Err(e @ ScreenError::Kernel(_)) => Reply::failed(e.to_string()),
+            },
+            Request::Stats {} => self.stats().await,
             Request::ListAdd { list, entries } => {
                 run_locked(self.lists.clone(), move |l| l.add(list, entries, false)).await
             }
@@ -102,12 +93,4 @@ impl Router {
             dnsbl: self.screen.report(),
         })
     }
-}
-
-/// The client address of a request, or the refusal to send back.
-fn parse_ip(text: &str) -> Result<std::net::IpAddr, Reply> {
-    text.trim()
-        .parse()
-        .map(crate::netaddr::canonical)
-        .map_err(|_| Reply::invalid(format!("'{text}' is not an IP address")))
 }

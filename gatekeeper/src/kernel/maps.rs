@@ -137,15 +137,27 @@ pub(super) fn is_absent(error: &MapError) -> bool {
 }
 
 /// Maps wall-clock expiry (what the store keeps) onto CLOCK_MONOTONIC (what XDP reads).
+///
+/// All arithmetic is checked. An expiry past the range of `u64` nanoseconds
+/// (584 years of uptime; TTLs are capped far below) saturates to the latest
+/// instant: an entry may outlive its time in XDP until the sweeper removes it,
+/// but it never wraps round to expire early or turn permanent.
 pub(super) struct Clock {
     unix_secs: u64,
     monotonic_ns: u64,
 }
 
+const NS_PER_SEC: u64 = 1_000_000_000;
+
 impl Clock {
     pub(super) fn now() -> Clock {
         let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .ok()
+            .and_then(|t| {
+                let secs = u64::try_from(t.tv_sec()).ok()?;
+                let nanos = u64::try_from(t.tv_nsec()).ok()?;
+                secs.checked_mul(NS_PER_SEC)?.checked_add(nanos)
+            })
             .unwrap_or(0);
         Clock {
             unix_secs: unix_now(),
@@ -159,7 +171,10 @@ impl Clock {
             None => Some(PrefixValue::PERMANENT),
             Some(expires) if expires <= self.unix_secs => None,
             Some(expires) => Some(PrefixValue {
-                expires_ns: self.monotonic_ns + (expires - self.unix_secs) * 1_000_000_000,
+                expires_ns: (expires - self.unix_secs)
+                    .checked_mul(NS_PER_SEC)
+                    .and_then(|left| left.checked_add(self.monotonic_ns))
+                    .unwrap_or(u64::MAX),
             }),
         }
     }
@@ -173,7 +188,41 @@ impl Clock {
             .expires_ns
             .checked_sub(self.monotonic_ns)
             .filter(|&ns| ns > 0)?;
-        Some(self.unix_secs + left_ns.div_ceil(1_000_000_000))
+        Some(
+            self.unix_secs
+                .checked_add(left_ns.div_ceil(NS_PER_SEC))
+                .unwrap_or(u64::MAX),
+        )
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn far_expiries_saturate_instead_of_wrapping() {
+        let clock = Clock {
+            unix_secs: 1_700_000_000,
+            monotonic_ns: 5 * NS_PER_SEC,
+        };
+        let ttl = 18_446_744_074; // * 1e9 wraps u64 to about 0.3 s
+        let value = clock.kernel_value(Some(clock.unix_secs + ttl)).unwrap();
+        assert_eq!(value.expires_ns, u64::MAX);
+        let hour = clock.kernel_value(Some(clock.unix_secs + 3600)).unwrap();
+        assert_eq!(hour.expires_ns, 3605 * NS_PER_SEC);
+        assert_eq!(clock.unix_expiry(hour), Some(clock.unix_secs + 3600));
+        assert!(clock.kernel_value(Some(clock.unix_secs)).is_none());
+        let late = Clock {
+            unix_secs: u64::MAX - 1,
+            monotonic_ns: 0,
+        };
+        assert_eq!(
+            late.unix_expiry(PrefixValue {
+                expires_ns: 10 * NS_PER_SEC
+            }),
+            Some(u64::MAX)
+        );
     }
 }
 

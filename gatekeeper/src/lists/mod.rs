@@ -3,6 +3,7 @@
 pub mod listfile;
 pub mod prefix;
 pub mod store;
+pub mod ttl;
 
 use serde::{Deserialize, Serialize};
 

@@ -29,6 +29,12 @@ pub fn parse_prefix(text: &str) -> Result<IpNet, PrefixError> {
             .map_err(|_| PrefixError::Syntax(text.to_owned()))?;
         IpNet::from(addr)
     };
+    check_listable(net, text)
+}
+
+/// The rules beyond syntax: no IPv4-mapped prefixes, no host bits. `given`
+/// is what the operator wrote, quoted back in the error.
+fn check_listable(net: IpNet, given: &str) -> Result<IpNet, PrefixError> {
     if let IpNet::V6(v6) = net {
         if let Some(v4) = v6.addr().to_ipv4_mapped() {
             if v6.prefix_len() >= 96 {
@@ -37,7 +43,7 @@ pub fn parse_prefix(text: &str) -> Result<IpNet, PrefixError> {
                     len => format!("{v4}/{}", len - 96),
                 };
                 return Err(PrefixError::Ipv4Mapped {
-                    given: text.to_owned(),
+                    given: given.to_owned(),
                     suggestion,
                 });
             }
@@ -45,11 +51,73 @@ pub fn parse_prefix(text: &str) -> Result<IpNet, PrefixError> {
     }
     if net.trunc() != net {
         return Err(PrefixError::NonCanonical {
-            given: text.to_owned(),
+            given: given.to_owned(),
             canonical: net.trunc(),
         });
     }
     Ok(net)
+}
+
+/// A prefix that passed [`parse_prefix`]'s rules: what the control protocol
+/// carries, so the daemon never sees an unchecked one. A string on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix(IpNet);
+
+impl Prefix {
+    pub fn net(self) -> IpNet {
+        self.0
+    }
+}
+
+impl TryFrom<IpNet> for Prefix {
+    type Error = PrefixError;
+
+    fn try_from(net: IpNet) -> Result<Prefix, PrefixError> {
+        check_listable(net, &net.to_string()).map(Prefix)
+    }
+}
+
+/// One host; an IPv4-mapped address becomes the IPv4 address it stands for.
+impl From<IpAddr> for Prefix {
+    fn from(addr: IpAddr) -> Prefix {
+        Prefix(IpNet::from(addr.to_canonical()))
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = PrefixError;
+
+    fn from_str(text: &str) -> Result<Prefix, PrefixError> {
+        parse_prefix(text).map(Prefix)
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl serde::Serialize for Prefix {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Prefix {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Prefix, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Prefix;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an IP address or canonical CIDR as a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Prefix, E> {
+                text.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
 }
 
 #[cfg(test)]
@@ -110,5 +178,25 @@ mod tests {
         assert!(err.to_string().contains("use 192.0.2.1"), "{err}");
         let err = parse_prefix("::ffff:192.0.2.0/120").unwrap_err();
         assert!(err.to_string().contains("use 192.0.2.0/24"), "{err}");
+    }
+
+    #[test]
+    fn typed_prefix_applies_the_same_rules_on_every_path() {
+        let wire = |text: &str| serde_json::from_value::<Prefix>(serde_json::json!(text));
+        assert_eq!(wire("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        for bad in ["192.0.2.7/24", "::ffff:192.0.2.1", "garbage", " 192.0.2.1"] {
+            let err = wire(bad).unwrap_err().to_string();
+            assert!(err.contains(bad.trim()), "{bad:?}: {err}");
+        }
+        assert!(serde_json::from_value::<Prefix>(serde_json::json!(7)).is_err());
+        let net: IpNet = "192.0.2.7/24".parse().unwrap();
+        assert!(matches!(
+            Prefix::try_from(net),
+            Err(PrefixError::NonCanonical { .. })
+        ));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(Prefix::from(mapped).to_string(), "192.0.2.1/32");
+        let json = serde_json::to_string(&"2001:db8::/32".parse::<Prefix>().unwrap()).unwrap();
+        assert_eq!(json, r#""2001:db8::/32""#);
     }
 }
