@@ -13,18 +13,24 @@ use gatekeeper_common::Counter;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+use crate::clock::unix_now;
 use crate::config::Config;
-use crate::control::protocol::{InterfaceReport, Reply, Request, StatsReport, WireEntry};
+use crate::control::protocol::{
+    ChangeSummary, InterfaceReport, ListedEntry, Reply, Request, StatsReport, WireEntry,
+};
 use crate::control::server::{run_locked, ControlSocket, Handler};
 use crate::kernel::{check_privileges, Kernel};
-use crate::lists::store::{remove_stale_temp_files, ListStore};
+use crate::lists::prefix::{parse_prefix, PrefixError};
+use crate::lists::store::{Change, ListStore, NewEntry, StoreOptions};
 use crate::lists::ListKind;
+use crate::persist::remove_stale_temp_files;
 use crate::smtp::{self, stats::SmtpStats, SmtpContext};
-use lists::ListService;
+use lists::{Changed, ListError, ListService};
 use screen::ScreenService;
 
 struct Daemon {
-    lists: ListService,
+    kernel: Kernel,
+    lists: Arc<ListService>,
     started: Instant,
     smtp_stats: Option<Arc<SmtpStats>>,
 }
@@ -42,8 +48,9 @@ pub async fn run(config: Config) -> Result<()> {
     if stale > 0 {
         info!(count = stale, "removed temp files of an interrupted write");
     }
-    let deny = ListStore::open(&config.state_dir, ListKind::Deny)?;
-    let allow = ListStore::open(&config.state_dir, ListKind::Allow)?;
+    let options = StoreOptions::new(config.journal_compact_bytes);
+    let deny = ListStore::open(&config.state_dir, ListKind::Deny, options.clone())?;
+    let allow = ListStore::open(&config.state_dir, ListKind::Allow, options)?;
 
     // Bind first: a second daemon must fail before touching the first one's pins.
     let control = ControlSocket::bind(&config.control_socket)?;
@@ -56,9 +63,19 @@ pub async fn run(config: Config) -> Result<()> {
             return Err(e);
         }
     };
-    let mut lists = ListService::new(deny, allow, kernel)?;
-    if let Err(e) = lists.kernel.attach(&config.interfaces, config.xdp_mode) {
-        lists.kernel.shutdown();
+    let maps = kernel
+        .take_list_maps()
+        .context("list maps already handed out")?;
+    let lists = match ListService::new(deny, allow, maps) {
+        Ok(lists) => Arc::new(lists),
+        Err(e) => {
+            kernel.shutdown();
+            return Err(e);
+        }
+    };
+    if let Err(e) = kernel.attach(&config.interfaces, config.xdp_mode) {
+        lists.close().await;
+        kernel.shutdown();
         return Err(e);
     }
 
@@ -67,18 +84,23 @@ pub async fn run(config: Config) -> Result<()> {
         .as_ref()
         .map(|_| Arc::new(SmtpStats::default()));
     let daemon = Arc::new(Mutex::new(Daemon {
-        lists,
+        kernel,
+        lists: lists.clone(),
         started: Instant::now(),
         smtp_stats: smtp_stats.clone(),
     }));
     // Zones are judged before the first client (or `check`) is, so a zone
     // listing the world never blocks anyone. Costs at most one DNSBL timeout.
     let health = screen.start_health_checks().await;
-    let server = tokio::spawn(control.serve(control_handler(daemon.clone(), screen.clone())));
-    let sweeper = tokio::spawn(sweep_expired(daemon.clone(), screen.clone()));
+    let server = tokio::spawn(control.serve(control_handler(
+        daemon.clone(),
+        lists.clone(),
+        screen.clone(),
+    )));
+    let sweeper = tokio::spawn(sweep_expired(lists.clone(), screen.clone()));
     let smtp_task = match (config.smtp.clone(), smtp_listeners, smtp_stats) {
         (Some(smtp_config), Some(listeners), Some(stats)) => {
-            let hook = pregreet_hook(&smtp_config, daemon.clone());
+            let hook = pregreet_hook(&smtp_config, lists.clone());
             let mut ctx = SmtpContext::new(smtp_config, stats, hook)?;
             if config.dnsbl.is_some() {
                 ctx.screen = Some(screen_hook(screen.clone()));
@@ -105,7 +127,7 @@ pub async fn run(config: Config) -> Result<()> {
     sweeper.abort();
     server.abort();
     let _ = server.await; // drops the listener, which removes the socket file
-                          // Wait for an in-flight change to finish so its acknowledgement holds.
+    lists.close().await;
     let daemon = tokio::task::spawn_blocking(move || {
         let guard = daemon.lock();
         drop(guard);
@@ -113,7 +135,7 @@ pub async fn run(config: Config) -> Result<()> {
     })
     .await?;
     if let Some(daemon) = daemon.and_then(|m| m.into_inner().ok()) {
-        daemon.lists.kernel.shutdown();
+        daemon.kernel.shutdown();
     }
     info!("gatekeeper stopped");
     Ok(())
@@ -130,29 +152,33 @@ fn raise_file_limit() {
     }
 }
 
-async fn sweep_expired(daemon: Arc<Mutex<Daemon>>, screen: Arc<ScreenService>) {
+async fn sweep_expired(lists: Arc<ListService>, screen: Arc<ScreenService>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tick.tick().await;
-        let daemon = daemon.clone();
+        lists.sweep_expired().await;
         let screen = screen.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Ok(mut daemon) = daemon.lock() {
-                daemon.lists.sweep_expired();
-            }
-            screen.sweep();
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || screen.sweep()).await;
     }
 }
 
-/// DNSBL verbs run without the daemon lock (they wait on DNS); list changes take it.
-fn control_handler(daemon: Arc<Mutex<Daemon>>, screen: Arc<ScreenService>) -> Handler {
+/// DNSBL verbs and list changes run without the daemon lock (they wait on
+/// DNS and on the group commit); stats take it for the kernel counters.
+fn control_handler(
+    daemon: Arc<Mutex<Daemon>>,
+    lists: Arc<ListService>,
+    screen: Arc<ScreenService>,
+) -> Handler {
     Arc::new(move |request| {
         let daemon = daemon.clone();
+        let lists = lists.clone();
         let screen = screen.clone();
         Box::pin(async move {
             match request {
+                Request::ListAdd { list, entries } => add(&lists, list, entries, false).await,
+                Request::ListReplace { list, entries } => add(&lists, list, entries, true).await,
+                Request::ListDel { list, prefixes } => remove(&lists, list, prefixes).await,
+                Request::ListShow { list } => show(&lists, list),
                 Request::Check { ip, fresh } => screen.check(&ip, fresh).await,
                 Request::DnsblList => screen.list(),
                 Request::DnsblFlush { ip } => screen.flush(ip.as_deref()),
@@ -163,7 +189,6 @@ fn control_handler(daemon: Arc<Mutex<Daemon>>, screen: Arc<ScreenService>) -> Ha
                     }
                     reply
                 }
-                other => run_locked(daemon, move |d| d.handle(other)).await,
             }
         })
     })
@@ -178,52 +203,97 @@ fn screen_hook(screen: Arc<ScreenService>) -> smtp::Screen {
 
 /// With `pregreet_deny_ttl` set, a client that talks before the greeting is
 /// denylisted in the kernel for that long.
-fn pregreet_hook(
-    config: &smtp::SmtpConfig,
-    daemon: Arc<Mutex<Daemon>>,
-) -> Option<smtp::PregreetHook> {
+fn pregreet_hook(config: &smtp::SmtpConfig, lists: Arc<ListService>) -> Option<smtp::PregreetHook> {
     let ttl = config.pregreet_deny_ttl;
     if ttl.is_zero() {
         return None;
     }
     Some(Arc::new(move |client: IpAddr| {
-        let daemon = daemon.clone();
-        tokio::task::spawn_blocking(move || {
-            let Ok(mut daemon) = daemon.lock() else {
-                return;
-            };
-            let entry = WireEntry {
-                prefix: client.to_string(),
+        if lists.covering(ListKind::Deny, client) {
+            return; // listed since its SYN passed: nothing to add
+        }
+        let lists = lists.clone();
+        tokio::spawn(async move {
+            let entry = NewEntry {
+                net: client.into(),
                 reason: Some("talked before the SMTP greeting".into()),
-                ttl_secs: Some(ttl.as_secs().max(1)),
+                expires: Some(unix_now().saturating_add(ttl.as_secs().max(1))),
             };
-            if let Reply::Error { message, .. } =
-                daemon.lists.add(ListKind::Deny, vec![entry], false)
-            {
-                warn!(%client, %message, "denylisting a pre-greet client failed");
-            } else {
-                info!(%client, ttl_secs = ttl.as_secs(), "pre-greet client denylisted");
+            match lists.change(ListKind::Deny, Change::Add(vec![entry])).await {
+                Ok(_) => info!(%client, ttl_secs = ttl.as_secs(), "pre-greet client denylisted"),
+                Err(e) => warn!(%client, error = %e, "denylisting a pre-greet client failed"),
             }
         });
     }))
 }
 
-impl Daemon {
-    fn handle(&mut self, request: Request) -> Reply {
-        match request {
-            Request::ListAdd { list, entries } => self.lists.add(list, entries, false),
-            Request::ListReplace { list, entries } => self.lists.add(list, entries, true),
-            Request::ListDel { list, prefixes } => self.lists.remove(list, prefixes),
-            Request::ListShow { list } => self.lists.show(list),
-            Request::Stats => self.stats(),
-            Request::Check { .. } | Request::DnsblList | Request::DnsblFlush { .. } => {
-                Reply::failed("DNSBL requests are served by the screen, not the list service")
-            }
-        }
-    }
+async fn add(lists: &ListService, kind: ListKind, entries: Vec<WireEntry>, replace: bool) -> Reply {
+    let items = match parse_entries(entries) {
+        Ok(items) => items,
+        Err(e) => return Reply::invalid(e.to_string()),
+    };
+    let change = if replace {
+        Change::Replace(items)
+    } else {
+        Change::Add(items)
+    };
+    changed_reply(lists.change(kind, change).await)
+}
 
+async fn remove(lists: &ListService, kind: ListKind, prefixes: Vec<String>) -> Reply {
+    let nets: Result<Vec<_>, _> = prefixes.iter().map(|p| parse_prefix(p)).collect();
+    match nets {
+        Ok(nets) => changed_reply(lists.change(kind, Change::Remove(nets)).await),
+        Err(e) => Reply::invalid(e.to_string()),
+    }
+}
+
+fn show(lists: &ListService, kind: ListKind) -> Reply {
+    let entries = lists
+        .show(kind)
+        .into_iter()
+        .map(|(net, meta)| ListedEntry {
+            prefix: net.to_string(),
+            reason: meta.reason,
+            added: meta.added,
+            expires: meta.expires,
+        })
+        .collect();
+    Reply::Listed { entries }
+}
+
+fn changed_reply(result: Result<Changed, ListError>) -> Reply {
+    match result {
+        Ok(c) => Reply::Changed(ChangeSummary {
+            list: Some(c.list),
+            added: c.added,
+            updated: c.updated,
+            removed: c.removed,
+            total: c.total,
+        }),
+        Err(e @ ListError::NotListed(_)) => Reply::invalid(e.to_string()),
+        Err(e) => Reply::failed(e.to_string()),
+    }
+}
+
+fn parse_entries(entries: Vec<WireEntry>) -> Result<Vec<NewEntry>, PrefixError> {
+    let now = unix_now();
+    entries
+        .into_iter()
+        .map(|e| {
+            parse_prefix(&e.prefix).map(|net| NewEntry {
+                net,
+                reason: e.reason,
+                expires: e.ttl_secs.map(|ttl| now.saturating_add(ttl.max(1))),
+            })
+        })
+        .collect()
+}
+
+impl Daemon {
     fn stats(&self) -> Reply {
-        let snapshot = match self.lists.kernel.counters() {
+        let (deny_entries, allow_entries) = self.lists.counts();
+        let snapshot = match self.kernel.counters() {
             Ok(snapshot) => snapshot,
             Err(e) => return Reply::failed(format!("{e:#}")),
         };
@@ -233,10 +303,9 @@ impl Daemon {
             .collect();
         Reply::Stats(StatsReport {
             counters,
-            deny_entries: self.lists.store(ListKind::Deny).entries().len(),
-            allow_entries: self.lists.store(ListKind::Allow).entries().len(),
+            deny_entries,
+            allow_entries,
             interfaces: self
-                .lists
                 .kernel
                 .attachments()
                 .into_iter()

@@ -10,13 +10,13 @@ use anyhow::Result;
 use ipnet::IpNet;
 use tracing::{info, warn};
 
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::control::protocol::{
     CheckReport, DnsblListedEntry, DnsblStats, FlushSummary, MapState, Reply, ZoneCheck,
 };
 use crate::dnsbl::{DnsblEngine, Verdict};
 use crate::kernel::{DnsblMaps, Kernel, PrefixView};
-use crate::lists::store::unix_now;
 use crate::smtp::policy::canonical;
 use crate::smtp::Screening;
 

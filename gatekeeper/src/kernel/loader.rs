@@ -15,7 +15,6 @@ use super::dnsbl_maps::DnsblMaps;
 use super::maps::{read_counters, CounterSnapshot, ExactMaps, PrefixMaps};
 use super::preflight;
 use crate::config::{Config, XdpModeSetting};
-use crate::lists::ListKind;
 
 /// The eBPF object built by `cargo xtask build`, embedded so the binary is self-contained.
 static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("GATEKEEPER_XDP_OBJECT"));
@@ -34,11 +33,17 @@ struct Attachment {
     link: aya::programs::xdp::XdpLinkId,
 }
 
+/// The maps of the two lists.
+pub struct ListMaps {
+    pub deny: PrefixMaps,
+    pub allow: PrefixMaps,
+}
+
 pub struct Kernel {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
-    deny: PrefixMaps,
-    allow: PrefixMaps,
+    /// Handed to the list service at start-up.
+    lists: Option<ListMaps>,
     counters: PerCpuArray<MapData, u64>,
     /// Handed to the DNSBL screen at start-up.
     dnsbl: Option<DnsblMaps>,
@@ -131,8 +136,7 @@ impl Kernel {
         Ok(Kernel {
             ebpf,
             attachments: Vec::new(),
-            deny,
-            allow,
+            lists: Some(ListMaps { deny, allow }),
             counters,
             dnsbl: Some(dnsbl),
             pin_dir: config.bpffs_dir.clone(),
@@ -194,11 +198,9 @@ impl Kernel {
             .collect()
     }
 
-    pub fn list_maps(&mut self, kind: ListKind) -> &mut PrefixMaps {
-        match kind {
-            ListKind::Deny => &mut self.deny,
-            ListKind::Allow => &mut self.allow,
-        }
+    /// The deny and allow maps, for the list service to own; `None` after the first call.
+    pub fn take_list_maps(&mut self) -> Option<ListMaps> {
+        self.lists.take()
     }
 
     /// The DNSBL maps, for whoever feeds verdicts into them; `None` after the first call.

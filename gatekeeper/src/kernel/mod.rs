@@ -9,5 +9,6 @@ mod maps;
 mod preflight;
 
 pub use dnsbl_maps::{DnsblEntry, DnsblMaps, PrefixView};
-pub use loader::{AttachedMode, Kernel};
+pub use loader::{AttachedMode, Kernel, ListMaps};
+pub use maps::PrefixMaps;
 pub use preflight::check_privileges;
