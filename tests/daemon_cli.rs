@@ -378,3 +378,143 @@ fn run_refuses_bad_config_with_one_clear_line() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("root"), "{}", stderr(&out));
 }
+
+#[test]
+fn kill_9_during_a_stream_of_changes_keeps_every_acknowledged_one() {
+    if !require_kernel_privileges("kill_9_during_a_stream_of_changes") {
+        return;
+    }
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    // A tiny compaction threshold: journals rotate and fold into the
+    // snapshot all the time, so the kills land in compactions too.
+    const CONFIG: &str = "journal_compact_bytes = 512\n";
+    let mut lab = lab("killstream");
+    listen(&lab.edge, 25).unwrap();
+    lab.start_daemon(CONFIG).unwrap();
+    ok(lab.daemon().cli(&["deny", "add", "192.0.2.2"]));
+    // Prefix → Some(listed) once acknowledged; None when the kill cut its
+    // change short (then either state is allowed).
+    let expected: Arc<Mutex<BTreeMap<String, Option<bool>>>> = Arc::default();
+    expected
+        .lock()
+        .unwrap()
+        .insert("192.0.2.2/32".into(), Some(true));
+    for (round, delay_ms) in [150u64, 400, 700, 1000].into_iter().enumerate() {
+        let socket = lab.control_socket();
+        let clients: Vec<_> = (0..4usize)
+            .map(|client| {
+                let (socket, expected) = (socket.clone(), expected.clone());
+                std::thread::spawn(move || {
+                    let cli = |args: &[&str]| {
+                        Command::new(gatekeeper_bin())
+                            .arg("--control")
+                            .arg(&socket)
+                            .args(args)
+                            .output()
+                            .unwrap()
+                            .status
+                            .success()
+                    };
+                    for i in 0..10_000usize {
+                        let prefix =
+                            format!("10.{}.{}.{}/32", round * 4 + client, i / 256, i % 256);
+                        // Add each prefix; delete every third one again.
+                        let steps: &[(&str, bool)] = if i % 3 == 0 {
+                            &[("add", true), ("del", false)]
+                        } else {
+                            &[("add", true)]
+                        };
+                        for &(verb, listed) in steps {
+                            if cli(&["deny", verb, &prefix]) {
+                                expected
+                                    .lock()
+                                    .unwrap()
+                                    .insert(prefix.clone(), Some(listed));
+                            } else {
+                                expected.lock().unwrap().insert(prefix.clone(), None);
+                                return i;
+                            }
+                        }
+                    }
+                    10_000
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        lab.take_daemon().crash().unwrap();
+        let done: Vec<usize> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+        lab.start_daemon(CONFIG).unwrap();
+        let listed: std::collections::BTreeSet<String> = listed(&lab, "deny").into_iter().collect();
+        for (prefix, state) in expected.lock().unwrap().iter() {
+            if let Some(present) = state {
+                assert_eq!(
+                    listed.contains(prefix),
+                    *present,
+                    "round {round} (kill after {delay_ms} ms, {done:?} prefixes per client): acknowledged state of {prefix} lost"
+                );
+            }
+        }
+        let known = expected.lock().unwrap().len();
+        assert!(
+            listed.len() <= known,
+            "round {round}: {} entries listed, only {known} ever added",
+            listed.len()
+        );
+        assert_eq!(
+            lab.daemon().stats()["deny_entries"].as_u64(),
+            Some(listed.len() as u64)
+        );
+    }
+    let log: String = (0..5)
+        .map(|i| {
+            std::fs::read_to_string(lab.dir().join(format!("daemon-{i}.log"))).unwrap_or_default()
+        })
+        .collect();
+    assert!(
+        log.contains("journal compacted into the snapshot"),
+        "no compaction happened; the test would not cover it"
+    );
+    assert!(lab.state_dir().join("deny.snapshot").exists());
+    // The kernel agrees with the restored list.
+    assert_eq!(
+        outcome(lab.peer("client"), "192.0.2.2", "192.0.2.1:25"),
+        Outcome::TimedOut
+    );
+    assert_eq!(
+        outcome(lab.peer("client"), "192.0.2.3", "192.0.2.1:25"),
+        Outcome::Connected
+    );
+}
+
+#[test]
+fn format_1_list_files_are_migrated_on_start() {
+    if !require_kernel_privileges("format_1_list_files_are_migrated_on_start") {
+        return;
+    }
+    let mut lab = lab("migrate");
+    listen(&lab.edge, 25).unwrap();
+    std::fs::create_dir_all(lab.state_dir()).unwrap();
+    std::fs::write(
+        lab.state_dir().join("deny.json"),
+        r#"{"version":1,"entries":[{"prefix":"192.0.2.2/32","reason":"old","added":1700000000},{"prefix":"2001:db8:1::2/128","added":1700000000}]}"#,
+    )
+    .unwrap();
+    lab.start_daemon("").unwrap();
+    assert_eq!(listed(&lab, "deny"), ["192.0.2.2/32", "2001:db8:1::2/128"]);
+    assert!(!lab.state_dir().join("deny.json").exists());
+    assert!(
+        lab.daemon().log_text().contains("migrated"),
+        "{}",
+        lab.daemon().log_text()
+    );
+    assert_eq!(
+        outcome(lab.peer("client"), "192.0.2.2", "192.0.2.1:25"),
+        Outcome::TimedOut
+    );
+    ok(lab.daemon().cli(&["deny", "del", "192.0.2.2"]));
+    lab.take_daemon().crash().unwrap();
+    lab.start_daemon("").unwrap();
+    assert_eq!(listed(&lab, "deny"), ["2001:db8:1::2/128"]);
+}

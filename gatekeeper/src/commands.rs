@@ -59,7 +59,7 @@ fn check(socket: &std::path::Path, ip: &str, fresh: bool, json: bool) -> Result<
 }
 
 fn print_check(report: &CheckReport) {
-    let now = crate::lists::store::unix_now();
+    let now = crate::clock::unix_now();
     let map = &report.map_state;
     println!("{}", report.ip);
     let dnsbl_entry = match map.dnsbl_until {
@@ -203,7 +203,7 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
-                let now = crate::lists::store::unix_now();
+                let now = crate::clock::unix_now();
                 for e in entries {
                     let mut line = e.prefix;
                     line.push('\t');

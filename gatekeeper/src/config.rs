@@ -29,6 +29,10 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
     #[serde(default)]
     pub maps: MapCapacities,
+    /// Journal bytes after which the lists are compacted into their
+    /// snapshots (at least the snapshot's own size is always allowed).
+    #[serde(default = "default_journal_compact_bytes")]
+    pub journal_compact_bytes: u64,
     /// The SMTP relay checker; absent: no SMTP front end.
     pub smtp: Option<crate::smtp::SmtpConfig>,
     /// DNSBL checks at connection time; absent: none.
@@ -70,6 +74,10 @@ impl Default for MapCapacities {
             dnsbl_v6: capacity::DNSBL_V6,
         }
     }
+}
+
+fn default_journal_compact_bytes() -> u64 {
+    crate::lists::store::StoreOptions::DEFAULT_COMPACT_BYTES
 }
 
 fn default_protected_ports() -> Vec<u16> {
@@ -147,6 +155,9 @@ impl Config {
             {
                 return Err(format!("control_group: '{group}' is not a group name"));
             }
+        }
+        if self.journal_compact_bytes == 0 {
+            return Err("journal_compact_bytes: must be at least 1".into());
         }
         if let Some(smtp) = &self.smtp {
             smtp.validate()?;

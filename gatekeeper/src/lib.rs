@@ -3,6 +3,7 @@
 //! can be fuzzed from `gatekeeper/fuzz`.
 
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod control;

@@ -1,185 +1,232 @@
 //! The list service: the durable stores and the kernel maps, kept in step.
 //!
-//! Order of a change: validate → capacity check → store on disk (fsync) →
-//! kernel maps → acknowledge. If the kernel step fails, the store is
-//! reverted, so disk, memory and kernel never disagree after a reply.
+//! Order of a change: plan, capacity check, apply in memory and append to
+//! the journal (short lock) → wait for the group commit's fsync → update
+//! the kernel for the touched prefixes from the current in-memory state
+//! (idempotent, so concurrent changes to one prefix converge) → acknowledge.
+//! If the kernel step fails, the change is reverted durably.
 
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ipnet::IpNet;
 use tracing::{info, warn};
 
-use crate::control::protocol::{ChangeSummary, ListedEntry, Reply, WireEntry};
+use crate::clock::unix_now;
 use crate::kernel::{ListMaps, PrefixMaps};
-use crate::lists::prefix::Prefix;
-use crate::lists::store::{unix_now, ApplyError, Change, ListStore, NewEntry};
-use crate::lists::ttl::TtlError;
+use crate::lists::store::{
+    ApplyError, Change, EntryMeta, ListStore, NotListed, Pending, StoreError,
+};
 use crate::lists::ListKind;
 
+/// The effect of an acknowledged change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Changed {
+    pub list: ListKind,
+    pub added: usize,
+    pub updated: usize,
+    pub removed: usize,
+    /// Entries in the list right after the change.
+    pub total: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error(transparent)]
+    NotListed(#[from] NotListed),
+    #[error("{0}")]
+    OverCapacity(ApplyError),
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+    #[error("kernel map update failed (change reverted): {0}")]
+    Kernel(String),
+}
+
+impl From<ApplyError> for ListError {
+    fn from(error: ApplyError) -> ListError {
+        match error {
+            ApplyError::NotListed(e) => ListError::NotListed(e),
+            ApplyError::Store(e) => ListError::Storage(e),
+            e @ ApplyError::OverCapacity { .. } => ListError::OverCapacity(e),
+        }
+    }
+}
+
+struct List {
+    store: ListStore,
+    /// One kernel writer at a time per list, so each write reflects a state
+    /// at least as new as the previous one's.
+    maps: Arc<Mutex<PrefixMaps>>,
+}
+
 pub struct ListService {
-    deny: ListStore,
-    allow: ListStore,
-    maps: ListMaps,
+    deny: List,
+    allow: List,
 }
 
 impl ListService {
     /// Fills the kernel maps from the stores; called before XDP is attached.
-    pub fn new(deny: ListStore, allow: ListStore, mut maps: ListMaps) -> anyhow::Result<Self> {
-        for store in [&deny, &allow] {
+    pub fn new(deny: ListStore, allow: ListStore, maps: ListMaps) -> anyhow::Result<Self> {
+        let service = ListService {
+            deny: List {
+                store: deny,
+                maps: Arc::new(Mutex::new(maps.deny)),
+            },
+            allow: List {
+                store: allow,
+                maps: Arc::new(Mutex::new(maps.allow)),
+            },
+        };
+        for kind in [ListKind::Deny, ListKind::Allow] {
             let started = Instant::now();
-            kernel_maps(&mut maps, store.kind()).sync(store.entries(), store.entries().keys())?;
+            let list = service.list(kind);
+            let all: Vec<IpNet> = list.store.read(|entries| entries.keys().copied().collect());
+            sync_kernel(&list.store, &list.maps, &all)?;
             info!(
-                list = %store.kind(),
-                entries = store.entries().len(),
+                list = %kind,
+                entries = all.len(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "list loaded into the kernel"
             );
         }
-        Ok(ListService { deny, allow, maps })
+        Ok(service)
     }
 
-    pub fn store(&self, kind: ListKind) -> &ListStore {
+    fn list(&self, kind: ListKind) -> &List {
         match kind {
             ListKind::Deny => &self.deny,
             ListKind::Allow => &self.allow,
         }
     }
 
-    fn store_mut(&mut self, kind: ListKind) -> &mut ListStore {
-        match kind {
-            ListKind::Deny => &mut self.deny,
-            ListKind::Allow => &mut self.allow,
+    /// Applies `change` durably and in the kernel, then says what it did.
+    pub async fn change(&self, kind: ListKind, change: Change) -> Result<Changed, ListError> {
+        let started = Instant::now();
+        let list = self.list(kind);
+        let capacity = lock(&list.maps).capacity();
+        let store = list.store.clone();
+        let pending = blocking(move || store.apply(change, capacity)).await?;
+        list.store.durable(&pending).await?;
+        let stored_us = started.elapsed().as_micros() as u64;
+        if let Err(e) = self.sync(kind, &pending).await {
+            warn!(list = %kind, error = %e, "kernel update failed; reverting");
+            self.revert(kind, &pending).await;
+            return Err(ListError::Kernel(e));
         }
+        let changed = Changed {
+            list: kind,
+            added: pending.added.len(),
+            updated: pending.updated.len(),
+            removed: pending.removed.len(),
+            total: pending.total,
+        };
+        info!(
+            list = %kind,
+            added = changed.added,
+            updated = changed.updated,
+            removed = changed.removed,
+            total = changed.total,
+            stored_us,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "list changed"
+        );
+        Ok(changed)
     }
 
-    pub fn add(&mut self, kind: ListKind, entries: Vec<WireEntry>, replace: bool) -> Reply {
-        let items = match parse_entries(entries) {
-            Ok(items) => items,
-            Err(e) => return Reply::invalid(e.to_string()),
-        };
-        let change = if replace {
-            Change::Replace(items)
-        } else {
-            Change::Add(items)
-        };
-        self.change(kind, change)
+    /// Every entry, in prefix order.
+    pub fn show(&self, kind: ListKind) -> Vec<(IpNet, EntryMeta)> {
+        self.list(kind).store.read(|entries| {
+            entries
+                .iter()
+                .map(|(net, meta)| (*net, meta.clone()))
+                .collect()
+        })
     }
 
-    pub fn remove(&mut self, kind: ListKind, prefixes: Vec<Prefix>) -> Reply {
-        let nets = prefixes.into_iter().map(Prefix::net).collect();
-        self.change(kind, Change::Remove(nets))
+    /// Entries in the deny and allow lists.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.deny.store.len(), self.allow.store.len())
+    }
+
+    /// Whether a live entry of `kind` covers `ip` (memory only, cheap).
+    pub fn covering(&self, kind: ListKind, ip: IpAddr) -> bool {
+        self.list(kind).store.covers(ip, unix_now())
     }
 
     /// Removes entries whose time is up from the store and the kernel
     /// (XDP already ignores them; this frees the slots).
-    pub fn sweep_expired(&mut self) {
+    pub async fn sweep_expired(&self) {
         let now = unix_now();
         for kind in [ListKind::Deny, ListKind::Allow] {
-            let expired = self.store(kind).expired(now);
-            if expired.is_empty() {
+            let nets = self.list(kind).store.expired(now);
+            if nets.is_empty() {
                 continue;
             }
-            let count = expired.len();
-            if let Reply::Error { message, .. } = self.change(kind, Change::Remove(expired)) {
-                warn!(list = %kind, %message, "removing expired entries failed");
-            } else {
-                info!(list = %kind, count, "expired entries removed");
+            match self.change(kind, Change::Expire { nets, now }).await {
+                Ok(changed) => {
+                    info!(list = %kind, count = changed.removed, "expired entries removed")
+                }
+                Err(e) => warn!(list = %kind, error = %e, "removing expired entries failed"),
             }
         }
     }
 
-    pub fn show(&self, kind: ListKind) -> Reply {
-        let entries = self
-            .store(kind)
-            .entries()
-            .iter()
-            .map(|(net, meta)| ListedEntry {
-                prefix: net.to_string(),
-                reason: meta.reason.clone(),
-                added: meta.added,
-                expires: meta.expires,
-            })
-            .collect();
-        Reply::Listed { entries }
+    /// Lets the committers sync what is written, then stops them.
+    pub async fn close(&self) {
+        for list in [&self.deny, &self.allow] {
+            let store = list.store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        }
     }
 
-    fn change(&mut self, kind: ListKind, change: Change) -> Reply {
-        let started = Instant::now();
-        let (v4, v6) = self.store(kind).family_counts_after(&change);
-        let maps = kernel_maps(&mut self.maps, kind);
-        let (cap4, cap6) = (maps.capacity_v4 as usize, maps.capacity_v6 as usize);
-        if v4 > cap4 || v6 > cap6 {
-            return Reply::failed(format!(
-                "the {kind}list would hold {v4} IPv4 / {v6} IPv6 prefixes, over its capacity of {cap4} / {cap6} (raise [maps] {kind}_v4 / {kind}_v6 in the config)"
-            ));
-        }
-        let applied = match self.store_mut(kind).apply(change) {
-            Ok(applied) => applied,
-            Err(ApplyError::NotListed(e)) => return Reply::invalid(e.to_string()),
-            Err(e @ ApplyError::Store(_)) => return Reply::failed(e.to_string()),
-        };
-        let stored_ms = started.elapsed().as_millis() as u64;
-        let touched: Vec<IpNet> = applied
-            .added
-            .iter()
-            .chain(&applied.updated)
-            .chain(&applied.removed)
-            .copied()
-            .collect();
-        let store = match kind {
-            ListKind::Deny => &mut self.deny,
-            ListKind::Allow => &mut self.allow,
-        };
-        if let Err(e) = kernel_maps(&mut self.maps, kind).sync(store.entries(), &touched) {
-            warn!(error = %format!("{e:#}"), "kernel update failed; reverting");
-            let reverted = store.revert(&applied);
-            let resynced = kernel_maps(&mut self.maps, kind).sync(store.entries(), &touched);
-            if let Err(r) = reverted {
-                warn!(error = %r, "reverting the list file failed");
+    async fn sync(&self, kind: ListKind, pending: &Pending) -> Result<(), String> {
+        let list = self.list(kind);
+        let (store, maps, touched) = (list.store.clone(), list.maps.clone(), pending.touched());
+        blocking(move || sync_kernel(&store, &maps, &touched).map_err(|e| format!("{e:#}"))).await
+    }
+
+    /// Undoes a change whose kernel update failed, durably, and puts the
+    /// kernel back in step for its prefixes.
+    async fn revert(&self, kind: ListKind, pending: &Pending) {
+        let store = &self.list(kind).store;
+        let reverted = match store.revert(pending) {
+            Ok(reverted) => reverted,
+            Err(e) => {
+                warn!(list = %kind, error = %e, "reverting the change failed");
+                return;
             }
-            if let Err(r) = resynced {
-                warn!(error = %format!("{r:#}"), "restoring kernel maps failed");
-            }
-            return Reply::failed(format!("kernel map update failed: {e:#}"));
-        }
-        let summary = ChangeSummary {
-            list: Some(kind),
-            added: applied.added.len(),
-            updated: applied.updated.len(),
-            removed: applied.removed.len(),
-            total: store.entries().len(),
         };
-        info!(
-            list = %kind,
-            added = summary.added,
-            updated = summary.updated,
-            removed = summary.removed,
-            total = summary.total,
-            stored_ms,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "list changed"
-        );
-        Reply::Changed(summary)
+        if let Err(e) = store.durable(&reverted).await {
+            warn!(list = %kind, error = %e, "reverting the change failed");
+        }
+        if let Err(e) = self.sync(kind, pending).await {
+            warn!(list = %kind, error = %e, "restoring kernel maps failed");
+        }
     }
 }
 
-fn kernel_maps(maps: &mut ListMaps, kind: ListKind) -> &mut PrefixMaps {
-    match kind {
-        ListKind::Deny => &mut maps.deny,
-        ListKind::Allow => &mut maps.allow,
-    }
+/// Brings the kernel in line with the store for `touched`: planned under
+/// the store's read lock, written after it is released.
+fn sync_kernel(
+    store: &ListStore,
+    maps: &Mutex<PrefixMaps>,
+    touched: &[IpNet],
+) -> anyhow::Result<()> {
+    let mut maps = lock(maps);
+    let plan = store.read(|entries| maps.plan(entries, touched));
+    maps.apply(plan)
 }
 
-fn parse_entries(entries: Vec<WireEntry>) -> Result<Vec<NewEntry>, TtlError> {
-    let now = unix_now();
-    entries
-        .into_iter()
-        .map(|e| {
-            Ok(NewEntry {
-                net: e.prefix.net(),
-                reason: e.reason,
-                expires: e.ttl_secs.map(|ttl| ttl.expires_at(now)).transpose()?,
-            })
-        })
-        .collect()
+fn lock(maps: &Mutex<PrefixMaps>) -> std::sync::MutexGuard<'_, PrefixMaps> {
+    maps.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `f` on a blocking thread (journal writes and map syscalls can take
+/// a while for big changes); a panic there stays a panic here.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }

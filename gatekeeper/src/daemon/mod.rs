@@ -11,7 +11,7 @@ mod lists;
 mod router;
 mod screen;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -21,11 +21,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::control::protocol::{Reply, WireEntry};
 use crate::control::server::ControlSocket;
 use crate::kernel::{check_privileges, Kernel};
-use crate::lists::store::{remove_stale_temp_files, ListStore};
-use crate::lists::prefix::Prefix;
+use crate::clock::unix_now;
+use crate::lists::store::{Change, ListStore, NewEntry, StoreOptions};
+use crate::persist::remove_stale_temp_files;
 use crate::lists::ttl::Ttl;
 use crate::lists::ListKind;
 use crate::smtp::{self, stats::SmtpStats, SmtpContext};
@@ -49,8 +49,9 @@ pub async fn run(config: Config) -> Result<()> {
     if stale > 0 {
         info!(count = stale, "removed temp files of an interrupted write");
     }
-    let deny = ListStore::open(&config.state_dir, ListKind::Deny)?;
-    let allow = ListStore::open(&config.state_dir, ListKind::Allow)?;
+    let options = StoreOptions::new(config.journal_compact_bytes);
+    let deny = ListStore::open(&config.state_dir, ListKind::Deny, options.clone())?;
+    let allow = ListStore::open(&config.state_dir, ListKind::Allow, options)?;
 
     // Bind first: a second daemon must fail before touching the first one's pins.
     let control = ControlSocket::bind(&config.control_socket, config.control_group.as_deref())?;
@@ -61,7 +62,7 @@ pub async fn run(config: Config) -> Result<()> {
     let maps = kernel
         .take_list_maps()
         .context("the kernel list maps were already taken")?;
-    let lists = Arc::new(Mutex::new(ListService::new(deny, allow, maps)?));
+    let lists = Arc::new(ListService::new(deny, allow, maps)?);
     kernel.attach(&config.interfaces, config.xdp_mode)?;
     let status = kernel
         .take_status()
@@ -118,6 +119,7 @@ pub async fn run(config: Config) -> Result<()> {
         );
     }
     screen.save_cache();
+    lists.close().await;
     drop(kernel);
     info!("gatekeeper stopped");
     Ok(())
@@ -167,19 +169,13 @@ fn raise_file_limit() {
     }
 }
 
-async fn sweep_expired(lists: Arc<Mutex<ListService>>, screen: Arc<ScreenService>) {
+async fn sweep_expired(lists: Arc<ListService>, screen: Arc<ScreenService>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tick.tick().await;
-        let lists = lists.clone();
+        lists.sweep_expired().await;
         let screen = screen.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Ok(mut lists) = lists.lock() {
-                lists.sweep_expired();
-            }
-            screen.sweep();
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || screen.sweep()).await;
     }
 }
 
@@ -191,35 +187,31 @@ fn screen_hook(screen: Arc<ScreenService>) -> smtp::Screen {
 }
 
 /// With `pregreet_deny_ttl` set, a client that talks before the greeting is
-/// denylisted in the kernel for that long.
-fn pregreet_hook(
-    config: &smtp::SmtpConfig,
-    lists: Arc<Mutex<ListService>>,
-) -> Option<smtp::PregreetHook> {
+/// denylisted in the kernel for that long (its /64 for IPv6: the hook gets
+/// the client's group).
+fn pregreet_hook(config: &smtp::SmtpConfig, lists: Arc<ListService>) -> Option<smtp::PregreetHook> {
     if config.pregreet_deny_ttl.is_zero() {
         return None;
     }
     // Config validation caps it at the maximum TTL; sub-second rounds up to 1 s.
     let ttl = Ttl::from_duration(config.pregreet_deny_ttl.max(Duration::from_secs(1))).ok()?;
     Some(Arc::new(move |client: ipnet::IpNet| {
+        if lists.covering(ListKind::Deny, client.network()) {
+            return; // denylisted since its SYN passed: nothing to add
+        }
         let lists = lists.clone();
-        let prefix = match Prefix::try_from(client) {
-            Ok(prefix) => prefix,
-            Err(e) => return warn!(%client, error = %e, "pre-greet client not denylisted"),
-        };
-        tokio::task::spawn_blocking(move || {
-            let Ok(mut lists) = lists.lock() else {
-                return;
+        tokio::spawn(async move {
+            let entry = match ttl.expires_at(unix_now()) {
+                Ok(expires) => NewEntry {
+                    net: client,
+                    reason: Some("talked before the SMTP greeting".into()),
+                    expires: Some(expires),
+                },
+                Err(e) => return warn!(%client, error = %e, "pre-greet client not denylisted"),
             };
-            let entry = WireEntry {
-                prefix,
-                reason: Some("talked before the SMTP greeting".into()),
-                ttl_secs: Some(ttl),
-            };
-            if let Reply::Error { message, .. } = lists.add(ListKind::Deny, vec![entry], false) {
-                warn!(%client, %message, "denylisting a pre-greet client failed");
-            } else {
-                info!(%client, ttl_secs = ttl.secs(), "pre-greet client denylisted");
+            match lists.change(ListKind::Deny, Change::Add(vec![entry])).await {
+                Ok(_) => info!(%client, ttl_secs = ttl.secs(), "pre-greet client denylisted"),
+                Err(e) => warn!(%client, error = %e, "denylisting a pre-greet client failed"),
             }
         });
     }))

@@ -2,21 +2,26 @@
 //! their domain results and errors become control replies.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use gatekeeper_common::Counter;
 
-use super::lists::ListService;
+use super::lists::{Changed, ListError, ListService};
 use super::screen::{ScreenError, ScreenService};
-use crate::control::protocol::{InterfaceReport, Reply, Request, StatsReport};
-use crate::control::server::{run_locked, Handler};
+use crate::clock::unix_now;
+use crate::control::protocol::{
+    ChangeSummary, InterfaceReport, ListedEntry, Reply, Request, StatsReport, WireEntry,
+};
+use crate::control::server::Handler;
 use crate::kernel::KernelStatus;
-use crate::lists::ListKind;
+use crate::lists::prefix::Prefix;
+use crate::lists::store::{Change, NewEntry};
+use crate::lists::ttl::TtlError;
 use crate::smtp::stats::SmtpStats;
 
 pub struct Router {
-    pub lists: Arc<Mutex<ListService>>,
+    pub lists: Arc<ListService>,
     pub screen: Arc<ScreenService>,
     pub kernel: KernelStatus,
     pub started: Instant,
@@ -32,7 +37,6 @@ impl Router {
         })
     }
 
-    /// DNSBL verbs never wait for the list lock (they may wait on DNS).
     async fn route(&self, request: Request) -> Reply {
         match request {
             Request::Check { ip, fresh } => Reply::Checked(self.screen.check(ip, fresh).await),
@@ -44,18 +48,31 @@ impl Router {
                 Err(e @ ScreenError::Kernel(_)) => Reply::failed(e.to_string()),
             },
             Request::Stats {} => self.stats().await,
-            Request::ListAdd { list, entries } => {
-                run_locked(self.lists.clone(), move |l| l.add(list, entries, false)).await
-            }
-            Request::ListReplace { list, entries } => {
-                run_locked(self.lists.clone(), move |l| l.add(list, entries, true)).await
-            }
+            Request::ListAdd { list, entries } => match new_entries(entries) {
+                Ok(items) => changed(self.lists.change(list, Change::Add(items)).await),
+                Err(e) => Reply::invalid(e.to_string()),
+            },
+            Request::ListReplace { list, entries } => match new_entries(entries) {
+                Ok(items) => changed(self.lists.change(list, Change::Replace(items)).await),
+                Err(e) => Reply::invalid(e.to_string()),
+            },
             Request::ListDel { list, prefixes } => {
-                run_locked(self.lists.clone(), move |l| l.remove(list, prefixes)).await
+                let nets = prefixes.into_iter().map(Prefix::net).collect();
+                changed(self.lists.change(list, Change::Remove(nets)).await)
             }
-            Request::ListShow { list } => {
-                run_locked(self.lists.clone(), move |l| l.show(list)).await
-            }
+            Request::ListShow { list } => Reply::Listed {
+                entries: self
+                    .lists
+                    .show(list)
+                    .into_iter()
+                    .map(|(net, meta)| ListedEntry {
+                        prefix: net.to_string(),
+                        reason: meta.reason,
+                        added: meta.added,
+                        expires: meta.expires,
+                    })
+                    .collect(),
+            },
         }
     }
 
@@ -68,13 +85,7 @@ impl Router {
             .iter()
             .map(|&c| (c.name().to_string(), snapshot.get(c)))
             .collect();
-        let (deny_entries, allow_entries) = {
-            let lists = self.lists.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                lists.store(ListKind::Deny).entries().len(),
-                lists.store(ListKind::Allow).entries().len(),
-            )
-        };
+        let (deny_entries, allow_entries) = self.lists.counts();
         Reply::Stats(StatsReport {
             counters,
             deny_entries,
@@ -93,4 +104,36 @@ impl Router {
             dnsbl: self.screen.report(),
         })
     }
+}
+
+fn changed(result: Result<Changed, ListError>) -> Reply {
+    match result {
+        Ok(c) => Reply::Changed(ChangeSummary {
+            list: Some(c.list),
+            added: c.added,
+            updated: c.updated,
+            removed: c.removed,
+            total: c.total,
+        }),
+        Err(e @ ListError::NotListed(_)) => Reply::invalid(e.to_string()),
+        Err(
+            e @ (ListError::OverCapacity(_) | ListError::Storage(_) | ListError::Kernel(_)),
+        ) => Reply::failed(e.to_string()),
+    }
+}
+
+/// Wire entries (prefixes already validated by their type) → store entries,
+/// with the TTL turned into an absolute expiry by checked arithmetic.
+fn new_entries(entries: Vec<WireEntry>) -> Result<Vec<NewEntry>, TtlError> {
+    let now = unix_now();
+    entries
+        .into_iter()
+        .map(|e| {
+            Ok(NewEntry {
+                net: e.prefix.net(),
+                reason: e.reason,
+                expires: e.ttl_secs.map(|ttl| ttl.expires_at(now)).transpose()?,
+            })
+        })
+        .collect()
 }

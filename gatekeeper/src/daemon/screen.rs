@@ -16,7 +16,7 @@ use crate::control::protocol::{
 };
 use crate::dnsbl::{DnsblEngine, Verdict};
 use crate::kernel::{DnsblMaps, Kernel, PrefixView};
-use crate::lists::store::unix_now;
+use crate::clock::unix_now;
 use crate::netaddr::canonical;
 use crate::smtp::{ScreenRefusal, Screening};
 

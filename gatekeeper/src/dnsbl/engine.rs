@@ -26,7 +26,7 @@ use super::cache::VerdictCache;
 use super::config::DnsblConfig;
 use super::health::{judge_test_points, ZoneReport, ZoneState};
 use super::verdict::{AnswerKind, Scoring, Verdict, ZoneAnswer};
-use crate::lists::store::unix_now;
+use crate::clock::unix_now;
 use crate::netaddr::canonical;
 
 type Pending = watch::Receiver<Option<Arc<Verdict>>>;

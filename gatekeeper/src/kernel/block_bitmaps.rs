@@ -1,21 +1,25 @@
 //! Per-/24 IPv4 bitmaps derived from the denylist, so XDP can decide most
 //! sources with two inlined array reads instead of a trie walk.
 //!
-//! The tries stay the source of truth: the bitmaps are rebuilt from the
-//! store after every change, and only the words that changed are written.
+//! The tries stay the source of truth. After a change only the blocks under
+//! the touched prefixes are recomputed (from the entries around them: the
+//! prefixes containing the block and those inside it), and only the words
+//! that differ from what the kernel has are written.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData};
 use gatekeeper_common::BLOCK_WORDS_V4;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::lists::store::EntryMeta;
 
 const WORDS: usize = BLOCK_WORDS_V4 as usize;
 
 /// The three per-/24 bitmaps of the IPv4 denylist.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bitmaps {
     /// Blocks wholly inside a permanent prefix of /24 or shorter.
     pub cover: Vec<u64>,
@@ -26,44 +30,122 @@ pub struct Bitmaps {
 }
 
 pub fn build(entries: &BTreeMap<IpNet, EntryMeta>, now_unix: u64) -> Bitmaps {
-    let mut cover = vec![0u64; WORDS];
-    let mut hint = vec![0u64; WORDS];
-    let mut exact_hint = vec![0u64; WORDS];
+    let mut bitmaps = Bitmaps {
+        cover: vec![0u64; WORDS],
+        trie_hint: vec![0u64; WORDS],
+        exact_hint: vec![0u64; WORDS],
+    };
     for (net, meta) in entries {
-        let IpNet::V4(net) = net else { continue };
-        let len = net.prefix_len();
-        if meta.expires.is_some_and(|e| e <= now_unix) {
-            continue;
+        if let IpNet::V4(net) = net {
+            bitmaps.mark(net, meta, now_unix);
         }
+    }
+    bitmaps
+}
+
+impl Bitmaps {
+    /// Sets the bits one live entry contributes.
+    fn mark(&mut self, net: &Ipv4Net, meta: &EntryMeta, now_unix: u64) {
+        if !meta.live_at(now_unix) {
+            return;
+        }
+        let len = net.prefix_len();
         let first = u32::from(net.network()) >> 8;
         if len == 32 {
-            set_range(&mut exact_hint, first, 1);
-            continue;
+            set_range(&mut self.exact_hint, first, 1);
+            return;
         }
         let blocks = if len <= 24 { 1u32 << (24 - len) } else { 1 };
         let bitmap = if len <= 24 && meta.expires.is_none() {
-            &mut cover
+            &mut self.cover
         } else {
-            &mut hint
+            &mut self.trie_hint
         };
         set_range(bitmap, first, blocks);
     }
-    Bitmaps {
-        cover,
-        trie_hint: hint,
-        exact_hint,
+
+    /// Recomputes the blocks under each touched prefix from `entries` (the
+    /// state after the change); returns the word ranges that may have changed.
+    pub fn refresh<'a>(
+        &mut self,
+        entries: &BTreeMap<IpNet, EntryMeta>,
+        touched: impl IntoIterator<Item = &'a IpNet>,
+        now_unix: u64,
+    ) -> Vec<Range<usize>> {
+        let mut dirty = Vec::new();
+        for net in touched {
+            let IpNet::V4(net) = net else { continue };
+            // The prefix's blocks: itself if /24 or shorter, else its /24.
+            let region = if net.prefix_len() <= 24 {
+                *net
+            } else {
+                Ipv4Net::new(net.network(), 24).unwrap().trunc()
+            };
+            dirty.push(self.recompute(entries, region, now_unix));
+        }
+        dirty
+    }
+
+    fn recompute(
+        &mut self,
+        entries: &BTreeMap<IpNet, EntryMeta>,
+        region: Ipv4Net,
+        now_unix: u64,
+    ) -> Range<usize> {
+        let first = u32::from(region.network()) >> 8;
+        let count = 1u32 << (24 - region.prefix_len());
+        for bitmap in [&mut self.cover, &mut self.trie_hint, &mut self.exact_hint] {
+            clear_range(bitmap, first, count);
+        }
+        // Prefixes containing the region (itself included) cover all of it.
+        for len in 0..=region.prefix_len() {
+            let outer = Ipv4Net::new(region.network(), len).unwrap().trunc();
+            if let Some(meta) = entries.get(&IpNet::V4(outer)) {
+                let clipped = if len < region.prefix_len() {
+                    region
+                } else {
+                    outer
+                };
+                self.mark(&clipped, meta, now_unix);
+            }
+        }
+        // Prefixes inside it mark their own blocks.
+        let low =
+            IpNet::V4(Ipv4Net::new(region.network(), region.prefix_len() + 1).unwrap_or(region));
+        let high = IpNet::V4(Ipv4Net::new(region.broadcast(), 32).unwrap());
+        for (net, meta) in entries.range(low..=high) {
+            if let IpNet::V4(inner) = net {
+                if inner.prefix_len() > region.prefix_len() {
+                    self.mark(inner, meta, now_unix);
+                }
+            }
+        }
+        let first = first as usize;
+        first / 64..(first + count as usize).div_ceil(64)
     }
 }
 
 /// Sets bits `[first, first + count)`; whole words at once where aligned.
 pub fn set_range(bitmap: &mut [u64], first: u32, count: u32) {
+    fill_range(bitmap, first, count, true);
+}
+
+fn clear_range(bitmap: &mut [u64], first: u32, count: u32) {
+    fill_range(bitmap, first, count, false);
+}
+
+fn fill_range(bitmap: &mut [u64], first: u32, count: u32, on: bool) {
     let (mut bit, end) = (first as usize, first as usize + count as usize);
     while bit < end {
         if bit % 64 == 0 && end - bit >= 64 {
-            bitmap[bit / 64] = u64::MAX;
+            bitmap[bit / 64] = if on { u64::MAX } else { 0 };
             bit += 64;
         } else {
-            bitmap[bit / 64] |= 1 << (bit % 64);
+            if on {
+                bitmap[bit / 64] |= 1 << (bit % 64);
+            } else {
+                bitmap[bit / 64] &= !(1 << (bit % 64));
+            }
             bit += 1;
         }
     }
@@ -83,12 +165,13 @@ impl KernelBitmap {
         }
     }
 
-    /// Writes the words of `wanted` that differ from what the kernel has.
-    pub fn write(&mut self, wanted: &[u64]) -> Result<()> {
-        for (index, (&new, old)) in wanted.iter().zip(self.written.iter_mut()).enumerate() {
-            if new != *old {
+    /// Writes the words of `wanted` in `words` that differ from what the kernel has.
+    pub fn write(&mut self, wanted: &[u64], words: Range<usize>) -> Result<()> {
+        for index in words {
+            let new = wanted[index];
+            if new != self.written[index] {
                 self.map.set(index as u32, new, 0)?;
-                *old = new;
+                self.written[index] = new;
             }
         }
         Ok(())
@@ -106,12 +189,19 @@ impl KernelBitmap {
     }
 }
 
-/// The denylist's kernel bitmaps.
+/// The denylist's kernel bitmaps and the state they should have.
 pub struct BlockBitmaps {
+    wanted: Bitmaps,
+    /// Word ranges recomputed but not yet written.
+    dirty: Vec<Range<usize>>,
     cover: KernelBitmap,
     trie_hint: KernelBitmap,
     exact_hint: KernelBitmap,
 }
+
+/// Above this many touched prefixes a full rebuild is cheaper than
+/// recomputing their neighbourhoods one by one.
+const REBUILD_ABOVE: usize = 4096;
 
 impl BlockBitmaps {
     pub fn new(
@@ -120,27 +210,43 @@ impl BlockBitmaps {
         exact_hint: Array<MapData, u64>,
     ) -> BlockBitmaps {
         BlockBitmaps {
+            wanted: build(&BTreeMap::new(), 0),
+            dirty: Vec::new(),
             cover: KernelBitmap::new(cover),
             trie_hint: KernelBitmap::new(trie_hint),
             exact_hint: KernelBitmap::new(exact_hint),
         }
     }
 
-    /// Rebuilds the bitmaps from `entries` and writes the words that changed.
-    /// Called after the trie and hash updates: a new entry is briefly only
-    /// in the trie or hash (as before the change, it passes), a removed one
-    /// briefly only in a bitmap (as before the change, it drops).
-    pub fn update(&mut self, entries: &BTreeMap<IpNet, EntryMeta>, now_unix: u64) -> Result<()> {
-        let built = build(entries, now_unix);
-        self.cover
-            .write(&built.cover)
-            .context("denylist cover bitmap")?;
-        self.trie_hint
-            .write(&built.trie_hint)
-            .context("denylist trie-hint bitmap")?;
-        self.exact_hint
-            .write(&built.exact_hint)
-            .context("denylist exact-hint bitmap")
+    /// Recomputes the wanted bitmaps for `touched` (pure: no syscalls, so
+    /// it can run under the store's read lock); [`Self::flush`] writes them.
+    pub fn plan(&mut self, entries: &BTreeMap<IpNet, EntryMeta>, touched: &[IpNet], now_unix: u64) {
+        if touched.len() > REBUILD_ABOVE {
+            self.wanted = build(entries, now_unix);
+            self.dirty = vec![0..WORDS];
+        } else {
+            let ranges = self.wanted.refresh(entries, touched, now_unix);
+            self.dirty.extend(ranges);
+        }
+    }
+
+    /// Writes the planned words that changed. Called after the trie and
+    /// hash updates: a new entry is briefly only in the trie or hash (as
+    /// before the change, it passes), a removed one briefly only in a
+    /// bitmap (as before the change, it drops).
+    pub fn flush(&mut self) -> Result<()> {
+        for words in std::mem::take(&mut self.dirty) {
+            self.cover
+                .write(&self.wanted.cover, words.clone())
+                .context("denylist cover bitmap")?;
+            self.trie_hint
+                .write(&self.wanted.trie_hint, words.clone())
+                .context("denylist trie-hint bitmap")?;
+            self.exact_hint
+                .write(&self.wanted.exact_hint, words)
+                .context("denylist exact-hint bitmap")?;
+        }
+        Ok(())
     }
 }
 
@@ -201,5 +307,57 @@ mod tests {
         assert!(!marked(hint, [10, 0, 0, 1]));
         let covered_blocks: u32 = cover.iter().map(|w| w.count_ones()).sum();
         assert_eq!(covered_blocks, (1 << 16) + 1);
+    }
+
+    fn arbitrary_change() -> impl proptest::strategy::Strategy<Value = (IpNet, Option<EntryMeta>)> {
+        use proptest::prelude::*;
+        // A small universe, so changes nest, overlap and undo each other.
+        let lens = prop::sample::select(vec![0u8, 8, 14, 16, 20, 22, 23, 24, 25, 28, 31, 32]);
+        let expiry = prop::sample::select(vec![None, Some(50u64), Some(200)]);
+        (0u32..1 << 12, lens, expiry, any::<bool>()).prop_map(|(bits, len, expires, present)| {
+            let addr = std::net::Ipv4Addr::from(0x0a00_0000 | (bits << 12) | (bits & 0x1ff));
+            let net = IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc());
+            let meta = present.then_some(EntryMeta {
+                reason: None,
+                added: 0,
+                expires,
+            });
+            (net, meta)
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        #[test]
+        fn incremental_refresh_equals_a_full_rebuild(
+            changes in proptest::collection::vec(proptest::collection::vec(arbitrary_change(), 1..4), 1..24)
+        ) {
+            let now = 100;
+            let mut entries = BTreeMap::new();
+            let mut incremental = build(&entries, now);
+            for batch in changes {
+                let touched: Vec<IpNet> = batch.iter().map(|(net, _)| *net).collect();
+                for (net, meta) in batch {
+                    match meta {
+                        Some(meta) => entries.insert(net, meta),
+                        None => entries.remove(&net),
+                    };
+                }
+                let before = incremental.clone();
+                let dirty = incremental.refresh(&entries, &touched, now);
+                let full = build(&entries, now);
+                proptest::prop_assert!(incremental == full, "after touching {:?}", touched);
+                // Only words in the reported ranges get written: every change must lie there.
+                for (old, new) in [
+                    (&before.cover, &incremental.cover),
+                    (&before.trie_hint, &incremental.trie_hint),
+                    (&before.exact_hint, &incremental.exact_hint),
+                ] {
+                    for (word, (a, b)) in old.iter().zip(new).enumerate() {
+                        proptest::prop_assert!(a == b || dirty.iter().any(|r| r.contains(&word)));
+                    }
+                }
+            }
+        }
     }
 }

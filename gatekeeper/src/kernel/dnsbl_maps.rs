@@ -133,7 +133,9 @@ impl DnsblMaps {
         for key in self.v4.keys().filter_map(Result::ok) {
             set_range(&mut bitmap, u32::from_be_bytes(key) >> 8, 1);
         }
-        self.hint_v4.write(&bitmap).context("DNSBL hint bitmap")
+        self.hint_v4
+            .write(&bitmap, 0..bitmap.len())
+            .context("DNSBL hint bitmap")
     }
 
     /// Removes every entry; returns how many were live.

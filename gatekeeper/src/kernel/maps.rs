@@ -8,7 +8,8 @@ use gatekeeper_common::{Counter, PrefixValue};
 use ipnet::IpNet;
 
 use super::block_bitmaps::BlockBitmaps;
-use crate::lists::store::{unix_now, EntryMeta};
+use crate::clock::unix_now;
+use crate::lists::store::{Capacity, EntryMeta};
 
 /// The IPv4 and IPv6 maps of one list (deny or allow): LPM tries, and for
 /// the denylist exact-address hashes that take its /32 and /128 entries.
@@ -16,12 +17,19 @@ pub struct PrefixMaps {
     v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
     v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
     exact: Option<ExactMaps>,
-    /// The allowlist's `[v4, v6]` non-empty flags, kept current after every sync.
+    /// The allowlist's `[v4, v6]` non-empty flags, kept current after every change.
     presence: Option<Array<MapData, u8>>,
-    /// The denylist's per-/24 bitmaps, rebuilt after every sync.
+    /// The denylist's per-/24 bitmaps, recomputed for the touched prefixes.
     blocks: Option<BlockBitmaps>,
     pub capacity_v4: u32,
     pub capacity_v6: u32,
+}
+
+/// What one [`PrefixMaps::plan`] decided: each touched prefix's kernel value
+/// (`None`: not in the kernel) and the allowlist's presence flags.
+pub struct SyncPlan {
+    states: Vec<(IpNet, Option<PrefixValue>)>,
+    presence: Option<(bool, bool)>,
 }
 
 /// Full-length prefixes by address: one hash lookup in XDP instead of a trie walk.
@@ -51,30 +59,61 @@ impl PrefixMaps {
         }
     }
 
-    /// Makes the kernel agree with `entries` for each prefix in `touched`:
-    /// present in `entries` → inserted/updated, absent → removed.
-    pub fn sync<'a>(
-        &mut self,
-        entries: &BTreeMap<IpNet, EntryMeta>,
-        touched: impl IntoIterator<Item = &'a IpNet>,
-    ) -> Result<()> {
+    /// The prefixes per family the maps were sized for.
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            v4: self.capacity_v4 as usize,
+            v6: self.capacity_v6 as usize,
+        }
+    }
+
+    /// Works out what the kernel must hold for each prefix in `touched`
+    /// given `entries` (present → inserted/updated, absent or expired →
+    /// removed). Pure computation, so callers can run it under the store's
+    /// read lock and make the syscalls in [`Self::apply`] after releasing it.
+    pub fn plan(&mut self, entries: &BTreeMap<IpNet, EntryMeta>, touched: &[IpNet]) -> SyncPlan {
         let clock = Clock::now();
-        for net in touched {
-            match entries.get(net) {
-                Some(meta) => match clock.kernel_value(meta.expires) {
-                    Some(value) => self.insert(net, value),
-                    None => self.remove(net),
-                },
+        let states = touched
+            .iter()
+            .map(|net| {
+                let value = entries
+                    .get(net)
+                    .and_then(|meta| clock.kernel_value(meta.expires));
+                (*net, value)
+            })
+            .collect();
+        if let Some(blocks) = self.blocks.as_mut() {
+            blocks.plan(entries, touched, clock.unix_secs);
+        }
+        // IPv4 keys sort before IPv6 ones.
+        let presence = self.presence.as_ref().map(|_| {
+            (
+                entries
+                    .keys()
+                    .next()
+                    .is_some_and(|n| matches!(n, IpNet::V4(_))),
+                entries
+                    .keys()
+                    .next_back()
+                    .is_some_and(|n| matches!(n, IpNet::V6(_))),
+            )
+        });
+        SyncPlan { states, presence }
+    }
+
+    /// Makes the syscalls of a [`Self::plan`]: prefixes first, then bitmaps and flags.
+    pub fn apply(&mut self, plan: SyncPlan) -> Result<()> {
+        for (net, value) in &plan.states {
+            match value {
+                Some(value) => self.insert(net, *value),
                 None => self.remove(net),
             }
             .with_context(|| format!("kernel map update for {net}"))?;
         }
         if let Some(blocks) = self.blocks.as_mut() {
-            blocks.update(entries, clock.unix_secs)?;
+            blocks.flush()?;
         }
-        if let Some(presence) = self.presence.as_mut() {
-            let has_v4 = entries.keys().any(|net| matches!(net, IpNet::V4(_)));
-            let has_v6 = entries.keys().any(|net| matches!(net, IpNet::V6(_)));
+        if let (Some(presence), Some((has_v4, has_v6))) = (self.presence.as_mut(), plan.presence) {
             presence
                 .set(0, u8::from(has_v4), 0)
                 .context("allowlist presence flag")?;

@@ -1,7 +1,9 @@
 //! Deny and allow lists: prefix syntax, importable files, the durable store.
 
+pub mod journal;
 pub mod listfile;
 pub mod prefix;
+pub mod snapshot;
 pub mod store;
 pub mod ttl;
 

@@ -1,74 +1,53 @@
-//! The durable list store: one JSON file per list in `state_dir`.
+//! The durable list store: a snapshot plus an append-only journal per list
+//! in `state_dir`, with group commit.
 //!
-//! Every change is written with temp file + fsync + rename + directory fsync
-//! before it is acknowledged, so a crash at any instant leaves either the old
-//! or the new file, never a torn one. Changes are all-or-nothing: a batch
-//! either applies entirely or leaves memory and disk as they were.
+//! A change is planned and applied in memory and appended to the journal
+//! (no fsync) under a short lock; a committer thread then fsyncs once for
+//! every record written so far and wakes all their waiters. A change is
+//! all-or-nothing: one record, checksummed, so replay sees it whole or not
+//! at all. When the journals outgrow `compact_bytes` (and the snapshot), the
+//! committer rotates to a new journal generation and a compaction thread
+//! folds the closed ones into a new snapshot, from disk, without the lock.
+//!
+//! Files: `<list>.snapshot` (see [`super::snapshot`]) and
+//! `<list>.journal.<generation>` (see [`super::journal`]); a format-1
+//! `<list>.json` is migrated once on first start.
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::BufReader;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Write};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
-use super::ListKind;
-use crate::persist::write_json_atomically;
+use super::journal::{self, Record};
+use super::{snapshot, ListKind};
+use crate::clock::unix_now;
+use crate::persist::sync_dir;
 
-const FORMAT_VERSION: u32 = 1;
+const LEGACY_FORMAT_VERSION: u32 = 1;
 
 /// What is known about a listed prefix besides the prefix itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryMeta {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub reason: Option<String>,
     /// Unix seconds when the entry was first listed.
     pub added: u64,
     /// Unix seconds after which the entry no longer applies; none = permanent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub expires: Option<u64>,
 }
 
-#[derive(Deserialize)]
-struct StoredEntry {
-    prefix: IpNet,
-    #[serde(flatten)]
-    meta: EntryMeta,
-}
-
-#[derive(Deserialize)]
-struct StoredList {
-    version: u32,
-    entries: Vec<StoredEntry>,
-}
-
-/// The on-disk shape of [`StoredList`], serialised straight from the map
-/// (no copy of a million entries just to write them).
-#[derive(Serialize)]
-struct StoredListRef<'a> {
-    version: u32,
-    #[serde(serialize_with = "serialize_entries")]
-    entries: &'a BTreeMap<IpNet, EntryMeta>,
-}
-
-#[derive(Serialize)]
-struct StoredEntryRef<'a> {
-    prefix: &'a IpNet,
-    #[serde(flatten)]
-    meta: &'a EntryMeta,
-}
-
-fn serialize_entries<S: serde::Serializer>(
-    entries: &&BTreeMap<IpNet, EntryMeta>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.collect_seq(
-        entries
-            .iter()
-            .map(|(prefix, meta)| StoredEntryRef { prefix, meta }),
-    )
+impl EntryMeta {
+    pub fn live_at(&self, now: u64) -> bool {
+        self.expires.is_none_or(|e| e > now)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,18 +57,19 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("list file {path} is corrupt (refusing to start with a partial list): {source}")]
-    Corrupt {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("list file {path} has format version {found}, this gatekeeper reads {FORMAT_VERSION}")]
+    #[error("list file {path} is corrupt (refusing to start with a partial list): {problem}")]
+    Corrupt { path: PathBuf, problem: String },
+    #[error(
+        "list file {path} has format version {found}, this gatekeeper reads {LEGACY_FORMAT_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("cannot write list file {path}: {source}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the {list}list journal could not be made durable ({reason}); list changes are refused until gatekeeper is restarted")]
+    Failed { list: ListKind, reason: Arc<str> },
 }
 
 /// An entry to add: permanent when `expires` (unix seconds) is `None`.
@@ -110,16 +90,8 @@ pub enum Change {
     Remove(Vec<IpNet>),
     /// Make the list exactly these entries.
     Replace(Vec<NewEntry>),
-}
-
-/// The effect of a change, as reported to the operator and applied to the kernel.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Applied {
-    pub added: Vec<IpNet>,
-    pub updated: Vec<IpNet>,
-    pub removed: Vec<IpNet>,
-    /// Previous state of every touched prefix, to undo the change.
-    undo: Vec<(IpNet, Option<EntryMeta>)>,
+    /// Remove those of `nets` that are still listed and expired at `now`.
+    Expire { nets: Vec<IpNet>, now: u64 },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -129,217 +101,879 @@ pub struct NotListed {
     pub missing: Vec<IpNet>,
 }
 
-pub struct ListStore {
-    kind: ListKind,
-    path: PathBuf,
-    entries: BTreeMap<IpNet, EntryMeta>,
-}
-
-impl ListStore {
-    /// Opens `dir/<kind>.json`; a missing file is an empty list, a corrupt one an error.
-    pub fn open(dir: &Path, kind: ListKind) -> Result<ListStore, StoreError> {
-        let path = dir.join(format!("{}.json", kind.name()));
-        let entries = match File::open(&path) {
-            Ok(file) => read_entries(&path, file)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(source) => return Err(StoreError::Read { path, source }),
-        };
-        Ok(ListStore {
-            kind,
-            path,
-            entries,
-        })
-    }
-
-    pub fn kind(&self) -> ListKind {
-        self.kind
-    }
-
-    pub fn entries(&self) -> &BTreeMap<IpNet, EntryMeta> {
-        &self.entries
-    }
-
-    /// Counts entries per address family after `change` would apply, for capacity checks.
-    pub fn family_counts_after(&self, change: &Change) -> (usize, usize) {
-        let count = |nets: &mut dyn Iterator<Item = &IpNet>| {
-            nets.fold((0, 0), |(v4, v6), net| match net {
-                IpNet::V4(_) => (v4 + 1, v6),
-                IpNet::V6(_) => (v4, v6 + 1),
-            })
-        };
-        let (mut v4, mut v6) = count(&mut self.entries.keys());
-        match change {
-            Change::Add(items) => {
-                let mut seen = std::collections::HashSet::new();
-                let fresh = items
-                    .iter()
-                    .map(|e| &e.net)
-                    .filter(|net| !self.entries.contains_key(net) && seen.insert(**net));
-                let (a4, a6) = count(&mut fresh.into_iter());
-                v4 += a4;
-                v6 += a6;
-            }
-            Change::Remove(_) => {}
-            Change::Replace(items) => {
-                let unique: std::collections::BTreeSet<&IpNet> =
-                    items.iter().map(|e| &e.net).collect();
-                (v4, v6) = count(&mut unique.into_iter());
-            }
-        }
-        (v4, v6)
-    }
-
-    /// Applies `change` in memory and on disk, or neither.
-    pub fn apply(&mut self, change: Change) -> Result<Applied, ApplyError> {
-        let applied = self.apply_in_memory(change)?;
-        if let Err(e) = self.save() {
-            self.undo_in_memory(&applied);
-            return Err(e.into());
-        }
-        Ok(applied)
-    }
-
-    /// Reverts an applied change (after a later step, such as the kernel update, failed).
-    pub fn revert(&mut self, applied: &Applied) -> Result<(), StoreError> {
-        self.undo_in_memory(applied);
-        self.save()
-    }
-
-    fn apply_in_memory(&mut self, change: Change) -> Result<Applied, NotListed> {
-        let now = unix_now();
-        let mut applied = Applied::default();
-        match change {
-            Change::Add(items) => {
-                for item in items {
-                    self.upsert(item, now, &mut applied);
-                }
-            }
-            Change::Remove(nets) => {
-                let missing: Vec<IpNet> = nets
-                    .iter()
-                    .filter(|net| !self.entries.contains_key(net))
-                    .copied()
-                    .collect();
-                if !missing.is_empty() {
-                    return Err(NotListed {
-                        list: self.kind,
-                        missing,
-                    });
-                }
-                for net in nets {
-                    if let Some(old) = self.entries.remove(&net) {
-                        applied.removed.push(net);
-                        applied.undo.push((net, Some(old)));
-                    }
-                }
-            }
-            Change::Replace(items) => {
-                let keep: std::collections::HashSet<IpNet> = items.iter().map(|e| e.net).collect();
-                let gone: Vec<IpNet> = self
-                    .entries
-                    .keys()
-                    .filter(|net| !keep.contains(net))
-                    .copied()
-                    .collect();
-                for net in gone {
-                    let old = self.entries.remove(&net);
-                    applied.removed.push(net);
-                    applied.undo.push((net, old));
-                }
-                for item in items {
-                    self.upsert(item, now, &mut applied);
-                }
-            }
-        }
-        Ok(applied)
-    }
-
-    fn upsert(&mut self, item: NewEntry, now: u64, applied: &mut Applied) {
-        let NewEntry {
-            net,
-            reason,
-            expires,
-        } = item;
-        match self.entries.get_mut(&net) {
-            Some(meta) => {
-                let new_reason = reason.or_else(|| meta.reason.clone());
-                let new_expires = match (meta.expires, expires) {
-                    (Some(old), Some(new)) => Some(old.max(new)),
-                    _ => None,
-                };
-                if meta.reason != new_reason || meta.expires != new_expires {
-                    applied.undo.push((net, Some(meta.clone())));
-                    meta.reason = new_reason;
-                    meta.expires = new_expires;
-                    applied.updated.push(net);
-                }
-            }
-            None => {
-                self.entries.insert(
-                    net,
-                    EntryMeta {
-                        reason,
-                        added: now,
-                        expires,
-                    },
-                );
-                applied.undo.push((net, None));
-                applied.added.push(net);
-            }
-        }
-    }
-
-    /// Entries whose expiry has passed at unix time `now`.
-    pub fn expired(&self, now: u64) -> Vec<IpNet> {
-        self.entries
-            .iter()
-            .filter(|(_, meta)| meta.expires.is_some_and(|e| e <= now))
-            .map(|(net, _)| *net)
-            .collect()
-    }
-
-    fn undo_in_memory(&mut self, applied: &Applied) {
-        // Reverse order, so a prefix touched twice ends at its oldest state.
-        for (net, old) in applied.undo.iter().rev() {
-            match old {
-                Some(meta) => {
-                    self.entries.insert(*net, meta.clone());
-                }
-                None => {
-                    self.entries.remove(net);
-                }
-            }
-        }
-    }
-
-    /// Writes the whole list atomically (see [`write_json_atomically`]).
-    fn save(&self) -> Result<(), StoreError> {
-        let list = StoredListRef {
-            version: FORMAT_VERSION,
-            entries: &self.entries,
-        };
-        write_json_atomically(&self.path, &list).map_err(|source| StoreError::Write {
-            path: self.path.clone(),
-            source,
-        })
-    }
+/// Prefixes per address family a list may hold (the kernel maps' sizes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub v4: usize,
+    pub v6: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]
     NotListed(#[from] NotListed),
+    #[error("the {list}list would hold {v4} IPv4 / {v6} IPv6 prefixes, over its capacity of {} / {} (raise [maps] {list}_v4 / {list}_v6 in the config)", capacity.v4, capacity.v6)]
+    OverCapacity {
+        list: ListKind,
+        v4: usize,
+        v6: usize,
+        capacity: Capacity,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-fn read_entries(path: &Path, file: File) -> Result<BTreeMap<IpNet, EntryMeta>, StoreError> {
-    let list: StoredList = serde_json::from_reader(BufReader::with_capacity(1 << 20, file))
-        .map_err(|source| StoreError::Corrupt {
+/// A change applied in memory and written to the journal, durable once
+/// [`ListStore::durable`] says so.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub seq: u64,
+    pub added: Vec<IpNet>,
+    pub updated: Vec<IpNet>,
+    pub removed: Vec<IpNet>,
+    /// Entries in the list right after the change.
+    pub total: usize,
+    /// The new state of every touched prefix.
+    ops: Vec<(IpNet, Option<EntryMeta>)>,
+    /// The state before, to revert.
+    undo: Vec<(IpNet, Option<EntryMeta>)>,
+}
+
+impl Pending {
+    pub fn touched(&self) -> Vec<IpNet> {
+        self.ops.iter().map(|(net, _)| *net).collect()
+    }
+}
+
+/// Tuning and test hooks.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// Journal bytes (and at least the snapshot's size) before compaction.
+    pub compact_bytes: u64,
+    /// How a journal is made durable; tests inject counters and failures.
+    pub fsync: Arc<dyn Fn(&File) -> std::io::Result<()> + Send + Sync>,
+}
+
+impl StoreOptions {
+    pub const DEFAULT_COMPACT_BYTES: u64 = 64 << 20;
+
+    pub fn new(compact_bytes: u64) -> StoreOptions {
+        StoreOptions {
+            compact_bytes,
+            fsync: Arc::new(File::sync_data),
+        }
+    }
+}
+
+/// Entries per prefix length, so lookups probe only the lengths in use.
+#[derive(Debug, Clone)]
+struct Lengths {
+    v4: [usize; 33],
+    v6: [usize; 129],
+}
+
+impl Lengths {
+    fn of<'a>(nets: impl Iterator<Item = &'a IpNet>) -> Lengths {
+        let mut lengths = Lengths {
+            v4: [0; 33],
+            v6: [0; 129],
+        };
+        nets.for_each(|net| *lengths.slot(net) += 1);
+        lengths
+    }
+
+    fn slot(&mut self, net: &IpNet) -> &mut usize {
+        match net {
+            IpNet::V4(n) => &mut self.v4[usize::from(n.prefix_len())],
+            IpNet::V6(n) => &mut self.v6[usize::from(n.prefix_len())],
+        }
+    }
+
+    fn totals(&self) -> (usize, usize) {
+        (self.v4.iter().sum(), self.v6.iter().sum())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Synced {
+    seq: u64,
+    failed: Option<Arc<str>>,
+}
+
+struct State {
+    entries: BTreeMap<IpNet, EntryMeta>,
+    lengths: Lengths,
+    journal: Arc<File>,
+    generation: u64,
+    /// Bytes in all journals not yet folded into the snapshot.
+    journal_bytes: u64,
+    /// Bytes in the current journal file (where a failed append is cut back to).
+    file_bytes: u64,
+    snapshot_bytes: u64,
+    written: u64,
+    /// Undo information of records not yet fsynced, oldest first.
+    unsynced: VecDeque<(u64, Vec<(IpNet, Option<EntryMeta>)>)>,
+    failed: Option<Arc<str>>,
+    compacting: bool,
+}
+
+struct Shared {
+    kind: ListKind,
+    layout: Layout,
+    options: StoreOptions,
+    state: RwLock<State>,
+    /// Highest sequence number handed to the committer, and shutdown.
+    queue: Mutex<(u64, bool)>,
+    wake: Condvar,
+    synced: watch::Sender<Synced>,
+}
+
+/// One list's durable store, shared by all its users.
+#[derive(Clone)]
+pub struct ListStore {
+    shared: Arc<Shared>,
+    committer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl ListStore {
+    /// Loads the snapshot and replays the journals (migrating a format-1
+    /// JSON file first); a torn journal tail is cut off with a warning,
+    /// anything else amiss refuses to start.
+    pub fn open(
+        dir: &Path,
+        kind: ListKind,
+        options: StoreOptions,
+    ) -> Result<ListStore, StoreError> {
+        let layout = Layout {
+            dir: dir.to_owned(),
+            kind,
+        };
+        layout.migrate_legacy()?;
+        let loaded = layout.load(None, true)?;
+        let (generation, file_bytes) = match loaded.journals.last() {
+            Some(&last) => last,
+            None => (loaded.snapshot_generation, 0),
+        };
+        let path = layout.journal(generation);
+        let journal = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| StoreError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        sync_dir(dir).map_err(|source| StoreError::Write { path, source })?;
+        let state = State {
+            lengths: Lengths::of(loaded.entries.keys()),
+            entries: loaded.entries,
+            journal: Arc::new(journal),
+            generation,
+            journal_bytes: loaded.journals.iter().map(|(_, bytes)| bytes).sum(),
+            file_bytes,
+            snapshot_bytes: loaded.snapshot_bytes,
+            written: 0,
+            unsynced: VecDeque::new(),
+            failed: None,
+            compacting: false,
+        };
+        let shared = Arc::new(Shared {
+            kind,
+            layout,
+            options,
+            state: RwLock::new(state),
+            queue: Mutex::new((0, false)),
+            wake: Condvar::new(),
+            synced: watch::Sender::new(Synced {
+                seq: 0,
+                failed: None,
+            }),
+        });
+        let committer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("{kind}-commit"))
+                .spawn(move || commit_loop(&shared))
+                .map_err(|source| StoreError::Write {
+                    path: dir.to_owned(),
+                    source,
+                })?
+        };
+        Ok(ListStore {
+            shared,
+            committer: Arc::new(Mutex::new(Some(committer))),
+        })
+    }
+
+    pub fn kind(&self) -> ListKind {
+        self.shared.kind
+    }
+
+    /// Runs `f` on the entries under the read lock (keep it short).
+    pub fn read<R>(&self, f: impl FnOnce(&BTreeMap<IpNet, EntryMeta>) -> R) -> R {
+        f(&self.state().entries)
+    }
+
+    pub fn len(&self) -> usize {
+        self.state().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a live entry covers `ip`: one lookup per prefix length in use.
+    pub fn covers(&self, ip: IpAddr, now: u64) -> bool {
+        let state = self.state();
+        let live = |net: IpNet| state.entries.get(&net).is_some_and(|m| m.live_at(now));
+        match ip {
+            IpAddr::V4(addr) => (0..=32u8)
+                .filter(|&len| state.lengths.v4[usize::from(len)] > 0)
+                .any(|len| live(IpNet::V4(ipnet::Ipv4Net::new(addr, len).unwrap().trunc()))),
+            IpAddr::V6(addr) => (0..=128u8)
+                .filter(|&len| state.lengths.v6[usize::from(len)] > 0)
+                .any(|len| live(IpNet::V6(ipnet::Ipv6Net::new(addr, len).unwrap().trunc()))),
+        }
+    }
+
+    /// Entries whose expiry has passed at unix time `now`.
+    pub fn expired(&self, now: u64) -> Vec<IpNet> {
+        self.state()
+            .entries
+            .iter()
+            .filter(|(_, meta)| !meta.live_at(now))
+            .map(|(net, _)| *net)
+            .collect()
+    }
+
+    /// Plans `change`, checks capacity, applies it in memory and appends it
+    /// to the journal, or does none of that. Durable after [`Self::durable`].
+    pub fn apply(&self, change: Change, capacity: Capacity) -> Result<Pending, ApplyError> {
+        let mut state = self.state_mut();
+        if let Some(reason) = &state.failed {
+            return Err(self.failed(reason.clone()).into());
+        }
+        let plan = plan(&state.entries, self.shared.kind, change, unix_now())?;
+        let mut lengths = state.lengths.clone();
+        for (net, new) in &plan.ops {
+            let was = state.entries.contains_key(net);
+            match (was, new.is_some()) {
+                (false, true) => *lengths.slot(net) += 1,
+                (true, false) => *lengths.slot(net) -= 1,
+                _ => {}
+            }
+        }
+        let (v4, v6) = lengths.totals();
+        let (old4, old6) = state.lengths.totals();
+        // Shrinking is always allowed, even over a since-lowered capacity.
+        if (v4 > capacity.v4 && v4 > old4) || (v6 > capacity.v6 && v6 > old6) {
+            return Err(ApplyError::OverCapacity {
+                list: self.shared.kind,
+                v4,
+                v6,
+                capacity,
+            });
+        }
+        let seq = self.append(&mut state, plan.ops.clone(), plan.undo.clone())?;
+        state.lengths = lengths;
+        Ok(Pending {
+            seq,
+            added: plan.added,
+            updated: plan.updated,
+            removed: plan.removed,
+            total: state.entries.len(),
+            ops: plan.ops,
+            undo: plan.undo,
+        })
+    }
+
+    /// Undoes `pending` for the prefixes no later change has touched since
+    /// (after a later step, such as the kernel update, failed). Returns the
+    /// reverting change, to be awaited and synced like any other.
+    pub fn revert(&self, pending: &Pending) -> Result<Pending, StoreError> {
+        let mut state = self.state_mut();
+        if let Some(reason) = &state.failed {
+            return Err(self.failed(reason.clone()));
+        }
+        let (mut ops, mut undo) = (Vec::new(), Vec::new());
+        for ((net, ours), (_, before)) in pending.ops.iter().zip(&pending.undo) {
+            let current = state.entries.get(net).cloned();
+            if current == *ours {
+                ops.push((*net, before.clone()));
+                undo.push((*net, current));
+            }
+        }
+        let mut lengths = state.lengths.clone();
+        for ((net, new), (_, old)) in ops.iter().zip(&undo) {
+            match (old.is_some(), new.is_some()) {
+                (false, true) => *lengths.slot(net) += 1,
+                (true, false) => *lengths.slot(net) -= 1,
+                _ => {}
+            }
+        }
+        let seq = self.append(&mut state, ops.clone(), undo.clone())?;
+        state.lengths = lengths;
+        Ok(Pending {
+            seq,
+            added: Vec::new(),
+            updated: Vec::new(),
+            removed: Vec::new(),
+            total: state.entries.len(),
+            ops,
+            undo,
+        })
+    }
+
+    /// Waits until the journal holds `pending` durably.
+    pub async fn durable(&self, pending: &Pending) -> Result<(), StoreError> {
+        let mut synced = self.shared.synced.subscribe();
+        let reached = synced
+            .wait_for(|s| s.seq >= pending.seq || s.failed.is_some())
+            .await
+            .map(|s| s.clone());
+        match reached {
+            Ok(s) if s.seq >= pending.seq => Ok(()),
+            Ok(Synced {
+                failed: Some(reason),
+                ..
+            }) => Err(self.failed(reason)),
+            _ => Err(self.failed("the committer stopped".into())),
+        }
+    }
+
+    /// Lets the committer sync what is written, then stops it.
+    pub fn close(&self) {
+        {
+            let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.1 = true;
+        }
+        self.shared.wake.notify_all();
+        let handle = self
+            .committer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
+    fn failed(&self, reason: Arc<str>) -> StoreError {
+        StoreError::Failed {
+            list: self.shared.kind,
+            reason,
+        }
+    }
+
+    /// Writes one record, then applies it in memory; an empty change writes nothing.
+    fn append(
+        &self,
+        state: &mut State,
+        ops: Vec<(IpNet, Option<EntryMeta>)>,
+        undo: Vec<(IpNet, Option<EntryMeta>)>,
+    ) -> Result<u64, StoreError> {
+        if ops.is_empty() {
+            return Ok(state.written);
+        }
+        let record = Record { ops };
+        let bytes = journal::encode(&record);
+        if let Err(source) = (&*state.journal).write_all(&bytes) {
+            // Cut a partial record off, or later records would follow garbage.
+            if let Err(e) = state.journal.set_len(state.file_bytes) {
+                state.failed = Some(format!("{source}; truncating after it: {e}").into());
+            }
+            return Err(StoreError::Write {
+                path: self.shared.layout.journal(state.generation),
+                source,
+            });
+        }
+        state.file_bytes += bytes.len() as u64;
+        state.journal_bytes += bytes.len() as u64;
+        apply_ops(&mut state.entries, record.ops);
+        state.written += 1;
+        let seq = state.written;
+        state.unsynced.push_back((seq, undo));
+        self.shared
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0 = seq;
+        self.shared.wake.notify_one();
+        Ok(seq)
+    }
+
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.shared.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.shared.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn apply_ops(entries: &mut BTreeMap<IpNet, EntryMeta>, ops: Vec<(IpNet, Option<EntryMeta>)>) {
+    for (net, meta) in ops {
+        match meta {
+            Some(meta) => entries.insert(net, meta),
+            None => entries.remove(&net),
+        };
+    }
+}
+
+/// The committer: one fsync per round covers every record written before
+/// it; rotates the journal when compaction is due.
+fn commit_loop(shared: &Arc<Shared>) {
+    let mut synced = 0u64;
+    loop {
+        {
+            let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            while queue.0 <= synced && !queue.1 {
+                queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+            }
+            if queue.0 <= synced {
+                return; // shut down with nothing left to sync
+            }
+        }
+        let (target, file, rotated) = {
+            let mut state = shared.state.write().unwrap_or_else(|e| e.into_inner());
+            let file = state.journal.clone();
+            let rotated = compaction_due(shared, &state)
+                .then(|| rotate(shared, &mut state))
+                .flatten();
+            (state.written, file, rotated)
+        };
+        // Records after `target` went to the new file, whose name the
+        // directory fsync makes durable before any of them is acknowledged.
+        let result = (shared.options.fsync)(&file).and_then(|()| match rotated {
+            Some(_) => sync_dir(&shared.layout.dir),
+            None => Ok(()),
+        });
+        match result {
+            Ok(()) => {
+                synced = target;
+                let mut state = shared.state.write().unwrap_or_else(|e| e.into_inner());
+                while state
+                    .unsynced
+                    .front()
+                    .is_some_and(|(seq, _)| *seq <= target)
+                {
+                    state.unsynced.pop_front();
+                }
+                drop(state);
+                shared.synced.send_modify(|s| s.seq = target);
+            }
+            Err(e) => {
+                fail(shared, &e);
+                return;
+            }
+        }
+        if let Some(upto) = rotated {
+            let compactor = shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("{}-compact", shared.kind))
+                .spawn(move || compact(&compactor, upto));
+            if let Err(e) = spawned {
+                warn!(list = %shared.kind, error = %e, "cannot start compaction");
+            }
+        }
+    }
+}
+
+fn compaction_due(shared: &Shared, state: &State) -> bool {
+    !state.compacting
+        && state.journal_bytes >= shared.options.compact_bytes.max(state.snapshot_bytes)
+}
+
+/// Switches appends to the next journal generation; returns that generation.
+fn rotate(shared: &Shared, state: &mut State) -> Option<u64> {
+    let next = state.generation + 1;
+    let path = shared.layout.journal(next);
+    match OpenOptions::new().create_new(true).append(true).open(&path) {
+        Ok(file) => {
+            state.journal = Arc::new(file);
+            state.generation = next;
+            state.file_bytes = 0;
+            state.compacting = true;
+            Some(next)
+        }
+        Err(e) => {
+            warn!(list = %shared.kind, path = %path.display(), error = %e, "cannot start a new journal; compaction postponed");
+            None
+        }
+    }
+}
+
+/// An fsync failed: what it covered may or may not be on disk, so undo
+/// every unsynced change in memory and refuse all further changes.
+fn fail(shared: &Shared, error: &std::io::Error) {
+    let reason: Arc<str> = error.to_string().into();
+    error!(list = %shared.kind, error = %reason, "journal fsync failed; unacknowledged changes undone, list changes refused until restart");
+    let mut state = shared.state.write().unwrap_or_else(|e| e.into_inner());
+    while let Some((_, undo)) = state.unsynced.pop_back() {
+        for (net, old) in undo.into_iter().rev() {
+            match old {
+                Some(meta) => state.entries.insert(net, meta),
+                None => state.entries.remove(&net),
+            };
+        }
+    }
+    state.lengths = Lengths::of(state.entries.keys());
+    state.failed = Some(reason.clone());
+    drop(state);
+    shared.synced.send_modify(|s| s.failed = Some(reason));
+}
+
+/// Folds the snapshot and the journals before `upto` into a new snapshot.
+fn compact(shared: &Shared, upto: u64) {
+    let layout = &shared.layout;
+    let result = layout.load(Some(upto), false).and_then(|loaded| {
+        let path = layout.snapshot();
+        let bytes = snapshot::write(&path, upto, &loaded.entries)
+            .map_err(|source| StoreError::Write { path, source })?;
+        let folded: u64 = loaded.journals.iter().map(|(_, bytes)| bytes).sum();
+        for (generation, _) in &loaded.journals {
+            let _ = std::fs::remove_file(layout.journal(*generation));
+        }
+        let _ = sync_dir(&layout.dir);
+        Ok((bytes, folded, loaded.entries.len()))
+    });
+    let mut state = shared.state.write().unwrap_or_else(|e| e.into_inner());
+    state.compacting = false;
+    match result {
+        Ok((bytes, folded, entries)) => {
+            state.snapshot_bytes = bytes;
+            state.journal_bytes = state.journal_bytes.saturating_sub(folded);
+            info!(list = %shared.kind, entries, snapshot_bytes = bytes, "journal compacted into the snapshot");
+        }
+        Err(e) => {
+            warn!(list = %shared.kind, error = %e, "journal compaction failed; the journals stay and are retried")
+        }
+    }
+}
+
+struct Plan {
+    ops: Vec<(IpNet, Option<EntryMeta>)>,
+    undo: Vec<(IpNet, Option<EntryMeta>)>,
+    added: Vec<IpNet>,
+    updated: Vec<IpNet>,
+    removed: Vec<IpNet>,
+}
+
+/// The effect of `change` on `entries`, computed without touching them.
+fn plan(
+    entries: &BTreeMap<IpNet, EntryMeta>,
+    kind: ListKind,
+    change: Change,
+    now: u64,
+) -> Result<Plan, NotListed> {
+    // The new state of each touched prefix, in order of first touch.
+    let mut overlay: Vec<(IpNet, Option<EntryMeta>)> = Vec::new();
+    let mut index: std::collections::HashMap<IpNet, usize> = std::collections::HashMap::new();
+    let mut set = |net: IpNet, meta: Option<EntryMeta>| match index.get(&net) {
+        Some(&i) => overlay[i].1 = meta,
+        None => {
+            index.insert(net, overlay.len());
+            overlay.push((net, meta));
+        }
+    };
+    match change {
+        Change::Add(items) => {
+            let mut staged: BTreeMap<IpNet, Option<EntryMeta>> = BTreeMap::new();
+            for item in items {
+                let current = staged
+                    .get(&item.net)
+                    .cloned()
+                    .unwrap_or_else(|| entries.get(&item.net).cloned());
+                let net = item.net;
+                let merged = upsert(current, item, now);
+                staged.insert(net, Some(merged.clone()));
+                set(net, Some(merged));
+            }
+        }
+        Change::Remove(nets) => {
+            let missing: Vec<IpNet> = nets
+                .iter()
+                .filter(|net| !entries.contains_key(net))
+                .copied()
+                .collect();
+            if !missing.is_empty() {
+                return Err(NotListed {
+                    list: kind,
+                    missing,
+                });
+            }
+            nets.into_iter().for_each(|net| set(net, None));
+        }
+        Change::Expire { nets, now } => {
+            for net in nets {
+                if entries.get(&net).is_some_and(|meta| !meta.live_at(now)) {
+                    set(net, None);
+                }
+            }
+        }
+        Change::Replace(items) => {
+            let keep: HashSet<IpNet> = items.iter().map(|e| e.net).collect();
+            for net in entries.keys().filter(|net| !keep.contains(net)) {
+                set(*net, None);
+            }
+            let mut staged: BTreeMap<IpNet, EntryMeta> = BTreeMap::new();
+            for item in items {
+                let current = staged
+                    .get(&item.net)
+                    .cloned()
+                    .or_else(|| entries.get(&item.net).cloned());
+                let net = item.net;
+                let merged = upsert(current, item, now);
+                staged.insert(net, merged.clone());
+                set(net, Some(merged));
+            }
+        }
+    }
+    let mut plan = Plan {
+        ops: Vec::new(),
+        undo: Vec::new(),
+        added: Vec::new(),
+        updated: Vec::new(),
+        removed: Vec::new(),
+    };
+    for (net, new) in overlay {
+        let old = entries.get(&net).cloned();
+        if old == new {
+            continue;
+        }
+        match (&old, &new) {
+            (None, Some(_)) => plan.added.push(net),
+            (Some(_), Some(_)) => plan.updated.push(net),
+            (Some(_), None) => plan.removed.push(net),
+            (None, None) => unreachable!("equal states were skipped"),
+        }
+        plan.ops.push((net, new));
+        plan.undo.push((net, old));
+    }
+    Ok(plan)
+}
+
+/// An existing prefix keeps its `added` time and reason unless a new one is
+/// given; a permanent entry never becomes temporary, a temporary one only lives longer.
+fn upsert(current: Option<EntryMeta>, item: NewEntry, now: u64) -> EntryMeta {
+    match current {
+        Some(meta) => EntryMeta {
+            reason: item.reason.or(meta.reason),
+            added: meta.added,
+            expires: match (meta.expires, item.expires) {
+                (Some(old), Some(new)) => Some(old.max(new)),
+                _ => None,
+            },
+        },
+        None => EntryMeta {
+            reason: item.reason,
+            added: now,
+            expires: item.expires,
+        },
+    }
+}
+
+/// Where a list's files live, and reading them back.
+struct Layout {
+    dir: PathBuf,
+    kind: ListKind,
+}
+
+struct Loaded {
+    entries: BTreeMap<IpNet, EntryMeta>,
+    snapshot_generation: u64,
+    snapshot_bytes: u64,
+    /// Generation and size of each journal replayed, in order.
+    journals: Vec<(u64, u64)>,
+}
+
+impl Layout {
+    fn snapshot(&self) -> PathBuf {
+        self.dir.join(format!("{}.snapshot", self.kind))
+    }
+
+    fn journal(&self, generation: u64) -> PathBuf {
+        self.dir.join(format!("{}.journal.{generation}", self.kind))
+    }
+
+    fn legacy(&self) -> PathBuf {
+        self.dir.join(format!("{}.json", self.kind))
+    }
+
+    fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+        move |source| StoreError::Read {
             path: path.to_owned(),
             source,
+        }
+    }
+
+    fn corrupt(path: &Path, problem: impl ToString) -> StoreError {
+        StoreError::Corrupt {
+            path: path.to_owned(),
+            problem: problem.to_string(),
+        }
+    }
+
+    /// Journal generations present, ascending.
+    fn journals(&self) -> Result<Vec<u64>, StoreError> {
+        let prefix = format!("{}.journal.", self.kind);
+        let mut generations = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(Self::read_error(&self.dir))? {
+            let name = entry.map_err(Self::read_error(&self.dir))?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(generation) = name.strip_prefix(&prefix) {
+                let generation = generation.parse().map_err(|_| {
+                    Self::corrupt(&self.dir.join(&*name), "unexpected journal name")
+                })?;
+                generations.push(generation);
+            }
+        }
+        generations.sort_unstable();
+        Ok(generations)
+    }
+
+    /// Converts a format-1 `<list>.json` into a snapshot, once.
+    fn migrate_legacy(&self) -> Result<(), StoreError> {
+        let legacy = self.legacy();
+        let file = match File::open(&legacy) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: legacy,
+                    source,
+                })
+            }
+        };
+        let snapshot = self.snapshot();
+        if snapshot.exists() {
+            // A migration that stopped after the snapshot was written.
+            std::fs::remove_file(&legacy).map_err(|source| StoreError::Write {
+                path: legacy.clone(),
+                source,
+            })?;
+            return Ok(());
+        }
+        if !self.journals()?.is_empty() {
+            return Err(Self::corrupt(
+                &legacy,
+                "a format-1 list file beside journals and no snapshot; move one of them away",
+            ));
+        }
+        let entries = read_legacy(&legacy, file)?;
+        snapshot::write(&snapshot, 0, &entries).map_err(|source| StoreError::Write {
+            path: snapshot.clone(),
+            source,
         })?;
-    if list.version != FORMAT_VERSION {
+        std::fs::remove_file(&legacy)
+            .and_then(|()| sync_dir(&self.dir))
+            .map_err(|source| StoreError::Write {
+                path: legacy.clone(),
+                source,
+            })?;
+        info!(list = %self.kind, entries = entries.len(), "migrated {} (format 1) to {} and a journal", legacy.display(), snapshot.display());
+        Ok(())
+    }
+
+    /// The snapshot plus the journals after it (before `below`, if given).
+    /// With `repair`, a torn tail is cut off and journals already in the
+    /// snapshot are deleted (start-up); without, both are errors.
+    fn load(&self, below: Option<u64>, repair: bool) -> Result<Loaded, StoreError> {
+        let path = self.snapshot();
+        let (snapshot_generation, snapshot_bytes, mut entries) = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let snap = snapshot::decode(&bytes).map_err(|p| Self::corrupt(&path, p))?;
+                (snap.generation, bytes.len() as u64, snap.entries)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0, BTreeMap::new()),
+            Err(source) => return Err(StoreError::Read { path, source }),
+        };
+        let mut generations = Vec::new();
+        for generation in self.journals()? {
+            if generation < snapshot_generation {
+                // Folded into the snapshot by a compaction that stopped before deleting it.
+                if repair {
+                    let _ = std::fs::remove_file(self.journal(generation));
+                }
+            } else if below.is_none_or(|b| generation < b) {
+                generations.push(generation);
+            }
+        }
+        let mut journals = Vec::new();
+        for (i, &generation) in generations.iter().enumerate() {
+            let path = self.journal(generation);
+            let expected = snapshot_generation + i as u64;
+            if generation != expected {
+                return Err(Self::corrupt(
+                    &self.journal(expected),
+                    "journal missing (later generations exist)",
+                ));
+            }
+            let bytes = std::fs::read(&path).map_err(Self::read_error(&path))?;
+            let decoded = journal::decode(&bytes).map_err(|e| Self::corrupt(&path, e))?;
+            let mut size = bytes.len() as u64;
+            if decoded.torn {
+                let later_data = generations[i + 1..]
+                    .iter()
+                    .any(|&g| std::fs::metadata(self.journal(g)).is_ok_and(|m| m.len() > 0));
+                if later_data || !repair {
+                    return Err(Self::corrupt(
+                        &path,
+                        format!(
+                            "incomplete record at byte {} before the end of the journals",
+                            decoded.valid_len
+                        ),
+                    ));
+                }
+                warn!(
+                    path = %path.display(),
+                    kept_bytes = decoded.valid_len,
+                    dropped_bytes = size - decoded.valid_len,
+                    "journal ends in an incomplete record (a crash mid-append, never acknowledged); truncating it"
+                );
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(Self::read_error(&path))?;
+                file.set_len(decoded.valid_len)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|source| StoreError::Write {
+                        path: path.clone(),
+                        source,
+                    })?;
+                size = decoded.valid_len;
+            }
+            for record in decoded.records {
+                apply_ops(&mut entries, record.ops);
+            }
+            journals.push((generation, size));
+        }
+        Ok(Loaded {
+            entries,
+            snapshot_generation,
+            snapshot_bytes,
+            journals,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct LegacyEntry {
+    prefix: IpNet,
+    #[serde(flatten)]
+    meta: EntryMeta,
+}
+
+#[derive(Deserialize)]
+struct LegacyList {
+    version: u32,
+    entries: Vec<LegacyEntry>,
+}
+
+fn read_legacy(path: &Path, file: File) -> Result<BTreeMap<IpNet, EntryMeta>, StoreError> {
+    let list: LegacyList = serde_json::from_reader(BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| Layout::corrupt(path, e))?;
+    if list.version != LEGACY_FORMAT_VERSION {
         return Err(StoreError::Version {
             path: path.to_owned(),
             found: list.version,
@@ -352,158 +986,5 @@ fn read_entries(path: &Path, file: File) -> Result<BTreeMap<IpNet, EntryMeta>, S
         .collect())
 }
 
-/// Removes temp files left by a crash mid-write; the real file is intact by construction.
-pub fn remove_stale_temp_files(dir: &Path) -> std::io::Result<usize> {
-    let mut removed = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(".tmp") && name.contains(".json.") {
-            std::fs::remove_file(dir.join(&*name))?;
-            removed += 1;
-        }
-    }
-    Ok(removed)
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn net(s: &str) -> IpNet {
-        s.parse().unwrap()
-    }
-
-    fn entry(s: &str, reason: Option<&str>, expires: Option<u64>) -> NewEntry {
-        NewEntry {
-            net: net(s),
-            reason: reason.map(str::to_owned),
-            expires,
-        }
-    }
-
-    #[test]
-    fn temporary_entries_never_shorten_or_downgrade() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = ListStore::open(dir.path(), ListKind::Deny).unwrap();
-        store
-            .apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(100))]))
-            .unwrap();
-        store
-            .apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(50))]))
-            .unwrap();
-        assert_eq!(store.entries()[&net("192.0.2.1/32")].expires, Some(100));
-        assert_eq!(store.expired(99), Vec::<IpNet>::new());
-        assert_eq!(store.expired(100), [net("192.0.2.1/32")]);
-        store
-            .apply(Change::Add(vec![entry("192.0.2.1/32", None, None)]))
-            .unwrap();
-        store
-            .apply(Change::Add(vec![entry("192.0.2.1/32", None, Some(500))]))
-            .unwrap();
-        assert_eq!(store.entries()[&net("192.0.2.1/32")].expires, None);
-    }
-
-    #[test]
-    fn survives_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = ListStore::open(dir.path(), ListKind::Deny).unwrap();
-        let applied = store
-            .apply(Change::Add(vec![
-                entry("192.0.2.0/24", Some("SBL1"), None),
-                entry("2001:db8::/32", None, None),
-            ]))
-            .unwrap();
-        assert_eq!(applied.added.len(), 2);
-        let reopened = ListStore::open(dir.path(), ListKind::Deny).unwrap();
-        assert_eq!(reopened.entries(), store.entries());
-        assert_eq!(
-            reopened.entries()[&net("192.0.2.0/24")].reason.as_deref(),
-            Some("SBL1")
-        );
-    }
-
-    #[test]
-    fn remove_is_all_or_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = ListStore::open(dir.path(), ListKind::Deny).unwrap();
-        store
-            .apply(Change::Add(vec![entry("192.0.2.1/32", None, None)]))
-            .unwrap();
-        let err = store
-            .apply(Change::Remove(vec![
-                net("192.0.2.1/32"),
-                net("192.0.2.2/32"),
-            ]))
-            .unwrap_err();
-        assert!(err.to_string().contains("192.0.2.2/32"), "{err}");
-        assert_eq!(store.entries().len(), 1);
-        let reopened = ListStore::open(dir.path(), ListKind::Deny).unwrap();
-        assert_eq!(reopened.entries().len(), 1);
-    }
-
-    #[test]
-    fn revert_restores_previous_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = ListStore::open(dir.path(), ListKind::Allow).unwrap();
-        store
-            .apply(Change::Add(vec![entry("192.0.2.1/32", Some("a"), None)]))
-            .unwrap();
-        let before = store.entries().clone();
-        let applied = store
-            .apply(Change::Replace(vec![
-                entry("192.0.2.1/32", Some("b"), None),
-                entry("198.51.100.0/24", None, None),
-            ]))
-            .unwrap();
-        assert_eq!(applied.added, [net("198.51.100.0/24")]);
-        assert_eq!(applied.updated, [net("192.0.2.1/32")]);
-        store.revert(&applied).unwrap();
-        assert_eq!(store.entries(), &before);
-        assert_eq!(
-            ListStore::open(dir.path(), ListKind::Allow)
-                .unwrap()
-                .entries(),
-            &before
-        );
-    }
-
-    #[test]
-    fn duplicate_adds_count_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ListStore::open(dir.path(), ListKind::Deny).unwrap();
-        let change = Change::Add(vec![
-            entry("192.0.2.1/32", None, None),
-            entry("192.0.2.1/32", None, None),
-        ]);
-        assert_eq!(store.family_counts_after(&change), (1, 0));
-    }
-
-    #[test]
-    fn corrupt_file_is_an_error_not_an_empty_list() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("deny.json"),
-            "{\"version\":1,\"entries\":[{\"pre",
-        )
-        .unwrap();
-        let err = ListStore::open(dir.path(), ListKind::Deny).err().unwrap();
-        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
-    }
-
-    #[test]
-    fn stale_temp_files_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(".deny.json.abc123.tmp"), "partial").unwrap();
-        std::fs::write(dir.path().join("deny.json"), "{}").unwrap();
-        assert_eq!(remove_stale_temp_files(dir.path()).unwrap(), 1);
-        assert!(dir.path().join("deny.json").exists());
-    }
-}
+mod tests;

@@ -1,0 +1,111 @@
+//! The snapshot file: a whole list in one checksummed postcard blob,
+//! replaced atomically (temp file, fsync, rename, directory fsync).
+//!
+//! Layout: `GKSNAP\0` + format byte | payload length (u64 LE) |
+//! crc32(payload) (u32 LE) | payload.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::store::EntryMeta;
+use crate::persist::write_atomically;
+
+const MAGIC: &[u8; 8] = b"GKSNAP\x00\x01";
+const HEADER: usize = 8 + 8 + 4;
+
+/// `generation`: the first journal generation NOT folded into the snapshot.
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    generation: u64,
+    entries: &'a BTreeMap<IpNet, EntryMeta>,
+}
+
+#[derive(Deserialize)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub entries: BTreeMap<IpNet, EntryMeta>,
+}
+
+/// Writes the snapshot atomically; returns its size in bytes.
+pub fn write(
+    path: &Path,
+    generation: u64,
+    entries: &BTreeMap<IpNet, EntryMeta>,
+) -> std::io::Result<u64> {
+    let payload = postcard::to_allocvec(&SnapshotRef {
+        generation,
+        entries,
+    })
+    .map_err(std::io::Error::other)?;
+    write_atomically(path, |out| {
+        out.write_all(MAGIC)?;
+        out.write_all(&(payload.len() as u64).to_le_bytes())?;
+        out.write_all(&crc32fast::hash(&payload).to_le_bytes())?;
+        out.write_all(&payload)
+    })?;
+    Ok((HEADER + payload.len()) as u64)
+}
+
+/// Parses a snapshot file's bytes; every defect is an error, never a partial list.
+pub fn decode(bytes: &[u8]) -> Result<Snapshot, &'static str> {
+    if bytes.len() < HEADER || &bytes[..6] != &MAGIC[..6] {
+        return Err("not a gatekeeper snapshot");
+    }
+    if bytes[..8] != MAGIC[..] {
+        return Err("snapshot format version not supported by this gatekeeper");
+    }
+    let len = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+    let crc = u32::from_le_bytes(bytes[16..20].try_into().unwrap());
+    let payload = &bytes[HEADER..];
+    if payload.len() as u64 != len {
+        return Err("snapshot length mismatch (truncated or trailing bytes)");
+    }
+    if crc32fast::hash(payload) != crc {
+        return Err("snapshot checksum mismatch");
+    }
+    let snapshot: Snapshot =
+        postcard::from_bytes(payload).map_err(|_| "snapshot does not decode")?;
+    if snapshot.entries.keys().any(|net| net.trunc() != *net) {
+        return Err("snapshot holds a non-canonical prefix");
+    }
+    Ok(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_refuses_any_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deny.snapshot");
+        let entries: BTreeMap<IpNet, EntryMeta> = [
+            ("192.0.2.0/24", Some("SBL1"), None),
+            ("2001:db8::1/128", None, Some(99)),
+        ]
+        .into_iter()
+        .map(|(net, reason, expires)| {
+            let meta = EntryMeta {
+                reason: reason.map(str::to_owned),
+                added: 7,
+                expires,
+            };
+            (net.parse().unwrap(), meta)
+        })
+        .collect();
+        let size = write(&path, 3, &entries).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, size);
+        let read = decode(&bytes).unwrap();
+        assert_eq!((read.generation, &read.entries), (3, &entries));
+        for i in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 0x10;
+            assert!(decode(&damaged).is_err(), "flip at byte {i} accepted");
+        }
+        assert!(decode(&bytes[..bytes.len() - 1]).is_err());
+    }
+}

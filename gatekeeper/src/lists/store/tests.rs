@@ -1,0 +1,440 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn entry(s: &str, reason: Option<&str>, expires: Option<u64>) -> NewEntry {
+    NewEntry {
+        net: net(s),
+        reason: reason.map(str::to_owned),
+        expires,
+    }
+}
+
+const ROOMY: Capacity = Capacity {
+    v4: 1 << 20,
+    v6: 1 << 20,
+};
+
+fn open(dir: &Path, kind: ListKind) -> ListStore {
+    ListStore::open(
+        dir,
+        kind,
+        StoreOptions::new(StoreOptions::DEFAULT_COMPACT_BYTES),
+    )
+    .unwrap()
+}
+
+async fn change(store: &ListStore, change: Change) -> Result<Pending, ApplyError> {
+    let pending = store.apply(change, ROOMY)?;
+    store.durable(&pending).await?;
+    Ok(pending)
+}
+
+fn entries(store: &ListStore) -> BTreeMap<IpNet, EntryMeta> {
+    store.read(Clone::clone)
+}
+
+fn journal_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".journal."))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn temporary_entries_never_shorten_or_downgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    let e = |expires| Change::Add(vec![entry("192.0.2.1/32", None, expires)]);
+    change(&store, e(Some(100))).await.unwrap();
+    change(&store, e(Some(50))).await.unwrap();
+    assert_eq!(entries(&store)[&net("192.0.2.1/32")].expires, Some(100));
+    assert_eq!(store.expired(99), Vec::<IpNet>::new());
+    assert_eq!(store.expired(100), [net("192.0.2.1/32")]);
+    change(&store, e(None)).await.unwrap();
+    change(&store, e(Some(500))).await.unwrap();
+    assert_eq!(entries(&store)[&net("192.0.2.1/32")].expires, None);
+}
+
+#[tokio::test]
+async fn journal_replays_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    let pending = change(
+        &store,
+        Change::Add(vec![
+            entry("192.0.2.0/24", Some("SBL1"), None),
+            entry("2001:db8::/32", None, None),
+            entry("198.51.100.7/32", None, Some(u64::MAX)),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pending.added.len(), 3);
+    change(&store, Change::Remove(vec![net("198.51.100.7/32")]))
+        .await
+        .unwrap();
+    let before = entries(&store);
+    store.close();
+    let reopened = open(dir.path(), ListKind::Deny);
+    assert_eq!(entries(&reopened), before);
+    assert_eq!(before.len(), 2);
+    assert_eq!(before[&net("192.0.2.0/24")].reason.as_deref(), Some("SBL1"));
+}
+
+#[tokio::test]
+async fn remove_is_all_or_nothing_and_capacity_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    change(&store, Change::Add(vec![entry("192.0.2.1/32", None, None)]))
+        .await
+        .unwrap();
+    let err = change(
+        &store,
+        Change::Remove(vec![net("192.0.2.1/32"), net("192.0.2.2/32")]),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("192.0.2.2/32"), "{err}");
+    let tight = Capacity { v4: 2, v6: 0 };
+    let three = Change::Add(vec![
+        entry("192.0.2.2/32", None, None),
+        entry("192.0.2.3/32", None, None),
+        entry("192.0.2.2/32", None, None),
+    ]);
+    // Two new (one duplicated) on top of one: over a capacity of two.
+    let err = store.apply(three, tight).unwrap_err();
+    assert!(
+        matches!(err, ApplyError::OverCapacity { v4: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("deny_v4"), "{err}");
+    assert_eq!(store.len(), 1);
+    store.close();
+    assert_eq!(open(dir.path(), ListKind::Deny).len(), 1);
+}
+
+#[tokio::test]
+async fn revert_undoes_only_what_no_later_change_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Allow);
+    change(
+        &store,
+        Change::Add(vec![entry("192.0.2.1/32", Some("a"), None)]),
+    )
+    .await
+    .unwrap();
+    let before = entries(&store);
+    let replaced = change(
+        &store,
+        Change::Replace(vec![
+            entry("192.0.2.1/32", Some("b"), None),
+            entry("198.51.100.0/24", None, None),
+            entry("203.0.113.0/24", None, None),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replaced.added.len(), 2);
+    assert_eq!(replaced.updated, [net("192.0.2.1/32")]);
+    // A later change to one of the prefixes wins over the revert.
+    change(&store, Change::Remove(vec![net("203.0.113.0/24")]))
+        .await
+        .unwrap();
+    let revert = store.revert(&replaced).unwrap();
+    store.durable(&revert).await.unwrap();
+    assert_eq!(entries(&store), before);
+    store.close();
+    assert_eq!(entries(&open(dir.path(), ListKind::Allow)), before);
+}
+
+#[tokio::test]
+async fn torn_tail_is_cut_off_and_earlier_records_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    for i in 1..=3 {
+        change(
+            &store,
+            Change::Add(vec![entry(&format!("192.0.2.{i}/32"), None, None)]),
+        )
+        .await
+        .unwrap();
+    }
+    store.close();
+    let path = dir.path().join("deny.journal.0");
+    let intact = std::fs::metadata(&path).unwrap().len();
+    let record = journal::encode(&Record {
+        ops: vec![(net("192.0.2.99/32"), None)],
+    });
+    let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+    file.write_all(&record[..record.len() - 3]).unwrap();
+    drop(file);
+    let reopened = open(dir.path(), ListKind::Deny);
+    assert_eq!(reopened.len(), 3);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), intact);
+    // Appends continue after the cut, and replay again.
+    change(&reopened, Change::Remove(vec![net("192.0.2.1/32")]))
+        .await
+        .unwrap();
+    reopened.close();
+    assert_eq!(open(dir.path(), ListKind::Deny).len(), 2);
+}
+
+#[tokio::test]
+async fn corruption_before_the_tail_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    for i in 1..=3 {
+        change(
+            &store,
+            Change::Add(vec![entry(&format!("192.0.2.{i}/32"), None, None)]),
+        )
+        .await
+        .unwrap();
+    }
+    store.close();
+    let path = dir.path().join("deny.journal.0");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[14] ^= 0x01; // inside the first record's payload
+    std::fs::write(&path, &bytes).unwrap();
+    let err = ListStore::open(dir.path(), ListKind::Deny, StoreOptions::new(1 << 20))
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("deny.journal.0"), "{err}");
+    // A damaged snapshot refuses too.
+    std::fs::write(
+        dir.path().join("deny.snapshot"),
+        b"GKSNAP\x00\x01garbage!!!!!!!",
+    )
+    .unwrap();
+    let err = ListStore::open(dir.path(), ListKind::Deny, StoreOptions::new(1 << 20))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("deny.snapshot"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_folds_journals_into_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ListStore::open(dir.path(), ListKind::Deny, StoreOptions::new(1)).unwrap();
+    let mut expected = BTreeMap::new();
+    for i in 0..200u32 {
+        let p = format!("10.0.{}.{}/32", i / 256, i % 256);
+        let pending = change(&store, Change::Add(vec![entry(&p, Some("x"), None)]))
+            .await
+            .unwrap();
+        expected.insert(net(&p), ());
+        if i % 3 == 0 {
+            change(&store, Change::Remove(pending.added.clone()))
+                .await
+                .unwrap();
+            expected.remove(&net(&p));
+        }
+    }
+    // Let the last compaction finish.
+    for _ in 0..500 {
+        if !store.state().compacting {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let live = entries(&store);
+    store.close();
+    assert!(dir.path().join("deny.snapshot").exists());
+    let journals = journal_files(dir.path());
+    assert!(journals.len() <= 2, "old journals kept: {journals:?}");
+    let reopened = open(dir.path(), ListKind::Deny);
+    assert_eq!(entries(&reopened), live);
+    assert_eq!(
+        live.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn format_1_json_is_migrated_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("deny.json"),
+        r#"{"version":1,"entries":[{"prefix":"192.0.2.0/24","reason":"SBL1","added":5},{"prefix":"2001:db8::1/128","added":6,"expires":99}]}"#,
+    )
+    .unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    let got = entries(&store);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[&net("192.0.2.0/24")].reason.as_deref(), Some("SBL1"));
+    assert_eq!(got[&net("2001:db8::1/128")].expires, Some(99));
+    assert!(!dir.path().join("deny.json").exists());
+    assert!(dir.path().join("deny.snapshot").exists());
+    change(&store, Change::Remove(vec![net("192.0.2.0/24")]))
+        .await
+        .unwrap();
+    store.close();
+    assert_eq!(open(dir.path(), ListKind::Deny).len(), 1);
+
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(
+        other.path().join("allow.json"),
+        "{\"version\":1,\"entries\":[{\"pre",
+    )
+    .unwrap();
+    let err = ListStore::open(other.path(), ListKind::Allow, StoreOptions::new(1 << 20))
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    std::fs::write(
+        other.path().join("allow.json"),
+        r#"{"version":9,"entries":[]}"#,
+    )
+    .unwrap();
+    let err = ListStore::open(other.path(), ListKind::Allow, StoreOptions::new(1 << 20))
+        .err()
+        .unwrap();
+    assert!(matches!(err, StoreError::Version { found: 9, .. }), "{err}");
+}
+
+/// An fsync hook that counts calls and holds the first until released.
+struct GatedFsync {
+    calls: AtomicUsize,
+    open: (Mutex<bool>, Condvar),
+}
+
+impl GatedFsync {
+    fn options(self: &Arc<Self>) -> StoreOptions {
+        let hook = self.clone();
+        StoreOptions {
+            compact_bytes: 1 << 30,
+            fsync: Arc::new(move |file: &File| {
+                if hook.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let (lock, cvar) = &hook.open;
+                    let mut open = lock.lock().unwrap();
+                    while !*open {
+                        open = cvar.wait(open).unwrap();
+                    }
+                }
+                file.sync_data()
+            }),
+        }
+    }
+
+    fn release(&self) {
+        *self.open.0.lock().unwrap() = true;
+        self.open.1.notify_all();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_fsync_acknowledges_many_concurrent_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(GatedFsync {
+        calls: AtomicUsize::new(0),
+        open: (Mutex::new(false), Condvar::new()),
+    });
+    let store = ListStore::open(dir.path(), ListKind::Deny, gate.options()).unwrap();
+    // The first change puts the committer inside its first fsync...
+    let first = store
+        .apply(Change::Add(vec![entry("192.0.2.1/32", None, None)]), ROOMY)
+        .unwrap();
+    while gate.calls.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // ...while 100 clients change the list concurrently and wait.
+    let applied = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..100u32)
+        .map(|i| {
+            let (store, applied) = (store.clone(), applied.clone());
+            tokio::spawn(async move {
+                let p = entry(&format!("10.1.{}.{}/32", i / 256, i % 256), None, None);
+                let pending = store.apply(Change::Add(vec![p]), ROOMY).unwrap();
+                applied.fetch_add(1, Ordering::SeqCst);
+                store.durable(&pending).await
+            })
+        })
+        .collect();
+    while applied.load(Ordering::SeqCst) < 100 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    gate.release();
+    store.durable(&first).await.unwrap();
+    for client in clients {
+        client.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        gate.calls.load(Ordering::SeqCst),
+        2,
+        "one fsync for the first change, one for the hundred after it"
+    );
+    store.close();
+    assert_eq!(open(dir.path(), ListKind::Deny).len(), 101);
+}
+
+#[tokio::test]
+async fn failed_fsync_undoes_and_refuses_further_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    change(&store, Change::Add(vec![entry("192.0.2.1/32", None, None)]))
+        .await
+        .unwrap();
+    store.close();
+    let options = StoreOptions {
+        compact_bytes: 1 << 30,
+        fsync: Arc::new(|_: &File| Err(std::io::Error::other("disk on fire"))),
+    };
+    let store = ListStore::open(dir.path(), ListKind::Deny, options).unwrap();
+    let err = change(&store, Change::Add(vec![entry("192.0.2.2/32", None, None)]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("disk on fire"), "{err}");
+    assert_eq!(
+        entries(&store).keys().collect::<Vec<_>>(),
+        [&net("192.0.2.1/32")],
+        "the unacknowledged change is undone in memory"
+    );
+    assert!(!store.covers("192.0.2.2".parse().unwrap(), 0));
+    let err = store
+        .apply(Change::Remove(vec![net("192.0.2.1/32")]), ROOMY)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("refused until gatekeeper is restarted"),
+        "{err}"
+    );
+    assert_eq!(store.len(), 1);
+}
+
+#[tokio::test]
+async fn covers_probes_live_entries_of_every_length_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    change(
+        &store,
+        Change::Add(vec![
+            entry("10.0.0.0/8", None, None),
+            entry("192.0.2.7/32", None, None),
+            entry("198.51.100.0/24", None, Some(1000)),
+            entry("2001:db8::/32", None, None),
+        ]),
+    )
+    .await
+    .unwrap();
+    let covers = |ip: &str, now| store.covers(ip.parse().unwrap(), now);
+    assert!(covers("10.200.3.4", 0));
+    assert!(covers("192.0.2.7", 0));
+    assert!(!covers("192.0.2.8", 0));
+    assert!(covers("198.51.100.9", 999));
+    assert!(
+        !covers("198.51.100.9", 1000),
+        "expired entries cover nothing"
+    );
+    assert!(covers("2001:db8:1::5", 0));
+    assert!(!covers("2001:db9::5", 0));
+    assert!(!covers("11.0.0.1", 0));
+}
