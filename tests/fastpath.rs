@@ -600,10 +600,19 @@ fn unwalkable_packets_are_judged_on_their_source_alone() {
     let mut lab = client_lab("unwalk");
     lab.start_daemon("").unwrap();
     let gk = lab.daemon();
-    ok(gk.cli(&["deny", "add", "192.0.2.2", "2001:db8:1::2", "198.51.100.0/24"]));
+    ok(gk.cli(&[
+        "deny",
+        "add",
+        "192.0.2.2",
+        "2001:db8:1::2",
+        "198.51.100.0/24",
+    ]));
     ok(gk.cli(&["allow", "add", "198.51.100.9"]));
     let client = lab.peer("client");
-    let (dst, src) = (lab.edge.mac_of("gk0").unwrap(), client.mac_of("eth0").unwrap());
+    let (dst, src) = (
+        lab.edge.mac_of("gk0").unwrap(),
+        client.mac_of("eth0").unwrap(),
+    );
     // An Ethernet header alone counts as unparsable: sent last, it shows the others were seen.
     let marker = frames::malformed(dst, src).remove(0);
 
@@ -637,13 +646,28 @@ fn unwalkable_packets_are_judged_on_their_source_alone() {
     let cases: Vec<(Vec<u8>, u64, u64, &str)> = vec![
         (later([192, 0, 2, 2]), 1, 1, "IPv4 later fragment, listed"),
         (later([192, 0, 2, 3]), 1, 0, "IPv4 later fragment, clean"),
-        (later([198, 51, 100, 7]), 1, 1, "IPv4 later fragment, in a listed /24"),
-        (later([198, 51, 100, 9]), 1, 0, "IPv4 later fragment, allowlisted"),
+        (
+            later([198, 51, 100, 7]),
+            1,
+            1,
+            "IPv4 later fragment, in a listed /24",
+        ),
+        (
+            later([198, 51, 100, 9]),
+            1,
+            0,
+            "IPv4 later fragment, allowlisted",
+        ),
         (v4_first, 1, 1, "IPv4 first fragment with 8 TCP octets"),
         (v4_protocol(50), 1, 1, "IPv4 ESP"),
         (v4_protocol(47), 1, 1, "IPv4 GRE"),
         (v4_protocol(17), 0, 0, "IPv4 UDP"),
-        (listed_v6(vec![60; 7]), 1, 1, "IPv6 behind 7 destination options"),
+        (
+            listed_v6(vec![60; 7]),
+            1,
+            1,
+            "IPv6 behind 7 destination options",
+        ),
         (
             v6("2001:db8:1::3", vec![60; 7]).frame(dst, src),
             1,
@@ -656,10 +680,20 @@ fn unwalkable_packets_are_judged_on_their_source_alone() {
         (listed_v6(vec![50]), 1, 1, "IPv6 ESP"),
         (listed_v6(vec![135]), 1, 1, "IPv6 mobility header"),
         (listed_v6(vec![253]), 1, 1, "IPv6 experimental next header"),
-        (listed_v6(vec![60, 44, 50]), 1, 1, "IPv6 ESP in a first fragment"),
+        (
+            listed_v6(vec![60, 44, 50]),
+            1,
+            1,
+            "IPv6 ESP in a first fragment",
+        ),
         (listed_v6(vec![59]), 0, 0, "IPv6 no next header"),
         (listed_v6(vec![17]), 0, 0, "IPv6 UDP"),
-        (listed_v6(vec![60, 58]), 0, 0, "IPv6 ICMPv6 behind destination options"),
+        (
+            listed_v6(vec![60, 58]),
+            0,
+            0,
+            "IPv6 ICMPv6 behind destination options",
+        ),
     ];
     for (frame, judged, dropped, what) in cases {
         let before = Judged::read(gk);
@@ -667,7 +701,11 @@ fn unwalkable_packets_are_judged_on_their_source_alone() {
         let after = Judged::wait_until(gk, |now| {
             now.unparsable > before.unparsable && now.unwalkable >= before.unwalkable + judged
         });
-        assert_eq!(after.unwalkable - before.unwalkable, judged, "{what}: judged");
+        assert_eq!(
+            after.unwalkable - before.unwalkable,
+            judged,
+            "{what}: judged"
+        );
         assert_eq!(
             after.dropped_unwalkable - before.dropped_unwalkable,
             dropped,
@@ -680,32 +718,36 @@ fn unwalkable_packets_are_judged_on_their_source_alone() {
     }
 }
 
+/// Destination and source MAC addresses of a frame.
+type Macs = ([u8; 6], [u8; 6]);
+
 /// A SYN split so that XDP cannot walk to its TCP header, as real frames
 /// with valid checksums that the edge's kernel reassembles and answers.
 struct SplitSyn {
     what: &'static str,
     ipv6: bool,
-    frames: fn(source: IpAddr, source_port: u16, dst: [u8; 6], src: [u8; 6]) -> Vec<Vec<u8>>,
+    frames: fn(source: SocketAddr, macs: Macs) -> Vec<Vec<u8>>,
 }
 
-fn ipv4_syn(source: IpAddr, source_port: u16, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    let IpAddr::V4(source) = source else {
+fn ipv4_syn(source: SocketAddr, (dst, src): Macs) -> Vec<u8> {
+    let IpAddr::V4(addr) = source.ip() else {
         panic!("IPv4 case with {source}")
     };
     let syn = frames::Ipv4Syn {
-        source: source.octets(),
-        source_port,
+        source: addr.octets(),
+        source_port: source.port(),
         ..Default::default()
     };
     frames::with_ipv4_tcp_checksums(syn.frame(dst, src))
 }
 
-fn ipv6_syn(source: IpAddr, ext_headers: Vec<u8>, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    let IpAddr::V6(source) = source else {
+/// The IPv6 builder's SYNs always come from port [`IPV6_SYN_SOURCE_PORT`].
+fn ipv6_syn(source: SocketAddr, ext_headers: Vec<u8>, (dst, src): Macs) -> Vec<u8> {
+    let IpAddr::V6(addr) = source.ip() else {
         panic!("IPv6 case with {source}")
     };
     let syn = frames::Ipv6Syn {
-        source,
+        source: addr,
         ext_headers,
         first_fragment: false,
         vlan_tags: 0,
@@ -713,24 +755,22 @@ fn ipv6_syn(source: IpAddr, ext_headers: Vec<u8>, dst: [u8; 6], src: [u8; 6]) ->
     frames::with_ipv6_tcp_checksum(syn.frame(dst, src))
 }
 
-/// Source port of the IPv6 builder's SYNs.
 const IPV6_SYN_SOURCE_PORT: u16 = 40000;
 
 const SPLIT_SYNS: [SplitSyn; 4] = [
     SplitSyn {
         what: "IPv4 SYN in two fragments, the first with 8 TCP octets",
         ipv6: false,
-        frames: |source, port, dst, src| {
-            let id = port;
-            frames::ipv4_fragments(&ipv4_syn(source, port, dst, src), 8, id).to_vec()
+        frames: |source, macs| {
+            frames::ipv4_fragments(&ipv4_syn(source, macs), 8, source.port()).to_vec()
         },
     },
     SplitSyn {
         what: "the same, the first fragment padded with a non-SYN past its IP length",
         ipv6: false,
-        frames: |source, port, dst, src| {
+        frames: |source, macs| {
             let [mut first, second] =
-                frames::ipv4_fragments(&ipv4_syn(source, port, dst, src), 8, port);
+                frames::ipv4_fragments(&ipv4_syn(source, macs), 8, source.port());
             first.extend_from_slice(&[0; 12]);
             vec![first, second]
         },
@@ -738,17 +778,13 @@ const SPLIT_SYNS: [SplitSyn; 4] = [
     SplitSyn {
         what: "IPv6 SYN behind 7 destination options headers",
         ipv6: true,
-        frames: |source, _, dst, src| vec![ipv6_syn(source, vec![60; 7], dst, src)],
+        frames: |source, macs| vec![ipv6_syn(source, vec![60; 7], macs)],
     },
     SplitSyn {
         what: "IPv6 SYN in two fragments, the first ending inside the header chain",
         ipv6: true,
-        frames: |source, _, dst, src| {
-            let id = u32::from_be_bytes(match source {
-                IpAddr::V6(a) => a.octets()[12..16].try_into().unwrap(),
-                IpAddr::V4(_) => unreachable!(),
-            });
-            frames::ipv6_fragments(&ipv6_syn(source, vec![60, 60], dst, src), 8, id).to_vec()
+        frames: |source, macs| {
+            frames::ipv6_fragments(&ipv6_syn(source, vec![60, 60], macs), 8, 7).to_vec()
         },
     },
 ];
@@ -765,7 +801,10 @@ fn split_syns_from_a_listed_source_get_no_syn_ack() {
     let gk = lab.daemon();
     ok(gk.cli(&["deny", "add", "192.0.2.2", "2001:db8:1::2"]));
     let client = lab.peer("client");
-    let (dst, src) = (lab.edge.mac_of("gk0").unwrap(), client.mac_of("eth0").unwrap());
+    let macs = (
+        lab.edge.mac_of("gk0").unwrap(),
+        client.mac_of("eth0").unwrap(),
+    );
     for (i, case) in SPLIT_SYNS.iter().enumerate() {
         let (listed, clean): (IpAddr, IpAddr) = if case.ipv6 {
             (
@@ -781,9 +820,9 @@ fn split_syns_from_a_listed_source_get_no_syn_ack() {
         } else {
             IPV6_SYN_SOURCE_PORT
         };
-        let listed_frames = (case.frames)(listed, port, dst, src);
-        let clean_frames = (case.frames)(clean, port, dst, src);
         let (listed_to, clean_to) = (SocketAddr::new(listed, port), SocketAddr::new(clean, port));
+        let listed_frames = (case.frames)(listed_to, macs);
+        let clean_frames = (case.frames)(clean_to, macs);
 
         let capture = RawReceiver::open(client, "eth0").unwrap();
         let before = Judged::read(gk);
@@ -805,7 +844,11 @@ fn split_syns_from_a_listed_source_get_no_syn_ack() {
         // The listed SYN went out first: its answer would not lag far behind.
         let margin = (sent.elapsed() * 4).max(Duration::from_secs(2));
         capture.wait_for(margin, &mut watch);
-        assert!(!listed_answered, "{}: the listed source got a SYN-ACK", case.what);
+        assert!(
+            !listed_answered,
+            "{}: the listed source got a SYN-ACK",
+            case.what
+        );
 
         let expected = listed_frames.len() as u64;
         let after = Judged::wait_until(gk, |now| {

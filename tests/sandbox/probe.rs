@@ -94,13 +94,8 @@ impl PacketSocket {
     fn open_for(interface: &str, protocol: u16) -> Result<PacketSocket> {
         let index = nix::net::if_::if_nametoindex(interface)? as i32;
         // SAFETY: plain socket(2) call; the fd is owned by OwnedFd below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW,
-                i32::from(protocol.to_be()),
-            )
-        };
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol.to_be())) };
         anyhow::ensure!(
             fd >= 0,
             "AF_PACKET socket: {}",
@@ -159,7 +154,8 @@ pub struct RawReceiver(PacketSocket);
 impl RawReceiver {
     pub fn open(ns: &Netns, interface: &str) -> Result<RawReceiver> {
         let interface = interface.to_owned();
-        let socket = ns.run(move || PacketSocket::open_for(&interface, libc::ETH_P_ALL as u16))??;
+        let socket =
+            ns.run(move || PacketSocket::open_for(&interface, libc::ETH_P_ALL as u16))??;
         // SAFETY: zeroed sockaddr_ll is valid; we fill the fields bind needs.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
