@@ -2,11 +2,15 @@
 //! listed sources really die in the kernel, everything else really passes.
 
 use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use sandbox::daemon::ok;
 use sandbox::frames;
 use sandbox::lab::{Lab, PeerSpec};
-use sandbox::probe::{connect_from, listen, outcome, send_raw_frames, Outcome};
+use sandbox::probe::{
+    connect_from, is_syn_ack_to, listen, outcome, send_raw_frames, Outcome, RawReceiver,
+};
 use sandbox::require_kernel_privileges;
 
 /// Addresses one address family's scenario needs.
@@ -542,4 +546,330 @@ fn covering_longer_and_expiring_prefixes_keep_their_meaning() {
         Outcome::Connected,
         "expired /24"
     );
+}
+
+/// Counters an unwalkable packet may move, read in one `stats` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Judged {
+    unwalkable: u64,
+    dropped_unwalkable: u64,
+    protected_syns: u64,
+    unparsable: u64,
+}
+
+impl Judged {
+    fn read(gk: &sandbox::Daemon) -> Judged {
+        let stats = gk.stats();
+        let get = |name: &str| {
+            stats[name]
+                .as_u64()
+                .unwrap_or_else(|| panic!("stats has no counter {name}"))
+        };
+        Judged {
+            unwalkable: get("unwalkable"),
+            dropped_unwalkable: get("dropped_unwalkable"),
+            protected_syns: get("protected_syns"),
+            unparsable: get("unparsable"),
+        }
+    }
+
+    /// Polls until `done` holds; the caller's assertions then check exact values.
+    fn wait_until(gk: &sandbox::Daemon, done: impl Fn(&Judged) -> bool) -> Judged {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let now = Judged::read(gk);
+            if done(&now) || Instant::now() > deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// How long to wait for something that must happen (returns as soon as it does).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Packets whose TCP header the walk cannot reach: each is judged on its
+/// source alone and counted in `unwalkable` (and `dropped_unwalkable` when
+/// dropped), never in `protected_syns`; terminal protocols stay ignored.
+#[test]
+fn unwalkable_packets_are_judged_on_their_source_alone() {
+    if !require_kernel_privileges("unwalkable_packets_are_judged_on_their_source_alone") {
+        return;
+    }
+    let mut lab = client_lab("unwalk");
+    lab.start_daemon("").unwrap();
+    let gk = lab.daemon();
+    ok(gk.cli(&[
+        "deny",
+        "add",
+        "192.0.2.2",
+        "2001:db8:1::2",
+        "198.51.100.0/24",
+    ]));
+    ok(gk.cli(&["allow", "add", "198.51.100.9"]));
+    let client = lab.peer("client");
+    let (dst, src) = (
+        lab.edge.mac_of("gk0").unwrap(),
+        client.mac_of("eth0").unwrap(),
+    );
+    // An Ethernet header alone counts as unparsable: sent last, it shows the others were seen.
+    let marker = frames::malformed(dst, src).remove(0);
+
+    let v4 = |source: [u8; 4]| frames::Ipv4Syn {
+        source,
+        ..Default::default()
+    };
+    let v4_protocol = |protocol: u8| {
+        let mut f = v4([192, 0, 2, 2]).frame(dst, src);
+        f[14 + 9] = protocol;
+        f
+    };
+    let v6 = |source: &str, ext_headers: Vec<u8>| frames::Ipv6Syn {
+        source: source.parse().unwrap(),
+        ext_headers,
+        first_fragment: false,
+        vlan_tags: 0,
+    };
+    let listed_v6 = |ext_headers: Vec<u8>| v6("2001:db8:1::2", ext_headers).frame(dst, src);
+    let [v4_first, _] = frames::ipv4_fragments(&v4([192, 0, 2, 2]).frame(dst, src), 8, 1);
+    let [v6_first, v6_later] = frames::ipv6_fragments(&listed_v6(vec![]), 8, 2);
+    let [_, v6_later_udp] = frames::ipv6_fragments(&listed_v6(vec![17]), 8, 3);
+    let later = |source: [u8; 4]| {
+        frames::Ipv4Syn {
+            fragment_offset: 185,
+            ..v4(source)
+        }
+        .frame(dst, src)
+    };
+    // (frame, judged on source, dropped, what)
+    let cases: Vec<(Vec<u8>, u64, u64, &str)> = vec![
+        (later([192, 0, 2, 2]), 1, 1, "IPv4 later fragment, listed"),
+        (later([192, 0, 2, 3]), 1, 0, "IPv4 later fragment, clean"),
+        (
+            later([198, 51, 100, 7]),
+            1,
+            1,
+            "IPv4 later fragment, in a listed /24",
+        ),
+        (
+            later([198, 51, 100, 9]),
+            1,
+            0,
+            "IPv4 later fragment, allowlisted",
+        ),
+        (v4_first, 1, 1, "IPv4 first fragment with 8 TCP octets"),
+        (v4_protocol(50), 1, 1, "IPv4 ESP"),
+        (v4_protocol(47), 1, 1, "IPv4 GRE"),
+        (v4_protocol(17), 0, 0, "IPv4 UDP"),
+        (
+            listed_v6(vec![60; 7]),
+            1,
+            1,
+            "IPv6 behind 7 destination options",
+        ),
+        (
+            v6("2001:db8:1::3", vec![60; 7]).frame(dst, src),
+            1,
+            0,
+            "IPv6 behind 7 destination options, clean",
+        ),
+        (v6_first, 1, 1, "IPv6 first fragment with 8 TCP octets"),
+        (v6_later, 1, 1, "IPv6 later fragment of TCP"),
+        (v6_later_udp, 0, 0, "IPv6 later fragment of UDP"),
+        (listed_v6(vec![50]), 1, 1, "IPv6 ESP"),
+        (listed_v6(vec![135]), 1, 1, "IPv6 mobility header"),
+        (listed_v6(vec![253]), 1, 1, "IPv6 experimental next header"),
+        (
+            listed_v6(vec![60, 44, 50]),
+            1,
+            1,
+            "IPv6 ESP in a first fragment",
+        ),
+        (listed_v6(vec![59]), 0, 0, "IPv6 no next header"),
+        (listed_v6(vec![17]), 0, 0, "IPv6 UDP"),
+        (
+            listed_v6(vec![60, 58]),
+            0,
+            0,
+            "IPv6 ICMPv6 behind destination options",
+        ),
+    ];
+    for (frame, judged, dropped, what) in cases {
+        let before = Judged::read(gk);
+        send_raw_frames(client, "eth0", &[frame, marker.clone()]).unwrap();
+        let after = Judged::wait_until(gk, |now| {
+            now.unparsable > before.unparsable && now.unwalkable >= before.unwalkable + judged
+        });
+        assert_eq!(
+            after.unwalkable - before.unwalkable,
+            judged,
+            "{what}: judged"
+        );
+        assert_eq!(
+            after.dropped_unwalkable - before.dropped_unwalkable,
+            dropped,
+            "{what}: dropped"
+        );
+        assert_eq!(
+            after.protected_syns, before.protected_syns,
+            "{what}: not a protected SYN"
+        );
+    }
+}
+
+/// Destination and source MAC addresses of a frame.
+type Macs = ([u8; 6], [u8; 6]);
+
+/// A SYN split so that XDP cannot walk to its TCP header, as real frames
+/// with valid checksums that the edge's kernel reassembles and answers.
+struct SplitSyn {
+    what: &'static str,
+    ipv6: bool,
+    frames: fn(source: SocketAddr, macs: Macs) -> Vec<Vec<u8>>,
+}
+
+fn ipv4_syn(source: SocketAddr, (dst, src): Macs) -> Vec<u8> {
+    let IpAddr::V4(addr) = source.ip() else {
+        panic!("IPv4 case with {source}")
+    };
+    let syn = frames::Ipv4Syn {
+        source: addr.octets(),
+        source_port: source.port(),
+        ..Default::default()
+    };
+    frames::with_ipv4_tcp_checksums(syn.frame(dst, src))
+}
+
+/// The IPv6 builder's SYNs always come from port [`IPV6_SYN_SOURCE_PORT`].
+fn ipv6_syn(source: SocketAddr, ext_headers: Vec<u8>, (dst, src): Macs) -> Vec<u8> {
+    let IpAddr::V6(addr) = source.ip() else {
+        panic!("IPv6 case with {source}")
+    };
+    let syn = frames::Ipv6Syn {
+        source: addr,
+        ext_headers,
+        first_fragment: false,
+        vlan_tags: 0,
+    };
+    frames::with_ipv6_tcp_checksum(syn.frame(dst, src))
+}
+
+const IPV6_SYN_SOURCE_PORT: u16 = 40000;
+
+const SPLIT_SYNS: [SplitSyn; 4] = [
+    SplitSyn {
+        what: "IPv4 SYN in two fragments, the first with 8 TCP octets",
+        ipv6: false,
+        frames: |source, macs| {
+            frames::ipv4_fragments(&ipv4_syn(source, macs), 8, source.port()).to_vec()
+        },
+    },
+    SplitSyn {
+        what: "the same, the first fragment padded with a non-SYN past its IP length",
+        ipv6: false,
+        frames: |source, macs| {
+            let [mut first, second] =
+                frames::ipv4_fragments(&ipv4_syn(source, macs), 8, source.port());
+            first.extend_from_slice(&[0; 12]);
+            vec![first, second]
+        },
+    },
+    SplitSyn {
+        what: "IPv6 SYN behind 7 destination options headers",
+        ipv6: true,
+        frames: |source, macs| vec![ipv6_syn(source, vec![60; 7], macs)],
+    },
+    SplitSyn {
+        what: "IPv6 SYN in two fragments, the first ending inside the header chain",
+        ipv6: true,
+        frames: |source, macs| {
+            frames::ipv6_fragments(&ipv6_syn(source, vec![60, 60], macs), 8, 7).to_vec()
+        },
+    },
+];
+
+/// End to end: the edge's kernel reassembles or walks what XDP cannot, so a
+/// listed source must be stopped in XDP; the same frames from a clean
+/// source get their SYN-ACK, which proves them valid.
+#[test]
+fn split_syns_from_a_listed_source_get_no_syn_ack() {
+    if !require_kernel_privileges("split_syns_from_a_listed_source_get_no_syn_ack") {
+        return;
+    }
+    let lab = serving_lab("splitsyn");
+    let gk = lab.daemon();
+    ok(gk.cli(&["deny", "add", "192.0.2.2", "2001:db8:1::2"]));
+    let client = lab.peer("client");
+    let macs = (
+        lab.edge.mac_of("gk0").unwrap(),
+        client.mac_of("eth0").unwrap(),
+    );
+    for (i, case) in SPLIT_SYNS.iter().enumerate() {
+        let (listed, clean): (IpAddr, IpAddr) = if case.ipv6 {
+            (
+                "2001:db8:1::2".parse::<Ipv6Addr>().unwrap().into(),
+                "2001:db8:1::3".parse::<Ipv6Addr>().unwrap().into(),
+            )
+        } else {
+            ([192, 0, 2, 2].into(), [192, 0, 2, 3].into())
+        };
+        // IPv4 SYNs get a fresh port per case; IPv6 ones keep the builder's.
+        let port = if listed.is_ipv4() {
+            41000 + i as u16
+        } else {
+            IPV6_SYN_SOURCE_PORT
+        };
+        let (listed_to, clean_to) = (SocketAddr::new(listed, port), SocketAddr::new(clean, port));
+        let listed_frames = (case.frames)(listed_to, macs);
+        let clean_frames = (case.frames)(clean_to, macs);
+
+        let capture = RawReceiver::open(client, "eth0").unwrap();
+        let before = Judged::read(gk);
+        let mut all = listed_frames.clone();
+        all.extend(clean_frames.iter().cloned());
+        send_raw_frames(client, "eth0", &all).unwrap();
+        let sent = Instant::now();
+        let mut listed_answered = false;
+        let mut watch = |frame: &[u8]| {
+            listed_answered |= is_syn_ack_to(frame, 25, listed_to);
+            is_syn_ack_to(frame, 25, clean_to)
+        };
+        // The positive control first: a slow machine cannot pass by being slow.
+        assert!(
+            capture.wait_for(PATIENCE, &mut watch),
+            "{}: no SYN-ACK for the clean source, so the frames are not valid",
+            case.what
+        );
+        // The listed SYN went out first: its answer would not lag far behind.
+        let margin = (sent.elapsed() * 4).max(Duration::from_secs(2));
+        capture.wait_for(margin, &mut watch);
+        assert!(
+            !listed_answered,
+            "{}: the listed source got a SYN-ACK",
+            case.what
+        );
+
+        let expected = listed_frames.len() as u64;
+        let after = Judged::wait_until(gk, |now| {
+            now.dropped_unwalkable >= before.dropped_unwalkable + expected
+        });
+        assert_eq!(
+            after.dropped_unwalkable - before.dropped_unwalkable,
+            expected,
+            "{}: every frame of the listed SYN dropped",
+            case.what
+        );
+        assert_eq!(
+            after.unwalkable - before.unwalkable,
+            expected + clean_frames.len() as u64,
+            "{}: every frame judged on its source",
+            case.what
+        );
+        assert_eq!(
+            after.protected_syns, before.protected_syns,
+            "{}: not counted as protected SYNs",
+            case.what
+        );
+    }
 }

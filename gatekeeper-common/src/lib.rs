@@ -109,7 +109,10 @@ impl PrefixValue {
 /// Every packet the program sees bumps `Packets`; every protected SYN
 /// (TCP SYN without ACK to a protected port) bumps exactly one of the
 /// verdict counters below. `ProtectedSyns` is their sum, computed in
-/// userspace so the fast path saves an increment.
+/// userspace so the fast path saves an increment. Packets judged on the
+/// source alone (`Unwalkable`) are not known to be protected SYNs and are
+/// kept out of that sum: they count in `Unwalkable` and, when dropped, in
+/// `DroppedUnwalkable` too.
 ///
 /// The allowlist is consulted only for a source a drop entry matches, so
 /// `PassedAllow` counts SYNs the allowlist saved from a drop.
@@ -123,14 +126,20 @@ pub enum Counter {
     PassedAllow = 3,
     /// Protected SYN from a source no drop entry matches.
     Passed = 4,
-    /// Frame the parser could not walk (truncated, bad IHL, too many extension headers).
+    /// Frame the parser gave up on and the kernel discards too (truncated, bad IHL, bad version).
     Unparsable = 5,
     /// Protected SYN from a client with a live DNSBL verdict in the kernel.
     DroppedDnsbl = 6,
+    /// Packet that could be or complete into a TCP SYN but whose TCP header
+    /// the parser cannot reach (a fragment, an IPv6 chain too long or of a
+    /// kind not walked): judged on its source alone.
+    Unwalkable = 7,
+    /// `Unwalkable` packet dropped because its source is listed (deny or DNSBL, not allowlisted).
+    DroppedUnwalkable = 8,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Packets,
         Counter::ProtectedSyns,
@@ -139,6 +148,8 @@ impl Counter {
         Counter::Passed,
         Counter::Unparsable,
         Counter::DroppedDnsbl,
+        Counter::Unwalkable,
+        Counter::DroppedUnwalkable,
     ];
 
     /// Stable name used in `gatekeeper stats --json`.
@@ -151,6 +162,8 @@ impl Counter {
             Counter::Passed => "passed",
             Counter::Unparsable => "unparsable",
             Counter::DroppedDnsbl => "dropped_dnsbl",
+            Counter::Unwalkable => "unwalkable",
+            Counter::DroppedUnwalkable => "dropped_unwalkable",
         }
     }
 }

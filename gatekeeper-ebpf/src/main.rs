@@ -4,8 +4,11 @@
 //! dropped when a denylist entry (exact hash first, then the trie of shorter
 //! prefixes) or a DNSBL verdict matches it, unless the allowlist covers it;
 //! the allowlist is only consulted once a drop entry matched, so a clean
-//! SYN costs no allowlist lookup. Everything else, including frames that
-//! cannot be parsed, passes untouched.
+//! SYN costs no allowlist lookup. A packet that could be or complete into
+//! such a SYN but cannot be walked to its TCP header (a fragment, an IPv6
+//! chain too long or of a kind not walked) gets the same verdict on its
+//! source alone. Everything else, including frames that cannot be parsed,
+//! passes untouched.
 #![no_std]
 #![no_main]
 
@@ -67,13 +70,11 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 #[xdp]
 pub fn gatekeeper(ctx: XdpContext) -> u32 {
     count(Counter::Packets);
-    match headers::parse(&ctx) {
-        Parsed::Syn { source, dest_port } if is_protected(dest_port) => {
-            let (action, counter) = judge(&source);
-            count(counter);
-            action
-        }
-        Parsed::Syn { .. } | Parsed::Ignore => xdp_action::XDP_PASS,
+    // One judge() call site, so its lookups stay inlined in the fast path.
+    let (source, unwalkable) = match headers::parse(&ctx) {
+        Parsed::Syn { source, dest_port } if is_protected(dest_port) => (source, false),
+        Parsed::Unwalkable(source) => (source, true),
+        Parsed::Syn { .. } | Parsed::Ignore => return xdp_action::XDP_PASS,
         Parsed::Unparsable => {
             count(Counter::Unparsable);
             // Off unless the daemon raised AYA_LOG_LEVEL at load (debug logging).
@@ -82,9 +83,20 @@ pub fn gatekeeper(ctx: XdpContext) -> u32 {
                 "unparsable frame of {} bytes",
                 ctx.data_end() - ctx.data()
             );
-            xdp_action::XDP_PASS
+            return xdp_action::XDP_PASS;
+        }
+    };
+    let (action, counter) = judge(&source);
+    if !unwalkable {
+        count(counter);
+    } else {
+        // Not known to be a protected SYN, so kept out of the verdict counters.
+        count(Counter::Unwalkable);
+        if action == xdp_action::XDP_DROP {
+            count(Counter::DroppedUnwalkable);
         }
     }
+    action
 }
 
 /// Whether `addr`'s /24 block is marked in a per-/24 bitmap: an inlined array read.
@@ -113,6 +125,7 @@ fn judge(source: &Source) -> (u32, Counter) {
         Source::V4(addr) => {
             let key = Key::new(32, *addr);
             verdict(
+                #[inline(always)]
                 || {
                     block_marked(&DENY_V4_EXACT_HINT, addr) && live_ptr(DENY_V4_EXACT.get_ptr(addr))
                         || block_marked(&DENY_V4_COVER, addr)

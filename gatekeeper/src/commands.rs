@@ -280,12 +280,13 @@ fn stats(socket: &std::path::Path, json: bool) -> Result<()> {
 }
 
 fn print_stats(report: &StatsReport) {
+    // Wide enough for the longest counter name, `dropped_unwalkable`.
     for counter in gatekeeper_common::Counter::ALL {
         let value = report.counters.get(counter.name()).copied().unwrap_or(0);
-        println!("{:<16}{value}", counter.name());
+        println!("{:<20}{value}", counter.name());
     }
-    println!("{:<16}{}", "deny_entries", report.deny_entries);
-    println!("{:<16}{}", "allow_entries", report.allow_entries);
+    println!("{:<20}{}", "deny_entries", report.deny_entries);
+    println!("{:<20}{}", "allow_entries", report.allow_entries);
     let interfaces: Vec<String> = report
         .interfaces
         .iter()
@@ -299,8 +300,8 @@ fn print_stats(report: &StatsReport) {
             )
         })
         .collect();
-    println!("{:<16}{}", "interfaces", interfaces.join(", "));
-    println!("{:<16}{}s", "uptime", report.uptime_secs);
+    println!("{:<20}{}", "interfaces", interfaces.join(", "));
+    println!("{:<20}{}s", "uptime", report.uptime_secs);
     if let Some(smtp) = &report.smtp {
         let value = serde_json::to_value(smtp).unwrap_or_default();
         for (name, value) in value.as_object().into_iter().flatten() {

@@ -1,6 +1,7 @@
 //! Hand-built Ethernet frames for the parser: well-formed SYNs in unusual
-//! wrappings, and garbage. Checksums are left zero: XDP judges before any
-//! checksum is verified.
+//! wrappings, fragments, and garbage. Checksums are left zero (XDP judges
+//! before any checksum is verified) unless a `with_*_checksum` helper fills
+//! them in for frames the receiving stack must take as genuine.
 
 use std::net::Ipv6Addr;
 
@@ -26,9 +27,9 @@ fn tagged(dst: [u8; 6], src: [u8; 6], tags: u8, ethertype: u16) -> Vec<u8> {
     f
 }
 
-fn tcp_header(dest_port: u16, flags: u8) -> Vec<u8> {
+fn tcp_header(source_port: u16, dest_port: u16, flags: u8) -> Vec<u8> {
     let mut t = vec![0u8; 20];
-    t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    t[0..2].copy_from_slice(&source_port.to_be_bytes());
     t[2..4].copy_from_slice(&dest_port.to_be_bytes());
     t[12] = 5 << 4;
     t[13] = flags;
@@ -39,6 +40,7 @@ fn tcp_header(dest_port: u16, flags: u8) -> Vec<u8> {
 #[derive(Clone, Copy)]
 pub struct Ipv4Syn {
     pub source: [u8; 4],
+    pub source_port: u16,
     pub dest_port: u16,
     pub flags: u8,
     /// Extra 32-bit words of IP options (IHL = 5 + this).
@@ -52,6 +54,7 @@ impl Default for Ipv4Syn {
     fn default() -> Self {
         Ipv4Syn {
             source: [192, 0, 2, 2],
+            source_port: 40000,
             dest_port: 25,
             flags: 0x02,
             options_words: 0,
@@ -77,7 +80,7 @@ impl Ipv4Syn {
             *opt = 1; // NOP options
         }
         f.extend_from_slice(&ip);
-        f.extend_from_slice(&tcp_header(self.dest_port, self.flags));
+        f.extend_from_slice(&tcp_header(self.source_port, self.dest_port, self.flags));
         f
     }
 }
@@ -85,7 +88,8 @@ impl Ipv4Syn {
 #[derive(Clone)]
 pub struct Ipv6Syn {
     pub source: Ipv6Addr,
-    /// Next-header codes of 8-octet extension headers before TCP (0, 43, 60).
+    /// Next-header codes of 8-octet extension headers before TCP (0, 43, 60),
+    /// or of any other header the parser should meet (its 8 octets are zero but the next header).
     pub ext_headers: Vec<u8>,
     /// Append a fragment header for the first fragment (offset 0, more fragments).
     pub first_fragment: bool,
@@ -117,7 +121,7 @@ impl Ipv6Syn {
             }
             f.extend_from_slice(&ext);
         }
-        f.extend_from_slice(&tcp_header(25, 0x02));
+        f.extend_from_slice(&tcp_header(40000, 25, 0x02));
         f
     }
 }
@@ -167,14 +171,6 @@ pub fn malformed(dst: [u8; 6], src: [u8; 6]) -> Vec<Vec<u8>> {
     let mut f = ethernet(dst, src, 0x86dd);
     f.extend_from_slice(&[0x60; 20]);
     frames.push(f);
-    // IPv6 with more extension headers than the parser walks.
-    let long = Ipv6Syn {
-        source: "2001:db8:1::2".parse().unwrap(),
-        ext_headers: vec![60; 8],
-        first_fragment: false,
-        vlan_tags: 0,
-    };
-    frames.push(long.frame(dst, src));
     // Three VLAN tags.
     let mut f = ethernet(dst, src, 0x88a8);
     for next in [0x8100u16, 0x8100, 0x0800] {
@@ -196,19 +192,98 @@ pub fn with_ipv4_tcp_checksums(mut frame: Vec<u8>) -> Vec<u8> {
     let ip = 14;
     let ihl = usize::from(frame[ip] & 0x0f) * 4;
     let tcp = ip + ihl;
-    frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
-    let ip_sum = checksum(&frame[ip..tcp], 0);
-    frame[ip + 10..ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
-    frame[tcp + 16..tcp + 18].copy_from_slice(&[0, 0]);
+    set_ipv4_header_checksum(&mut frame);
     let segment_len = frame.len() - tcp;
-    let mut pseudo = 0u32;
-    for word in frame[ip + 12..ip + 20].chunks(2) {
-        pseudo += u32::from(u16::from_be_bytes([word[0], word[1]]));
-    }
+    let mut pseudo = sum_words(&frame[ip + 12..ip + 20]);
     pseudo += 6 + segment_len as u32;
-    let tcp_sum = checksum(&frame[tcp..], pseudo);
-    frame[tcp + 16..tcp + 18].copy_from_slice(&tcp_sum.to_be_bytes());
+    set_tcp_checksum(&mut frame[tcp..], pseudo);
     frame
+}
+
+/// Fills in the TCP checksum of an untagged IPv6 frame whose TCP header
+/// follows the IPv6 header or a chain of hop-by-hop, routing and destination options headers.
+pub fn with_ipv6_tcp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let ip = 14;
+    let (mut next, mut tcp) = (frame[ip + 6], ip + 40);
+    while matches!(next, 0 | 43 | 60) {
+        next = frame[tcp];
+        tcp += (usize::from(frame[tcp + 1]) + 1) * 8;
+    }
+    assert_eq!(next, 6, "no TCP header at the end of the chain");
+    let segment_len = frame.len() - tcp;
+    let mut pseudo = sum_words(&frame[ip + 8..ip + 40]);
+    pseudo += sum_words(&(segment_len as u32).to_be_bytes()) + 6;
+    set_tcp_checksum(&mut frame[tcp..], pseudo);
+    frame
+}
+
+/// An untagged, unfragmented IPv4 frame as two fragments: the first carries
+/// `first` octets of the IP payload (a multiple of 8), the second the rest.
+pub fn ipv4_fragments(frame: &[u8], first: usize, id: u16) -> [Vec<u8>; 2] {
+    assert_eq!(first % 8, 0, "fragment boundaries fall on 8 octets");
+    let ip = 14;
+    let ihl = usize::from(frame[ip] & 0x0f) * 4;
+    let (head, payload) = frame.split_at(ip + ihl);
+    let (part1, part2) = payload.split_at(first);
+    let fragment = |part: &[u8], offset_units: u16, more: bool| {
+        let mut f = head.to_vec();
+        f[ip + 2..ip + 4].copy_from_slice(&((ihl + part.len()) as u16).to_be_bytes());
+        f[ip + 4..ip + 6].copy_from_slice(&id.to_be_bytes());
+        let flags_offset = offset_units | if more { 0x2000 } else { 0 };
+        f[ip + 6..ip + 8].copy_from_slice(&flags_offset.to_be_bytes());
+        f.extend_from_slice(part);
+        set_ipv4_header_checksum(&mut f);
+        f
+    };
+    [
+        fragment(part1, 0, true),
+        fragment(part2, (first / 8) as u16, false),
+    ]
+}
+
+/// An untagged, unfragmented IPv6 frame as two fragments: everything after
+/// the IPv6 header is fragmentable, the first fragment carries `first`
+/// octets of it (a multiple of 8), the second the rest.
+pub fn ipv6_fragments(frame: &[u8], first: usize, id: u32) -> [Vec<u8>; 2] {
+    assert_eq!(first % 8, 0, "fragment boundaries fall on 8 octets");
+    let ip = 14;
+    let (head, payload) = frame.split_at(ip + 40);
+    let (part1, part2) = payload.split_at(first);
+    let fragment = |part: &[u8], offset: usize, more: bool| {
+        let mut f = head.to_vec();
+        f[ip + 4..ip + 6].copy_from_slice(&((8 + part.len()) as u16).to_be_bytes());
+        f[ip + 6] = 44;
+        let offset_more = (offset as u16) | u16::from(more);
+        f.extend_from_slice(&[head[ip + 6], 0]);
+        f.extend_from_slice(&offset_more.to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(part);
+        f
+    };
+    [fragment(part1, 0, true), fragment(part2, first, false)]
+}
+
+fn set_ipv4_header_checksum(frame: &mut [u8]) {
+    let ip = 14;
+    let ihl = usize::from(frame[ip] & 0x0f) * 4;
+    frame[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    let sum = checksum(&frame[ip..ip + ihl], 0);
+    frame[ip + 10..ip + 12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// `segment` runs from the TCP header to the end of the frame; `pseudo` is the pseudo-header sum.
+fn set_tcp_checksum(segment: &mut [u8], pseudo: u32) {
+    segment[16..18].copy_from_slice(&[0, 0]);
+    let sum = checksum(segment, pseudo);
+    segment[16..18].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// The sum of big-endian 16-bit words, not yet folded.
+fn sum_words(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum()
 }
 
 /// The Internet checksum (RFC 1071) of `bytes`, starting from `sum`.

@@ -79,17 +79,23 @@ pub fn listen(ns: &Netns, port: u16) -> Result<()> {
     Ok(())
 }
 
-/// An AF_PACKET socket bound for sending on one interface of the current namespace.
-struct RawSender {
+/// An AF_PACKET socket on one interface of the current namespace: for
+/// sending (`protocol` 0) or, bound to `ETH_P_ALL`, for receiving every frame.
+struct PacketSocket {
     fd: std::os::fd::OwnedFd,
     index: i32,
 }
 
-impl RawSender {
-    fn open(interface: &str) -> Result<RawSender> {
+impl PacketSocket {
+    fn open(interface: &str) -> Result<PacketSocket> {
+        Self::open_for(interface, 0)
+    }
+
+    fn open_for(interface: &str, protocol: u16) -> Result<PacketSocket> {
         let index = nix::net::if_::if_nametoindex(interface)? as i32;
         // SAFETY: plain socket(2) call; the fd is owned by OwnedFd below.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol.to_be())) };
         anyhow::ensure!(
             fd >= 0,
             "AF_PACKET socket: {}",
@@ -97,7 +103,7 @@ impl RawSender {
         );
         // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        Ok(RawSender { fd, index })
+        Ok(PacketSocket { fd, index })
     }
 
     /// Whether the whole frame went out.
@@ -132,7 +138,7 @@ pub fn send_raw_frames(ns: &Netns, interface: &str, frames: &[Vec<u8>]) -> Resul
     let interface = interface.to_owned();
     let frames = frames.to_vec();
     ns.run(move || -> Result<()> {
-        let sender = RawSender::open(&interface)?;
+        let sender = PacketSocket::open(&interface)?;
         for frame in &frames {
             sender
                 .send(frame)
@@ -140,4 +146,90 @@ pub fn send_raw_frames(ns: &Netns, interface: &str, frames: &[Vec<u8>]) -> Resul
         }
         Ok(())
     })?
+}
+
+/// Every frame arriving on one interface of a namespace, from the moment it is opened.
+pub struct RawReceiver(PacketSocket);
+
+impl RawReceiver {
+    pub fn open(ns: &Netns, interface: &str) -> Result<RawReceiver> {
+        let interface = interface.to_owned();
+        let socket =
+            ns.run(move || PacketSocket::open_for(&interface, libc::ETH_P_ALL as u16))??;
+        // SAFETY: zeroed sockaddr_ll is valid; we fill the fields bind needs.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        addr.sll_ifindex = socket.index;
+        // SAFETY: the address pointer is valid for the length given.
+        let bound = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&socket.fd),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        anyhow::ensure!(
+            bound == 0,
+            "binding AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(RawReceiver(socket))
+    }
+
+    /// Reads frames until `done` accepts one (true) or `patience` passes without (false).
+    pub fn wait_for(&self, patience: Duration, mut done: impl FnMut(&[u8]) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + patience;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut poll = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.0.fd),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let millis = left.as_millis().clamp(1, 1000) as i32;
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut poll, 1, millis) } <= 0 {
+                continue;
+            }
+            // SAFETY: the buffer is valid for its length; MSG_DONTWAIT never blocks.
+            let len = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.0.fd),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if len > 0 && done(&buf[..len as usize]) {
+                return true;
+            }
+        }
+    }
+}
+
+/// Whether `frame` (untagged Ethernet) is a TCP SYN-ACK from port `from_port` to `to`.
+pub fn is_syn_ack_to(frame: &[u8], from_port: u16, to: SocketAddr) -> bool {
+    let ethertype = frame.get(12..14).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let (tcp, dest) = match (ethertype, frame.get(14..)) {
+        (Some(0x0800), Some(ip)) if ip.len() >= 20 && ip[9] == 6 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let dest: [u8; 4] = ip[16..20].try_into().expect("4 octets");
+            (ip.get(ihl..), IpAddr::from(dest))
+        }
+        (Some(0x86dd), Some(ip)) if ip.len() >= 40 && ip[6] == 6 => {
+            let dest: [u8; 16] = ip[24..40].try_into().expect("16 octets");
+            (ip.get(40..), IpAddr::from(dest))
+        }
+        _ => return false,
+    };
+    matches!(tcp, Some(t) if t.len() >= 20
+        && u16::from_be_bytes([t[0], t[1]]) == from_port
+        && u16::from_be_bytes([t[2], t[3]]) == to.port()
+        && t[13] & 0x12 == 0x12)
+        && dest == to.ip()
 }

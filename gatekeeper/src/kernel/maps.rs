@@ -283,6 +283,7 @@ pub fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<CounterSnapshot>
             .with_context(|| format!("reading counter {}", counter.name()))?;
         snapshot.0[counter as usize] = per_cpu.iter().sum();
     }
+    // Unwalkable packets are not known to be protected SYNs: not part of the sum.
     snapshot.0[Counter::ProtectedSyns as usize] = [
         Counter::DroppedDeny,
         Counter::PassedAllow,
