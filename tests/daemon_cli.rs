@@ -34,6 +34,7 @@ fn listed(lab: &Lab, list: &str) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
     if !require_kernel_privileges("bad_input_is_refused") {
         return;
@@ -80,6 +81,7 @@ fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn import_reports_counts_and_keeps_reasons() {
     if !require_kernel_privileges("import_reports_counts_and_keeps_reasons") {
         return;
@@ -125,6 +127,7 @@ fn import_reports_counts_and_keeps_reasons() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn entries_survive_clean_restart_and_crash() {
     if !require_kernel_privileges("entries_survive_clean_restart_and_crash") {
         return;
@@ -198,6 +201,7 @@ fn entries_survive_clean_restart_and_crash() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn kill_9_during_import_leaves_old_or_new_list() {
     if !require_kernel_privileges("kill_9_during_import_leaves_old_or_new_list") {
         return;
@@ -380,6 +384,7 @@ fn run_refuses_bad_config_with_one_clear_line() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn kill_9_during_a_stream_of_changes_keeps_every_acknowledged_one() {
     if !require_kernel_privileges("kill_9_during_a_stream_of_changes") {
         return;
@@ -489,6 +494,7 @@ fn kill_9_during_a_stream_of_changes_keeps_every_acknowledged_one() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn format_1_list_files_are_migrated_on_start() {
     if !require_kernel_privileges("format_1_list_files_are_migrated_on_start") {
         return;

@@ -103,6 +103,7 @@ fn query_name(ip: &str, zone: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn zone_answers_weights_errors_and_health() {
     if !require_kernel_privileges("zone_answers_weights_errors_and_health") {
         return;
@@ -265,6 +266,7 @@ fn zone_answers_weights_errors_and_health() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn listed_client_refused_once_then_dropped_in_xdp_until_expiry() {
     if !require_kernel_privileges("listed_client_refused_once_then_dropped_in_xdp_until_expiry") {
         return;
@@ -361,6 +363,7 @@ fn listed_client_refused_once_then_dropped_in_xdp_until_expiry() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn silent_dnsbl_costs_one_timeout_for_many_clients() {
     if !require_kernel_privileges("silent_dnsbl_costs_one_timeout_for_many_clients") {
         return;
@@ -429,6 +432,7 @@ fn silent_dnsbl_costs_one_timeout_for_many_clients() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn verdict_cache_survives_restart() {
     if !require_kernel_privileges("verdict_cache_survives_restart") {
         return;

@@ -174,6 +174,7 @@ fn deny_allow_scenario(f: &Family) {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn ipv4_deny_allow_and_delete() {
     if require_kernel_privileges("ipv4_deny_allow_and_delete") {
         deny_allow_scenario(&V4);
@@ -181,6 +182,7 @@ fn ipv4_deny_allow_and_delete() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn ipv6_deny_allow_and_delete() {
     if require_kernel_privileges("ipv6_deny_allow_and_delete") {
         deny_allow_scenario(&V6);
@@ -188,6 +190,7 @@ fn ipv6_deny_allow_and_delete() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn vlan_tagged_frames_get_the_same_verdicts() {
     if !require_kernel_privileges("vlan_tagged_frames_get_the_same_verdicts") {
         return;
@@ -331,6 +334,7 @@ fn vlan_sub_interfaces_end_to_end(lab: &Lab) {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn established_connection_survives_a_later_deny() {
     if !require_kernel_privileges("established_connection_survives_a_later_deny") {
         return;
@@ -367,6 +371,7 @@ fn established_connection_survives_a_later_deny() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn malformed_frames_pass_are_counted_and_do_not_break_the_program() {
     if !require_kernel_privileges("malformed_frames_pass_are_counted") {
         return;
@@ -398,6 +403,7 @@ fn malformed_frames_pass_are_counted_and_do_not_break_the_program() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn crafted_syns_are_judged_through_ip_options_and_extension_headers() {
     if !require_kernel_privileges("crafted_syns_are_judged") {
         return;
@@ -499,6 +505,7 @@ fn crafted_syns_are_judged_through_ip_options_and_extension_headers() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn covering_longer_and_expiring_prefixes_keep_their_meaning() {
     if !require_kernel_privileges("covering_longer_and_expiring_prefixes_keep_their_meaning") {
         return;
@@ -593,6 +600,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// source alone and counted in `unwalkable` (and `dropped_unwalkable` when
 /// dropped), never in `protected_syns`; terminal protocols stay ignored.
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn unwalkable_packets_are_judged_on_their_source_alone() {
     if !require_kernel_privileges("unwalkable_packets_are_judged_on_their_source_alone") {
         return;
@@ -793,6 +801,7 @@ const SPLIT_SYNS: [SplitSyn; 4] = [
 /// listed source must be stopped in XDP; the same frames from a clean
 /// source get their SYN-ACK, which proves them valid.
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn split_syns_from_a_listed_source_get_no_syn_ack() {
     if !require_kernel_privileges("split_syns_from_a_listed_source_get_no_syn_ack") {
         return;

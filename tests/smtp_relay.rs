@@ -109,6 +109,7 @@ const LOCAL_RECIPIENTS: &[&str] = &[
 ];
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn relay_attempts_are_refused_however_disguised() {
     if !require_kernel_privileges("relay_attempts_are_refused_however_disguised") {
         return;
@@ -186,6 +187,7 @@ fn test_message(marker: &str) -> (Vec<u8>, String) {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn legitimate_mail_is_delivered_intact_with_xclient() {
     if !require_kernel_privileges("legitimate_mail_is_delivered_intact_with_xclient") {
         return;
@@ -235,6 +237,7 @@ fn legitimate_mail_is_delivered_intact_with_xclient() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn pipelined_session_gets_every_reply_in_order() {
     if !require_kernel_privileges("pipelined_session_gets_every_reply_in_order") {
         return;
@@ -260,6 +263,7 @@ fn pipelined_session_gets_every_reply_in_order() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn smuggling_attempts_are_refused_before_anything_reaches_the_mta() {
     if !require_kernel_privileges("smuggling_attempts_are_refused") {
         return;
@@ -298,6 +302,7 @@ fn smuggling_attempts_are_refused_before_anything_reaches_the_mta() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn upstream_down_or_dying_gives_4xx_and_nothing_is_acknowledged() {
     if !require_kernel_privileges("upstream_down_or_dying_gives_4xx") {
         return;
@@ -356,6 +361,7 @@ fn upstream_down_or_dying_gives_4xx_and_nothing_is_acknowledged() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn limits_size_recipients_lines_and_errors() {
     if !require_kernel_privileges("limits_size_recipients_lines_and_errors") {
         return;
@@ -446,6 +452,7 @@ fn limits_size_recipients_lines_and_errors() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn pregreet_talkers_are_refused_and_denylisted() {
     if !require_kernel_privileges("pregreet_talkers_are_refused_and_denylisted") {
         return;
@@ -486,6 +493,7 @@ fn pregreet_talkers_are_refused_and_denylisted() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn banner_comes_at_once_without_greet_wait() {
     if !require_kernel_privileges("banner_comes_at_once_without_greet_wait") {
         return;
@@ -498,6 +506,7 @@ fn banner_comes_at_once_without_greet_wait() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn xclient_tells_a_postfix_like_mta_the_real_client() {
     if !require_kernel_privileges("xclient_tells_a_postfix_like_mta_the_real_client") {
         return;
@@ -560,6 +569,7 @@ fn test_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::Pa
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn starttls_resets_the_session_and_discards_injected_plaintext() {
     use tokio_rustls::rustls;
     if !require_kernel_privileges("starttls_resets_the_session") {

@@ -20,14 +20,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::control::server::ControlSocket;
 use crate::kernel::{check_privileges, Kernel};
-use crate::clock::unix_now;
 use crate::lists::store::{Change, ListStore, NewEntry, StoreOptions};
-use crate::persist::remove_stale_temp_files;
 use crate::lists::ttl::Ttl;
 use crate::lists::ListKind;
+use crate::persist::remove_stale_temp_files;
 use crate::smtp::{self, stats::SmtpStats, SmtpContext};
 use lists::ListService;
 use router::Router;

@@ -116,9 +116,9 @@ fn changed(result: Result<Changed, ListError>) -> Reply {
             total: c.total,
         }),
         Err(e @ ListError::NotListed(_)) => Reply::invalid(e.to_string()),
-        Err(
-            e @ (ListError::OverCapacity(_) | ListError::Storage(_) | ListError::Kernel(_)),
-        ) => Reply::failed(e.to_string()),
+        Err(e @ (ListError::OverCapacity(_) | ListError::Storage(_) | ListError::Kernel(_))) => {
+            Reply::failed(e.to_string())
+        }
     }
 }
 

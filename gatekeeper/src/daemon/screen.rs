@@ -10,13 +10,13 @@ use anyhow::Result;
 use ipnet::IpNet;
 use tracing::{info, warn};
 
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::control::protocol::{
     CheckReport, DnsblListedEntry, DnsblStats, FlushSummary, MapState, ZoneCheck,
 };
 use crate::dnsbl::{DnsblEngine, Verdict};
 use crate::kernel::{DnsblMaps, Kernel, PrefixView};
-use crate::clock::unix_now;
 use crate::netaddr::canonical;
 use crate::smtp::{ScreenRefusal, Screening};
 

@@ -173,7 +173,11 @@ pub fn bind(config: &SmtpConfig) -> Result<Vec<TcpListener>> {
 /// and returns once every session has ended: idle ones at once with
 /// `421 4.3.2`, a message in flight after the MTA's answer to it, and any
 /// left at `drain_timeout` are dropped.
-pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<SmtpContext>, shutdown: CancellationToken) {
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    ctx: Arc<SmtpContext>,
+    shutdown: CancellationToken,
+) {
     let sessions = TaskTracker::new();
     let dropped = CancellationToken::new();
     let mut loops = tokio::task::JoinSet::new();

@@ -207,7 +207,8 @@ impl Session {
                 return Ok(false);
             }
         }
-        self.send(conn, &format!("220 {host} ESMTP Gatekeeper")).await?;
+        self.send(conn, &format!("220 {host} ESMTP Gatekeeper"))
+            .await?;
         Ok(true)
     }
 
@@ -328,7 +329,8 @@ impl Session {
             return self.error(conn, "503 5.5.1 Error: need MAIL command").await;
         };
         if tx.accepted.len() >= self.ctx.config.max_recipients {
-            self.send(conn, "452 4.5.3 Error: too many recipients").await?;
+            self.send(conn, "452 4.5.3 Error: too many recipients")
+                .await?;
             return Ok(Flow::Continue);
         }
         if tx.lost {
@@ -351,7 +353,10 @@ impl Session {
                 // A 3xx (or 1xx) to RCPT: the MTA's state is unknown, so the
                 // session is dropped and the transaction replayed if it goes on.
                 SmtpStats::bump(&self.ctx.stats.upstream_failures);
-                debug!(code = reply.code, "upstream gave a non-2xx, non-error reply to RCPT");
+                debug!(
+                    code = reply.code,
+                    "upstream gave a non-2xx, non-error reply to RCPT"
+                );
                 self.upstream = None;
                 Reply::new(
                     451,
@@ -524,7 +529,8 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         }
-        self.send(conn, "354 End data with <CR><LF>.<CR><LF>").await?;
+        self.send(conn, "354 End data with <CR><LF>.<CR><LF>")
+            .await?;
         self.receive_data(conn).await
     }
 
