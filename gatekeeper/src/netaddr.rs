@@ -48,9 +48,6 @@ mod tests {
             client_group(ip("2001:db8:1:2:3:4:5:6"), 48),
             net("2001:db8:1::/48")
         );
-        assert_eq!(
-            client_group(ip("2001:db8::1"), 128),
-            net("2001:db8::1/128")
-        );
+        assert_eq!(client_group(ip("2001:db8::1"), 128), net("2001:db8::1/128"));
     }
 }

@@ -137,7 +137,10 @@ impl SmtpConfig {
         for (key, value) in [
             ("smtp.max_session_time", self.max_session_time),
             ("smtp.write_timeout", self.write_timeout),
-            ("smtp.upstream_connect_timeout", self.upstream_connect_timeout),
+            (
+                "smtp.upstream_connect_timeout",
+                self.upstream_connect_timeout,
+            ),
         ] {
             if value.is_zero() {
                 return Err(format!("{key}: must be more than 0s"));

@@ -165,7 +165,11 @@ pub fn bind(config: &SmtpConfig) -> Result<Vec<TcpListener>> {
 /// and returns once every session has ended: idle ones at once with
 /// `421 4.3.2`, a message in flight after the MTA's answer to it, and any
 /// left at `drain_timeout` are dropped.
-pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<SmtpContext>, shutdown: CancellationToken) {
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    ctx: Arc<SmtpContext>,
+    shutdown: CancellationToken,
+) {
     let sessions = TaskTracker::new();
     let dropped = CancellationToken::new();
     let mut loops = tokio::task::JoinSet::new();
@@ -243,11 +247,21 @@ async fn handle_connection(
     ctx: Arc<SmtpContext>,
     shutdown: CancellationToken,
 ) {
-    SmtpStats::bump(&ctx.stats.connections);
     if let Err(e) = tune_client_socket(&stream, &ctx.config) {
         debug!(client = %peer, error = %e, "cannot set client socket options");
     }
-    let mut conn: io::Conn = BufReader::new(Box::new(stream));
+    run_connection(Box::new(stream), peer, ctx, shutdown).await
+}
+
+/// Everything after the socket options, over any stream (tests use in-memory ones).
+async fn run_connection(
+    stream: Box<dyn io::Stream>,
+    peer: SocketAddr,
+    ctx: Arc<SmtpContext>,
+    shutdown: CancellationToken,
+) {
+    SmtpStats::bump(&ctx.stats.connections);
+    let mut conn: io::Conn = BufReader::new(stream);
     let _admission = match ctx.gate.admit(peer.ip()) {
         Ok(admission) => admission,
         Err(refusal) => {

@@ -20,6 +20,8 @@ use super::SmtpContext;
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
 const MAX_COMMAND_LINE: usize = 512;
+/// After the MTA lost acknowledged recipients: temporary, so the client retries the whole message.
+const LOST: &str = "451 4.3.0 Error: mail system behind the gatekeeper failed mid-transaction; recipients lost, send the message again later";
 /// RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
 const MAX_TEXT_LINE: usize = 1000;
 
@@ -207,7 +209,8 @@ impl Session {
                 return Ok(false);
             }
         }
-        self.send(conn, &format!("220 {host} ESMTP Gatekeeper")).await?;
+        self.send(conn, &format!("220 {host} ESMTP Gatekeeper"))
+            .await?;
         Ok(true)
     }
 
@@ -337,11 +340,14 @@ impl Session {
             return self.error(conn, "503 5.5.1 Error: need MAIL command").await;
         };
         if tx.accepted.len() >= self.ctx.config.max_recipients {
-            self.send(conn, "452 4.5.3 Error: too many recipients").await?;
+            self.send(conn, "452 4.5.3 Error: too many recipients")
+                .await?;
             return Ok(Flow::Continue);
         }
         if tx.lost {
-            return self.send_lost(conn).await;
+            // DATA will say so too; the transaction stays for that.
+            self.send(conn, LOST).await?;
+            return Ok(Flow::Continue);
         }
         if let Decision::Refuse(reason) = self.ctx.policy.decide(&to, self.client_ip()) {
             self.ctx.stats.relay_denied(reason);
@@ -360,7 +366,10 @@ impl Session {
                 // A 3xx (or 1xx) to RCPT: the MTA's state is unknown, so the
                 // session is dropped and the transaction replayed if it goes on.
                 SmtpStats::bump(&self.ctx.stats.upstream_failures);
-                debug!(code = reply.code, "upstream gave a non-2xx, non-error reply to RCPT");
+                debug!(
+                    code = reply.code,
+                    "upstream gave a non-2xx, non-error reply to RCPT"
+                );
                 self.upstream = None;
                 Reply::new(
                     451,
@@ -484,11 +493,7 @@ impl Session {
     async fn send_lost(&mut self, conn: &mut Conn) -> std::io::Result<Flow> {
         SmtpStats::bump(&self.ctx.stats.transactions_lost);
         self.end_transaction().await;
-        self.send(
-            conn,
-            "451 4.3.0 Error: mail system behind the gatekeeper failed mid-transaction; recipients lost, send the message again later",
-        )
-        .await?;
+        self.send(conn, LOST).await?;
         Ok(Flow::Continue)
     }
 
@@ -533,7 +538,8 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         }
-        self.send(conn, "354 End data with <CR><LF>.<CR><LF>").await?;
+        self.send(conn, "354 End data with <CR><LF>.<CR><LF>")
+            .await?;
         self.receive_data(conn).await
     }
 
