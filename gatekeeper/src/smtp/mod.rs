@@ -266,7 +266,7 @@ async fn run_connection(
         Ok(admission) => admission,
         Err(refusal) => {
             let counter = match refusal {
-                gate::Refusal::TooFast => &ctx.stats.refused_connection_rate,
+                gate::Refusal::RateLimited => &ctx.stats.refused_connection_rate,
                 _ => &ctx.stats.refused_connection_limit,
             };
             SmtpStats::bump(counter);
