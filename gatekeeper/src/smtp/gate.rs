@@ -51,7 +51,7 @@ struct Bucket {
 pub enum Refusal {
     TooManyConnections,
     TooManyFromClient,
-    TooFast,
+    RateLimited,
 }
 
 impl Refusal {
@@ -63,7 +63,7 @@ impl Refusal {
             Refusal::TooManyFromClient => {
                 format!("421 4.7.0 {hostname} Error: too many connections from your address")
             }
-            Refusal::TooFast => {
+            Refusal::RateLimited => {
                 format!("421 4.7.0 {hostname} Error: too many connections from your address per minute, slow down")
             }
         }
@@ -96,7 +96,7 @@ impl ConnectionGate {
         let group = client_group(client, self.limits.ipv6_prefix);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if !self.rate_allows(&mut state, group, client, now) {
-            return Err(Refusal::TooFast);
+            return Err(Refusal::RateLimited);
         }
         if state.total >= self.limits.max_total {
             return Err(Refusal::TooManyConnections);
@@ -222,13 +222,13 @@ mod tests {
         // The 61st in the same minute, from anywhere in the /64, is refused...
         assert_eq!(
             gate.admit_at(ip("2001:db8:5:5::ffff"), start).err(),
-            Some(Refusal::TooFast)
+            Some(Refusal::RateLimited)
         );
         // ...closing connections gives no credit: rate is not concurrency.
         held.clear();
         assert_eq!(
             gate.admit_at(ip("2001:db8:5:5::1"), start).err(),
-            Some(Refusal::TooFast)
+            Some(Refusal::RateLimited)
         );
         // Another /64 and another IPv4 address have their own budget.
         assert!(gate.admit_at(ip("2001:db8:5:6::1"), start).is_ok());
@@ -238,7 +238,7 @@ mod tests {
         assert!(gate.admit_at(ip("2001:db8:5:5::1"), later).is_ok());
         assert_eq!(
             gate.admit_at(ip("2001:db8:5:5::1"), later).err(),
-            Some(Refusal::TooFast)
+            Some(Refusal::RateLimited)
         );
         // Relay networks are never rate limited.
         for _ in 0..200 {

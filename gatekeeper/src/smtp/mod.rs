@@ -255,16 +255,26 @@ async fn handle_connection(
     ctx: Arc<SmtpContext>,
     shutdown: CancellationToken,
 ) {
-    SmtpStats::bump(&ctx.stats.connections);
     if let Err(e) = tune_client_socket(&stream, &ctx.config) {
         debug!(client = %peer, error = %e, "cannot set client socket options");
     }
-    let mut conn: io::Conn = BufReader::new(Box::new(stream));
+    run_connection(Box::new(stream), peer, ctx, shutdown).await
+}
+
+/// Everything after the socket options, over any stream (tests use in-memory ones).
+async fn run_connection(
+    stream: Box<dyn io::Stream>,
+    peer: SocketAddr,
+    ctx: Arc<SmtpContext>,
+    shutdown: CancellationToken,
+) {
+    SmtpStats::bump(&ctx.stats.connections);
+    let mut conn: io::Conn = BufReader::new(stream);
     let _admission = match ctx.gate.admit(peer.ip()) {
         Ok(admission) => admission,
         Err(refusal) => {
             let counter = match refusal {
-                gate::Refusal::TooFast => &ctx.stats.refused_connection_rate,
+                gate::Refusal::RateLimited => &ctx.stats.refused_connection_rate,
                 _ => &ctx.stats.refused_connection_limit,
             };
             SmtpStats::bump(counter);

@@ -20,6 +20,8 @@ use super::SmtpContext;
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
 const MAX_COMMAND_LINE: usize = 512;
+/// After the MTA lost acknowledged recipients: temporary, so the client retries the whole message.
+const LOST: &str = "451 4.3.0 Error: mail system behind the gatekeeper failed mid-transaction; recipients lost, send the message again later";
 /// RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
 const MAX_TEXT_LINE: usize = 1000;
 
@@ -334,7 +336,9 @@ impl Session {
             return Ok(Flow::Continue);
         }
         if tx.lost {
-            return self.send_lost(conn).await;
+            // DATA will say so too; the transaction stays for that.
+            self.send(conn, LOST).await?;
+            return Ok(Flow::Continue);
         }
         if let Decision::Refuse(reason) = self.ctx.policy.decide(&to, self.client_ip()) {
             self.ctx.stats.relay_denied(reason);
@@ -480,11 +484,7 @@ impl Session {
     async fn send_lost(&mut self, conn: &mut Conn) -> std::io::Result<Flow> {
         SmtpStats::bump(&self.ctx.stats.transactions_lost);
         self.end_transaction().await;
-        self.send(
-            conn,
-            "451 4.3.0 Error: mail system behind the gatekeeper failed mid-transaction; recipients lost, send the message again later",
-        )
-        .await?;
+        self.send(conn, LOST).await?;
         Ok(Flow::Continue)
     }
 

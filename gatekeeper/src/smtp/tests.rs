@@ -1,1 +1,752 @@
+//! In-process tests of the front end: the real `serve` on 127.0.0.1:0 with a
+//! test config, real clients, and a scripted fake MTA that records what it
+//! received and fails where it is told to. No root, loopback only.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, timeout};
+use tokio_util::sync::CancellationToken;
+
+use super::io::{read_line, trim_eol, Line};
+use super::reply::{Reply, ReplyParser};
+use super::stats::{SmtpStats, SmtpStatsReport};
+use super::{bind, serve, PregreetHook, SmtpConfig, SmtpContext};
+
+/// Only a failure ever waits this long.
+const GUARD: Duration = Duration::from_secs(120);
+
+fn test_config(upstream: SocketAddr, extra: &str) -> SmtpConfig {
+    let relay = if extra.contains("relay_networks") {
+        ""
+    } else {
+        "relay_networks = []\n"
+    };
+    let text = format!(
+        "listen = [\"127.0.0.1:0\"]\nhostname = \"gk.test\"\nlocal_domains = [\"example.org\"]\n\
+         {relay}upstream = \"{upstream}\"\n{extra}"
+    );
+    let config: SmtpConfig = toml::from_str(&text).expect("test config");
+    config.validate().expect("valid test config");
+    config
+}
+
+struct Front {
+    addr: SocketAddr,
+    ctx: Arc<SmtpContext>,
+    shutdown: CancellationToken,
+    served: JoinHandle<()>,
+}
+
+impl Front {
+    async fn start(upstream: SocketAddr, extra: &str) -> Front {
+        Front::with_hook(upstream, extra, None).await
+    }
+
+    async fn with_hook(upstream: SocketAddr, extra: &str, hook: Option<PregreetHook>) -> Front {
+        let config = test_config(upstream, extra);
+        let listeners = bind(&config).unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let ctx = Arc::new(SmtpContext::new(config, Arc::new(SmtpStats::default()), hook).unwrap());
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(serve(listeners, ctx.clone(), shutdown.clone()));
+        Front {
+            addr,
+            ctx,
+            shutdown,
+            served,
+        }
+    }
+
+    fn stats(&self) -> SmtpStatsReport {
+        self.ctx.stats.report()
+    }
+
+    /// A session over an in-memory stream: no kernel I/O, so paused time is exact.
+    async fn memory_client(&self) -> Client {
+        let (ours, theirs) = tokio::io::duplex(64 << 10);
+        let peer = "192.0.2.7:40000".parse().unwrap();
+        tokio::spawn(super::run_connection(
+            Box::new(theirs),
+            peer,
+            self.ctx.clone(),
+            self.shutdown.clone(),
+        ));
+        let mut client = Client::over(ours);
+        assert_eq!(client.reply().await.expect("banner").code, 220);
+        client
+    }
+
+    /// Connected and past the banner.
+    async fn client(&self) -> Client {
+        let mut client = Client::connect(self.addr).await;
+        let banner = client.reply().await.expect("banner");
+        assert_eq!(banner.code, 220, "{banner:?}");
+        client
+    }
+}
+
+struct Client {
+    reader: BufReader<Box<dyn AsyncRead + Unpin + Send>>,
+    writer: Box<dyn AsyncWrite + Unpin + Send>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        Client::over(TcpStream::connect(addr).await.unwrap())
+    }
+
+    fn over<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Client {
+        let (read, writer) = tokio::io::split(stream);
+        Client {
+            reader: BufReader::new(Box::new(read)),
+            writer: Box::new(writer),
+        }
+    }
+
+    /// One raw reply line (for replies the parser would rightly call malformed).
+    async fn line(&mut self) -> String {
+        match timeout(GUARD, read_line(&mut self.reader, 4096)).await {
+            Ok(Ok(Line::Complete(line))) => String::from_utf8_lossy(&line).into_owned(),
+            other => panic!("no line: {other:?}"),
+        }
+    }
+
+    /// The next reply, or `None` once the server closed.
+    async fn reply(&mut self) -> Option<Reply> {
+        let mut parser = ReplyParser::default();
+        loop {
+            match timeout(GUARD, read_line(&mut self.reader, 4096))
+                .await
+                .expect("no reply in time")
+            {
+                Ok(Line::Complete(line)) => {
+                    if let Some(reply) = parser.push(&line).expect("well-formed reply") {
+                        return Some(reply);
+                    }
+                }
+                Ok(Line::TooLong) => panic!("over-long reply"),
+                Ok(Line::Eof) | Err(_) => return None,
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.unwrap();
+    }
+
+    /// A write the server no longer takes is fine: its last reply is still there to read.
+    async fn cmd(&mut self, line: &str) -> Reply {
+        let _ = self
+            .writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await;
+        self.reply()
+            .await
+            .unwrap_or_else(|| panic!("closed after {line}"))
+    }
+
+    async fn code(&mut self, line: &str) -> u16 {
+        self.cmd(line).await.code
+    }
+
+    async fn start_transaction(&mut self) {
+        assert_eq!(self.code("EHLO client.test").await, 250);
+        assert_eq!(self.code("MAIL FROM:<sender@client.test>").await, 250);
+    }
+
+    async fn is_closed(&mut self) -> bool {
+        self.reply().await.is_none()
+    }
+}
+
+/// What the fake MTA answers to the n-th RCPT it receives (counted over all sessions).
+enum Step {
+    Reply(&'static str),
+    Close,
+}
+
+struct Script {
+    greet: bool,
+    ehlo: Vec<&'static str>,
+    /// Offered by the EHLO after XCLIENT (XCLIENT is offered if `ehlo` lists it).
+    ehlo_after_xclient: Vec<&'static str>,
+    rcpt: Box<dyn Fn(usize) -> Step + Send + Sync>,
+    /// After MAIL, wait this long for another line before answering, and
+    /// record whether one came (the client pipelined).
+    hold_mail: Option<Duration>,
+}
+
+impl Default for Script {
+    fn default() -> Script {
+        Script {
+            greet: true,
+            ehlo: vec!["PIPELINING"],
+            ehlo_after_xclient: vec![],
+            rcpt: Box::new(|_| Step::Reply("250 2.1.5 Ok")),
+            hold_mail: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct MtaLog {
+    /// Every line received, per session.
+    sessions: Mutex<Vec<Vec<String>>>,
+    /// Per MAIL held: did the next command arrive before the reply?
+    pipelined: Mutex<Vec<bool>>,
+    rcpts: AtomicUsize,
+    open: AtomicUsize,
+    max_open: AtomicUsize,
+}
+
+struct Mta {
+    addr: SocketAddr,
+    log: Arc<MtaLog>,
+}
+
+impl Mta {
+    async fn start(script: Script) -> Mta {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(MtaLog::default());
+        let script = Arc::new(script);
+        let shared = log.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let index = {
+                    let mut sessions = shared.sessions.lock().unwrap();
+                    sessions.push(Vec::new());
+                    sessions.len() - 1
+                };
+                let open = shared.open.fetch_add(1, SeqCst) + 1;
+                shared.max_open.fetch_max(open, SeqCst);
+                let (script, log) = (script.clone(), shared.clone());
+                tokio::spawn(async move {
+                    mta_session(stream, &script, &log, index).await;
+                    log.open.fetch_sub(1, SeqCst);
+                });
+            }
+        });
+        Mta { addr, log }
+    }
+
+    fn sessions(&self) -> Vec<Vec<String>> {
+        self.log.sessions.lock().unwrap().clone()
+    }
+}
+
+async fn mta_session(stream: TcpStream, script: &Script, log: &MtaLog, index: usize) {
+    let (read, mut out) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    if !script.greet {
+        // Hold the connection open, silently, until the gatekeeper gives up.
+        while let Ok(Line::Complete(_)) = read_line(&mut reader, 4096).await {}
+        return;
+    }
+    let _ = out.write_all(b"220 fake.test ESMTP\r\n").await;
+    let mut after_xclient = false;
+    let mut pending: Option<String> = None;
+    loop {
+        let line = match pending.take() {
+            Some(line) => line,
+            None => match read_line(&mut reader, 4096).await {
+                Ok(Line::Complete(bytes)) => String::from_utf8_lossy(trim_eol(&bytes)).into_owned(),
+                _ => return,
+            },
+        };
+        log.sessions.lock().unwrap()[index].push(line.clone());
+        let verb = line
+            .split([' ', ':'])
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        let reply: String = match verb.as_str() {
+            "EHLO" => {
+                let extensions = if after_xclient {
+                    &script.ehlo_after_xclient
+                } else {
+                    &script.ehlo
+                };
+                let mut r = String::from("250-fake.test\r\n");
+                for ext in extensions {
+                    r.push_str(&format!("250-{ext}\r\n"));
+                }
+                r + "250 ENHANCEDSTATUSCODES\r\n"
+            }
+            "XCLIENT" => {
+                after_xclient = true;
+                "220 fake.test ESMTP\r\n".into()
+            }
+            "MAIL" => {
+                if let Some(hold) = script.hold_mail {
+                    let next = timeout(hold, read_line(&mut reader, 4096)).await;
+                    let came = matches!(next, Ok(Ok(Line::Complete(_))));
+                    log.pipelined.lock().unwrap().push(came);
+                    if let Ok(Ok(Line::Complete(bytes))) = next {
+                        pending = Some(String::from_utf8_lossy(trim_eol(&bytes)).into_owned());
+                    }
+                }
+                "250 2.1.0 Ok\r\n".into()
+            }
+            "RCPT" => match (script.rcpt)(log.rcpts.fetch_add(1, SeqCst)) {
+                Step::Reply(text) => format!("{text}\r\n"),
+                Step::Close => return,
+            },
+            "DATA" => {
+                if out.write_all(b"354 go ahead\r\n").await.is_err() {
+                    return;
+                }
+                loop {
+                    match read_line(&mut reader, 4096).await {
+                        Ok(Line::Complete(bytes)) if bytes == b".\r\n" => break,
+                        Ok(Line::Complete(bytes)) => log.sessions.lock().unwrap()[index]
+                            .push(String::from_utf8_lossy(trim_eol(&bytes)).into_owned()),
+                        _ => return,
+                    }
+                }
+                "250 2.0.0 Ok: queued\r\n".into()
+            }
+            "QUIT" => {
+                let _ = out.write_all(b"221 2.0.0 Bye\r\n").await;
+                return;
+            }
+            _ => "250 2.0.0 Ok\r\n".into(),
+        };
+        if out.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// An address nothing listens on (bound, then closed).
+async fn nowhere() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn send_message(c: &mut Client) -> Reply {
+    assert_eq!(c.code("DATA").await, 354);
+    c.send(b"Subject: test\r\n\r\nbody\r\n").await;
+    c.cmd(".").await
+}
+
+fn rcpts(session: &[String]) -> Vec<&str> {
+    session
+        .iter()
+        .filter(|l| l.starts_with("RCPT"))
+        .map(String::as_str)
+        .collect()
+}
+
+#[tokio::test]
+async fn state_machine_sequence_errors_rset_and_helo_vs_ehlo() {
+    let front = Front::start(nowhere().await, "").await;
+    let mut c = front.client().await;
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 503);
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert_eq!(ehlo.code, 250);
+    assert!(ehlo.lines.len() > 1 && ehlo.lines.contains(&"PIPELINING".to_owned()));
+    assert_eq!(c.code("RCPT TO:<user@example.org>").await, 503);
+    assert_eq!(c.code("DATA").await, 503);
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
+    assert_eq!(
+        c.code("MAIL FROM:<a@client.test>").await,
+        503,
+        "nested MAIL"
+    );
+    assert_eq!(c.code("DATA").await, 554, "DATA without recipients");
+    assert_eq!(c.code("RCPT TO:<user@victim.test>").await, 554, "relay");
+    assert_eq!(c.code("RSET").await, 250);
+    assert_eq!(
+        c.code("RCPT TO:<user@example.org>").await,
+        503,
+        "RSET ended it"
+    );
+    let helo = c.cmd("HELO client.test").await;
+    assert_eq!((helo.code, helo.lines.len()), (250, 1), "{helo:?}");
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
+    assert_eq!(c.code("QUIT").await, 221);
+    assert!(c.is_closed().await);
+}
+
+#[tokio::test]
+async fn pipelined_group_gets_its_replies_in_order() {
+    let mta = Mta::start(Script::default()).await;
+    let front = Front::start(mta.addr, "").await;
+    let mut c = front.client().await;
+    assert_eq!(c.code("EHLO client.test").await, 250);
+    c.send(
+        b"MAIL FROM:<a@client.test>\r\nRCPT TO:<one@example.org>\r\nRCPT TO:<x@victim.test>\r\n\
+          RCPT TO:<two@example.org>\r\nDATA\r\n",
+    )
+    .await;
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(c.reply().await.unwrap().code);
+    }
+    assert_eq!(codes, [250, 250, 554, 250, 354]);
+    c.send(b"Subject: t\r\n\r\nhi\r\n.\r\nQUIT\r\n").await;
+    assert_eq!(c.reply().await.unwrap().code, 250);
+    assert_eq!(c.reply().await.unwrap().code, 221);
+    let sessions = mta.sessions();
+    assert_eq!(
+        rcpts(&sessions[0]),
+        ["RCPT TO:<one@example.org>", "RCPT TO:<two@example.org>"]
+    );
+    assert_eq!(front.stats().messages_delivered, 1);
+}
+
+#[tokio::test]
+async fn max_commands_ends_the_session_with_421() {
+    let front = Front::start(nowhere().await, "max_commands = 5").await;
+    let mut c = front.client().await;
+    for _ in 0..5 {
+        assert_eq!(c.code("NOOP").await, 250);
+    }
+    let reply = c.cmd("NOOP").await;
+    assert_eq!(reply.code, 421, "{reply:?}");
+    assert!(reply.lines[0].starts_with("4.7.0 gk.test"), "{reply:?}");
+    assert!(c.is_closed().await);
+    assert_eq!(front.stats().command_limit_disconnects, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_session_time_caps_a_session_kept_busy_with_noops() {
+    let front = Front::start(nowhere().await, "max_session_time = \"10m\"").await;
+    let mut c = front.memory_client().await;
+    let mut answered = 0;
+    let mut last = None;
+    // A NOOP every 59 s beats the 1-minute idle timeout, for 20 minutes.
+    for _ in 0..20 {
+        sleep(Duration::from_secs(59)).await;
+        let reply = c.cmd("NOOP").await;
+        if reply.code != 250 {
+            last = Some(reply);
+            break;
+        }
+        answered += 1;
+    }
+    let last = last.expect("no session time limit");
+    assert_eq!(last.code, 421, "{last:?}");
+    assert!(last.lines[0].starts_with("4.4.2 gk.test"), "{last:?}");
+    assert_eq!(answered, 10, "NOOPs answered within 10 minutes");
+    assert!(c.is_closed().await);
+    let stats = front.stats();
+    assert_eq!((stats.session_time_disconnects, stats.timeouts), (1, 0));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_at_the_write_timeout() {
+    let front = Front::start(
+        nowhere().await,
+        "write_timeout = \"300ms\"\nmax_commands = 100000000",
+    )
+    .await;
+    // A small receive window and a big pipelined burst it never reads replies to.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&front.addr.into()).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let stream = TcpStream::from_std(socket.into()).unwrap();
+    let (_read, mut write) = stream.into_split();
+    let burst = tokio::spawn(async move {
+        let chunk = b"HELP\r\n".repeat(10_000);
+        while write.write_all(&chunk).await.is_ok() {}
+    });
+    timeout(GUARD, async {
+        while front.stats().write_timeouts == 0 || front.ctx.gate.open() > 0 {
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the session kept its slot");
+    // The burst's writes fail once the session dropped the connection.
+    timeout(GUARD, burst).await.unwrap().unwrap();
+    assert_eq!(front.stats().write_timeouts, 1);
+}
+
+#[tokio::test]
+async fn client_sockets_get_tcp_user_timeout() {
+    let config = test_config(nowhere().await, "write_timeout = \"90s\"");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = listener.accept().await.unwrap();
+    super::tune_client_socket(&accepted, &config).unwrap();
+    let sock = socket2::SockRef::from(&accepted);
+    assert_eq!(
+        sock.tcp_user_timeout().unwrap(),
+        Some(Duration::from_secs(90))
+    );
+    assert!(sock.tcp_nodelay().unwrap());
+}
+
+#[tokio::test]
+async fn max_upstream_sessions_caps_concurrent_mta_sessions() {
+    let mta = Mta::start(Script::default()).await;
+    let front = Front::start(
+        mta.addr,
+        "max_upstream_sessions = 1\nupstream_wait = \"200ms\"",
+    )
+    .await;
+    let mut a = front.client().await;
+    let mut b = front.client().await;
+    a.start_transaction().await;
+    b.start_transaction().await;
+    assert_eq!(a.code("RCPT TO:<one@example.org>").await, 250);
+    let busy = b.cmd("RCPT TO:<two@example.org>").await;
+    assert_eq!(busy.code, 451, "{busy:?}");
+    assert!(busy.lines[0].starts_with("4.3.2"), "{busy:?}");
+    // The slot is freed when A's transaction ends, not when A leaves.
+    assert_eq!(a.code("RSET").await, 250);
+    assert_eq!(b.code("RCPT TO:<two@example.org>").await, 250);
+    assert_eq!(send_message(&mut b).await.code, 250);
+    assert_eq!(mta.log.max_open.load(SeqCst), 1);
+    assert_eq!(front.stats().upstream_busy, 1);
+}
+
+#[tokio::test]
+async fn upstream_connect_timeout_bounds_a_silent_mta() {
+    let mta = Mta::start(Script {
+        greet: false,
+        ..Script::default()
+    })
+    .await;
+    // The reply timeout would keep the client waiting for an hour.
+    let front = Front::start(
+        mta.addr,
+        "upstream_timeout = \"1h\"\nupstream_connect_timeout = \"200ms\"",
+    )
+    .await;
+    let mut c = front.client().await;
+    c.start_transaction().await;
+    let reply = c.cmd("RCPT TO:<user@example.org>").await;
+    assert_eq!(reply.code, 451, "{reply:?}");
+    assert_eq!(front.stats().upstream_failures, 1);
+}
+
+#[tokio::test]
+async fn recipients_the_mta_refuses_count_toward_max_errors() {
+    let mta = Mta::start(Script {
+        rcpt: Box::new(|_| Step::Reply("550 5.1.1 No such user")),
+        ..Script::default()
+    })
+    .await;
+    let front = Front::start(mta.addr, "max_errors = 3").await;
+    let mut c = front.client().await;
+    c.start_transaction().await;
+    assert_eq!(c.code("RCPT TO:<a@example.org>").await, 550);
+    assert_eq!(c.code("RCPT TO:<b@example.org>").await, 550);
+    assert_eq!(c.code("RCPT TO:<c@example.org>").await, 550);
+    let last = c.reply().await.expect("421 after the third refusal");
+    assert_eq!(last.code, 421, "{last:?}");
+    assert!(last.lines[0].contains("gk.test"), "{last:?}");
+    assert!(c.is_closed().await);
+    assert_eq!(front.stats().error_limit_disconnects, 1);
+}
+
+#[tokio::test]
+async fn mta_dying_after_two_recipients_gets_the_transaction_replayed() {
+    let mta = Mta::start(Script {
+        rcpt: Box::new(|n| match n {
+            2 => Step::Close,
+            _ => Step::Reply("250 2.1.5 Ok"),
+        }),
+        ..Script::default()
+    })
+    .await;
+    let front = Front::start(mta.addr, "").await;
+    let mut c = front.client().await;
+    c.start_transaction().await;
+    for rcpt in ["a", "b", "c", "d"] {
+        let reply = c.cmd(&format!("RCPT TO:<{rcpt}@example.org>")).await;
+        assert_eq!(reply.code, 250, "{rcpt}: {reply:?}");
+    }
+    assert_eq!(send_message(&mut c).await.code, 250);
+    let sessions = mta.sessions();
+    let delivered = sessions.last().unwrap();
+    assert_eq!(
+        rcpts(delivered),
+        [
+            "RCPT TO:<a@example.org>",
+            "RCPT TO:<b@example.org>",
+            "RCPT TO:<c@example.org>",
+            "RCPT TO:<d@example.org>"
+        ],
+        "{sessions:?}"
+    );
+    assert!(delivered.contains(&"MAIL FROM:<sender@client.test>".to_owned()));
+    assert_eq!(front.stats().transactions_replayed, 1);
+}
+
+#[tokio::test]
+async fn recipients_lost_with_the_mta_make_data_fail_temporarily() {
+    // The MTA dies at the third RCPT and then refuses every recipient for a while.
+    let mta = Mta::start(Script {
+        rcpt: Box::new(|n| match n {
+            0 | 1 => Step::Reply("250 2.1.5 Ok"),
+            2 => Step::Close,
+            _ => Step::Reply("451 4.3.0 try again later"),
+        }),
+        ..Script::default()
+    })
+    .await;
+    let front = Front::start(mta.addr, "").await;
+    let mut c = front.client().await;
+    c.start_transaction().await;
+    assert_eq!(c.code("RCPT TO:<a@example.org>").await, 250);
+    assert_eq!(c.code("RCPT TO:<b@example.org>").await, 250);
+    assert_ne!(c.code("RCPT TO:<c@example.org>").await / 100, 2);
+    assert_ne!(c.code("RCPT TO:<d@example.org>").await / 100, 2);
+    let data = c.cmd("DATA").await;
+    assert_eq!(data.code / 100, 4, "DATA after losing a and b: {data:?}");
+    assert!(
+        mta.sessions()
+            .iter()
+            .all(|s| !s.contains(&"DATA".to_owned())),
+        "{:?}",
+        mta.sessions()
+    );
+    assert_eq!(front.stats().transactions_lost, 1);
+    // The session goes on: a new transaction may start.
+    assert_eq!(c.code("MAIL FROM:<sender@client.test>").await, 250);
+}
+
+#[tokio::test]
+async fn a_3xx_reply_to_rcpt_is_not_an_acceptance() {
+    let mta = Mta::start(Script {
+        rcpt: Box::new(|_| Step::Reply("354 what?")),
+        ..Script::default()
+    })
+    .await;
+    let front = Front::start(mta.addr, "").await;
+    let mut c = front.client().await;
+    c.start_transaction().await;
+    let reply = c.cmd("RCPT TO:<user@example.org>").await;
+    assert_eq!(reply.code / 100, 4, "{reply:?}");
+    assert_eq!(c.code("DATA").await, 554, "no valid recipients");
+    assert_eq!(front.stats().recipients_accepted, 0);
+}
+
+#[tokio::test]
+async fn pipelining_is_taken_from_the_ehlo_after_xclient() {
+    const XCLIENT: &str = "XCLIENT ADDR NAME PORT PROTO HELO";
+    // Offered before XCLIENT only: MAIL must wait for its reply.
+    let withdrawn = Mta::start(Script {
+        ehlo: vec!["PIPELINING", XCLIENT],
+        ehlo_after_xclient: vec![],
+        hold_mail: Some(Duration::from_millis(300)),
+        ..Script::default()
+    })
+    .await;
+    // Offered after XCLIENT only: MAIL and RCPT go together.
+    let granted = Mta::start(Script {
+        ehlo: vec![XCLIENT],
+        ehlo_after_xclient: vec!["PIPELINING"],
+        hold_mail: Some(Duration::from_secs(10)),
+        ..Script::default()
+    })
+    .await;
+    for (mta, expected) in [(&withdrawn, false), (&granted, true)] {
+        let front = Front::start(mta.addr, "").await;
+        let mut c = front.client().await;
+        c.start_transaction().await;
+        assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
+        assert_eq!(send_message(&mut c).await.code, 250);
+        assert_eq!(*mta.log.pipelined.lock().unwrap(), [expected]);
+    }
+}
+
+#[tokio::test]
+async fn pregreet_bans_cover_the_client_group_and_never_relay_networks() {
+    let banned: Arc<Mutex<Vec<IpNet>>> = Arc::default();
+    let record = banned.clone();
+    let hook: PregreetHook = Arc::new(move |net| record.lock().unwrap().push(net));
+    for (relay, expected) in [("[]", vec!["127.0.0.1/32"]), ("[\"127.0.0.0/8\"]", vec![])] {
+        banned.lock().unwrap().clear();
+        let extra = format!("greet_wait = \"30s\"\nrelay_networks = {relay}");
+        let front = Front::with_hook(nowhere().await, &extra, Some(hook.clone())).await;
+        let mut c = Client::connect(front.addr).await;
+        c.send(b"EHLO early.test\r\n").await;
+        assert!(c.line().await.starts_with("220-"), "the teaser");
+        assert!(c.line().await.starts_with("554 5.7.1"));
+        let expected: Vec<IpNet> = expected.iter().map(|n| n.parse().unwrap()).collect();
+        assert_eq!(
+            *banned.lock().unwrap(),
+            expected,
+            "relay_networks = {relay}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn shutdown_tells_an_idle_session_421_and_serve_returns() {
+    let front = Front::start(nowhere().await, "").await;
+    let mut c = front.client().await;
+    assert_eq!(c.code("EHLO client.test").await, 250);
+    front.shutdown.cancel();
+    let reply = c.reply().await.expect("a reply before closing");
+    assert_eq!(reply.code, 421, "{reply:?}");
+    assert!(reply.lines[0].starts_with("4.3.2"), "{reply:?}");
+    assert!(
+        reply.lines[0].contains("Service shutting down"),
+        "{reply:?}"
+    );
+    assert!(c.is_closed().await);
+    timeout(GUARD, front.served).await.unwrap().unwrap();
+    assert!(
+        TcpStream::connect(front.addr).await.is_err(),
+        "still accepting"
+    );
+    assert_eq!(front.ctx.stats.report().shutdown_disconnects, 1);
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_message_in_flight_finish_first() {
+    let mta = Mta::start(Script::default()).await;
+    let front = Front::start(mta.addr, "").await;
+    let mut c = front.client().await;
+    c.start_transaction().await;
+    assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
+    assert_eq!(c.code("DATA").await, 354);
+    c.send(b"Subject: in flight\r\n\r\n").await;
+    front.shutdown.cancel();
+    sleep(Duration::from_millis(50)).await;
+    c.send(b"body\r\n").await;
+    let done = c.cmd(".").await;
+    assert_eq!(done.code, 250, "the MTA's answer first: {done:?}");
+    let bye = c.reply().await.expect("421 after the message");
+    assert_eq!(bye.code, 421, "{bye:?}");
+    assert!(bye.lines[0].starts_with("4.3.2"), "{bye:?}");
+    assert!(c.is_closed().await);
+    timeout(GUARD, front.served).await.unwrap().unwrap();
+    assert!(mta.sessions()[0].contains(&"body".to_owned()));
+}
+
+#[tokio::test]
+async fn sessions_left_at_the_drain_deadline_are_dropped() {
+    let mta = Mta::start(Script::default()).await;
+    let front = Front::start(mta.addr, "drain_timeout = \"300ms\"\ndata_timeout = \"1h\"").await;
+    let mut c = front.client().await;
+    c.start_transaction().await;
+    assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
+    assert_eq!(c.code("DATA").await, 354);
+    front.shutdown.cancel();
+    timeout(GUARD, front.served)
+        .await
+        .expect("serve outlived the drain deadline")
+        .unwrap();
+    assert!(c.is_closed().await);
+    assert_eq!(front.ctx.gate.open(), 0);
+}
