@@ -11,7 +11,7 @@ mod gate;
 mod io;
 pub mod parse;
 pub mod policy;
-mod reply;
+pub mod reply;
 mod session;
 pub mod stats;
 mod upstream;
