@@ -558,6 +558,89 @@ fn xclient_tells_a_postfix_like_mta_the_real_client() {
     assert!(after.contains(&"body".to_owned()), "{lines:?}");
 }
 
+#[test]
+fn the_mta_receives_rebuilt_commands_and_never_control_bytes() {
+    if !require_kernel_privileges("the_mta_receives_rebuilt_commands_and_never_control_bytes") {
+        return;
+    }
+    let lab = smtp_lab("rebuilt", "", false);
+    let mta = ScriptedMta::start(
+        &lab.lab.edge,
+        "127.0.0.1:10025",
+        &["XCLIENT NAME ADDR PORT PROTO HELO"],
+    )
+    .unwrap();
+    let mut c = lab.client(OUTSIDER);
+    assert_eq!(c.reply().unwrap().code, 220);
+    assert_eq!(c.cmd("EHLO [IPv6:2001:DB8:0::1]").unwrap().code, 250);
+    // The injection the issue measured, and its relatives: refused before
+    // any upstream session exists (it opens at the first accepted RCPT).
+    let injections: &[&[u8]] = &[
+        b"MAIL FROM:<a@[x:\"\rMAIL FROM:<>\rRCPT TO:<user@victim.test>\r\"]>\r\n",
+        b"MAIL FROM:<a@[x:\0]>\r\n",
+        b"MAIL FROM:<a\x1b@client.test>\r\n",
+        b"EHLO evil\rRCPT TO:<user@victim.test>\r\n",
+        b"NOOP \x7f\r\n",
+        b"RCPT TO:<user@example.org>\r\r\n",
+    ];
+    for line in injections {
+        c.send(line).unwrap();
+        let reply = c.reply().unwrap();
+        assert_eq!(reply.code, 501, "{line:?}: {reply}");
+        assert!(reply.text().starts_with("5.5.2"), "{line:?}: {reply}");
+    }
+    let spaced = c
+        .cmd("MAIL FROM:<a@[x:\" RCPT TO:<user@victim.test> \"]>")
+        .unwrap();
+    assert_eq!(spaced.code, 501, "general literal with spaces: {spaced}");
+    let mail = c
+        .cmd("MAIL FROM:<\"a b\"@EXAMPLE.net> BODY=8BITMIME")
+        .unwrap();
+    assert_eq!(mail.code, 250, "{mail}");
+    assert_eq!(c.cmd("RCPT TO:<User@Example.ORG.>").unwrap().code, 250);
+    assert_eq!(c.cmd("RCPT TO:<\"abc\"@example.org>").unwrap().code, 250);
+    assert_eq!(c.cmd("DATA").unwrap().code, 354);
+    c.send(b"Subject: x\r\n\r\nbody\r\n").unwrap();
+    assert_eq!(c.cmd(".").unwrap().code, 250);
+    assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+
+    let lines = mta.lines();
+    let commands: Vec<&str> = lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_uppercase()) && *l != "Subject: x")
+        .collect();
+    for expected in [
+        "XCLIENT ",
+        "EHLO [IPv6:2001:db8::1]",
+        "MAIL FROM:<\"a b\"@example.net> BODY=8BITMIME",
+        "RCPT TO:<User@example.org>",
+        "RCPT TO:<abc@example.org>",
+    ] {
+        assert!(
+            commands.iter().any(|l| l.starts_with(expected)),
+            "MTA never got {expected:?}: {lines:?}"
+        );
+    }
+    let xclient = commands.iter().find(|l| l.starts_with("XCLIENT")).unwrap();
+    assert!(xclient.contains(" HELO=[IPv6:2001:db8::1]"), "{xclient}");
+    assert_eq!(
+        commands.iter().filter(|l| l.starts_with("MAIL")).count(),
+        1,
+        "one MAIL reached the MTA: {lines:?}"
+    );
+    for line in &lines {
+        assert!(
+            line.bytes().all(|b| (0x20..0x7f).contains(&b)),
+            "control byte reached the MTA: {line:?}"
+        );
+        assert!(
+            !line.contains("victim"),
+            "injected text reached the MTA: {line:?}"
+        );
+    }
+}
+
 /// A self-signed certificate for mx.example.org, written into `dir`.
 fn test_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
     let certified = rcgen::generate_simple_self_signed(vec!["mx.example.org".to_owned()]).unwrap();

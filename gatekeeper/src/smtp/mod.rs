@@ -12,7 +12,7 @@ mod gate;
 mod io;
 pub mod parse;
 pub mod policy;
-mod reply;
+pub mod reply;
 mod session;
 pub mod stats;
 #[cfg(test)]

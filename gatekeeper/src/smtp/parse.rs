@@ -275,24 +275,30 @@ fn split_source_route(inner: &str) -> Result<(Vec<String>, &str), ParseError> {
     Ok((route, &inner[colon + 1..]))
 }
 
-/// Calls `visit` with each character outside quoted strings (and its byte
-/// index) until it returns true; returns whether a quoted string was left open.
+/// Calls `visit` with each character outside quoted strings and address
+/// literals (and its byte index) until it returns true; returns whether a
+/// quoted string or literal was left open. A literal is opaque because its
+/// dcontent may hold `"`, `@` and `>`; it cannot hold `]`.
 fn scan_unquoted(text: &str, mut visit: impl FnMut(usize, char) -> bool) -> bool {
     let mut in_quotes = false;
+    let mut in_literal = false;
     let mut escaped = false;
     for (i, c) in text.char_indices() {
         match c {
             _ if escaped => escaped = false,
+            ']' if in_literal => in_literal = false,
+            _ if in_literal => {}
             '\\' if in_quotes => escaped = true,
             '"' => in_quotes = !in_quotes,
+            '[' if !in_quotes => in_literal = true,
             _ if !in_quotes && visit(i, c) => return false,
             _ => {}
         }
     }
-    in_quotes
+    in_quotes || in_literal
 }
 
-/// Splits at the last `@` outside a quoted string.
+/// Splits at the last `@` outside a quoted string or literal.
 fn split_mailbox(mailbox: &str) -> Result<(&str, Option<&str>), ParseError> {
     let mut at = None;
     let open_quote = scan_unquoted(mailbox, |i, c| {
@@ -302,7 +308,9 @@ fn split_mailbox(mailbox: &str) -> Result<(&str, Option<&str>), ParseError> {
         false
     });
     if open_quote {
-        return Err(ParseError::BadAddress("unterminated quoted string"));
+        return Err(ParseError::BadAddress(
+            "unterminated quoted string or literal",
+        ));
     }
     Ok(match at {
         Some(i) => (&mailbox[..i], Some(&mailbox[i + 1..])),
@@ -729,6 +737,10 @@ mod hygiene {
             ("<u@[X-400:c=us;a=;p=x]>", "X-400:c=us;a=;p=x"),
             ("<u@[tag:a:b:c]>", "tag:a:b:c"),
             ("<u@[t1:!~^_`{|}]>", "t1:!~^_`{|}"),
+            // dcontent may hold what ends a path or splits a mailbox elsewhere.
+            ("<u@[x:a@b]>", "x:a@b"),
+            ("<u@[x:>]>", "x:>"),
+            ("<u@[x:\"]>", "x:\""),
         ] {
             let Ok(Command::Rcpt { to }) = parse_command(format!("RCPT TO:{addr}").as_bytes())
             else {
@@ -883,6 +895,40 @@ mod properties {
         RelayPolicy::new(&["example.org".into()], vec![], vec![])
     }
 
+    /// `path` as sent upstream: printable, spaces only inside its quoted
+    /// local part, and read back as the same mailbox with the same verdict.
+    fn check_round_trip(path: &Path) -> Result<(), TestCaseError> {
+        let wire = path.to_wire();
+        let mut in_quotes = false;
+        let mut escaped = false;
+        for b in wire.bytes() {
+            prop_assert!((0x20..0x7f).contains(&b), "{:?}", wire);
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' if in_quotes => escaped = true,
+                b'"' => in_quotes = !in_quotes,
+                b' ' => prop_assert!(in_quotes, "unquoted space in {:?}", wire),
+                _ => {}
+            }
+        }
+        let back = parse_path(&format!("<{wire}>"));
+        prop_assert!(back.is_ok(), "{:?} -> {:?}: {:?}", path.raw, wire, back);
+        let back = back.unwrap();
+        prop_assert!(back.source_route.is_empty());
+        prop_assert_eq!(&back.local_part, &path.local_part);
+        prop_assert_eq!(&back.domain, &path.domain);
+        prop_assert_eq!(back.to_wire(), wire.clone(), "rendering is not stable");
+        if path.source_route.is_empty() {
+            prop_assert_eq!(
+                policy().classify(&back),
+                policy().classify(path),
+                "{:?}",
+                wire
+            );
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
 
@@ -919,6 +965,81 @@ mod properties {
                     reason,
                     Some(RelayReason::EmbeddedAt | RelayReason::PercentHack | RelayReason::BangPath)
                 ), "{addr} judged {reason:?}");
+            }
+        }
+
+        /// Whatever parses, the text sent upstream parses back to the same
+        /// mailbox, is judged the same, and is printable with spaces only
+        /// inside quotes.
+        #[test]
+        fn rendered_paths_parse_back_the_same(
+            verb in "(RCPT TO:|MAIL FROM:)",
+            addr in "[<>\"@%!.\\\\a-zA-Z0-9:\\[\\], =_-]{0,90}",
+        ) {
+            let path = match parse_command(format!("{verb}{addr}").as_bytes()) {
+                Ok(Command::Rcpt { to }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => to,
+                _ => return Ok(()),
+            };
+            check_round_trip(&path)?;
+        }
+
+        /// Any printable local part, quoted and escaped as a client may,
+        /// at any domain form.
+        #[test]
+        fn quoted_local_parts_round_trip(
+            local in "[ -~]{0,40}",
+            escape_all in any::<bool>(),
+            domain in "(EXAMPLE\\.org\\.?|[a-z0-9]{1,8}(\\.[a-z0-9]([a-z0-9-]{0,5}[a-z0-9])?)?|\\[192\\.0\\.2\\.([0-9]|[1-9][0-9])\\]|\\[IPv6:2001:DB8(:0){0,3}::[0-9a-f]{1,4}\\]|\\[[a-z][a-z0-9-]{0,4}[a-z0-9]:[!-Z^-~]{1,12}\\])",
+        ) {
+            let mut quoted = String::from("\"");
+            for c in local.chars() {
+                if escape_all || c == '"' || c == '\\' {
+                    quoted.push('\\');
+                }
+                quoted.push(c);
+            }
+            quoted.push('"');
+            let line = format!("RCPT TO:<{quoted}@{domain}>");
+            match parse_command(line.as_bytes()) {
+                Ok(Command::Rcpt { to }) => {
+                    prop_assert_eq!(&to.local_part, &local);
+                    check_round_trip(&to)?;
+                }
+                // Only the 64-octet limit (as written or as sent) may refuse it.
+                Err(e) => prop_assert_eq!(e, ParseError::BadAddress("local part longer than 64 octets"), "{}", line),
+                Ok(other) => prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        /// A control byte anywhere in an otherwise valid command is 501 5.5.2.
+        #[test]
+        fn control_bytes_are_always_refused(
+            line in "(MAIL FROM:<a@b.example> SIZE=10|RCPT TO:<\"a b\"@example.org>|EHLO client.example|NOOP|VRFY x)",
+            control in prop_oneof![0u8..0x20, Just(0x7f)],
+            at in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = line.into_bytes();
+            bytes.insert(at.index(bytes.len() + 1), control);
+            prop_assert_eq!(parse_command(&bytes), Err(ParseError::ControlCharacter));
+        }
+
+        /// What a reply may echo (`raw`) and the canonical HELO name never
+        /// carry control bytes, whatever the input.
+        #[test]
+        fn echoed_text_is_printable(line in proptest::collection::vec(any::<u8>(), 0..100), prefix in "(RCPT TO:<|MAIL FROM:<|EHLO |HELO \\[)") {
+            let mut bytes = prefix.into_bytes();
+            bytes.extend(line);
+            let printable = |text: &str| text.bytes().all(|b| (0x20..0x7f).contains(&b));
+            match parse_command(&bytes) {
+                Ok(Command::Rcpt { to }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => {
+                    prop_assert!(printable(&to.raw));
+                    check_round_trip(&to)?;
+                }
+                Ok(Command::Ehlo(name) | Command::Helo(name)) => {
+                    prop_assert!(printable(&name) && !name.contains(' '));
+                    prop_assert_eq!(parse_helo_name(&name), Ok(name.clone()));
+                }
+                _ => {}
             }
         }
 
