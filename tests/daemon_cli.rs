@@ -394,7 +394,7 @@ fn kill_9_during_a_stream_of_changes_keeps_every_acknowledged_one() {
 
     // A tiny compaction threshold: journals rotate and fold into the
     // snapshot all the time, so the kills land in compactions too.
-    const CONFIG: &str = "journal_compact_bytes = 512\n";
+    const CONFIG: &str = "journal_compact_bytes = 1\n";
     let mut lab = lab("killstream");
     listen(&lab.edge, 25).unwrap();
     lab.start_daemon(CONFIG).unwrap();
