@@ -141,7 +141,8 @@ impl ScreenService {
         let Some(engine) = &self.engine else {
             return Screening::Pass;
         };
-        if !self.is_screened(client) {
+        // The allowlist was consulted above; relay networks are never DNSBL-checked.
+        if self.in_relay_networks(client) {
             return Screening::Pass;
         }
         let verdict = engine.check(client, false).await.verdict;
@@ -170,7 +171,11 @@ impl ScreenService {
 
     /// Relay networks and allowlisted prefixes are never DNSBL-checked.
     fn is_screened(&self, client: IpAddr) -> bool {
-        !self.relay_networks.iter().any(|n| n.contains(&client)) && !self.allow.matches(client)
+        !self.in_relay_networks(client) && !self.allow.matches(client)
+    }
+
+    fn in_relay_networks(&self, client: IpAddr) -> bool {
+        self.relay_networks.iter().any(|n| n.contains(&client))
     }
 
     fn kernel(&self) -> MutexGuard<'_, DnsblMaps> {

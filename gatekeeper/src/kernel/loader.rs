@@ -244,11 +244,6 @@ impl Kernel {
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
-
-    /// Detaches from every interface and removes the pins (what dropping does).
-    pub fn shutdown(self) {
-        drop(self);
-    }
 }
 
 /// Teardown is tied to ownership, so every exit path (clean stop, a failed

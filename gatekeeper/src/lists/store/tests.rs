@@ -155,8 +155,9 @@ async fn revert_undoes_only_what_no_later_change_touched() {
     assert_eq!(entries(&open(dir.path(), ListKind::Allow)), before);
 }
 
-#[tokio::test]
-async fn torn_tail_is_cut_off_and_earlier_records_kept() {
+/// A closed denylist whose journal holds three one-entry records; returns
+/// the state dir and the journal's path, for tests that damage it.
+async fn three_entries_journaled() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), ListKind::Deny);
     for i in 1..=3 {
@@ -169,6 +170,12 @@ async fn torn_tail_is_cut_off_and_earlier_records_kept() {
     }
     store.close();
     let path = dir.path().join("deny.journal.0");
+    (dir, path)
+}
+
+#[tokio::test]
+async fn torn_tail_is_cut_off_and_earlier_records_kept() {
+    let (dir, path) = three_entries_journaled().await;
     let intact = std::fs::metadata(&path).unwrap().len();
     let record = journal::encode(&Record {
         ops: vec![(net("192.0.2.99/32"), None)],
@@ -189,18 +196,7 @@ async fn torn_tail_is_cut_off_and_earlier_records_kept() {
 
 #[tokio::test]
 async fn corruption_before_the_tail_refuses_to_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path(), ListKind::Deny);
-    for i in 1..=3 {
-        change(
-            &store,
-            Change::Add(vec![entry(&format!("192.0.2.{i}/32"), None, None)]),
-        )
-        .await
-        .unwrap();
-    }
-    store.close();
-    let path = dir.path().join("deny.journal.0");
+    let (dir, path) = three_entries_journaled().await;
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[14] ^= 0x01; // inside the first record's payload
     std::fs::write(&path, &bytes).unwrap();
