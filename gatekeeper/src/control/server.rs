@@ -272,7 +272,7 @@ async fn serve_connection(stream: UnixStream, handler: Handler, limits: ControlL
                     drop(line);
                     match decoded {
                         Ok(request) => (handler(request).await, false),
-                        Err(refusal) => (refusal, false),
+                        Err(refusal) => (Reply::invalid(refusal.to_string()), false),
                     }
                 }
             };

@@ -223,7 +223,7 @@ impl BlockBitmaps {
     pub fn plan(&mut self, entries: &BTreeMap<IpNet, EntryMeta>, touched: &[IpNet], now_unix: u64) {
         if touched.len() > REBUILD_ABOVE {
             self.wanted = build(entries, now_unix);
-            self.dirty = vec![0..WORDS];
+            self.dirty = std::iter::once(0..WORDS).collect();
         } else {
             let ranges = self.wanted.refresh(entries, touched, now_unix);
             self.dirty.extend(ranges);

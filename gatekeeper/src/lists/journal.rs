@@ -111,7 +111,7 @@ mod tests {
         let meta = EntryMeta {
             reason: Some(format!("r{i}")),
             added: 1000 + u64::from(i),
-            expires: (i % 2 == 0).then_some(5000),
+            expires: i.is_multiple_of(2).then_some(5000),
         };
         Record {
             ops: vec![(net, Some(meta)), ("2001:db8::/32".parse().unwrap(), None)],

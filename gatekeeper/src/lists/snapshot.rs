@@ -51,7 +51,7 @@ pub fn write(
 
 /// Parses a snapshot file's bytes; every defect is an error, never a partial list.
 pub fn decode(bytes: &[u8]) -> Result<Snapshot, &'static str> {
-    if bytes.len() < HEADER || &bytes[..6] != &MAGIC[..6] {
+    if bytes.len() < HEADER || bytes[..6] != MAGIC[..6] {
         return Err("not a gatekeeper snapshot");
     }
     if bytes[..8] != MAGIC[..] {

@@ -145,13 +145,19 @@ impl Pending {
     }
 }
 
+/// Makes a journal durable (fdatasync; tests inject counters and failures).
+pub type Fsync = Arc<dyn Fn(&File) -> std::io::Result<()> + Send + Sync>;
+
+/// The previous state of every prefix a record touched, to undo it.
+type Undo = Vec<(IpNet, Option<EntryMeta>)>;
+
 /// Tuning and test hooks.
 #[derive(Clone)]
 pub struct StoreOptions {
     /// Journal bytes (and at least the snapshot's size) before compaction.
     pub compact_bytes: u64,
     /// How a journal is made durable; tests inject counters and failures.
-    pub fsync: Arc<dyn Fn(&File) -> std::io::Result<()> + Send + Sync>,
+    pub fsync: Fsync,
 }
 
 impl StoreOptions {
@@ -212,7 +218,7 @@ struct State {
     snapshot_bytes: u64,
     written: u64,
     /// Undo information of records not yet fsynced, oldest first.
-    unsynced: VecDeque<(u64, Vec<(IpNet, Option<EntryMeta>)>)>,
+    unsynced: VecDeque<(u64, Undo)>,
     failed: Option<Arc<str>>,
     compacting: bool,
 }
