@@ -174,7 +174,7 @@ pub fn parse_helo_name(text: &str) -> Result<String, ParseError> {
     let invalid = ParseError::Syntax("invalid EHLO/HELO name");
     if arg.starts_with('[') {
         return match parse_domain(arg) {
-            Ok(literal) => Ok(Domain::to_wire(&literal).into_owned()),
+            Ok(literal) => Ok(literal.to_wire().into_owned()),
             Err(_) => Err(invalid),
         };
     }
@@ -463,6 +463,7 @@ impl ReversePath {
 }
 
 impl Domain {
+    /// As parsed: names lower-cased, literals rendered from the address.
     pub fn to_wire(&self) -> std::borrow::Cow<'_, str> {
         match self {
             Domain::Name(name) => name.into(),
