@@ -203,15 +203,19 @@ pub struct FlushSummary {
     pub cached_verdicts_removed: usize,
 }
 
-/// Decodes one request line (without its newline); the refusal is the reply to send.
-pub fn decode_request(line: &[u8]) -> Result<Request, Reply> {
-    let text = std::str::from_utf8(line).map_err(|e| {
-        Reply::invalid(format!(
-            "request is not valid UTF-8 (bad byte at offset {})",
-            e.valid_up_to()
-        ))
-    })?;
-    serde_json::from_str(text).map_err(|e| Reply::invalid(format!("malformed request: {e}")))
+/// Why a request line was refused before reaching a handler.
+#[derive(Debug, thiserror::Error)]
+pub enum BadRequest {
+    #[error("request is not valid UTF-8 (bad byte at offset {0})")]
+    NotUtf8(usize),
+    #[error("malformed request: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Decodes one request line (without its newline).
+pub fn decode_request(line: &[u8]) -> Result<Request, BadRequest> {
+    let text = std::str::from_utf8(line).map_err(|e| BadRequest::NotUtf8(e.valid_up_to()))?;
+    Ok(serde_json::from_str(text)?)
 }
 
 impl Reply {
@@ -288,11 +292,8 @@ mod tests {
 
     fn refusal(line: &str) -> String {
         match decode_request(line.as_bytes()) {
-            Err(Reply::Error {
-                kind: ErrorKind::InvalidInput,
-                message,
-            }) => message,
-            other => panic!("{line} was not refused as invalid input: {other:?}"),
+            Err(e) => e.to_string(),
+            Ok(request) => panic!("{line} was accepted: {request:?}"),
         }
     }
 
@@ -354,12 +355,7 @@ mod tests {
 
     #[test]
     fn invalid_utf8_is_named() {
-        match decode_request(b"{\"op\":\"check\",\"ip\":\"\xff\"}") {
-            Err(Reply::Error {
-                kind: ErrorKind::InvalidInput,
-                message,
-            }) => assert!(message.contains("UTF-8"), "{message}"),
-            other => panic!("accepted: {other:?}"),
-        }
+        let refusal = decode_request(b"{\"op\":\"check\",\"ip\":\"\xff\"}").unwrap_err();
+        assert!(matches!(refusal, BadRequest::NotUtf8(20)), "{refusal}");
     }
 }

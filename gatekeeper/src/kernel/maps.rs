@@ -188,11 +188,7 @@ impl Clock {
             .expires_ns
             .checked_sub(self.monotonic_ns)
             .filter(|&ns| ns > 0)?;
-        Some(
-            self.unix_secs
-                .checked_add(left_ns.div_ceil(NS_PER_SEC))
-                .unwrap_or(u64::MAX),
-        )
+        Some(self.unix_secs.saturating_add(left_ns.div_ceil(NS_PER_SEC)))
     }
 }
 
