@@ -61,7 +61,7 @@ impl ListService {
     pub fn add(&mut self, kind: ListKind, entries: Vec<WireEntry>, replace: bool) -> Reply {
         let items = match parse_entries(entries) {
             Ok(items) => items,
-            Err(e) => return Reply::failed(e.to_string()), // only a clock out of range,
+            Err(e) => return Reply::failed(e.to_string()), // only a clock out of range
         };
         let change = if replace {
             Change::Replace(items)
