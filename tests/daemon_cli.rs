@@ -524,3 +524,165 @@ fn format_1_list_files_are_migrated_on_start() {
     lab.start_daemon("").unwrap();
     assert_eq!(listed(&lab, "deny"), ["2001:db8:1::2/128"]);
 }
+
+/// One raw request line to the daemon, as a client other than the CLI would send it.
+fn raw_request(lab: &Lab, line: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let mut stream = std::os::unix::net::UnixStream::connect(lab.control_socket()).unwrap();
+    stream.write_all(line.as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{reply:?}: {e}"))
+}
+
+#[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
+fn absurd_ttls_and_unknown_fields_are_refused_and_change_nothing() {
+    if !require_kernel_privileges("absurd_ttls_and_unknown_fields_are_refused") {
+        return;
+    }
+    let mut lab = lab("ttlfields");
+    lab.start_daemon("").unwrap();
+    let gk = lab.daemon();
+    for ttl in ["18446744074s", "11y", "0s", "500ms"] {
+        let out = gk.cli(&["deny", "add", "192.0.2.1", "--ttl", ttl]);
+        assert_eq!(out.status.code(), Some(2), "--ttl {ttl}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("TTL"),
+            "--ttl {ttl}: {}",
+            stderr(&out)
+        );
+    }
+    for line in [
+        // `ttl` for `ttl_secs` used to make a permanent entry.
+        r#"{"op":"list_add","list":"deny","entries":[{"prefix":"192.0.2.1","ttl":60}]}"#,
+        r#"{"op":"list_add","list":"deny","entries":[{"prefix":"192.0.2.1","ttl_secs":18446744074}]}"#,
+        r#"{"op":"list_add","list":"deny","entries":[{"prefix":"192.0.2.1","ttl_secs":0}]}"#,
+        r#"{"op":"list_add","list":"deny","entries":[{"prefix":"192.0.2.7/24"}]}"#,
+        r#"{"op":"list_add","list":"deny","entries":[],"replace":true}"#,
+        r#"{"op":"stats","verbose":true}"#,
+    ] {
+        let reply = raw_request(&lab, line);
+        assert_eq!(reply["reply"], "error", "{line}: {reply}");
+        assert_eq!(reply["kind"], "invalid_input", "{line}: {reply}");
+    }
+    assert!(
+        listed(&lab, "deny").is_empty(),
+        "nothing may have been listed"
+    );
+
+    // The largest TTL is fine, and its expiry is what was asked for.
+    ok(gk.cli(&["deny", "add", "192.0.2.1", "--ttl", "10y"]));
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(gk.cli(&["deny", "list", "--json"]))).unwrap();
+    let entry = &list[0];
+    let lifetime = entry["expires"].as_u64().unwrap() - entry["added"].as_u64().unwrap();
+    assert!(
+        (315_576_000..315_576_000 + 60).contains(&lifetime),
+        "10y became {lifetime} s"
+    );
+}
+
+/// `gatekeeper --control SOCKET stats` as uid 65534 with the given group options.
+fn stats_as_nobody(lab: &Lab, groups: &[&str]) -> Output {
+    Command::new("setpriv")
+        .arg("--reuid=65534")
+        .args(groups)
+        .args(["--inh-caps=-all", "--bounding-set=-all"])
+        .arg(gatekeeper_bin())
+        .arg("--control")
+        .arg(lab.control_socket())
+        .args(["stats", "--json"])
+        .output()
+        .unwrap()
+}
+
+fn socket_mode_and_gid(lab: &Lab) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(lab.control_socket()).unwrap();
+    (meta.mode() & 0o7777, meta.gid())
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
+fn control_socket_serves_root_and_control_group_only() {
+    if !require_kernel_privileges("control_socket_serves_root_and_control_group_only") {
+        return;
+    }
+    const GROUP: &str = "4242"; // numeric: no /etc/group entry needed
+    let no_groups = ["--regid=65534", "--clear-groups"];
+    let mut lab = lab("peercred");
+    lab.start_daemon("").unwrap();
+    assert_eq!(socket_mode_and_gid(&lab).0, 0o600);
+    chmod(lab.dir(), 0o755);
+    let out = stats_as_nobody(&lab, &no_groups);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("permission denied"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Even if the file mode let it in, the daemon checks the peer itself.
+    chmod(&lab.control_socket(), 0o666);
+    let out = stats_as_nobody(&lab, &no_groups);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("uid 65534 may not use the control socket"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        lab.daemon()
+            .log_text()
+            .contains("control connection refused"),
+        "refusal not logged:\n{}",
+        lab.daemon().log_text()
+    );
+    ok(lab.daemon().cli(&["stats"]));
+
+    lab.take_daemon().stop().unwrap();
+    lab.start_daemon(&format!("control_group = \"{GROUP}\""))
+        .unwrap();
+    assert_eq!(socket_mode_and_gid(&lab), (0o660, 4242));
+    let group_opt = format!("--groups={GROUP}");
+    let primary_opt = format!("--regid={GROUP}");
+    for (how, opts) in [
+        ("supplementary", ["--regid=65534", group_opt.as_str()]),
+        ("primary", [primary_opt.as_str(), "--clear-groups"]),
+    ] {
+        let out = stats_as_nobody(&lab, &opts);
+        assert!(
+            out.status.success(),
+            "{how} member refused: {}",
+            stderr(&out)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+    }
+    let out = stats_as_nobody(&lab, &no_groups);
+    assert_eq!(out.status.code(), Some(1), "non-member: {}", stderr(&out));
+    chmod(&lab.control_socket(), 0o666);
+    let out = stats_as_nobody(&lab, &no_groups);
+    assert_eq!(out.status.code(), Some(1), "non-member: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not in control_group '4242'"),
+        "{}",
+        stderr(&out)
+    );
+    ok(lab.daemon().cli(&["stats"]));
+
+    lab.take_daemon().stop().unwrap();
+    let err = lab
+        .start_daemon("control_group = \"gkt-no-such-group\"")
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("control_group: no such group 'gkt-no-such-group'"),
+        "{err:#}"
+    );
+}

@@ -559,6 +559,7 @@ fn xclient_tells_a_postfix_like_mta_the_real_client() {
 }
 
 #[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn the_mta_receives_rebuilt_commands_and_never_control_bytes() {
     if !require_kernel_privileges("the_mta_receives_rebuilt_commands_and_never_control_bytes") {
         return;

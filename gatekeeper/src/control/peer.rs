@@ -82,7 +82,7 @@ impl Access {
         match peer_groups(socket) {
             Ok(groups) if groups.contains(&group.gid) => Ok(()),
             Ok(_) => Err(format!(
-                "permission denied: uid {} is neither root nor in control_group '{}'",
+                "permission denied: uid {} is not root and not in control_group '{}'",
                 peer.uid, group.name
             )),
             Err(e) => Err(format!(

@@ -434,6 +434,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_cli_client_sees_the_refusal_of_a_request_far_over_the_cap() {
+        use crate::control::protocol::WireEntry;
+        use crate::lists::ListKind;
+        let limits = ControlLimits {
+            max_line_bytes: 1024,
+            ..ControlLimits::default()
+        };
+        let (_dir, path) = start(limits);
+        // Megabytes the daemon never reads: the client's write fails, the reply still arrives.
+        let entries = (0..100_000u32)
+            .map(|i| WireEntry {
+                prefix: std::net::IpAddr::from(std::net::Ipv4Addr::from(i)).into(),
+                reason: Some("bulk".into()),
+                ttl_secs: None,
+            })
+            .collect();
+        let request = Request::ListAdd {
+            list: ListKind::Deny,
+            entries,
+        };
+        let reply =
+            tokio::task::spawn_blocking(move || crate::control::client::send(&path, &request))
+                .await
+                .unwrap()
+                .unwrap();
+        let (kind, message) = error(reply);
+        assert_eq!(kind, ErrorKind::InvalidInput);
+        assert!(message.contains("longer than 1024 bytes"), "{message}");
+    }
+
+    #[tokio::test]
     async fn invalid_utf8_gets_an_error_and_the_connection_lives_on() {
         let (_dir, path) = start(ControlLimits::default());
         let mut client = Client::connect(&path).await;
@@ -491,7 +522,8 @@ mod tests {
         drop(held.remove(0));
         loop {
             let mut client = Client::connect(&path).await;
-            client.send(STATS).await;
+            // Refused while the slot is still being released: the write may meet a closed socket.
+            let _ = client.writer.write_all(STATS).await;
             if let Reply::Changed(_) = client.reply().await {
                 break;
             }
