@@ -686,3 +686,50 @@ fn control_socket_serves_root_and_control_group_only() {
         "{err:#}"
     );
 }
+
+/// No daemon, no root: `config check` reads the file and reports.
+#[test]
+fn config_check_names_every_problem_at_once_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gatekeeper.toml");
+    let check = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        Command::new(gatekeeper_bin())
+            .args(["config", "check"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let out = check(
+        "interfaces = [\"eth0\", \"eth0\"]\nintrefaces = [\"eth1\"]\nprotected_ports = [25, 70000]\n\
+         [smtp]\nupstream = \"127.0.0.1:10025\"\nlisten = [\"0.0.0.0:25\", \"0.0.0.0:587\", \"bad\"]\n\
+         [dnsbl]\nzones = [\"bl.example.org\"]\nthreshold = 2\n",
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let text = stderr(&out);
+    for expected in [
+        "intrefaces: unknown field",
+        "protected_ports[1]",
+        "smtp.listen[2]",
+        "interfaces[1]: 'eth0' is listed twice",
+        "dnsbl.threshold: 2 cannot be reached",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+    // Warnings alone leave the file valid.
+    let out = check(
+        "interfaces = [\"eth0\"]\n[smtp]\nupstream = \"127.0.0.1:10025\"\nlisten = [\"0.0.0.0:587\"]\n",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("smtp.listen[0]: port 587 is not in protected_ports"),
+        "{}",
+        stderr(&out)
+    );
+    let missing = Command::new(gatekeeper_bin())
+        .args(["config", "check"])
+        .arg(dir.path().join("absent.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+}

@@ -57,6 +57,24 @@ pub enum Command {
         #[command(subcommand)]
         action: DnsblAction,
     },
+    /// Make the running daemon re-read its config file and apply it live
+    /// (exit 0 applied, 2 refused with every error named, 1 daemon not reachable).
+    Reload,
+    /// Work with config files without a daemon.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Report every error and warning in a config file at once (exit 0 valid, 2 invalid).
+    Check {
+        /// The file to check; default: the `--config` path.
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

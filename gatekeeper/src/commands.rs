@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{Cli, Command, DnsblAction, ListAction};
+use crate::cli::{Cli, Command, ConfigAction, DnsblAction, ListAction};
+use crate::config::check::check_text;
 use crate::config::{Config, DEFAULT_PATH};
 use crate::control::client;
 use crate::control::protocol::{
@@ -21,6 +22,12 @@ use crate::lists::ListKind;
 pub struct UsageError(pub String);
 
 pub fn dispatch(cli: &Cli) -> Result<()> {
+    if let Command::Config {
+        action: ConfigAction::Check { file },
+    } = &cli.command
+    {
+        return config_check(file.as_deref().unwrap_or(&cli.config));
+    }
     let socket = control_socket(cli)?;
     match &cli.command {
         Command::Run => unreachable!("handled by main"),
@@ -29,6 +36,61 @@ pub fn dispatch(cli: &Cli) -> Result<()> {
         Command::Stats { json } => stats(&socket, *json),
         Command::Check { ip, fresh, json } => check(&socket, ip, *fresh, *json),
         Command::Dnsbl { action } => dnsbl_action(&socket, action),
+        Command::Reload => reload(&socket),
+        Command::Config { .. } => unreachable!("handled above"),
+    }
+}
+
+/// Prints every finding, one per line; only errors make the file invalid.
+fn config_check(path: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UsageError(format!("cannot read {}: {e}", path.display())))?;
+    let (_, findings) = check_text(&text);
+    for warning in &findings.warnings {
+        eprintln!("{}: warning: {warning}", path.display());
+    }
+    for error in &findings.errors {
+        eprintln!("{}: error: {error}", path.display());
+    }
+    if !findings.is_ok() {
+        return Err(UsageError(format!(
+            "{}: {} error(s), {} warning(s)",
+            path.display(),
+            findings.errors.len(),
+            findings.warnings.len()
+        ))
+        .into());
+    }
+    println!(
+        "{}: valid ({} warning(s))",
+        path.display(),
+        findings.warnings.len()
+    );
+    Ok(())
+}
+
+fn reload(socket: &std::path::Path) -> Result<()> {
+    match client::send(socket, &Request::Reload {})? {
+        Reply::Reloaded(summary) => {
+            for warning in &summary.warnings {
+                eprintln!("warning: {warning}");
+            }
+            if summary.applied.is_empty() {
+                println!("reloaded: no changes");
+            } else {
+                println!("reloaded: {}", summary.applied.join(", "));
+            }
+            Ok(())
+        }
+        Reply::Error {
+            kind: ErrorKind::InvalidInput,
+            message,
+        } => Err(UsageError(format!(
+            "reload refused, the running config is unchanged:\n{message}"
+        ))
+        .into()),
+        Reply::Error { message, .. } => bail!("reload failed: {message}"),
+        _ => bail!("unexpected reply from the daemon"),
     }
 }
 

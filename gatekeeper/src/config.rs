@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::findings::{duplicates, Findings};
+
+pub mod check;
+
 pub const DEFAULT_PATH: &str = "/etc/gatekeeper/gatekeeper.toml";
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,36 +110,53 @@ pub enum ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Ok(Config::load_with_warnings(path)?.0)
+    }
+
+    /// The config and the warnings `gatekeeper config check` would print.
+    pub fn load_with_warnings(path: &Path) -> Result<(Config, Vec<String>), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text).map_err(|message| ConfigError::Invalid {
+        let invalid = |message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
-        })
+        };
+        let (config, findings) = check::check_text(&text);
+        let warnings = findings.warnings.clone();
+        findings.into_result().map_err(invalid)?;
+        let config = config.ok_or_else(|| invalid("unreadable config".into()))?;
+        Ok((config, warnings))
     }
 
-    /// Parses and validates; the error is one line naming the offending key.
+    /// Parses and validates; the error is one line naming every offending key.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
-        config.validate()?;
-        Ok(config)
+        let (config, findings) = check::check_text(text);
+        findings.into_result()?;
+        config.ok_or_else(|| "unreadable config".to_owned())
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// The checks that need the whole config; `check_text` runs them.
+    fn check(&self, findings: &mut Findings) {
         if self.protected_ports.is_empty() {
-            return Err("protected_ports: must list at least one port".into());
+            findings.error("protected_ports: must list at least one port");
         }
         if self.protected_ports.contains(&0) {
-            return Err("protected_ports: port 0 is not a valid TCP port".into());
+            findings.error("protected_ports: port 0 is not a valid TCP port");
+        }
+        for message in duplicates("protected_ports", &self.protected_ports) {
+            findings.warn(message);
         }
         for (i, name) in self.interfaces.iter().enumerate() {
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                return Err(format!(
+                findings.error(format!(
                     "interfaces[{i}]: '{name}' is not a valid interface name"
                 ));
             }
+        }
+        for message in duplicates("interfaces", &self.interfaces) {
+            findings.error(message);
         }
         for (key, value) in [
             ("maps.deny_v4", self.maps.deny_v4),
@@ -146,35 +167,37 @@ impl Config {
             ("maps.dnsbl_v6", self.maps.dnsbl_v6),
         ] {
             if value == 0 {
-                return Err(format!("{key}: capacity must be at least 1"));
+                findings.error(format!("{key}: capacity must be at least 1"));
             }
         }
         if let Some(group) = &self.control_group {
             if group.is_empty()
                 || group.contains(|c: char| c.is_whitespace() || c == ':' || c == '/')
             {
-                return Err(format!("control_group: '{group}' is not a group name"));
+                findings.error(format!("control_group: '{group}' is not a group name"));
             }
         }
         if self.journal_compact_bytes == 0 {
-            return Err("journal_compact_bytes: must be at least 1".into());
+            findings.error("journal_compact_bytes: must be at least 1");
         }
         if let Some(smtp) = &self.smtp {
-            smtp.validate()?;
-            let ttl = smtp.pregreet_deny_ttl;
-            if !ttl.is_zero() && ttl.as_secs() > crate::lists::ttl::MAX_TTL_SECS {
-                return Err(format!(
-                    "smtp.pregreet_deny_ttl: over the maximum TTL of {} s (10y)",
-                    crate::lists::ttl::MAX_TTL_SECS
-                ));
+            smtp.check(findings);
+            // XDP judges SYNs to protected_ports only; the screen still
+            // refuses listed clients on other ports, after the handshake.
+            for (i, addr) in smtp.listen.iter().enumerate() {
+                if !self.protected_ports.contains(&addr.port()) {
+                    findings.warn(format!(
+                        "smtp.listen[{i}]: port {} is not in protected_ports: XDP will not drop listed sources' SYNs to it (the SMTP front end still refuses them)",
+                        addr.port()
+                    ));
+                }
             }
         }
         if let Some(dnsbl) = &self.dnsbl {
-            dnsbl.validate()?;
+            dnsbl.check(findings);
             if self.smtp.is_none() {
-                return Err(
-                    "dnsbl: DNSBL checks run at SMTP connection time; configure [smtp] too".into(),
-                );
+                findings
+                    .error("dnsbl: DNSBL checks run at SMTP connection time; configure [smtp] too");
             }
         }
         for (key, path) in [
@@ -183,27 +206,12 @@ impl Config {
             ("bpffs_dir", &self.bpffs_dir),
         ] {
             if !path.is_absolute() {
-                return Err(format!(
+                findings.error(format!(
                     "{key}: '{}' must be an absolute path",
                     path.display()
                 ));
             }
         }
-        Ok(())
-    }
-}
-
-/// Flattens toml's multi-line diagnostic into "line N: message".
-fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().replace('\n', " ");
-    match error.span() {
-        Some(span) => {
-            let start = span.start.min(text.len());
-            let line_no = text[..start].matches('\n').count() + 1;
-            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
-            format!("line {line_no} `{line}`: {message}")
-        }
-        None => message,
     }
 }
 
@@ -260,7 +268,7 @@ threshold = 3
             ("interfaces = [\"eth0\"]\nintrefaces = 1", "intrefaces"),
             (
                 "interfaces = [\"eth0\"]\nprotected_ports = [70000]",
-                "line 2",
+                "protected_ports[0]",
             ),
             (
                 "interfaces = [\"eth0\"]\nprotected_ports = []",

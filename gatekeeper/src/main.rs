@@ -37,9 +37,12 @@ fn run_daemon(cli: &Cli) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let config = config::Config::load(&cli.config)?;
+    let (config, warnings) = config::Config::load_with_warnings(&cli.config)?;
+    for warning in warnings {
+        tracing::warn!("config: {warning}");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(daemon::run(config))
+        .block_on(daemon::run(config, cli.config.clone()))
 }

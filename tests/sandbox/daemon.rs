@@ -32,11 +32,26 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `gatekeeper run -c config` in `ns` and waits until it answers on `control`.
     pub fn start(ns: &Netns, config: &Path, control: &Path, log: &Path) -> Result<Daemon> {
+        let mut daemon = Daemon::spawn(ns, config, control, log, &[])?;
+        daemon.wait_ready()?;
+        Ok(daemon)
+    }
+
+    /// Starts the daemon without waiting for it (a test that waits for
+    /// systemd's READY=1 itself).
+    pub fn spawn(
+        ns: &Netns,
+        config: &Path,
+        control: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         let log_file = std::fs::File::create(log)?;
         let child = ns
             .command(gatekeeper_bin().to_str().context("binary path")?)
             .args(["run", "-c"])
             .arg(config)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("GATEKEEPER_LOG").unwrap_or("info".into()),
@@ -46,13 +61,11 @@ impl Daemon {
             .stderr(log_file)
             .spawn()
             .context("spawning gatekeeper run")?;
-        let mut daemon = Daemon {
+        Ok(Daemon {
             child: Some(child),
             log: log.to_owned(),
             control: control.to_owned(),
-        };
-        daemon.wait_ready()?;
-        Ok(daemon)
+        })
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -105,6 +118,16 @@ impl Daemon {
         self.stats()[name]
             .as_u64()
             .unwrap_or_else(|| panic!("stats has no counter {name}"))
+    }
+
+    /// Sends SIGHUP: reload the config file.
+    pub fn hangup(&self) -> Result<()> {
+        let child = self.child.as_ref().context("daemon not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )?;
+        Ok(())
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -131,22 +131,46 @@ impl Lab {
         )
     }
 
+    /// Where the daemon's config lives (rewrite it, then reload).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir().join("gatekeeper.toml")
+    }
+
     pub fn write_config(&self, extra: &str) -> Result<PathBuf> {
-        let path = self.dir().join("gatekeeper.toml");
-        std::fs::write(&path, self.config(extra))?;
-        Ok(path)
+        std::fs::write(self.config_path(), self.config(extra))?;
+        Ok(self.config_path())
     }
 
     /// Starts the daemon on the edge with `config(extra)`.
     pub fn start_daemon(&mut self, extra: &str) -> Result<()> {
         let config = self.write_config(extra)?;
-        let log = self
-            .dir()
-            .join(format!("daemon-{}.log", self.daemon_starts()));
+        let log = self.next_log();
         let daemon = Daemon::start(&self.edge, &config, &self.control_socket(), &log)
             .context("starting gatekeeper")?;
         self.daemon = Some(daemon);
         Ok(())
+    }
+
+    /// Starts the daemon with this whole config text and environment, and
+    /// does not wait for it: the caller knows when it is ready.
+    pub fn spawn_daemon(&mut self, config: &str, env: &[(&str, &str)]) -> Result<()> {
+        std::fs::write(self.config_path(), config)?;
+        let log = self.next_log();
+        let daemon = Daemon::spawn(
+            &self.edge,
+            &self.config_path(),
+            &self.control_socket(),
+            &log,
+            env,
+        )
+        .context("starting gatekeeper")?;
+        self.daemon = Some(daemon);
+        Ok(())
+    }
+
+    fn next_log(&self) -> PathBuf {
+        self.dir()
+            .join(format!("daemon-{}.log", self.daemon_starts()))
     }
 
     fn daemon_starts(&self) -> usize {

@@ -64,6 +64,8 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ip: Option<IpAddr>,
     },
+    /// Re-read the daemon's config file and apply it live.
+    Reload {},
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +77,7 @@ pub enum Reply {
     Checked(CheckReport),
     DnsblListed { entries: Vec<DnsblListedEntry> },
     DnsblFlushed(FlushSummary),
+    Reloaded(ReloadSummary),
     Error { kind: ErrorKind, message: String },
 }
 
@@ -201,6 +204,15 @@ pub struct DnsblListedEntry {
 pub struct FlushSummary {
     pub kernel_entries_removed: usize,
     pub cached_verdicts_removed: usize,
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadSummary {
+    /// The parts whose settings changed (`smtp`, `dnsbl`, `protected_ports`, `interfaces`).
+    pub applied: Vec<String>,
+    /// The new file's warnings (as `gatekeeper config check` prints them).
+    pub warnings: Vec<String>,
 }
 
 /// Why a request line was refused; sent back as an `invalid_input` reply.

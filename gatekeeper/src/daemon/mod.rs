@@ -8,20 +8,25 @@
 //! anything a task holds can keep the teardown from running.
 
 mod lists;
+mod notify;
+mod reload;
 mod router;
 mod screen;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::clock::unix_now;
 use crate::config::Config;
+use crate::control::protocol::Reply;
 use crate::control::server::ControlSocket;
 use crate::kernel::{check_privileges, Kernel};
 use crate::lists::store::{Change, ListStore, NewEntry, StoreOptions};
@@ -30,6 +35,7 @@ use crate::lists::ListKind;
 use crate::persist::remove_stale_temp_files;
 use crate::smtp::{self, stats::SmtpStats, SmtpContext};
 use lists::ListService;
+use reload::Live;
 use router::Router;
 use screen::ScreenService;
 
@@ -38,10 +44,10 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// Beyond the SMTP drain: time for the other tasks to notice the shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-pub async fn run(config: Config) -> Result<()> {
+/// Runs the daemon until SIGTERM/SIGINT; `path` is re-read on reload.
+pub async fn run(config: Config, path: PathBuf) -> Result<()> {
     check_privileges()?;
     raise_file_limit();
-    warn_about_unprotected_listen_ports(&config);
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir {}: cannot create", config.state_dir.display()))?;
     let stale = remove_stale_temp_files(&config.state_dir)
@@ -73,17 +79,22 @@ pub async fn run(config: Config) -> Result<()> {
     let smtp_stats = smtp_listeners
         .as_ref()
         .map(|_| Arc::new(SmtpStats::default()));
+    let (reload_requests, mut reloads) = mpsc::channel(4);
     let router = Arc::new(Router {
         lists: lists.clone(),
         screen: screen.clone(),
         kernel: status,
         started: Instant::now(),
         smtp_stats: smtp_stats.clone(),
+        reloads: reload_requests,
     });
     // Zones are judged before the first client (or `check`) is, so a zone
     // listing the world never blocks anyone. Costs at most one DNSBL timeout.
+    let mut health_watch = None;
     if let Some(engine) = screen.start_health_checks().await {
-        tasks.spawn(until_cancelled(shutdown.clone(), engine.watch_health()));
+        let watch = shutdown.child_token();
+        tasks.spawn(until_cancelled(watch.clone(), engine.watch_health()));
+        health_watch = Some(watch);
     }
     let socket_path = control.path().to_owned();
     tasks.spawn(until_cancelled(
@@ -94,7 +105,9 @@ pub async fn run(config: Config) -> Result<()> {
         shutdown.clone(),
         sweep_expired(lists.clone(), screen.clone()),
     ));
+    tasks.spawn(until_cancelled(shutdown.clone(), notify::watchdog()));
     let mut drain = Duration::ZERO;
+    let mut smtp_contexts = None;
     if let (Some(smtp_config), Some(listeners), Some(stats)) =
         (config.smtp.clone(), smtp_listeners, smtp_stats)
     {
@@ -102,13 +115,52 @@ pub async fn run(config: Config) -> Result<()> {
         let hook = pregreet_hook(&smtp_config, lists.clone());
         let mut ctx = SmtpContext::new(smtp_config, stats, hook)?;
         ctx.screen = Some(screen_hook(screen.clone()));
-        tasks.spawn(smtp::serve(listeners, Arc::new(ctx), shutdown.clone()));
+        let (publish, contexts) = watch::channel(Arc::new(ctx));
+        tasks.spawn(smtp::serve(listeners, contexts, shutdown.clone()));
+        smtp_contexts = Some(publish);
     }
-    tasks.close();
     info!(socket = %socket_path.display(), "gatekeeper running");
+    notify::ready();
 
-    wait_for_signal().await?;
+    let mut live = Live {
+        path,
+        config,
+        kernel,
+        screen: screen.clone(),
+        lists: lists.clone(),
+        smtp: smtp_contexts,
+        health_watch,
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let mut signals = Signals::install()?;
+    loop {
+        tokio::select! {
+            event = signals.next() => match event {
+                SignalEvent::Stop(name) => {
+                    info!("{name} received, shutting down");
+                    break;
+                }
+                SignalEvent::Hangup => {
+                    info!("SIGHUP received, reloading {}", live.path.display());
+                    if let Reply::Error { message, .. } = live.reload().await {
+                        warn!("reload refused: {}", message.replace('\n', "; "));
+                    }
+                }
+            },
+            Some(respond) = reloads.recv() => {
+                let _ = respond.send(live.reload().await);
+            }
+        }
+    }
+    notify::stopping();
+    drain = live
+        .config
+        .smtp
+        .as_ref()
+        .map_or(drain, |smtp| smtp.drain_timeout);
     shutdown.cancel();
+    tasks.close();
     if tokio::time::timeout(drain + SHUTDOWN_GRACE, tasks.wait())
         .await
         .is_err()
@@ -120,41 +172,52 @@ pub async fn run(config: Config) -> Result<()> {
     }
     screen.save_cache();
     lists.close().await;
-    drop(kernel);
+    drop(live);
     info!("gatekeeper stopped");
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM received, shutting down"),
-        _ = sigint.recv() => info!("SIGINT received, shutting down"),
+/// The signals the main loop answers.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("installing the {name} handler"))
+        };
+        Ok(Signals {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            hup: install(SignalKind::hangup(), "SIGHUP")?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) -> SignalEvent {
+        tokio::select! {
+            _ = self.term.recv() => SignalEvent::Stop("SIGTERM"),
+            _ = self.int.recv() => SignalEvent::Stop("SIGINT"),
+            _ = self.hup.recv() => SignalEvent::Hangup,
+        }
+    }
+}
+
+enum SignalEvent {
+    Stop(&'static str),
+    Hangup,
 }
 
 /// Runs `task` until it ends or the daemon shuts down, whichever is first.
-async fn until_cancelled(shutdown: CancellationToken, task: impl std::future::Future<Output = ()>) {
+pub(crate) async fn until_cancelled(
+    shutdown: CancellationToken,
+    task: impl std::future::Future<Output = ()>,
+) {
     tokio::select! {
         () = task => {}
         () = shutdown.cancelled() => {}
-    }
-}
-
-/// XDP judges SYNs to `protected_ports` only; a front-end port outside them
-/// still refuses listed clients (the screen), but only after the handshake.
-fn warn_about_unprotected_listen_ports(config: &Config) {
-    let Some(smtp) = &config.smtp else { return };
-    for addr in &smtp.listen {
-        let port = addr.port();
-        if !config.protected_ports.contains(&port) {
-            warn!(
-                %addr,
-                "smtp.listen port {port} is not in protected_ports: XDP will not drop listed sources' SYNs to it (the SMTP front end still refuses them)"
-            );
-        }
     }
 }
 
@@ -189,7 +252,10 @@ fn screen_hook(screen: Arc<ScreenService>) -> smtp::Screen {
 /// With `pregreet_deny_ttl` set, a client that talks before the greeting is
 /// denylisted in the kernel for that long (its /64 for IPv6: the hook gets
 /// the client's group).
-fn pregreet_hook(config: &smtp::SmtpConfig, lists: Arc<ListService>) -> Option<smtp::PregreetHook> {
+pub(crate) fn pregreet_hook(
+    config: &smtp::SmtpConfig,
+    lists: Arc<ListService>,
+) -> Option<smtp::PregreetHook> {
     if config.pregreet_deny_ttl.is_zero() {
         return None;
     }

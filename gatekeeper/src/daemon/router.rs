@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::sync::{mpsc, oneshot};
+
 use gatekeeper_common::Counter;
 
 use super::lists::{Changed, ListError, ListService};
@@ -26,6 +28,8 @@ pub struct Router {
     pub kernel: KernelStatus,
     pub started: Instant,
     pub smtp_stats: Option<Arc<SmtpStats>>,
+    /// To the main loop, which owns what a reload changes.
+    pub reloads: mpsc::Sender<oneshot::Sender<Reply>>,
 }
 
 impl Router {
@@ -48,6 +52,7 @@ impl Router {
                 Err(e @ ScreenError::Kernel(_)) => Reply::failed(e.to_string()),
             },
             Request::Stats {} => self.stats().await,
+            Request::Reload {} => self.reload().await,
             Request::ListAdd { list, entries } => match new_entries(entries) {
                 Ok(items) => changed(self.lists.change(list, Change::Add(items)).await),
                 Err(e) => Reply::invalid(e.to_string()),
@@ -74,6 +79,16 @@ impl Router {
                     .collect(),
             },
         }
+    }
+
+    async fn reload(&self) -> Reply {
+        let (respond, reply) = oneshot::channel();
+        if self.reloads.send(respond).await.is_err() {
+            return Reply::failed("the daemon is shutting down");
+        }
+        reply
+            .await
+            .unwrap_or_else(|_| Reply::failed("the daemon is shutting down"))
     }
 
     async fn stats(&self) -> Reply {

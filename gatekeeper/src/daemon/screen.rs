@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use anyhow::Result;
 use ipnet::IpNet;
@@ -23,12 +23,13 @@ use crate::smtp::{ScreenRefusal, Screening};
 const CACHE_FILE: &str = "dnsbl-cache.json";
 
 pub struct ScreenService {
-    /// `None` without `[dnsbl]`: `check` still reports the map state.
-    engine: Option<Arc<DnsblEngine>>,
+    /// `None` without `[dnsbl]`: `check` still reports the map state. A
+    /// reload swaps it; checks in flight finish on the engine they started on.
+    engine: RwLock<Option<Arc<DnsblEngine>>>,
     kernel: Mutex<DnsblMaps>,
     allow: PrefixView,
     deny: PrefixView,
-    relay_networks: Vec<IpNet>,
+    relay_networks: RwLock<Vec<IpNet>>,
     cache_path: PathBuf,
     blocked: AtomicU64,
 }
@@ -41,15 +42,11 @@ impl ScreenService {
             .take_dnsbl_maps()
             .ok_or_else(|| anyhow::anyhow!("the kernel DNSBL maps were already taken"))?;
         let service = ScreenService {
-            engine: config.dnsbl.clone().map(DnsblEngine::new).transpose()?,
+            engine: RwLock::new(config.dnsbl.clone().map(DnsblEngine::new).transpose()?),
             kernel: Mutex::new(maps),
             allow: PrefixView::allow(kernel.pin_dir())?,
             deny: PrefixView::deny(kernel.pin_dir())?,
-            relay_networks: config
-                .smtp
-                .as_ref()
-                .map(|s| s.relay_networks.clone())
-                .unwrap_or_default(),
+            relay_networks: RwLock::new(relay_networks(config)),
             cache_path: config.state_dir.join(CACHE_FILE),
             blocked: AtomicU64::new(0),
         };
@@ -57,8 +54,57 @@ impl ScreenService {
         Ok(Arc::new(service))
     }
 
+    fn engine(&self) -> Option<Arc<DnsblEngine>> {
+        self.engine
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Applies a reloaded config: the new engine (built and health-checked by
+    /// the caller) and relay networks serve the next screen. Verdicts carry
+    /// over unless the zone set or threshold changed; then the cache goes and
+    /// so do the kernel entries its verdicts made. Returns whether they went.
+    pub fn reconfigure(
+        &self,
+        engine: Option<Arc<DnsblEngine>>,
+        config: &Config,
+    ) -> Result<bool, ScreenError> {
+        let old = self.engine();
+        let same_verdicts = match (&old, &engine) {
+            (Some(old), Some(new)) => old.config().fingerprint() == new.config().fingerprint(),
+            (None, None) => true,
+            _ => false,
+        };
+        if let (true, Some(old), Some(new)) = (same_verdicts, &old, &engine) {
+            new.adopt_cache(old);
+        }
+        *self.engine.write().unwrap_or_else(PoisonError::into_inner) = engine;
+        self.reconfigure_relay_networks(config);
+        if same_verdicts || old.is_none() {
+            return Ok(false);
+        }
+        let removed = self
+            .kernel()
+            .flush()
+            .map_err(|e| ScreenError::Kernel(format!("{e:#}")))?;
+        info!(
+            kernel_entries = removed,
+            "DNSBL zones or threshold changed: verdicts dropped"
+        );
+        Ok(true)
+    }
+
+    /// Relay networks are never DNSBL-checked: they follow `smtp.relay_networks`.
+    pub fn reconfigure_relay_networks(&self, config: &Config) {
+        *self
+            .relay_networks
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = relay_networks(config);
+    }
+
     fn reload_cache(&self) {
-        let Some(engine) = &self.engine else { return };
+        let Some(engine) = self.engine() else { return };
         let now = unix_now();
         let loaded = engine
             .cache()
@@ -90,12 +136,12 @@ impl ScreenService {
 
     /// Saves still-valid verdicts for the next start.
     pub fn save_cache(&self) {
-        let Some(engine) = &self.engine else { return };
+        let Some(engine) = self.engine() else { return };
         let fingerprint = engine.config().fingerprint();
-        match engine
+        let saved = engine
             .cache()
-            .save(&self.cache_path, &fingerprint, unix_now())
-        {
+            .save(&self.cache_path, &fingerprint, unix_now());
+        match saved {
             Ok(count) => info!(verdicts = count, "DNSBL verdict cache saved"),
             Err(e) => {
                 warn!(error = %e, path = %self.cache_path.display(), "saving the DNSBL verdict cache failed")
@@ -106,7 +152,7 @@ impl ScreenService {
     /// Checks zone health once now; returns the engine, whose
     /// `watch_health` then re-checks every `health_interval`.
     pub async fn start_health_checks(&self) -> Option<Arc<DnsblEngine>> {
-        let engine = self.engine.clone()?;
+        let engine = self.engine()?;
         engine.check_health().await;
         for (zone, health) in engine.zone_health() {
             info!(%zone, health = health.name(), "DNSBL zone checked");
@@ -138,7 +184,7 @@ impl ScreenService {
             info!(%client, %zone, "DNSBL-listed client reached the SMTP front end; refused");
             return Screening::Refuse(ScreenRefusal::Dnsbl(dnsbl_reply(client, &zone)));
         }
-        let Some(engine) = &self.engine else {
+        let Some(engine) = self.engine() else {
             return Screening::Pass;
         };
         // The allowlist was consulted above; relay networks are never DNSBL-checked.
@@ -162,8 +208,7 @@ impl ScreenService {
 
     /// The zone a live kernel DNSBL entry came from, as the cache remembers it.
     fn listing_zone(&self, client: IpAddr) -> String {
-        self.engine
-            .as_ref()
+        self.engine()
             .and_then(|engine| engine.cache().get(client, unix_now()))
             .and_then(|verdict| verdict.blocked_by.clone())
             .unwrap_or_else(|| "DNSBL".into())
@@ -175,7 +220,11 @@ impl ScreenService {
     }
 
     fn in_relay_networks(&self, client: IpAddr) -> bool {
-        self.relay_networks.iter().any(|n| n.contains(&client))
+        self.relay_networks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|n| n.contains(&client))
     }
 
     fn kernel(&self) -> MutexGuard<'_, DnsblMaps> {
@@ -209,7 +258,7 @@ impl ScreenService {
                 dnsbl_until,
                 xdp_verdict: xdp_verdict.into(),
             },
-            screened: self.engine.is_some() && self.is_screened(client),
+            screened: self.engine().is_some() && self.is_screened(client),
             verdict: "not_configured".into(),
             score: None,
             threshold: None,
@@ -218,7 +267,7 @@ impl ScreenService {
             ttl_secs: None,
             cached: false,
         };
-        if let Some(engine) = &self.engine {
+        if let Some(engine) = self.engine() {
             let checked = engine.check(client, fresh).await;
             let verdict = &checked.verdict;
             let health: std::collections::HashMap<String, _> =
@@ -244,11 +293,11 @@ impl ScreenService {
     pub fn list(&self) -> Vec<DnsblListedEntry> {
         let now = unix_now();
         let live = self.kernel().live();
+        let engine = self.engine();
         let entries = live
             .into_iter()
             .map(|entry| {
-                let verdict = self
-                    .engine
+                let verdict = engine
                     .as_ref()
                     .and_then(|engine| engine.cache().get(entry.client, now));
                 let txt = verdict.as_ref().and_then(|v| {
@@ -278,7 +327,7 @@ impl ScreenService {
                 let was_live = self.kernel().lookup(client).is_some();
                 self.kernel().remove(client).map(|_| {
                     summary.kernel_entries_removed = usize::from(was_live);
-                    if let Some(engine) = &self.engine {
+                    if let Some(engine) = self.engine() {
                         summary.cached_verdicts_removed =
                             usize::from(engine.cache().remove(client));
                     }
@@ -286,7 +335,7 @@ impl ScreenService {
             }
             None => self.kernel().flush().map(|removed| {
                 summary.kernel_entries_removed = removed;
-                if let Some(engine) = &self.engine {
+                if let Some(engine) = self.engine() {
                     summary.cached_verdicts_removed = engine.cache().clear();
                 }
             }),
@@ -310,13 +359,21 @@ impl ScreenService {
     }
 
     pub fn report(&self) -> Option<DnsblStats> {
-        let engine = self.engine.as_ref()?;
+        let engine = self.engine()?;
         Some(DnsblStats {
             engine: engine.report(),
             blocked: self.blocked.load(Relaxed),
             kernel_entries: self.kernel().live().len(),
         })
     }
+}
+
+fn relay_networks(config: &Config) -> Vec<IpNet> {
+    config
+        .smtp
+        .as_ref()
+        .map(|s| s.relay_networks.clone())
+        .unwrap_or_default()
 }
 
 fn dnsbl_reply(client: IpAddr, zone: &str) -> String {

@@ -48,6 +48,12 @@ impl VerdictCache {
     }
 
     /// A live verdict; an expired one is dropped on the way.
+    /// Evicts the least recently used verdicts beyond `capacity`.
+    pub fn resize(&mut self, capacity: usize) {
+        self.entries
+            .resize(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN));
+    }
+
     pub fn get(&mut self, client: IpAddr, now: u64) -> Option<Arc<Verdict>> {
         match self.entries.get(&client) {
             Some(verdict) if verdict.expires_at > now => Some(verdict.clone()),

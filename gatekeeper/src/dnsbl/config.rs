@@ -6,8 +6,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::zone::ZoneSpec;
+use crate::findings::{duplicates, Findings};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsblConfig {
     /// `zone[=filter][*weight]`, as in Postfix's `postscreen_dnsbl_sites`.
@@ -39,45 +40,64 @@ pub struct DnsblConfig {
 }
 
 impl DnsblConfig {
+    /// The first error, for callers that need one message.
     pub fn validate(&self) -> Result<(), String> {
+        let mut findings = Findings::default();
+        self.check(&mut findings);
+        findings.into_result()
+    }
+
+    /// Every problem at once (`gatekeeper config check`, reload).
+    pub fn check(&self, findings: &mut Findings) {
         if self.zones.is_empty() {
-            return Err("dnsbl.zones: list at least one zone".into());
+            findings.error("dnsbl.zones: list at least one zone");
         }
         for (i, zone) in self.zones.iter().enumerate() {
             if self.zones[..i].iter().any(|z| z.name == zone.name) {
-                return Err(format!(
+                findings.error(format!(
                     "dnsbl.zones[{i}]: zone {} is listed twice",
                     zone.name
                 ));
             }
         }
         if self.threshold < 1 {
-            return Err("dnsbl.threshold: must be at least 1".into());
+            findings.error("dnsbl.threshold: must be at least 1");
+        } else if !self.zones.is_empty() {
+            // Every zone listing the client at once is the highest score there is.
+            let reachable: i64 = self.zones.iter().map(|z| i64::from(z.weight.max(0))).sum();
+            if reachable < i64::from(self.threshold) {
+                findings.error(format!(
+                    "dnsbl.threshold: {} cannot be reached: all zones listing a client together score {reachable}",
+                    self.threshold
+                ));
+            }
         }
         if let Some(t) = self.allowlist_threshold {
             if t >= 0 {
-                return Err("dnsbl.allowlist_threshold: must be negative (e.g. -1); a clean client scores 0".into());
+                findings.error("dnsbl.allowlist_threshold: must be negative (e.g. -1); a clean client scores 0");
             }
         }
         if self.min_ttl < Duration::from_secs(1) {
-            return Err("dnsbl.min_ttl: must be at least 1s".into());
+            findings.error("dnsbl.min_ttl: must be at least 1s");
         }
         if self.max_ttl < self.min_ttl {
-            return Err("dnsbl.max_ttl: must not be below dnsbl.min_ttl".into());
+            findings.error("dnsbl.max_ttl: must not be below dnsbl.min_ttl");
         }
         if self.timeout.is_zero() || self.timeout > Duration::from_secs(30) {
-            return Err("dnsbl.timeout: must be between 1ms and 30s".into());
+            findings.error("dnsbl.timeout: must be between 1ms and 30s");
         }
         if self.max_inflight == 0 {
-            return Err("dnsbl.max_inflight: must be at least 1".into());
+            findings.error("dnsbl.max_inflight: must be at least 1");
         }
         if self.cache_size == 0 {
-            return Err("dnsbl.cache_size: must be at least 1".into());
+            findings.error("dnsbl.cache_size: must be at least 1");
         }
         if self.health_interval < Duration::from_secs(1) {
-            return Err("dnsbl.health_interval: must be at least 1s".into());
+            findings.error("dnsbl.health_interval: must be at least 1s");
         }
-        Ok(())
+        for message in duplicates("dnsbl.nameservers", &self.nameservers) {
+            findings.warn(message);
+        }
     }
 
     /// Identifies the zone set; cached verdicts from a different set are discarded.

@@ -97,6 +97,13 @@ impl DnsblEngine {
         &self.config
     }
 
+    /// Takes over `old`'s verdicts (a reload that kept the zones and threshold).
+    pub fn adopt_cache(&self, old: &DnsblEngine) {
+        let mut verdicts = std::mem::replace(&mut *old.cache(), VerdictCache::new(1));
+        verdicts.resize(self.config.cache_size);
+        *self.cache() = verdicts;
+    }
+
     pub fn cache(&self) -> MutexGuard<'_, VerdictCache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }

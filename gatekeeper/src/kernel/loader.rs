@@ -2,6 +2,7 @@
 //! of that on shutdown.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{anyhow, Context, Result};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
@@ -40,6 +41,10 @@ struct Attachment {
 pub struct Kernel {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
+    /// What `stats` reports; kept in step with `attachments` (reload changes them).
+    attached: SharedAttachments,
+    ports: Array<MapData, u8>,
+    protected: Vec<u16>,
     lists: Option<ListMaps>,
     counters: Option<PerCpuArray<MapData, u64>>,
     dnsbl: Option<DnsblMaps>,
@@ -52,10 +57,12 @@ pub struct ListMaps {
     pub allow: PrefixMaps,
 }
 
+type SharedAttachments = Arc<Mutex<Vec<(String, AttachedMode)>>>;
+
 /// What `stats` reads of the kernel: the counters and where XDP is attached.
 pub struct KernelStatus {
     counters: PerCpuArray<MapData, u64>,
-    attachments: Vec<(String, AttachedMode)>,
+    attachments: SharedAttachments,
 }
 
 impl KernelStatus {
@@ -63,8 +70,11 @@ impl KernelStatus {
         read_counters(&self.counters)
     }
 
-    pub fn attachments(&self) -> &[(String, AttachedMode)] {
-        &self.attachments
+    pub fn attachments(&self) -> Vec<(String, AttachedMode)> {
+        self.attachments
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -120,12 +130,7 @@ impl Kernel {
                 .with_context(|| format!("pinning map {name} at {}", path.display()))?;
         }
 
-        let mut ports: Array<MapData, u8> = take(&mut ebpf, map_names::PROTECTED_PORTS)?;
-        for &port in &config.protected_ports {
-            ports
-                .set(u32::from(port), 1, 0)
-                .with_context(|| format!("marking port {port} protected"))?;
-        }
+        let ports: Array<MapData, u8> = take(&mut ebpf, map_names::PROTECTED_PORTS)?;
 
         let deny = PrefixMaps::new(
             take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::DENY_V4)?,
@@ -158,14 +163,84 @@ impl Kernel {
             take::<HashMap<_, _, _>>(&mut ebpf, map_names::DNSBL_V6)?,
             KernelBitmap::new(take::<Array<_, _>>(&mut ebpf, map_names::DNSBL_V4_HINT)?),
         );
-        Ok(Kernel {
+        let mut kernel = Kernel {
             ebpf,
             attachments: Vec::new(),
+            attached: SharedAttachments::default(),
+            ports,
+            protected: Vec::new(),
             lists: Some(ListMaps { deny, allow }),
             counters: Some(counters),
             dnsbl: Some(dnsbl),
             pin_dir: config.bpffs_dir.clone(),
-        })
+        };
+        kernel.set_protected_ports(&config.protected_ports)?;
+        Ok(kernel)
+    }
+
+    /// Makes exactly `wanted` the ports whose SYNs XDP judges; live, so a
+    /// reload takes effect with the next SYN.
+    pub fn set_protected_ports(&mut self, wanted: &[u16]) -> Result<()> {
+        for &port in wanted {
+            if !self.protected.contains(&port) {
+                self.ports
+                    .set(u32::from(port), 1, 0)
+                    .with_context(|| format!("marking port {port} protected"))?;
+                self.protected.push(port);
+            }
+        }
+        for port in self.protected.clone() {
+            if !wanted.contains(&port) {
+                self.ports
+                    .set(u32::from(port), 0, 0)
+                    .with_context(|| format!("unmarking port {port}"))?;
+                self.protected.retain(|&p| p != port);
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches to the interfaces in `wanted` that lack the program and
+    /// detaches it from those not in it. Attaching comes first and is undone
+    /// on failure, so a failed change leaves the attachments as they were.
+    pub fn set_interfaces(&mut self, wanted: &[String], mode: XdpModeSetting) -> Result<()> {
+        let new: Vec<String> = wanted
+            .iter()
+            .filter(|name| !self.attachments.iter().any(|a| &a.interface == *name))
+            .cloned()
+            .collect();
+        preflight::check_interfaces(&new)?;
+        let before = self.attachments.len();
+        if let Err(e) = self.attach(&new, mode) {
+            for attachment in self.attachments.split_off(before) {
+                self.detach(attachment);
+            }
+            self.publish_attachments();
+            return Err(e);
+        }
+        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.attachments)
+            .into_iter()
+            .partition(|a| wanted.contains(&a.interface));
+        self.attachments = keep;
+        for attachment in gone {
+            self.detach(attachment);
+        }
+        self.publish_attachments();
+        Ok(())
+    }
+
+    fn detach(&mut self, attachment: Attachment) {
+        let Ok(program) = xdp_program(&mut self.ebpf) else {
+            return;
+        };
+        match program.detach(attachment.link) {
+            Ok(()) => info!(interface = %attachment.interface, "XDP detached"),
+            Err(e) => warn!(interface = %attachment.interface, error = %e, "XDP detach failed"),
+        }
+    }
+
+    fn publish_attachments(&self) {
+        *self.attached.lock().unwrap_or_else(PoisonError::into_inner) = self.attachments();
     }
 
     /// Attaches to every interface; `auto` uses generic mode on veth and
@@ -213,6 +288,7 @@ impl Kernel {
                 link,
             });
         }
+        self.publish_attachments();
         Ok(())
     }
 
@@ -232,7 +308,7 @@ impl Kernel {
     pub fn take_status(&mut self) -> Option<KernelStatus> {
         Some(KernelStatus {
             counters: self.counters.take()?,
-            attachments: self.attachments(),
+            attachments: self.attached.clone(),
         })
     }
 
@@ -250,16 +326,8 @@ impl Kernel {
 /// start-up, an error or a panic unwinding out of `run`) detaches and unpins.
 impl Drop for Kernel {
     fn drop(&mut self) {
-        let attachments = std::mem::take(&mut self.attachments);
-        if let Ok(program) = xdp_program(&mut self.ebpf) {
-            for attachment in attachments {
-                match program.detach(attachment.link) {
-                    Ok(()) => info!(interface = %attachment.interface, "XDP detached"),
-                    Err(e) => {
-                        warn!(interface = %attachment.interface, error = %e, "XDP detach failed")
-                    }
-                }
-            }
+        for attachment in std::mem::take(&mut self.attachments) {
+            self.detach(attachment);
         }
         match remove_stale_pins(&self.pin_dir) {
             Ok(pins) => info!(pins, dir = %self.pin_dir.display(), "map pins removed"),

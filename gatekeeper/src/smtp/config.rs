@@ -7,7 +7,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize)]
+use crate::findings::{duplicates, Findings};
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmtpConfig {
     #[serde(default = "default_listen")]
@@ -88,12 +90,23 @@ pub struct SmtpConfig {
 }
 
 impl SmtpConfig {
+    /// The first error, for callers that need one message.
     pub fn validate(&self) -> Result<(), String> {
+        let mut findings = Findings::default();
+        self.check(&mut findings);
+        findings.into_result()
+    }
+
+    /// Every problem at once (`gatekeeper config check`, reload).
+    pub fn check(&self, findings: &mut Findings) {
         if self.listen.is_empty() {
-            return Err("smtp.listen: at least one address is required".into());
+            findings.error("smtp.listen: at least one address is required");
+        }
+        for message in duplicates("smtp.listen", &self.listen) {
+            findings.error(message);
         }
         if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
-            return Err(format!(
+            findings.error(format!(
                 "smtp.hostname: '{}' is not a host name",
                 self.hostname
             ));
@@ -101,22 +114,33 @@ impl SmtpConfig {
         for (i, domain) in self.local_domains.iter().enumerate() {
             let name = domain.trim_start_matches('.');
             if super::parse::parse_domain(name).is_err() {
-                return Err(format!(
+                findings.error(format!(
                     "smtp.local_domains[{i}]: '{domain}' is not a domain"
                 ));
             }
         }
+        let lowercase: Vec<String> = self
+            .local_domains
+            .iter()
+            .map(|d| d.to_ascii_lowercase())
+            .collect();
+        for message in duplicates("smtp.local_domains", &lowercase) {
+            findings.warn(message);
+        }
         for (i, net) in self.relay_networks.iter().enumerate() {
             if net.trunc() != *net {
-                return Err(format!(
+                findings.error(format!(
                     "smtp.relay_networks[{i}]: '{net}' has host bits set; did you mean {}?",
                     net.trunc()
                 ));
             }
         }
+        for message in duplicates("smtp.relay_networks", &self.relay_networks) {
+            findings.warn(message);
+        }
         match (&self.tls_cert, &self.tls_key) {
-            (Some(_), None) => return Err("smtp.tls_key: required with smtp.tls_cert".into()),
-            (None, Some(_)) => return Err("smtp.tls_cert: required with smtp.tls_key".into()),
+            (Some(_), None) => findings.error("smtp.tls_key: required with smtp.tls_cert"),
+            (None, Some(_)) => findings.error("smtp.tls_cert: required with smtp.tls_key"),
             _ => {}
         }
         for (key, value) in [
@@ -128,11 +152,11 @@ impl SmtpConfig {
             ("smtp.max_upstream_sessions", self.max_upstream_sessions),
         ] {
             if value == 0 {
-                return Err(format!("{key}: must be at least 1"));
+                findings.error(format!("{key}: must be at least 1"));
             }
         }
         if !(1..=128).contains(&self.ipv6_client_prefix) {
-            return Err("smtp.ipv6_client_prefix: must be 1 to 128".into());
+            findings.error("smtp.ipv6_client_prefix: must be 1 to 128");
         }
         for (key, value) in [
             ("smtp.max_session_time", self.max_session_time),
@@ -143,13 +167,19 @@ impl SmtpConfig {
             ),
         ] {
             if value.is_zero() {
-                return Err(format!("{key}: must be more than 0s"));
+                findings.error(format!("{key}: must be more than 0s"));
             }
         }
         if self.max_message_size < 1024 {
-            return Err("smtp.max_message_size: must be at least 1024 octets".into());
+            findings.error("smtp.max_message_size: must be at least 1024 octets");
         }
-        Ok(())
+        let ttl = self.pregreet_deny_ttl;
+        if !ttl.is_zero() && ttl.as_secs() > crate::lists::ttl::MAX_TTL_SECS {
+            findings.error(format!(
+                "smtp.pregreet_deny_ttl: over the maximum TTL of {} s (10y)",
+                crate::lists::ttl::MAX_TTL_SECS
+            ));
+        }
     }
 }
 

@@ -31,11 +31,12 @@ pub struct GateLimits {
 }
 
 pub struct ConnectionGate {
-    limits: GateLimits,
     state: Mutex<State>,
 }
 
 struct State {
+    /// In the state so a reload changes them without resetting the counts.
+    limits: GateLimits,
     total: usize,
     per_client: HashMap<IpNet, usize>,
     rates: LruCache<IpNet, Bucket>,
@@ -79,8 +80,8 @@ pub struct Admission {
 impl ConnectionGate {
     pub fn new(limits: GateLimits) -> Arc<ConnectionGate> {
         Arc::new(ConnectionGate {
-            limits,
             state: Mutex::new(State {
+                limits,
                 total: 0,
                 per_client: HashMap::new(),
                 rates: LruCache::new(NonZeroUsize::new(RATE_TABLE_ENTRIES).expect("non-zero")),
@@ -93,16 +94,17 @@ impl ConnectionGate {
     }
 
     fn admit_at(self: &Arc<Self>, client: IpAddr, now: Instant) -> Result<Admission, Refusal> {
-        let group = client_group(client, self.limits.ipv6_prefix);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.rate_allows(&mut state, group, client, now) {
+        let group = client_group(client, state.limits.ipv6_prefix);
+        if !Self::rate_allows(&mut state, group, client, now) {
             return Err(Refusal::RateLimited);
         }
-        if state.total >= self.limits.max_total {
+        if state.total >= state.limits.max_total {
             return Err(Refusal::TooManyConnections);
         }
+        let max_per_client = state.limits.max_per_client;
         let from_client = state.per_client.entry(group).or_insert(0);
-        if *from_client >= self.limits.max_per_client {
+        if *from_client >= max_per_client {
             return Err(Refusal::TooManyFromClient);
         }
         *from_client += 1;
@@ -114,10 +116,10 @@ impl ConnectionGate {
     }
 
     /// Every attempt costs a token, whether or not it is admitted later (like anvil).
-    fn rate_allows(&self, state: &mut State, group: IpNet, client: IpAddr, now: Instant) -> bool {
-        let rate = self.limits.rate_per_minute;
+    fn rate_allows(state: &mut State, group: IpNet, client: IpAddr, now: Instant) -> bool {
+        let rate = state.limits.rate_per_minute;
         let client = crate::netaddr::canonical(client);
-        if rate == 0 || self.limits.rate_exempt.iter().any(|n| n.contains(&client)) {
+        if rate == 0 || state.limits.rate_exempt.iter().any(|n| n.contains(&client)) {
             return true;
         }
         let capacity = f64::from(rate);
@@ -133,6 +135,12 @@ impl ConnectionGate {
         }
         bucket.tokens -= 1.0;
         true
+    }
+
+    /// New limits for new connections; open ones keep their slots (and the
+    /// client group they were counted under) until they close.
+    pub fn set_limits(&self, limits: GateLimits) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).limits = limits;
     }
 
     #[cfg(test)]

@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use socket2::{Domain, SockRef, Socket, Type};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -85,6 +85,44 @@ impl SmtpContext {
         stats: Arc<SmtpStats>,
         on_pregreet: Option<PregreetHook>,
     ) -> Result<SmtpContext> {
+        let gate = ConnectionGate::new(gate_limits(&config));
+        let upstream_slots = Arc::new(Semaphore::new(config.max_upstream_sessions));
+        Self::build(config, stats, on_pregreet, gate, upstream_slots)
+    }
+
+    /// The context for sessions accepted after a reload. Sessions already
+    /// open keep the one they started with; the connection counts carry over
+    /// (so a reload frees no slots), and so do the upstream slots unless
+    /// their number changed. TLS certificate and key are read afresh.
+    pub fn successor(
+        &self,
+        config: SmtpConfig,
+        on_pregreet: Option<PregreetHook>,
+    ) -> Result<SmtpContext> {
+        let upstream_slots = if config.max_upstream_sessions == self.config.max_upstream_sessions {
+            self.upstream_slots.clone()
+        } else {
+            Arc::new(Semaphore::new(config.max_upstream_sessions))
+        };
+        let mut next = Self::build(
+            config,
+            self.stats.clone(),
+            on_pregreet,
+            self.gate.clone(),
+            upstream_slots,
+        )?;
+        next.gate.set_limits(gate_limits(&next.config));
+        next.screen = self.screen.clone();
+        Ok(next)
+    }
+
+    fn build(
+        config: SmtpConfig,
+        stats: Arc<SmtpStats>,
+        on_pregreet: Option<PregreetHook>,
+        gate: Arc<ConnectionGate>,
+        upstream_slots: Arc<Semaphore>,
+    ) -> Result<SmtpContext> {
         let own_literals = if config.accept_own_literals {
             config
                 .listen
@@ -105,14 +143,8 @@ impl SmtpContext {
             _ => None,
         };
         Ok(SmtpContext {
-            gate: ConnectionGate::new(GateLimits {
-                max_total: config.max_connections,
-                max_per_client: config.max_connections_per_ip,
-                ipv6_prefix: config.ipv6_client_prefix,
-                rate_per_minute: config.max_connection_rate,
-                rate_exempt: config.relay_networks.clone(),
-            }),
-            upstream_slots: Arc::new(Semaphore::new(config.max_upstream_sessions)),
+            gate,
+            upstream_slots,
             config,
             policy,
             tls,
@@ -120,6 +152,16 @@ impl SmtpContext {
             on_pregreet,
             screen: None,
         })
+    }
+}
+
+fn gate_limits(config: &SmtpConfig) -> GateLimits {
+    GateLimits {
+        max_total: config.max_connections,
+        max_per_client: config.max_connections_per_ip,
+        ipv6_prefix: config.ipv6_client_prefix,
+        rate_per_minute: config.max_connection_rate,
+        rate_exempt: config.relay_networks.clone(),
     }
 }
 
@@ -172,10 +214,11 @@ pub fn bind(config: &SmtpConfig) -> Result<Vec<TcpListener>> {
 /// Runs the accept loops until `shutdown` is cancelled, then stops accepting
 /// and returns once every session has ended: idle ones at once with
 /// `421 4.3.2`, a message in flight after the MTA's answer to it, and any
-/// left at `drain_timeout` are dropped.
+/// left at `drain_timeout` are dropped. Each connection gets the context
+/// current when it is accepted (a reload publishes a new one in `contexts`).
 pub async fn serve(
     listeners: Vec<TcpListener>,
-    ctx: Arc<SmtpContext>,
+    contexts: watch::Receiver<Arc<SmtpContext>>,
     shutdown: CancellationToken,
 ) {
     let sessions = TaskTracker::new();
@@ -187,7 +230,7 @@ pub async fn serve(
         }
         loops.spawn(accept_loop(
             listener,
-            ctx.clone(),
+            contexts.clone(),
             shutdown.clone(),
             sessions.clone(),
             dropped.clone(),
@@ -195,7 +238,8 @@ pub async fn serve(
     }
     while loops.join_next().await.is_some() {}
     sessions.close();
-    if tokio::time::timeout(ctx.config.drain_timeout, sessions.wait())
+    let drain_timeout = contexts.borrow().config.drain_timeout;
+    if tokio::time::timeout(drain_timeout, sessions.wait())
         .await
         .is_err()
     {
@@ -211,7 +255,7 @@ pub async fn serve(
 /// Accepts until shutdown; the listener closes when this returns.
 async fn accept_loop(
     listener: TcpListener,
-    ctx: Arc<SmtpContext>,
+    contexts: watch::Receiver<Arc<SmtpContext>>,
     shutdown: CancellationToken,
     sessions: TaskTracker,
     dropped: CancellationToken,
@@ -224,7 +268,8 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let connection = handle_connection(stream, peer, ctx.clone(), shutdown.clone());
+                let ctx = contexts.borrow().clone();
+                let connection = handle_connection(stream, peer, ctx, shutdown.clone());
                 let dropped = dropped.clone();
                 sessions.spawn(async move {
                     tokio::select! {

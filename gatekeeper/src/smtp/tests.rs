@@ -40,6 +40,8 @@ fn test_config(upstream: SocketAddr, extra: &str) -> SmtpConfig {
 struct Front {
     addr: SocketAddr,
     ctx: Arc<SmtpContext>,
+    /// What a reload does: publish the context for connections accepted next.
+    publish: tokio::sync::watch::Sender<Arc<SmtpContext>>,
     shutdown: CancellationToken,
     served: JoinHandle<()>,
 }
@@ -55,10 +57,12 @@ impl Front {
         let addr = listeners[0].local_addr().unwrap();
         let ctx = Arc::new(SmtpContext::new(config, Arc::new(SmtpStats::default()), hook).unwrap());
         let shutdown = CancellationToken::new();
-        let served = tokio::spawn(serve(listeners, ctx.clone(), shutdown.clone()));
+        let (publish, contexts) = tokio::sync::watch::channel(ctx.clone());
+        let served = tokio::spawn(serve(listeners, contexts, shutdown.clone()));
         Front {
             addr,
             ctx,
+            publish,
             shutdown,
             served,
         }
@@ -404,6 +408,37 @@ async fn pipelined_group_gets_its_replies_in_order() {
         ["RCPT TO:<one@example.org>", "RCPT TO:<two@example.org>"]
     );
     assert_eq!(front.stats().messages_delivered, 1);
+}
+
+#[tokio::test]
+async fn a_reload_applies_to_new_sessions_while_open_ones_keep_their_settings() {
+    let mta = Mta::start(Script::default()).await;
+    let front = Front::start(mta.addr, "max_connections_per_ip = 2").await;
+    let mut before = front.client().await;
+    before.start_transaction().await;
+    let next = test_config(mta.addr, "max_connections_per_ip = 2\nmax_recipients = 1");
+    let mut next = SmtpConfig {
+        local_domains: vec!["example.net".into()],
+        ..next
+    };
+    next.listen = front.ctx.config.listen.clone();
+    let successor = front.ctx.successor(next, None).unwrap();
+    front.publish.send_replace(Arc::new(successor));
+
+    let mut after = front.client().await;
+    after.start_transaction().await;
+    // The new session has the new policy: example.org is now a relay target.
+    assert_eq!(after.code("RCPT TO:<u@example.org>").await, 554);
+    assert_eq!(after.code("RCPT TO:<u@example.net>").await, 250);
+    // The open session goes on with the old one, limits included.
+    assert_eq!(before.code("RCPT TO:<u@example.org>").await, 250);
+    assert_eq!(before.code("RCPT TO:<v@example.org>").await, 250);
+    assert_eq!(before.code("RCPT TO:<u@example.net>").await, 554);
+    // The connection counts carried over: two open, the per-client cap is two.
+    let mut third = Client::connect(front.addr).await;
+    assert_eq!(third.reply().await.expect("refusal").code, 421);
+    assert_eq!(send_message(&mut before).await.code, 250);
+    assert_eq!(send_message(&mut after).await.code, 250);
 }
 
 #[tokio::test]
