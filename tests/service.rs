@@ -3,6 +3,7 @@
 //! open sessions and the XDP program.
 
 use std::os::unix::net::UnixDatagram;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use sandbox::daemon::ok;
@@ -20,29 +21,37 @@ const OTHER: &str = "198.51.100.2";
 /// Only a failure waits this long for a notification.
 const GUARD: Duration = Duration::from_secs(120);
 
-/// The service manager's end of the notify protocol.
+/// The service manager's end of the notify protocol. Like systemd it reads
+/// all the time (a reader thread): a full datagram queue would block the
+/// daemon's sends.
 struct Manager {
-    socket: UnixDatagram,
+    messages: mpsc::Receiver<String>,
     watchdog_pings: usize,
 }
 
 impl Manager {
     fn bind(path: &std::path::Path) -> Manager {
         let socket = UnixDatagram::bind(path).unwrap();
-        socket.set_read_timeout(Some(GUARD)).unwrap();
+        let (queue, messages) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if queue.send(message).is_err() {
+                    return;
+                }
+            }
+        });
         Manager {
-            socket,
+            messages,
             watchdog_pings: 0,
         }
     }
 
     fn recv(&self) -> String {
-        let mut buf = [0u8; 4096];
-        let n = self
-            .socket
-            .recv(&mut buf)
-            .expect("no notification from the daemon");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
+        self.messages
+            .recv_timeout(GUARD)
+            .expect("no notification from the daemon")
     }
 
     fn wait_for_watchdog_pings(&mut self, pings: usize) {
@@ -114,7 +123,6 @@ fn banner_code(lab: &Lab, source: &str) -> u16 {
 /// A new session's answer to RCPT TO:<user@domain>.
 fn rcpt_code(lab: &Lab, domain: &str) -> u16 {
     let mut client = SmtpClient::connect(lab.peer("client"), CLIENT, MX).unwrap();
-    assert_eq!(client.reply().unwrap().code, 220);
     client
         .start_transaction("client.test", "<sender@client.test>")
         .unwrap();
@@ -183,7 +191,6 @@ fn notify_protocol_and_live_reload_keep_sessions_and_the_xdp_program() {
 
     // A session open across the reload.
     let mut open = SmtpClient::connect(lab.peer("client"), CLIENT, MX).unwrap();
-    assert_eq!(open.reply().unwrap().code, 220);
     open.start_transaction("client.test", "<sender@client.test>")
         .unwrap();
     assert_eq!(open.cmd("RCPT TO:<a@example.org>").unwrap().code, 250);

@@ -120,7 +120,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         smtp_contexts = Some(publish);
     }
     info!(socket = %socket_path.display(), "gatekeeper running");
-    notify::ready();
+    notify::ready().await;
 
     let mut live = Live {
         path,
@@ -153,7 +153,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
             }
         }
     }
-    notify::stopping();
+    notify::stopping().await;
     drain = live
         .config
         .smtp

@@ -103,9 +103,9 @@ impl Live {
                 restart.join(", ")
             ));
         }
-        notify::reloading();
+        notify::reloading().await;
         let result = self.apply(config).await;
-        notify::ready();
+        notify::ready().await;
         match result {
             Ok(applied) => {
                 info!(applied = ?applied, warnings = findings.warnings.len(), "config reloaded");
