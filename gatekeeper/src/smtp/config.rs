@@ -85,6 +85,13 @@ pub struct SmtpConfig {
     /// On shutdown, sessions still open after this long are dropped.
     #[serde(default = "thirty_seconds", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Load balancers whose connections must start with a PROXY v1/v2 header
+    /// naming the real client, which is then judged instead of the balancer.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<IpNet>,
+    /// How long a balancer may take to send its PROXY header.
+    #[serde(default = "ten_seconds", with = "humantime_serde")]
+    pub proxy_protocol_timeout: Duration,
 }
 
 impl SmtpConfig {
@@ -106,12 +113,17 @@ impl SmtpConfig {
                 ));
             }
         }
-        for (i, net) in self.relay_networks.iter().enumerate() {
-            if net.trunc() != *net {
-                return Err(format!(
-                    "smtp.relay_networks[{i}]: '{net}' has host bits set; did you mean {}?",
-                    net.trunc()
-                ));
+        for (key, nets) in [
+            ("smtp.relay_networks", &self.relay_networks),
+            ("smtp.proxy_protocol_from", &self.proxy_protocol_from),
+        ] {
+            for (i, net) in nets.iter().enumerate() {
+                if net.trunc() != *net {
+                    return Err(format!(
+                        "{key}[{i}]: '{net}' has host bits set; did you mean {}?",
+                        net.trunc()
+                    ));
+                }
             }
         }
         match (&self.tls_cert, &self.tls_key) {
@@ -141,6 +153,7 @@ impl SmtpConfig {
                 "smtp.upstream_connect_timeout",
                 self.upstream_connect_timeout,
             ),
+            ("smtp.proxy_protocol_timeout", self.proxy_protocol_timeout),
         ] {
             if value.is_zero() {
                 return Err(format!("{key}: must be more than 0s"));
@@ -173,6 +186,9 @@ fn default_max_connections_per_ip() -> usize {
 }
 fn one_minute() -> Duration {
     Duration::from_secs(60)
+}
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
 }
 fn thirty_seconds() -> Duration {
     Duration::from_secs(30)
