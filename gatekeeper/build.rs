@@ -27,7 +27,8 @@ fn main() {
 /// gives the nested cargo its own target dir there (no lock on ours), and
 /// reruns only when the eBPF crate or gatekeeper-common change.
 fn build_ebpf() -> PathBuf {
-    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let root = manifest.parent().expect("workspace root");
     let ebpf = root.join("gatekeeper-ebpf");
     if let Err(missing) = check_tools() {

@@ -80,8 +80,7 @@ impl ProxyLab {
 #[test]
 #[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn haproxy_send_proxy_v1_and_v2_pass_the_real_client_to_the_mta() {
-    if !require_kernel_privileges("haproxy_send_proxy_v1_and_v2_pass_the_real_client_to_the_mta")
-    {
+    if !require_kernel_privileges("haproxy_send_proxy_v1_and_v2_pass_the_real_client_to_the_mta") {
         return;
     }
     let lab = proxy_lab("pp-xclient");
@@ -150,13 +149,13 @@ fn headers_are_required_from_the_balancer_and_refused_from_anyone_else() {
     }
     let lab = proxy_lab("pp-trust");
     // The balancer's own address, without a header: closed, no banner.
-    let mut direct = SmtpClient::connect(lab.lab.peer("balancer"), BALANCER, EDGE_FOR_BALANCER)
-        .unwrap();
+    let mut direct =
+        SmtpClient::connect(lab.lab.peer("balancer"), BALANCER, EDGE_FOR_BALANCER).unwrap();
     direct.send(b"EHLO direct.test\r\n").unwrap();
     assert!(direct.is_closed(), "no banner, closed");
     // A header from an address outside proxy_protocol_from names nobody.
-    let mut outsider = SmtpClient::connect(lab.lab.peer("outsider"), OUTSIDER, "192.0.2.1:25")
-        .unwrap();
+    let mut outsider =
+        SmtpClient::connect(lab.lab.peer("outsider"), OUTSIDER, "192.0.2.1:25").unwrap();
     assert_eq!(outsider.reply().unwrap().code, 220);
     outsider
         .send(b"PROXY TCP4 198.51.100.9 192.0.2.1 40000 25\r\n")

@@ -327,12 +327,7 @@ async fn proxied_client(
         return Some(peer);
     }
     let stats = &ctx.stats;
-    match tokio::time::timeout(
-        ctx.config.proxy_protocol_timeout,
-        proxy::read_header(conn),
-    )
-    .await
-    {
+    match tokio::time::timeout(ctx.config.proxy_protocol_timeout, proxy::read_header(conn)).await {
         Ok(Ok(proxy::Source::Client(client))) => {
             debug!(%client, balancer = %peer, "PROXY header");
             Some(client)

@@ -78,8 +78,12 @@ fn parse_v1(bytes: &[u8]) -> Result<Parsed, HeaderError> {
     };
     let header = v1::Header::try_from(line).map_err(HeaderError::V1)?;
     let source = match header.addresses {
-        v1::Addresses::Tcp4(a) => Source::Client(SocketAddr::new(a.source_address.into(), a.source_port)),
-        v1::Addresses::Tcp6(a) => Source::Client(SocketAddr::new(a.source_address.into(), a.source_port)),
+        v1::Addresses::Tcp4(a) => {
+            Source::Client(SocketAddr::new(a.source_address.into(), a.source_port))
+        }
+        v1::Addresses::Tcp6(a) => {
+            Source::Client(SocketAddr::new(a.source_address.into(), a.source_port))
+        }
         v1::Addresses::Unknown => Source::Local,
     };
     Ok(Parsed::Header {
@@ -161,13 +165,9 @@ mod tests {
     }
 
     fn v2_header(command: v2::Command, protocol: v2::Protocol, src: &str, dst: &str) -> Vec<u8> {
-        v2::Builder::with_addresses(
-            v2::Version::Two | command,
-            protocol,
-            (addr(src), addr(dst)),
-        )
-        .build()
-        .unwrap()
+        v2::Builder::with_addresses(v2::Version::Two | command, protocol, (addr(src), addr(dst)))
+            .build()
+            .unwrap()
     }
 
     #[test]
@@ -215,7 +215,9 @@ mod tests {
                     &header[..end]
                 );
             }
-            assert!(matches!(parse(&header), Ok(Parsed::Header { len, .. }) if len == header.len()));
+            assert!(
+                matches!(parse(&header), Ok(Parsed::Header { len, .. }) if len == header.len())
+            );
         }
     }
 
@@ -263,7 +265,10 @@ mod tests {
 
     #[test]
     fn garbage_and_oversize_are_refused() {
-        assert!(matches!(parse(b"EHLO client\r\n"), Err(HeaderError::Missing)));
+        assert!(matches!(
+            parse(b"EHLO client\r\n"),
+            Err(HeaderError::Missing)
+        ));
         assert!(matches!(parse(b"\0"), Err(HeaderError::Missing)));
         assert!(matches!(
             parse(b"PROXY TCP4 192.0.2.999 198.51.100.1 1 25\r\n"),

@@ -841,7 +841,10 @@ async fn proxy_header_client_is_what_the_screen_relay_policy_and_xclient_see() {
     }
     assert_eq!(
         *screened.lock().unwrap(),
-        ["203.0.113.9".parse::<std::net::IpAddr>().unwrap(), "203.0.113.10".parse().unwrap()]
+        [
+            "203.0.113.9".parse::<std::net::IpAddr>().unwrap(),
+            "203.0.113.10".parse().unwrap()
+        ]
     );
     // A denylisted client is refused though the balancer is clean.
     let mut c = connect_from(&ctx, "198.51.100.1:50001", &v1_header("203.0.113.66")).await;
@@ -919,7 +922,10 @@ async fn after_the_header_limits_and_pregreet_bans_judge_the_real_client() {
     assert!(c.line().await.starts_with("220-"));
     assert!(c.line().await.starts_with("554 5.7.1"));
     assert!(c.is_closed().await);
-    assert_eq!(*banned.lock().unwrap(), ["203.0.113.9/32".parse::<IpNet>().unwrap()]);
+    assert_eq!(
+        *banned.lock().unwrap(),
+        ["203.0.113.9/32".parse::<IpNet>().unwrap()]
+    );
     // One connection per client, however many share the balancer.
     let mut a = connect_from(&ctx, "198.51.100.1:50001", &v1_header("203.0.113.20")).await;
     let mut b = connect_from(&ctx, "198.51.100.1:50002", &v1_header("203.0.113.21")).await;
