@@ -9,17 +9,22 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-env-changed=GATEKEEPER_XDP_OBJECT");
     let object = match std::env::var_os("GATEKEEPER_XDP_OBJECT") {
-        Some(object) => PathBuf::from(object),
+        Some(object) => {
+            let object = PathBuf::from(object);
+            if !object.exists() {
+                panic!(
+                    "eBPF object {} (GATEKEEPER_XDP_OBJECT) not found: unset it to build the object here, or build with `cargo xtask build`",
+                    object.display()
+                );
+            }
+            let object = object.canonicalize().expect("canonical eBPF object path");
+            println!("cargo:rerun-if-changed={}", object.display());
+            object
+        }
+        // Not rerun-if-changed: written during this run, it would look newer
+        // than the run and rerun the build every time.
         None => build_ebpf(),
     };
-    if !object.exists() {
-        panic!(
-            "eBPF object {} (GATEKEEPER_XDP_OBJECT) not found: unset it to build the object here, or build with `cargo xtask build`",
-            object.display()
-        );
-    }
-    let object = object.canonicalize().expect("canonical eBPF object path");
-    println!("cargo:rerun-if-changed={}", object.display());
     println!("cargo:rustc-env=GATEKEEPER_XDP_OBJECT={}", object.display());
 }
 
