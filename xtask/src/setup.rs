@@ -19,6 +19,8 @@ const PACKAGES: &[&str] = &[
     "swaks",
     "hping3",
     "netsniff-ng",
+    // PROXY protocol tests: a real balancer in front of the daemon.
+    "haproxy",
     // The VM matrix: QEMU, busybox for its /init, xz for 6.12's modules, strip.
     "qemu-system-x86",
     "busybox-static",

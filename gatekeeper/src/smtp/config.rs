@@ -87,6 +87,13 @@ pub struct SmtpConfig {
     /// On shutdown, sessions still open after this long are dropped.
     #[serde(default = "thirty_seconds", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Load balancers whose connections must start with a PROXY v1/v2 header
+    /// naming the real client, which is then judged instead of the balancer.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<IpNet>,
+    /// How long a balancer may take to send its PROXY header.
+    #[serde(default = "ten_seconds", with = "humantime_serde")]
+    pub proxy_protocol_timeout: Duration,
 }
 
 impl SmtpConfig {
@@ -127,12 +134,17 @@ impl SmtpConfig {
         for message in duplicates("smtp.local_domains", &lowercase) {
             findings.warn(message);
         }
-        for (i, net) in self.relay_networks.iter().enumerate() {
-            if net.trunc() != *net {
-                findings.error(format!(
-                    "smtp.relay_networks[{i}]: '{net}' has host bits set; did you mean {}?",
-                    net.trunc()
-                ));
+        for (key, nets) in [
+            ("smtp.relay_networks", &self.relay_networks),
+            ("smtp.proxy_protocol_from", &self.proxy_protocol_from),
+        ] {
+            for (i, net) in nets.iter().enumerate() {
+                if net.trunc() != *net {
+                    findings.error(format!(
+                        "{key}[{i}]: '{net}' has host bits set; did you mean {}?",
+                        net.trunc()
+                    ));
+                }
             }
         }
         for message in duplicates("smtp.relay_networks", &self.relay_networks) {
@@ -165,6 +177,7 @@ impl SmtpConfig {
                 "smtp.upstream_connect_timeout",
                 self.upstream_connect_timeout,
             ),
+            ("smtp.proxy_protocol_timeout", self.proxy_protocol_timeout),
         ] {
             if value.is_zero() {
                 findings.error(format!("{key}: must be more than 0s"));
@@ -203,6 +216,9 @@ fn default_max_connections_per_ip() -> usize {
 }
 fn one_minute() -> Duration {
     Duration::from_secs(60)
+}
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
 }
 fn thirty_seconds() -> Duration {
     Duration::from_secs(30)

@@ -3,15 +3,17 @@
 //! to the MTA behind.
 //!
 //! `parse` and `policy` are pure; `session` is the state machine over a
-//! connection; `upstream` is the proxy; `gate` (limits) and the [`Screen`]
-//! (DNSBL verdicts) are the connection entry point; [`serve`] runs the accept
-//! loops and drains the sessions at shutdown.
+//! connection; `upstream` is the proxy; `proxy` (the PROXY header of a
+//! trusted balancer, naming the real client), `gate` (limits) and the
+//! [`Screen`] (DNSBL verdicts) are the connection entry point; [`serve`] runs
+//! the accept loops and drains the sessions at shutdown.
 
 pub mod config;
 mod gate;
 mod io;
 pub mod parse;
 pub mod policy;
+pub mod proxy;
 pub mod reply;
 mod session;
 pub mod stats;
@@ -315,6 +317,9 @@ async fn run_connection(
 ) {
     SmtpStats::bump(&ctx.stats.connections);
     let mut conn: io::Conn = BufReader::new(stream);
+    let Some(peer) = proxied_client(&mut conn, peer, &ctx).await else {
+        return;
+    };
     let _admission = match ctx.gate.admit(peer.ip()) {
         Ok(admission) => admission,
         Err(refusal) => {
@@ -346,6 +351,51 @@ async fn run_connection(
     let mut session = session::Session::new(ctx, peer, trusted, shutdown);
     if let Err(e) = session.run(&mut conn).await {
         debug!(client = %peer, error = %e, "SMTP session ended with an I/O error");
+    }
+}
+
+/// The client a connection is judged as: the peer itself, or for a peer in
+/// `proxy_protocol_from` the client its PROXY header names. `None`: close
+/// (a missing, bad or late header, or the balancer's own health check).
+async fn proxied_client(
+    conn: &mut io::Conn,
+    peer: SocketAddr,
+    ctx: &SmtpContext,
+) -> Option<SocketAddr> {
+    let balancer = crate::netaddr::canonical(peer.ip());
+    if !ctx
+        .config
+        .proxy_protocol_from
+        .iter()
+        .any(|net| net.contains(&balancer))
+    {
+        return Some(peer);
+    }
+    let stats = &ctx.stats;
+    match tokio::time::timeout(ctx.config.proxy_protocol_timeout, proxy::read_header(conn)).await {
+        Ok(Ok(proxy::Source::Client(client))) => {
+            debug!(%client, balancer = %peer, "PROXY header");
+            Some(client)
+        }
+        Ok(Ok(proxy::Source::Local)) => {
+            SmtpStats::bump(&stats.proxy_local_closed);
+            debug!(balancer = %peer, "PROXY header for the balancer's own connection; closed");
+            None
+        }
+        Ok(Err(e)) => {
+            SmtpStats::bump(&stats.proxy_header_invalid);
+            warn!(balancer = %peer, error = %e, "closing a connection from smtp.proxy_protocol_from");
+            None
+        }
+        Err(_) => {
+            SmtpStats::bump(&stats.proxy_header_invalid);
+            warn!(
+                balancer = %peer,
+                timeout = ?ctx.config.proxy_protocol_timeout,
+                "closing a connection from smtp.proxy_protocol_from: no PROXY header in time"
+            );
+            None
+        }
     }
 }
 

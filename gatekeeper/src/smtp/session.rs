@@ -8,11 +8,12 @@ use ipnet::IpNet;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::io::{read_line, trim_eol, Conn, Detached, Line};
 use super::parse::{parse_command, Command, MailParams, Path, ReversePath};
 use super::policy::Decision;
+use super::proxy;
 use super::reply::Reply;
 use super::stats::SmtpStats;
 use super::upstream::{ClientInfo, Timeouts, Upstream, UpstreamError};
@@ -145,6 +146,12 @@ impl Session {
             let flow = match line {
                 Line::Eof => return Ok(()),
                 Line::TooLong => self.error(conn, "500 5.5.2 Error: line too long").await?,
+                Line::Complete(bytes)
+                    if self.commands == 1
+                        && proxy::looks_like_header(&[&bytes[..], conn.buffer()].concat()) =>
+                {
+                    return self.refuse_proxy_header(conn).await;
+                }
                 Line::Complete(bytes) => self.dispatch(conn, trim_eol(&bytes)).await?,
             };
             if let Flow::Close = flow {
@@ -191,7 +198,12 @@ impl Session {
         if !wait.is_zero() && !self.trusted {
             self.send(conn, &format!("220-{host} ESMTP")).await?;
             if let Ok(read) = timeout(wait, conn.fill_buf()).await {
-                if read?.is_empty() {
+                let early = read?;
+                if early.is_empty() {
+                    return Ok(false);
+                }
+                if proxy::looks_like_header(early) {
+                    self.refuse_proxy_header(conn).await?;
                     return Ok(false);
                 }
                 SmtpStats::bump(&self.ctx.stats.pregreet);
@@ -212,6 +224,19 @@ impl Session {
         self.send(conn, &format!("220 {host} ESMTP Gatekeeper"))
             .await?;
         Ok(true)
+    }
+
+    /// A PROXY header from a client outside `proxy_protocol_from` (or a second
+    /// one through a balancer): refused, not banned, since it is more often a
+    /// balancer missing from the list than a bot.
+    async fn refuse_proxy_header(&self, conn: &mut Conn) -> std::io::Result<()> {
+        SmtpStats::bump(&self.ctx.stats.proxy_header_untrusted);
+        warn!(client = %self.peer, "PROXY header from a client outside smtp.proxy_protocol_from; refused");
+        let host = &self.ctx.config.hostname;
+        let reply = format!(
+            "554 5.7.1 {host} Error: PROXY protocol header from an address not allowed to send one"
+        );
+        self.send(conn, &reply).await
     }
 
     /// What a pre-greet ban covers: the client's group, narrowed to its own

@@ -29,6 +29,9 @@ pub struct SmtpStats {
     pub transactions_replayed: AtomicU64,
     pub transactions_lost: AtomicU64,
     pub shutdown_disconnects: AtomicU64,
+    pub proxy_header_invalid: AtomicU64,
+    pub proxy_header_untrusted: AtomicU64,
+    pub proxy_local_closed: AtomicU64,
     relay_denied: [AtomicU64; RelayReason::ALL.len()],
 }
 
@@ -65,6 +68,17 @@ pub struct SmtpStatsReport {
     pub transactions_lost: u64,
     /// Sessions told 421 4.3.2 at shutdown.
     pub shutdown_disconnects: u64,
+    /// Connections from `proxy_protocol_from` closed for a missing, malformed,
+    /// unsupported or late PROXY header.
+    #[serde(default)]
+    pub proxy_header_invalid: u64,
+    /// Clients outside `proxy_protocol_from` refused for sending a PROXY header.
+    #[serde(default)]
+    pub proxy_header_untrusted: u64,
+    /// Balancer connections speaking for themselves (v2 LOCAL, v1 UNKNOWN:
+    /// health checks), closed without a banner.
+    #[serde(default)]
+    pub proxy_local_closed: u64,
     /// Refused recipients by reason (`foreign_domain`, `percent_hack`, ...).
     pub relay_denied: BTreeMap<String, u64>,
 }
@@ -104,6 +118,9 @@ impl SmtpStats {
             transactions_replayed: self.transactions_replayed.load(Relaxed),
             transactions_lost: self.transactions_lost.load(Relaxed),
             shutdown_disconnects: self.shutdown_disconnects.load(Relaxed),
+            proxy_header_invalid: self.proxy_header_invalid.load(Relaxed),
+            proxy_header_untrusted: self.proxy_header_untrusted.load(Relaxed),
+            proxy_local_closed: self.proxy_local_closed.load(Relaxed),
             relay_denied: RelayReason::ALL
                 .iter()
                 .zip(&self.relay_denied)

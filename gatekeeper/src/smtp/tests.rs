@@ -785,3 +785,187 @@ async fn sessions_left_at_the_drain_deadline_are_dropped() {
     assert!(c.is_closed().await);
     assert_eq!(front.ctx.gate.open(), 0);
 }
+
+/// A context with `proxy_protocol_from = 198.51.100.0/24` (also a relay
+/// network, as a balancer's address often is), a screen refusing 203.0.113.66,
+/// and the screened addresses recorded.
+fn proxy_context(
+    upstream: SocketAddr,
+    extra: &str,
+    hook: Option<PregreetHook>,
+) -> (Arc<SmtpContext>, Arc<Mutex<Vec<std::net::IpAddr>>>) {
+    let extra = format!(
+        "proxy_protocol_from = [\"198.51.100.0/24\"]\nrelay_networks = [\"198.51.100.0/24\"]\n{extra}"
+    );
+    let config = test_config(upstream, &extra);
+    let mut ctx = SmtpContext::new(config, Arc::new(SmtpStats::default()), hook).unwrap();
+    let screened: Arc<Mutex<Vec<std::net::IpAddr>>> = Arc::default();
+    let record = screened.clone();
+    ctx.screen = Some(Arc::new(move |client| {
+        record.lock().unwrap().push(client);
+        Box::pin(async move {
+            if client == "203.0.113.66".parse::<std::net::IpAddr>().unwrap() {
+                super::Screening::Refuse(super::ScreenRefusal::Denylisted(
+                    "554 5.7.1 denylisted".into(),
+                ))
+            } else {
+                super::Screening::Pass
+            }
+        })
+    }));
+    (Arc::new(ctx), screened)
+}
+
+/// An in-memory connection from `peer` that first sends `first`.
+async fn connect_from(ctx: &Arc<SmtpContext>, peer: &str, first: &[u8]) -> Client {
+    let (ours, theirs) = tokio::io::duplex(64 << 10);
+    tokio::spawn(super::run_connection(
+        Box::new(theirs),
+        peer.parse().unwrap(),
+        ctx.clone(),
+        CancellationToken::new(),
+    ));
+    let mut client = Client::over(ours);
+    client.send(first).await;
+    client
+}
+
+fn v1_header(client: &str) -> Vec<u8> {
+    format!("PROXY TCP4 {client} 198.51.100.1 40000 25\r\n").into_bytes()
+}
+
+fn v2_header(client: &str) -> Vec<u8> {
+    use ppp::v2;
+    let src: SocketAddr = format!("{client}:40000").parse().unwrap();
+    let dst: SocketAddr = "198.51.100.1:25".parse().unwrap();
+    v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Proxy,
+        v2::Protocol::Stream,
+        (src, dst),
+    )
+    .build()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn proxy_header_client_is_what_the_screen_relay_policy_and_xclient_see() {
+    let mta = Mta::start(Script {
+        ehlo: vec!["XCLIENT ADDR NAME PORT PROTO HELO"],
+        ..Script::default()
+    })
+    .await;
+    let (ctx, screened) = proxy_context(mta.addr, "", None);
+    for (i, header) in [v1_header("203.0.113.9"), v2_header("203.0.113.10")]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = connect_from(&ctx, "198.51.100.1:50000", &header).await;
+        assert_eq!(c.reply().await.expect("banner").code, 220);
+        c.start_transaction().await;
+        // The balancer may relay; the client it names may not.
+        let relay = c.cmd("RCPT TO:<user@elsewhere.test>").await;
+        assert_eq!(relay.code, 554, "{relay:?}");
+        assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
+        assert_eq!(send_message(&mut c).await.code, 250);
+        let client = format!("203.0.113.{}", 9 + i);
+        let xclient = &mta.sessions()[i][1];
+        assert!(
+            xclient.starts_with(&format!("XCLIENT ADDR={client} ")),
+            "{xclient}"
+        );
+    }
+    assert_eq!(
+        *screened.lock().unwrap(),
+        [
+            "203.0.113.9".parse::<std::net::IpAddr>().unwrap(),
+            "203.0.113.10".parse().unwrap()
+        ]
+    );
+    // A denylisted client is refused though the balancer is clean.
+    let mut c = connect_from(&ctx, "198.51.100.1:50001", &v1_header("203.0.113.66")).await;
+    assert_eq!(c.reply().await.expect("refusal").code, 554);
+    assert!(c.is_closed().await);
+    assert_eq!(ctx.stats.report().refused_denylisted, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn trusted_peers_without_a_good_header_are_closed_without_a_banner() {
+    let (ctx, screened) = proxy_context(nowhere().await, "", None);
+    let local = {
+        use ppp::v2;
+        v2::Builder::with_addresses(
+            v2::Version::Two | v2::Command::Local,
+            v2::Protocol::Stream,
+            v2::Addresses::Unspecified,
+        )
+        .build()
+        .unwrap()
+    };
+    for first in [
+        &b"EHLO direct.test\r\n"[..],
+        b"PROXY TCP4 203.0.113.9 198.51.100.1 40000 25\n",
+        b"PROXY TCP4 203.0.113.9 198.51.100.1 40000\r\n",
+        b"", // silent: closed at proxy_protocol_timeout
+    ] {
+        let mut c = connect_from(&ctx, "198.51.100.1:50000", first).await;
+        assert!(c.is_closed().await, "{:?}", String::from_utf8_lossy(first));
+    }
+    // Health checks (LOCAL, UNKNOWN) are closed too, counted apart.
+    for first in [&local[..], b"PROXY UNKNOWN\r\n"] {
+        let mut c = connect_from(&ctx, "198.51.100.1:50000", first).await;
+        assert!(c.is_closed().await);
+    }
+    let stats = ctx.stats.report();
+    assert_eq!(stats.proxy_header_invalid, 4);
+    assert_eq!(stats.proxy_local_closed, 2);
+    assert!(screened.lock().unwrap().is_empty(), "nobody was screened");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_header_from_an_untrusted_client_is_refused_not_obeyed() {
+    let banned: Arc<Mutex<Vec<IpNet>>> = Arc::default();
+    let record = banned.clone();
+    let hook: PregreetHook = Arc::new(move |net| record.lock().unwrap().push(net));
+    for extra in ["", "greet_wait = \"5s\""] {
+        let (ctx, screened) = proxy_context(nowhere().await, extra, Some(hook.clone()));
+        for header in [v1_header("198.51.100.9"), v2_header("198.51.100.9")] {
+            let mut c = connect_from(&ctx, "192.0.2.7:40000", &header).await;
+            let line = c.line().await;
+            assert!(line.starts_with("220"), "{line}");
+            let line = c.line().await;
+            assert!(line.starts_with("554 5.7.1"), "{extra}: {line}");
+            assert!(c.is_closed().await);
+        }
+        assert_eq!(ctx.stats.report().proxy_header_untrusted, 2, "{extra}");
+        let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(*screened.lock().unwrap(), [ip, ip]);
+    }
+    assert!(banned.lock().unwrap().is_empty(), "refused, not banned");
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_the_header_limits_and_pregreet_bans_judge_the_real_client() {
+    let banned: Arc<Mutex<Vec<IpNet>>> = Arc::default();
+    let record = banned.clone();
+    let hook: PregreetHook = Arc::new(move |net| record.lock().unwrap().push(net));
+    let extra = "greet_wait = \"5s\"\nmax_connections_per_ip = 1";
+    let (ctx, _) = proxy_context(nowhere().await, extra, Some(hook));
+    // SMTP sent with the header is left for the pre-greet check: the real client is banned.
+    let mut early = v2_header("203.0.113.9");
+    early.extend_from_slice(b"EHLO early.test\r\n");
+    let mut c = connect_from(&ctx, "198.51.100.1:50000", &early).await;
+    assert!(c.line().await.starts_with("220-"));
+    assert!(c.line().await.starts_with("554 5.7.1"));
+    assert!(c.is_closed().await);
+    assert_eq!(
+        *banned.lock().unwrap(),
+        ["203.0.113.9/32".parse::<IpNet>().unwrap()]
+    );
+    // One connection per client, however many share the balancer.
+    let mut a = connect_from(&ctx, "198.51.100.1:50001", &v1_header("203.0.113.20")).await;
+    let mut b = connect_from(&ctx, "198.51.100.1:50002", &v1_header("203.0.113.21")).await;
+    assert!(a.line().await.starts_with("220-"));
+    assert!(b.line().await.starts_with("220-"));
+    let mut again = connect_from(&ctx, "198.51.100.1:50003", &v1_header("203.0.113.20")).await;
+    assert!(again.line().await.starts_with("421 4.7.0"));
+}
