@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod dnsbl;
 pub mod kernel;
 pub mod lists;
+pub mod metrics;
 pub mod netaddr;
 pub mod persist;
 pub mod smtp;

@@ -3,11 +3,12 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Result;
 use ipnet::IpNet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
 use crate::clock::unix_now;
@@ -30,7 +31,7 @@ pub struct ScreenService {
     deny: PrefixView,
     relay_networks: Vec<IpNet>,
     cache_path: PathBuf,
-    blocked: AtomicU64,
+    blocked: Counter,
 }
 
 impl ScreenService {
@@ -51,7 +52,7 @@ impl ScreenService {
                 .map(|s| s.relay_networks.clone())
                 .unwrap_or_default(),
             cache_path: config.state_dir.join(CACHE_FILE),
-            blocked: AtomicU64::new(0),
+            blocked: Counter::default(),
         };
         service.reload_cache();
         Ok(Arc::new(service))
@@ -133,7 +134,7 @@ impl ScreenService {
             )));
         }
         if self.kernel().lookup(client).is_some() {
-            self.blocked.fetch_add(1, Relaxed);
+            self.blocked.inc();
             let zone = self.listing_zone(client);
             info!(%client, %zone, "DNSBL-listed client reached the SMTP front end; refused");
             return Screening::Refuse(ScreenRefusal::Dnsbl(dnsbl_reply(client, &zone)));
@@ -147,7 +148,7 @@ impl ScreenService {
         }
         let verdict = engine.check(client, false).await.verdict;
         if verdict.listed {
-            self.blocked.fetch_add(1, Relaxed);
+            self.blocked.inc();
             self.feed_kernel(&verdict);
             let zone = verdict.blocked_by.as_deref().unwrap_or("DNSBL");
             info!(%client, %zone, score = verdict.score, "DNSBL-listed client refused");
@@ -309,11 +310,22 @@ impl ScreenService {
         }
     }
 
+    /// Registers the engine's families and `blocked` (under `gatekeeper_dnsbl_*`).
+    pub fn register(&self, registry: &mut Registry) {
+        let Some(engine) = &self.engine else { return };
+        engine.register(registry);
+        registry.register(
+            "blocked",
+            "Connections refused because of a DNSBL listing (and fed into the kernel)",
+            self.blocked.clone(),
+        );
+    }
+
     pub fn report(&self) -> Option<DnsblStats> {
         let engine = self.engine.as_ref()?;
         Some(DnsblStats {
             engine: engine.report(),
-            blocked: self.blocked.load(Relaxed),
+            blocked: self.blocked.get(),
             kernel_entries: self.kernel().live().len(),
         })
     }
