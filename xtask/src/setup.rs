@@ -19,6 +19,9 @@ const PACKAGES: &[&str] = &[
     "swaks",
     "hping3",
     "netsniff-ng",
+    // `promtool check metrics` and `fail2ban-regex` judge the daemon's output.
+    "prometheus",
+    "fail2ban",
     // The VM matrix: QEMU, busybox for its /init, xz for 6.12's modules, strip.
     "qemu-system-x86",
     "busybox-static",
