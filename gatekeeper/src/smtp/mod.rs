@@ -256,7 +256,7 @@ async fn handle_connection(
     shutdown: CancellationToken,
 ) {
     if let Err(e) = tune_client_socket(&stream, &ctx.config) {
-        debug!(client = %peer, error = %e, "cannot set client socket options");
+        debug!(client = %crate::netaddr::canonical(peer.ip()), error = %e, "cannot set client socket options");
     }
     run_connection(Box::new(stream), peer, ctx, shutdown).await
 }

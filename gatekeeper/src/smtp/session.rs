@@ -536,7 +536,7 @@ impl Session {
         if kept {
             SmtpStats::bump(&self.ctx.stats.transactions_replayed);
         } else {
-            debug!(client = %self.peer, "acknowledged recipients could not be replayed");
+            debug!(client = %self.client_ip(), "acknowledged recipients could not be replayed");
             self.upstream = None;
             if let Some(tx) = &mut self.tx {
                 tx.lost = true;
