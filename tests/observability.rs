@@ -59,7 +59,8 @@ fn client(lab: &Lab, source: &str) -> SmtpClient {
 
 fn deliver(lab: &Lab, source: &str) {
     let mut c = client(lab, source);
-    c.start_transaction("client.test", "<a@client.test>").unwrap();
+    c.start_transaction("client.test", "<a@client.test>")
+        .unwrap();
     assert_eq!(c.cmd("RCPT TO:<user@example.org>").unwrap().code, 250);
     assert_eq!(c.cmd("DATA").unwrap().code, 354);
     let reply = c.cmd("Subject: hi\r\n\r\nhello\r\n.").unwrap();
@@ -203,17 +204,26 @@ fn metrics_pass_promtool_and_match_the_traffic_and_stats() {
     assert_eq!(sample(&m, relay), RELAYS as u64);
     assert_eq!(json(&smtp["relay_denied"]["foreign_domain"]), RELAYS as u64);
     assert_eq!(
-        sample(&m, "gatekeeper_smtp_relay_denied_total{reason=\"percent_hack\"}"),
+        sample(
+            &m,
+            "gatekeeper_smtp_relay_denied_total{reason=\"percent_hack\"}"
+        ),
         0
     );
-    assert_eq!(sample(&m, "gatekeeper_smtp_refused_total{reason=\"dnsbl\"}"), 1);
+    assert_eq!(
+        sample(&m, "gatekeeper_smtp_refused_total{reason=\"dnsbl\"}"),
+        1
+    );
     assert_eq!(json(&smtp["refused_dnsbl"]), 1);
     assert_eq!(
         sample(&m, "gatekeeper_smtp_recipients_accepted_total"),
         json(&smtp["recipients_accepted"])
     );
     // Every session that got a banner: all but the DNSBL-listed one.
-    assert_eq!(sample(&m, "gatekeeper_smtp_banner_seconds_count"), sessions - 1);
+    assert_eq!(
+        sample(&m, "gatekeeper_smtp_banner_seconds_count"),
+        sessions - 1
+    );
 
     let zone = &stats["dnsbl"]["zones"][0];
     assert_eq!(zone["zone"], "bl.test");
@@ -227,19 +237,35 @@ fn metrics_pass_promtool_and_match_the_traffic_and_stats() {
     assert_eq!(queries("listed"), json(&zone["hits"]));
     assert_eq!(queries("not_listed"), 1, "one clean client, cached after");
     assert_eq!(
-        ["listed", "not_listed", "skipped", "error_code", "timeout", "failed"]
-            .map(queries)
-            .iter()
-            .sum::<u64>(),
+        [
+            "listed",
+            "not_listed",
+            "skipped",
+            "error_code",
+            "timeout",
+            "failed"
+        ]
+        .map(queries)
+        .iter()
+        .sum::<u64>(),
         json(&zone["queries"])
     );
     assert_eq!(
-        sample(&m, "gatekeeper_dnsbl_lookup_seconds_count{zone=\"bl.test\"}"),
+        sample(
+            &m,
+            "gatekeeper_dnsbl_lookup_seconds_count{zone=\"bl.test\"}"
+        ),
         2
     );
     assert_eq!(zone["health"], "healthy");
-    assert_eq!(sample(&m, "gatekeeper_dnsbl_zone_healthy{zone=\"bl.test\"}"), 1);
-    assert_eq!(sample(&m, "gatekeeper_dnsbl_blocked_total"), json(&stats["dnsbl"]["blocked"]));
+    assert_eq!(
+        sample(&m, "gatekeeper_dnsbl_zone_healthy{zone=\"bl.test\"}"),
+        1
+    );
+    assert_eq!(
+        sample(&m, "gatekeeper_dnsbl_blocked_total"),
+        json(&stats["dnsbl"]["blocked"])
+    );
     assert_eq!(sample(&m, "gatekeeper_dnsbl_kernel_entries"), 1);
     assert_eq!(json(&stats["dnsbl"]["kernel_entries"]), 1);
     assert_eq!(
@@ -267,9 +293,15 @@ fn metrics_pass_promtool_and_match_the_traffic_and_stats() {
     };
     assert_eq!(syns("pass"), sessions);
     assert_eq!(syns("pass"), json(&stats["passed"]));
-    assert_eq!(syns("drop_deny") + syns("drop_dnsbl") + syns("pass_allow"), 0);
+    assert_eq!(
+        syns("drop_deny") + syns("drop_dnsbl") + syns("pass_allow"),
+        0
+    );
     let packets = sample(&m, "gatekeeper_xdp_packets_total");
-    assert!(packets >= sessions * 3 && packets <= json(&stats["packets"]), "{packets}");
+    assert!(
+        packets >= sessions * 3 && packets <= json(&stats["packets"]),
+        "{packets}"
+    );
     assert_eq!(sample(&m, "gatekeeper_build_info{version=\"0.1.0\"}"), 1);
 
     // OpenMetrics for scrapers that ask for it; nothing but /metrics.
@@ -299,15 +331,15 @@ fn metrics_pass_promtool_and_match_the_traffic_and_stats() {
 /// Clients whose sessions fail2ban must not count.
 fn normal_traffic(lab: &Lab) {
     deliver(lab, SENDER);
-    // A client that just goes away, and one whose HELO imitates an abusive line.
+    // A client that just goes away, and one that makes one mistake.
     let mut c = client(lab, SENDER);
     assert_eq!(c.reply().unwrap().code, 220);
     drop(c);
     let mut c = client(lab, "192.0.2.3");
     assert_eq!(c.reply().unwrap().code, 220);
-    let _ = c.cmd(&format!(
-        "HELO x SMTP session ended client=203.0.113.9 outcome=error_limit \"client\":\"203.0.113.9\",\"outcome\":\"error_limit\""
-    ));
+    // The parser refuses such a HELO; its text never reaches the log.
+    let helo = "HELO x SMTP session ended client=203.0.113.9 outcome=error_limit";
+    assert!(c.cmd(helo).unwrap().code >= 500);
     assert_eq!(c.cmd("QUIT").unwrap().code, 221);
 }
 

@@ -305,9 +305,15 @@ threshold = 3
         .unwrap();
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.log_level, LogLevel::Debug);
-        assert_eq!(config.metrics.unwrap().listen, "[::1]:9100".parse().unwrap());
+        assert_eq!(
+            config.metrics.unwrap().listen,
+            "[::1]:9100".parse().unwrap()
+        );
         let config = Config::parse("interfaces = []\n[metrics]").unwrap();
-        assert_eq!(config.metrics.unwrap().listen, "127.0.0.1:9425".parse().unwrap());
+        assert_eq!(
+            config.metrics.unwrap().listen,
+            "127.0.0.1:9425".parse().unwrap()
+        );
     }
 
     #[test]

@@ -52,9 +52,8 @@ fn init_logging(format: config::LogFormat, level: config::LogLevel) {
     match format {
         config::LogFormat::Json => builder.json().init(),
         config::LogFormat::Text => {
-            let builder = builder.with_ansi(
-                !under_journald && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            );
+            let builder = builder
+                .with_ansi(!under_journald && std::io::IsTerminal::is_terminal(&std::io::stderr()));
             if under_journald {
                 builder.without_time().init()
             } else {

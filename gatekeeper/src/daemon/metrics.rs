@@ -58,7 +58,12 @@ impl Collector for ScrapeTime {
         let router = &self.0;
         match router.kernel.counters() {
             Ok(xdp) => {
-                counter(&mut encoder, "xdp_packets", "Packets XDP looked at", xdp.get(Xdp::Packets))?;
+                counter(
+                    &mut encoder,
+                    "xdp_packets",
+                    "Packets XDP looked at",
+                    xdp.get(Xdp::Packets),
+                )?;
                 labelled_counters(
                     &mut encoder,
                     "xdp_syn_verdicts",

@@ -12,10 +12,12 @@ mod metrics;
 mod router;
 mod screen;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use ipnet::IpNet;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -208,7 +210,7 @@ fn pregreet_hook(config: &smtp::SmtpConfig, lists: Arc<ListService>) -> Option<s
     }
     // Config validation caps it at the maximum TTL; sub-second rounds up to 1 s.
     let ttl = Ttl::from_duration(config.pregreet_deny_ttl.max(Duration::from_secs(1))).ok()?;
-    Some(Arc::new(move |client: std::net::IpAddr, ban: ipnet::IpNet| {
+    Some(Arc::new(move |client: IpAddr, ban: IpNet| {
         if lists.covering(ListKind::Deny, client) {
             return; // denylisted since its SYN passed: nothing to add
         }

@@ -299,7 +299,12 @@ impl ZoneState {
             zone: self.spec.name.clone(),
             weight: self.spec.weight,
             health: self.health(),
-            queries: hits + c.not_listed.get() + c.skipped.get() + error_codes + timeouts + failures,
+            queries: hits
+                + c.not_listed.get()
+                + c.skipped.get()
+                + error_codes
+                + timeouts
+                + failures,
             hits,
             errors: error_codes + timeouts + failures,
             error_codes,
@@ -363,7 +368,10 @@ mod tests {
 
     #[test]
     fn repeated_error_answers_suspend_a_zone() {
-        let zone = ZoneState::new(ZoneSpec::parse("bl.test").unwrap(), &ZoneFamilies::default());
+        let zone = ZoneState::new(
+            ZoneSpec::parse("bl.test").unwrap(),
+            &ZoneFamilies::default(),
+        );
         let error = answer(AnswerKind::Error, &["127.255.255.254"]);
         zone.record(&error);
         zone.record(&answer(AnswerKind::NotListed, &[]));

@@ -74,7 +74,10 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
 /// The answer to one request. Pure but for encoding the registry.
 fn respond<B>(registry: &Registry, request: &Request<B>) -> Response<Full<Bytes>> {
     if request.uri().path() != "/metrics" {
-        return plain(StatusCode::NOT_FOUND, "not found; metrics are at /metrics\n");
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found; metrics are at /metrics\n",
+        );
     }
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
@@ -85,9 +88,10 @@ fn respond<B>(registry: &Registry, request: &Request<B>) -> Response<Full<Bytes>
         .and_then(|value| value.to_str().ok());
     let (content_type, body) = super::encode(registry, accept);
     let mut response = Response::new(Full::new(Bytes::from(body)));
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, content_type.parse().expect("static content type"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        content_type.parse().expect("static content type"),
+    );
     response
 }
 
@@ -96,7 +100,9 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
-        "text/plain; charset=utf-8".parse().expect("static content type"),
+        "text/plain; charset=utf-8"
+            .parse()
+            .expect("static content type"),
     );
     response
 }
@@ -132,7 +138,10 @@ mod tests {
             .unwrap()
             .contains("gatekeeper_probes_total 1\n"));
         assert_eq!(get("/", Method::GET).status(), StatusCode::NOT_FOUND);
-        assert_eq!(get("/metrics/x", Method::GET).status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            get("/metrics/x", Method::GET).status(),
+            StatusCode::NOT_FOUND
+        );
         assert_eq!(
             get("/metrics", Method::POST).status(),
             StatusCode::METHOD_NOT_ALLOWED

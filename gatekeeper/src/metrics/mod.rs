@@ -18,7 +18,8 @@ use serde::Deserialize;
 pub use http::{bind, serve};
 
 /// The OpenMetrics text format, served when the scraper asks for it.
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// `[metrics]`: present means serve `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -84,9 +85,18 @@ mod tests {
         a.inc();
         let (content_type, body) = encode(&registry, None);
         assert_eq!(content_type, prometheus_text::CONTENT_TYPE);
-        assert!(body.contains("gatekeeper_things_total{kind=\"a\"} 1\n"), "{body}");
-        assert!(body.contains("gatekeeper_things_total{kind=\"b\"} 0\n"), "{body}");
-        let (content_type, body) = encode(&registry, Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"));
+        assert!(
+            body.contains("gatekeeper_things_total{kind=\"a\"} 1\n"),
+            "{body}"
+        );
+        assert!(
+            body.contains("gatekeeper_things_total{kind=\"b\"} 0\n"),
+            "{body}"
+        );
+        let (content_type, body) = encode(
+            &registry,
+            Some("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+        );
         assert_eq!(content_type, OPENMETRICS_CONTENT_TYPE);
         assert!(body.ends_with("# EOF\n"), "{body}");
     }

@@ -275,7 +275,9 @@ async fn run_connection(
         Ok(admission) => admission,
         Err(refusal) => {
             let (counter, reason) = match refusal {
-                gate::Refusal::RateLimited => (&ctx.stats.refused_connection_rate, "connection_rate"),
+                gate::Refusal::RateLimited => {
+                    (&ctx.stats.refused_connection_rate, "connection_rate")
+                }
                 _ => (&ctx.stats.refused_connection_limit, "connection_limit"),
             };
             SmtpStats::bump(counter);
