@@ -41,6 +41,47 @@ pub struct Config {
     pub smtp: Option<crate::smtp::SmtpConfig>,
     /// DNSBL checks at connection time; absent: none.
     pub dnsbl: Option<crate::dnsbl::DnsblConfig>,
+    /// The Prometheus endpoint; absent: none.
+    pub metrics: Option<crate::metrics::MetricsConfig>,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// `RUST_LOG`, when set, overrides it.
+    #[serde(default)]
+    pub log_level: LogLevel,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event, `key=value` fields.
+    #[default]
+    Text,
+    /// One JSON object per event (tracing-subscriber's json format).
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// The `EnvFilter` directive.
+    pub fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -259,6 +300,28 @@ threshold = 3
         assert_eq!(config.protected_ports, [25]);
         assert_eq!(config.state_dir, Path::new("/var/lib/gatekeeper"));
         assert_eq!(config.control_group, None);
+        assert_eq!(config.metrics, None);
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert_eq!(config.log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn metrics_and_log_keys() {
+        let config = Config::parse(
+            "interfaces = []\nlog_format = \"json\"\nlog_level = \"debug\"\n[metrics]\nlisten = \"[::1]:9100\"",
+        )
+        .unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.log_level, LogLevel::Debug);
+        assert_eq!(
+            config.metrics.unwrap().listen,
+            "[::1]:9100".parse().unwrap()
+        );
+        let config = Config::parse("interfaces = []\n[metrics]").unwrap();
+        assert_eq!(
+            config.metrics.unwrap().listen,
+            "127.0.0.1:9425".parse().unwrap()
+        );
     }
 
     #[test]
@@ -289,6 +352,10 @@ threshold = 3
                 "interfaces = []\n[smtp]\nupstream = \"127.0.0.1:10025\"\npregreet_deny_ttl = \"11y\"",
                 "smtp.pregreet_deny_ttl",
             ),
+            ("interfaces = []\nlog_format = \"xml\"", "log_format"),
+            ("interfaces = []\nlog_level = \"loud\"", "log_level"),
+            ("interfaces = []\n[metrics]\nlisten = \"localhost\"", "listen"),
+            ("interfaces = []\n[metrics]\nport = 9425", "port"),
         ];
         for (text, expected) in cases {
             let err = Config::parse(text).unwrap_err();

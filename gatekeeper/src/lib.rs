@@ -12,6 +12,7 @@ pub mod dnsbl;
 pub mod findings;
 pub mod kernel;
 pub mod lists;
+pub mod metrics;
 pub mod netaddr;
 pub mod persist;
 pub mod smtp;

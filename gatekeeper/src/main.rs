@@ -28,16 +28,11 @@ fn main() -> ExitCode {
     }
 }
 
+/// The config is read first so its `log_format` and `log_level` apply; a bad
+/// one is reported on stderr by `main` before any logging exists.
 fn run_daemon(cli: &Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let (config, warnings) = config::Config::load_with_warnings(&cli.config)?;
+    init_logging(config.log_format, config.log_level);
     for warning in warnings {
         tracing::warn!("config: {warning}");
     }
@@ -45,4 +40,28 @@ fn run_daemon(cli: &Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(daemon::run(config, cli.config.clone()))
+}
+
+/// `RUST_LOG`, when set and valid, overrides `log_level`. Under systemd
+/// (`JOURNAL_STREAM` set) text lines carry no timestamp: journald adds its own.
+fn init_logging(format: config::LogFormat, level: config::LogLevel) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.directive()));
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        config::LogFormat::Json => builder.json().init(),
+        config::LogFormat::Text => {
+            let builder = builder
+                .with_ansi(!under_journald && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+            if under_journald {
+                builder.without_time().init()
+            } else {
+                builder.init()
+            }
+        }
+    }
 }

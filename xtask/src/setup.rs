@@ -21,6 +21,9 @@ const PACKAGES: &[&str] = &[
     "netsniff-ng",
     // PROXY protocol tests: a real balancer in front of the daemon.
     "haproxy",
+    // `promtool check metrics` and `fail2ban-regex` judge the daemon's output.
+    "prometheus",
+    "fail2ban",
     // The VM matrix: QEMU, busybox for its /init, xz for 6.12's modules, strip.
     "qemu-system-x86",
     "busybox-static",

@@ -149,6 +149,14 @@ impl ListService {
         (self.deny.store.len(), self.allow.store.len())
     }
 
+    /// IPv4 and IPv6 entries in one list, for the metrics.
+    pub fn family_counts(&self, kind: ListKind) -> (usize, usize) {
+        self.list(kind).store.read(|entries| {
+            let v4 = entries.keys().filter(|net| net.addr().is_ipv4()).count();
+            (v4, entries.len() - v4)
+        })
+    }
+
     /// Whether a live entry of `kind` covers `ip` (memory only, cheap).
     pub fn covering(&self, kind: ListKind, ip: IpAddr) -> bool {
         self.list(kind).store.covers(ip, unix_now())

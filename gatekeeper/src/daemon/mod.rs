@@ -8,16 +8,19 @@
 //! anything a task holds can keep the teardown from running.
 
 mod lists;
+mod metrics;
 mod notify;
 mod reload;
 mod router;
 mod screen;
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use ipnet::IpNet;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -62,6 +65,11 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
     // Bind first: a second daemon must fail before touching the first one's pins.
     let control = ControlSocket::bind(&config.control_socket, config.control_group.as_deref())?;
     let smtp_listeners = config.smtp.as_ref().map(smtp::bind).transpose()?;
+    let metrics_listener = config
+        .metrics
+        .as_ref()
+        .map(|m| crate::metrics::bind(m.listen))
+        .transpose()?;
     // From here on every return path drops `kernel`, which tears it down.
     let mut kernel = Kernel::load(&config)?;
     let screen = ScreenService::new(&config, &mut kernel)?;
@@ -95,6 +103,13 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         let watch = shutdown.child_token();
         tasks.spawn(until_cancelled(watch.clone(), engine.watch_health()));
         health_watch = Some(watch);
+    }
+    if let Some(listener) = metrics_listener {
+        let registry = Arc::new(metrics::registry(router.clone()));
+        tasks.spawn(until_cancelled(
+            shutdown.clone(),
+            crate::metrics::serve(listener, registry),
+        ));
     }
     let socket_path = control.path().to_owned();
     tasks.spawn(until_cancelled(
@@ -261,23 +276,25 @@ pub(crate) fn pregreet_hook(
     }
     // Config validation caps it at the maximum TTL; sub-second rounds up to 1 s.
     let ttl = Ttl::from_duration(config.pregreet_deny_ttl.max(Duration::from_secs(1))).ok()?;
-    Some(Arc::new(move |client: ipnet::IpNet| {
-        if lists.covering(ListKind::Deny, client.network()) {
+    Some(Arc::new(move |client: IpAddr, ban: IpNet| {
+        if lists.covering(ListKind::Deny, client) {
             return; // denylisted since its SYN passed: nothing to add
         }
         let lists = lists.clone();
         tokio::spawn(async move {
             let entry = match ttl.expires_at(unix_now()) {
                 Ok(expires) => NewEntry {
-                    net: client,
+                    net: ban,
                     reason: Some("talked before the SMTP greeting".into()),
                     expires: Some(expires),
                 },
-                Err(e) => return warn!(%client, error = %e, "pre-greet client not denylisted"),
+                Err(e) => {
+                    return warn!(%client, %ban, error = %e, "pre-greet client not denylisted")
+                }
             };
             match lists.change(ListKind::Deny, Change::Add(vec![entry])).await {
-                Ok(_) => info!(%client, ttl_secs = ttl.secs(), "pre-greet client denylisted"),
-                Err(e) => warn!(%client, error = %e, "denylisting a pre-greet client failed"),
+                Ok(_) => info!(%client, %ban, ttl_secs = ttl.secs(), "pre-greet client denylisted"),
+                Err(e) => warn!(%client, %ban, error = %e, "denylisting a pre-greet client failed"),
             }
         });
     }))

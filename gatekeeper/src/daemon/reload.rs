@@ -137,7 +137,12 @@ impl Live {
         let engine = if self.config.dnsbl != config.dnsbl {
             match config.dnsbl.clone() {
                 Some(dnsbl) => {
-                    let engine = DnsblEngine::new(dnsbl)?;
+                    // A successor keeps the registered metric series; an
+                    // engine new since start is served, its metrics after a restart.
+                    let engine = match self.screen.engine() {
+                        Some(old) => old.successor(dnsbl)?,
+                        None => DnsblEngine::new(dnsbl)?,
+                    };
                     engine.check_health().await;
                     Some(Some(engine))
                 }

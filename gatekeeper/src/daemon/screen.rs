@@ -3,11 +3,12 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use anyhow::Result;
 use ipnet::IpNet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
 use crate::clock::unix_now;
@@ -31,7 +32,7 @@ pub struct ScreenService {
     deny: PrefixView,
     relay_networks: RwLock<Vec<IpNet>>,
     cache_path: PathBuf,
-    blocked: AtomicU64,
+    blocked: Counter,
 }
 
 impl ScreenService {
@@ -48,13 +49,14 @@ impl ScreenService {
             deny: PrefixView::deny(kernel.pin_dir())?,
             relay_networks: RwLock::new(relay_networks(config)),
             cache_path: config.state_dir.join(CACHE_FILE),
-            blocked: AtomicU64::new(0),
+            blocked: Counter::default(),
         };
         service.reload_cache();
         Ok(Arc::new(service))
     }
 
-    fn engine(&self) -> Option<Arc<DnsblEngine>> {
+    /// The engine serving now (a reload builds its successor from it).
+    pub fn engine(&self) -> Option<Arc<DnsblEngine>> {
         self.engine
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -179,7 +181,7 @@ impl ScreenService {
             )));
         }
         if self.kernel().lookup(client).is_some() {
-            self.blocked.fetch_add(1, Relaxed);
+            self.blocked.inc();
             let zone = self.listing_zone(client);
             info!(%client, %zone, "DNSBL-listed client reached the SMTP front end; refused");
             return Screening::Refuse(ScreenRefusal::Dnsbl(dnsbl_reply(client, &zone)));
@@ -193,7 +195,7 @@ impl ScreenService {
         }
         let verdict = engine.check(client, false).await.verdict;
         if verdict.listed {
-            self.blocked.fetch_add(1, Relaxed);
+            self.blocked.inc();
             self.feed_kernel(&verdict);
             let zone = verdict.blocked_by.as_deref().unwrap_or("DNSBL");
             info!(%client, %zone, score = verdict.score, "DNSBL-listed client refused");
@@ -358,11 +360,22 @@ impl ScreenService {
         }
     }
 
+    /// Registers the engine's families and `blocked` (under `gatekeeper_dnsbl_*`).
+    pub fn register(&self, registry: &mut Registry) {
+        let Some(engine) = self.engine() else { return };
+        engine.register(registry);
+        registry.register(
+            "blocked",
+            "Connections refused because of a DNSBL listing (and fed into the kernel)",
+            self.blocked.clone(),
+        );
+    }
+
     pub fn report(&self) -> Option<DnsblStats> {
         let engine = self.engine()?;
         Some(DnsblStats {
             engine: engine.report(),
-            blocked: self.blocked.load(Relaxed),
+            blocked: self.blocked.get(),
             kernel_entries: self.kernel().live().len(),
         })
     }

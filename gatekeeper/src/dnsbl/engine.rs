@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -15,6 +14,8 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -24,9 +25,10 @@ use tracing::debug;
 use super::answer::{classify, query_name, Classified};
 use super::cache::VerdictCache;
 use super::config::DnsblConfig;
-use super::health::{judge_test_points, ZoneReport, ZoneState};
+use super::health::{judge_test_points, ZoneFamilies, ZoneReport, ZoneState};
 use super::verdict::{AnswerKind, Scoring, Verdict, ZoneAnswer};
 use crate::clock::unix_now;
+use crate::metrics::{labelled, Labelled};
 use crate::netaddr::canonical;
 
 type Pending = watch::Receiver<Option<Arc<Verdict>>>;
@@ -38,11 +40,33 @@ pub struct DnsblEngine {
     cache: Mutex<VerdictCache>,
     inflight: Mutex<HashMap<IpAddr, Pending>>,
     slots: Semaphore,
-    checks: AtomicU64,
-    cache_hits: AtomicU64,
-    cache_misses: AtomicU64,
-    coalesced: AtomicU64,
-    overloaded: AtomicU64,
+    metrics: EngineMetrics,
+}
+
+/// The engine's metric handles; `checks` is split by `cache="hit"|"miss"`.
+/// Clones share the series, so a reloaded engine counts on where the old one stopped.
+#[derive(Clone)]
+struct EngineMetrics {
+    checks: Labelled,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    coalesced: Counter,
+    overloaded: Counter,
+    zones: ZoneFamilies,
+}
+
+impl Default for EngineMetrics {
+    fn default() -> Self {
+        let checks = Labelled::default();
+        EngineMetrics {
+            cache_hits: labelled(&checks, "cache", "hit"),
+            cache_misses: labelled(&checks, "cache", "miss"),
+            checks,
+            coalesced: Counter::default(),
+            overloaded: Counter::default(),
+            zones: ZoneFamilies::default(),
+        }
+    }
 }
 
 /// A verdict and whether it came from the cache.
@@ -77,20 +101,51 @@ enum RawAnswer {
 
 impl DnsblEngine {
     pub fn new(config: DnsblConfig) -> Result<Arc<DnsblEngine>> {
+        Self::with_metrics(config, EngineMetrics::default())
+    }
+
+    /// The engine for a reloaded `[dnsbl]`: new zones, resolver and limits,
+    /// the same metric series (already in the registry).
+    pub fn successor(&self, config: DnsblConfig) -> Result<Arc<DnsblEngine>> {
+        Self::with_metrics(config, self.metrics.clone())
+    }
+
+    fn with_metrics(config: DnsblConfig, metrics: EngineMetrics) -> Result<Arc<DnsblEngine>> {
         let resolver = build_resolver(&config)?;
         Ok(Arc::new(DnsblEngine {
-            zones: config.zones.iter().cloned().map(ZoneState::new).collect(),
+            zones: config
+                .zones
+                .iter()
+                .map(|spec| ZoneState::new(spec.clone(), &metrics.zones))
+                .collect(),
             cache: Mutex::new(VerdictCache::new(config.cache_size)),
             inflight: Mutex::new(HashMap::new()),
             slots: Semaphore::new(config.max_inflight),
             resolver,
             config,
-            checks: AtomicU64::new(0),
-            cache_hits: AtomicU64::new(0),
-            cache_misses: AtomicU64::new(0),
-            coalesced: AtomicU64::new(0),
-            overloaded: AtomicU64::new(0),
+            metrics,
         }))
+    }
+
+    /// Registers every family under `gatekeeper_dnsbl_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let m = &self.metrics;
+        registry.register(
+            "checks",
+            "Verdicts asked for, by whether the cache had one",
+            m.checks.clone(),
+        );
+        registry.register(
+            "coalesced",
+            "Checks that joined an identical check already in flight",
+            m.coalesced.clone(),
+        );
+        registry.register(
+            "overloaded",
+            "Checks let in unchecked because every max_inflight slot stayed busy",
+            m.overloaded.clone(),
+        );
+        m.zones.register(registry);
     }
 
     pub fn config(&self) -> &DnsblConfig {
@@ -112,17 +167,16 @@ impl DnsblEngine {
     /// from one set of queries shared with any concurrent check of it.
     pub async fn check(self: &Arc<Self>, client: IpAddr, fresh: bool) -> Checked {
         let client = canonical(client);
-        self.checks.fetch_add(1, Relaxed);
         if !fresh {
             if let Some(verdict) = self.cache().get(client, unix_now()) {
-                self.cache_hits.fetch_add(1, Relaxed);
+                self.metrics.cache_hits.inc();
                 return Checked {
                     verdict,
                     cached: true,
                 };
             }
         }
-        self.cache_misses.fetch_add(1, Relaxed);
+        self.metrics.cache_misses.inc();
         let mut pending = self.join_or_start(client);
         let verdict = match pending.wait_for(Option::is_some).await {
             Ok(done) => done.clone(),
@@ -137,7 +191,7 @@ impl DnsblEngine {
     fn join_or_start(self: &Arc<Self>, client: IpAddr) -> Pending {
         let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pending) = inflight.get(&client) {
-            self.coalesced.fetch_add(1, Relaxed);
+            self.metrics.coalesced.inc();
             return pending.clone();
         }
         let (done, pending) = watch::channel(None);
@@ -167,7 +221,7 @@ impl DnsblEngine {
     async fn evaluate(self: &Arc<Self>, client: IpAddr) -> (Verdict, bool) {
         let deadline = Instant::now() + self.config.timeout;
         let Ok(Ok(_slot)) = timeout_at(deadline, self.slots.acquire()).await else {
-            self.overloaded.fetch_add(1, Relaxed);
+            self.metrics.overloaded.inc();
             return (
                 self.fail_open(client, "max_inflight checks already running"),
                 false,
@@ -231,7 +285,10 @@ impl DnsblEngine {
             );
         }
         let name = query_name(client, &zone.spec.name);
-        let (mut answer, ttl) = interpret(zone, self.lookup_a(&name, deadline).await);
+        let started = Instant::now();
+        let raw = self.lookup_a(&name, deadline).await;
+        zone.observe_lookup(started.elapsed());
+        let (mut answer, ttl) = interpret(zone, raw);
         if answer.answer == AnswerKind::Listed {
             answer.txt = self.lookup_txt(&name, deadline).await;
         }
@@ -335,20 +392,22 @@ impl DnsblEngine {
     }
 
     pub fn report(&self) -> DnsblReport {
-        let (checks, hits) = (self.checks.load(Relaxed), self.cache_hits.load(Relaxed));
+        let m = &self.metrics;
+        let (hits, misses) = (m.cache_hits.get(), m.cache_misses.get());
+        let checks = hits + misses;
         DnsblReport {
             zones: self.zones.iter().map(ZoneState::report).collect(),
             checks,
             cache_hits: hits,
-            cache_misses: self.cache_misses.load(Relaxed),
+            cache_misses: misses,
             cache_hit_ratio: if checks == 0 {
                 0.0
             } else {
                 hits as f64 / checks as f64
             },
             cache_entries: self.cache().len(),
-            coalesced: self.coalesced.load(Relaxed),
-            overloaded: self.overloaded.load(Relaxed),
+            coalesced: m.coalesced.get(),
+            overloaded: m.overloaded.get(),
         }
     }
 

@@ -5,9 +5,15 @@
 //! out of scoring until its RFC 5782 test points look right again.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -72,15 +78,106 @@ pub fn judge_test_points(answer_2: &ZoneAnswer, answer_1: &ZoneAnswer) -> Health
     }
 }
 
+/// Zones come from the config, so labelling by zone keeps cardinality bounded.
+type ZoneLabel = [(&'static str, String); 1];
+type ZoneResultLabel = [(&'static str, String); 2];
+type HistogramFamily = Family<ZoneLabel, Histogram, fn() -> Histogram>;
+
+/// The per-zone metric families; each [`ZoneState`] holds its own handles.
+#[derive(Clone)]
+pub struct ZoneFamilies {
+    queries: Family<ZoneResultLabel, Counter>,
+    healthy: Family<ZoneLabel, Gauge>,
+    scoring: Family<ZoneLabel, Gauge>,
+    lookup_seconds: HistogramFamily,
+}
+
+impl Default for ZoneFamilies {
+    fn default() -> Self {
+        fn lookup_histogram() -> Histogram {
+            Histogram::new(exponential_buckets(0.001, 2.0, 14))
+        }
+        ZoneFamilies {
+            queries: Family::default(),
+            healthy: Family::default(),
+            scoring: Family::default(),
+            lookup_seconds: HistogramFamily::new_with_constructor(lookup_histogram),
+        }
+    }
+}
+
+impl ZoneFamilies {
+    /// Registers under `gatekeeper_dnsbl_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "queries",
+            "Live DNSBL queries by zone and answer",
+            self.queries.clone(),
+        );
+        registry.register(
+            "zone_healthy",
+            "1 when the zone's RFC 5782 test points answer as they should",
+            self.healthy.clone(),
+        );
+        registry.register(
+            "zone_scoring",
+            "1 while the zone's answers count towards the score",
+            self.scoring.clone(),
+        );
+        registry.register_with_unit(
+            "lookup",
+            "Duration of one zone's A lookup for a client",
+            Unit::Seconds,
+            self.lookup_seconds.clone(),
+        );
+    }
+}
+
+/// One zone's handles, one per answer kind.
+struct ZoneCounters {
+    listed: Counter,
+    not_listed: Counter,
+    skipped: Counter,
+    error_codes: Counter,
+    timeouts: Counter,
+    failures: Counter,
+    healthy: Gauge,
+    scoring: Gauge,
+    lookup_seconds: Histogram,
+}
+
+impl ZoneCounters {
+    fn new(zone: &str, families: &ZoneFamilies) -> ZoneCounters {
+        let query = |result: &'static str| {
+            families
+                .queries
+                .get_or_create_owned(&[("zone", zone.to_owned()), ("result", result.to_owned())])
+        };
+        let label = [("zone", zone.to_owned())];
+        ZoneCounters {
+            listed: query("listed"),
+            not_listed: query("not_listed"),
+            skipped: query("skipped"),
+            error_codes: query("error_code"),
+            timeouts: query("timeout"),
+            failures: query("failed"),
+            healthy: families.healthy.get_or_create_owned(&label),
+            scoring: families.scoring.get_or_create_owned(&label),
+            lookup_seconds: families.lookup_seconds.get_or_create_owned(&label),
+        }
+    }
+
+    fn show_health(&self, health: Health) {
+        self.healthy.set(i64::from(health == Health::Healthy));
+        self.scoring.set(i64::from(health.scores()));
+    }
+}
+
 pub struct ZoneState {
     pub spec: ZoneSpec,
     health: Mutex<Health>,
     errors_in_a_row: AtomicU32,
-    queries: AtomicU64,
-    hits: AtomicU64,
-    error_codes: AtomicU64,
-    timeouts: AtomicU64,
-    failures: AtomicU64,
+    counters: ZoneCounters,
     error_log: Mutex<ErrorLog>,
 }
 
@@ -107,18 +204,21 @@ pub struct ZoneReport {
 }
 
 impl ZoneState {
-    pub fn new(spec: ZoneSpec) -> ZoneState {
+    pub fn new(spec: ZoneSpec, families: &ZoneFamilies) -> ZoneState {
+        let counters = ZoneCounters::new(&spec.name, families);
+        counters.show_health(Health::Unchecked);
         ZoneState {
             spec,
             health: Mutex::new(Health::Unchecked),
             errors_in_a_row: AtomicU32::new(0),
-            queries: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
-            error_codes: AtomicU64::new(0),
-            timeouts: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
+            counters,
             error_log: Mutex::new(ErrorLog::default()),
         }
+    }
+
+    /// Times one live lookup of this zone.
+    pub fn observe_lookup(&self, took: Duration) {
+        self.counters.lookup_seconds.observe(took.as_secs_f64());
     }
 
     pub fn health(&self) -> Health {
@@ -131,6 +231,7 @@ impl ZoneState {
             &mut *self.health.lock().unwrap_or_else(|p| p.into_inner()),
             new,
         );
+        self.counters.show_health(new);
         if old == new {
             return;
         }
@@ -147,13 +248,14 @@ impl ZoneState {
 
     /// Counts a live query's answer and watches for a zone that keeps erroring.
     pub fn record(&self, answer: &ZoneAnswer) {
-        self.queries.fetch_add(1, Relaxed);
+        let c = &self.counters;
         match answer.answer {
-            AnswerKind::Listed => self.hits.fetch_add(1, Relaxed),
-            AnswerKind::Error => self.error_codes.fetch_add(1, Relaxed),
-            AnswerKind::Timeout => self.timeouts.fetch_add(1, Relaxed),
-            AnswerKind::Failed => self.failures.fetch_add(1, Relaxed),
-            AnswerKind::NotListed | AnswerKind::Skipped => 0,
+            AnswerKind::Listed => c.listed.inc(),
+            AnswerKind::NotListed => c.not_listed.inc(),
+            AnswerKind::Skipped => c.skipped.inc(),
+            AnswerKind::Error => c.error_codes.inc(),
+            AnswerKind::Timeout => c.timeouts.inc(),
+            AnswerKind::Failed => c.failures.inc(),
         };
         if answer.answer == AnswerKind::Error {
             self.log_error_answer(answer);
@@ -189,17 +291,21 @@ impl ZoneState {
     }
 
     pub fn report(&self) -> ZoneReport {
-        let (error_codes, timeouts, failures) = (
-            self.error_codes.load(Relaxed),
-            self.timeouts.load(Relaxed),
-            self.failures.load(Relaxed),
-        );
+        let c = &self.counters;
+        let (error_codes, timeouts, failures) =
+            (c.error_codes.get(), c.timeouts.get(), c.failures.get());
+        let hits = c.listed.get();
         ZoneReport {
             zone: self.spec.name.clone(),
             weight: self.spec.weight,
             health: self.health(),
-            queries: self.queries.load(Relaxed),
-            hits: self.hits.load(Relaxed),
+            queries: hits
+                + c.not_listed.get()
+                + c.skipped.get()
+                + error_codes
+                + timeouts
+                + failures,
+            hits,
             errors: error_codes + timeouts + failures,
             error_codes,
             timeouts,
@@ -262,7 +368,10 @@ mod tests {
 
     #[test]
     fn repeated_error_answers_suspend_a_zone() {
-        let zone = ZoneState::new(ZoneSpec::parse("bl.test").unwrap());
+        let zone = ZoneState::new(
+            ZoneSpec::parse("bl.test").unwrap(),
+            &ZoneFamilies::default(),
+        );
         let error = answer(AnswerKind::Error, &["127.255.255.254"]);
         zone.record(&error);
         zone.record(&answer(AnswerKind::NotListed, &[]));

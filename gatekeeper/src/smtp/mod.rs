@@ -42,10 +42,10 @@ use gate::{ConnectionGate, GateLimits};
 use policy::RelayPolicy;
 use stats::SmtpStats;
 
-/// Called when a client talks before the greeting, with what to ban: its
-/// group (/32 for IPv4, `/ipv6_client_prefix` for IPv6), narrowed to the
+/// Called when a client talks before the greeting, with its address and what
+/// to ban: its group (/32 for IPv4, `/ipv6_client_prefix` for IPv6), narrowed to the
 /// address itself if the group holds a relay network; never for relay clients.
-pub type PregreetHook = Arc<dyn Fn(IpNet) + Send + Sync>;
+pub type PregreetHook = Arc<dyn Fn(IpAddr, IpNet) + Send + Sync>;
 
 /// What the connection-time screen decided about a client.
 pub enum Screening {
@@ -303,7 +303,7 @@ async fn handle_connection(
     shutdown: CancellationToken,
 ) {
     if let Err(e) = tune_client_socket(&stream, &ctx.config) {
-        debug!(client = %peer, error = %e, "cannot set client socket options");
+        debug!(client = %crate::netaddr::canonical(peer.ip()), error = %e, "cannot set client socket options");
     }
     run_connection(Box::new(stream), peer, ctx, shutdown).await
 }
@@ -315,7 +315,8 @@ async fn run_connection(
     ctx: Arc<SmtpContext>,
     shutdown: CancellationToken,
 ) {
-    SmtpStats::bump(&ctx.stats.connections);
+    let open = ctx.stats.open_session();
+    let client = crate::netaddr::canonical(peer.ip());
     let mut conn: io::Conn = BufReader::new(stream);
     let Some(peer) = proxied_client(&mut conn, peer, &ctx).await else {
         return;
@@ -323,11 +324,14 @@ async fn run_connection(
     let _admission = match ctx.gate.admit(peer.ip()) {
         Ok(admission) => admission,
         Err(refusal) => {
-            let counter = match refusal {
-                gate::Refusal::RateLimited => &ctx.stats.refused_connection_rate,
-                _ => &ctx.stats.refused_connection_limit,
+            let (counter, reason) = match refusal {
+                gate::Refusal::RateLimited => {
+                    (&ctx.stats.refused_connection_rate, "connection_rate")
+                }
+                _ => (&ctx.stats.refused_connection_limit, "connection_limit"),
             };
             SmtpStats::bump(counter);
+            log_refused(client, reason);
             refuse(&mut conn, &refusal.reply(&ctx.config.hostname), &ctx.config).await;
             return;
         }
@@ -338,19 +342,22 @@ async fn run_connection(
             Screening::Pass => false,
             Screening::Trusted => true,
             Screening::Refuse(refusal) => {
-                let (counter, reply) = match &refusal {
-                    ScreenRefusal::Denylisted(reply) => (&ctx.stats.refused_denylisted, reply),
-                    ScreenRefusal::Dnsbl(reply) => (&ctx.stats.refused_dnsbl, reply),
+                let (counter, reason, reply) = match &refusal {
+                    ScreenRefusal::Denylisted(reply) => {
+                        (&ctx.stats.refused_denylisted, "denylisted", reply)
+                    }
+                    ScreenRefusal::Dnsbl(reply) => (&ctx.stats.refused_dnsbl, "dnsbl", reply),
                 };
                 SmtpStats::bump(counter);
+                log_refused(client, reason);
                 refuse(&mut conn, reply, &ctx.config).await;
                 return;
             }
         },
     };
-    let mut session = session::Session::new(ctx, peer, trusted, shutdown);
+    let mut session = session::Session::new(ctx.clone(), peer, trusted, shutdown, open.accepted);
     if let Err(e) = session.run(&mut conn).await {
-        debug!(client = %peer, error = %e, "SMTP session ended with an I/O error");
+        debug!(%client, error = %e, "SMTP session ended with an I/O error");
     }
 }
 
@@ -397,6 +404,11 @@ async fn proxied_client(
             None
         }
     }
+}
+
+/// The session-end line of a connection refused before its banner.
+fn log_refused(client: IpAddr, reason: &'static str) {
+    info!(%client, outcome = %"refused", %reason, "SMTP session ended");
 }
 
 /// A reply instead of a banner; the connection closes after it.

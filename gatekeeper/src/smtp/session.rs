@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::io::{read_line, trim_eol, Conn, Detached, Line};
 use super::parse::{parse_command, Command, MailParams, Path, ReversePath};
@@ -41,6 +41,50 @@ struct Transaction {
     lost: bool,
 }
 
+/// How a session ended, as the session-end log line spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The client sent QUIT.
+    Quit,
+    /// The client closed the connection (or it broke) without QUIT.
+    Disconnected,
+    Pregreet,
+    Timeout,
+    SessionTime,
+    Shutdown,
+    CommandLimit,
+    ErrorLimit,
+    Smuggling,
+    WriteTimeout,
+    TlsFailed,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Quit => "quit",
+            Outcome::Disconnected => "disconnected",
+            Outcome::Pregreet => "pregreet",
+            Outcome::Timeout => "timeout",
+            Outcome::SessionTime => "session_time",
+            Outcome::Shutdown => "shutdown",
+            Outcome::CommandLimit => "command_limit",
+            Outcome::ErrorLimit => "error_limit",
+            Outcome::Smuggling => "smuggling",
+            Outcome::WriteTimeout => "write_timeout",
+            Outcome::TlsFailed => "tls_failed",
+        }
+    }
+}
+
+/// What the session-end line counts.
+#[derive(Default)]
+struct Tally {
+    recipients: usize,
+    delivered: usize,
+    relay_denied: usize,
+}
+
 /// What waiting for the next command line produced.
 enum Wait {
     Line(Line),
@@ -64,6 +108,9 @@ pub struct Session {
     deadline: Instant,
     commands: usize,
     shutdown: CancellationToken,
+    accepted: Instant,
+    outcome: Outcome,
+    tally: Tally,
 }
 
 /// Why a message could not be accepted, decided while its data streamed past.
@@ -79,8 +126,12 @@ impl Session {
         peer: SocketAddr,
         trusted: bool,
         shutdown: CancellationToken,
+        accepted: Instant,
     ) -> Session {
         Session {
+            accepted,
+            outcome: Outcome::Disconnected,
+            tally: Tally::default(),
             trusted,
             deadline: Instant::now() + ctx.config.max_session_time,
             commands: 0,
@@ -106,10 +157,29 @@ impl Session {
             if e.kind() == std::io::ErrorKind::TimedOut {
                 // The client stopped taking replies: nothing more can reach it.
                 SmtpStats::bump(&self.ctx.stats.write_timeouts);
+                self.outcome = Outcome::WriteTimeout;
             }
         }
         self.end_transaction().await;
+        self.log_end();
         result
+    }
+
+    /// The one line per session end that people and fail2ban read; the
+    /// client's text (HELO) comes last and quoted, after the fields filters match.
+    fn log_end(&self) {
+        info!(
+            client = %self.client_ip(),
+            outcome = %self.outcome.name(),
+            commands = self.commands,
+            errors = self.errors,
+            recipients = self.tally.recipients,
+            delivered = self.tally.delivered,
+            relay_denied = self.tally.relay_denied,
+            tls = self.tls_active,
+            helo = ?self.helo.as_deref().unwrap_or(""),
+            "SMTP session ended"
+        );
     }
 
     async fn converse(&mut self, conn: &mut Conn) -> std::io::Result<()> {
@@ -122,6 +192,7 @@ impl Session {
                 Wait::Line(line) => line,
                 Wait::Timeout => {
                     SmtpStats::bump(&self.ctx.stats.timeouts);
+                    self.outcome = Outcome::Timeout;
                     self.send(conn, &format!("421 4.4.2 {host} Error: timeout exceeded"))
                         .await?;
                     return Ok(());
@@ -129,6 +200,7 @@ impl Session {
                 Wait::SessionTime => return self.session_too_long(conn).await,
                 Wait::Shutdown => {
                     SmtpStats::bump(&self.ctx.stats.shutdown_disconnects);
+                    self.outcome = Outcome::Shutdown;
                     self.send(conn, &format!("421 4.3.2 {host} Service shutting down"))
                         .await?;
                     return Ok(());
@@ -138,6 +210,7 @@ impl Session {
                 self.commands += 1;
                 if self.commands > self.ctx.config.max_commands {
                     SmtpStats::bump(&self.ctx.stats.command_limit_disconnects);
+                    self.outcome = Outcome::CommandLimit;
                     self.send(conn, &format!("421 4.7.0 {host} Error: too many commands"))
                         .await?;
                     return Ok(());
@@ -185,6 +258,7 @@ impl Session {
 
     async fn session_too_long(&mut self, conn: &mut Conn) -> std::io::Result<()> {
         SmtpStats::bump(&self.ctx.stats.session_time_disconnects);
+        self.outcome = Outcome::SessionTime;
         let host = &self.ctx.config.hostname;
         let reply = format!("421 4.4.2 {host} Error: session time limit exceeded");
         self.send(conn, &reply).await
@@ -195,6 +269,10 @@ impl Session {
     async fn greet(&mut self, conn: &mut Conn) -> std::io::Result<bool> {
         let host = self.ctx.config.hostname.clone();
         let wait = self.ctx.config.greet_wait;
+        self.ctx
+            .stats
+            .banner_seconds
+            .observe(self.accepted.elapsed().as_secs_f64());
         if !wait.is_zero() && !self.trusted {
             self.send(conn, &format!("220-{host} ESMTP")).await?;
             if let Ok(read) = timeout(wait, conn.fill_buf()).await {
@@ -207,9 +285,9 @@ impl Session {
                     return Ok(false);
                 }
                 SmtpStats::bump(&self.ctx.stats.pregreet);
-                debug!(client = %self.peer, "client talked before the greeting");
+                self.outcome = Outcome::Pregreet;
                 if let (Some(hook), Some(target)) = (&self.ctx.on_pregreet, self.ban_target()) {
-                    hook(target);
+                    hook(self.client_ip(), target);
                 }
                 self.send(
                     conn,
@@ -311,6 +389,7 @@ impl Session {
                     .await
             }
             Command::Quit => {
+                self.outcome = Outcome::Quit;
                 self.send(conn, "221 2.0.0 Bye").await?;
                 return Ok(Flow::Close);
             }
@@ -367,7 +446,14 @@ impl Session {
         }
         if let Decision::Refuse(reason) = self.ctx.policy.decide(&to, self.client_ip()) {
             self.ctx.stats.relay_denied(reason);
-            debug!(client = %self.peer, rcpt = %to.raw, reason = reason.name(), "relay refused");
+            self.tally.relay_denied += 1;
+            info!(
+                client = %self.client_ip(),
+                reason = %reason.name(),
+                rcpt = ?to.raw,
+                helo = ?self.helo.as_deref().unwrap_or(""),
+                "relay refused"
+            );
             return self
                 .error(
                     conn,
@@ -420,6 +506,7 @@ impl Session {
                 tx.accepted.push(rcpt_line);
             }
             SmtpStats::bump(&self.ctx.stats.recipients_accepted);
+            self.tally.recipients += 1;
         }
         self.send_reply(conn, &reply).await?;
         Ok(Flow::Continue)
@@ -474,7 +561,7 @@ impl Session {
         if kept {
             SmtpStats::bump(&self.ctx.stats.transactions_replayed);
         } else {
-            debug!(client = %self.peer, "acknowledged recipients could not be replayed");
+            debug!(client = %self.client_ip(), "acknowledged recipients could not be replayed");
             self.upstream = None;
             if let Some(tx) = &mut self.tx {
                 tx.lost = true;
@@ -538,12 +625,14 @@ impl Session {
         match upstream.command("DATA").await {
             Ok(reply) if reply.code == 354 => {}
             Ok(reply) => {
+                SmtpStats::bump(&self.ctx.stats.messages_rejected);
                 self.end_transaction().await;
                 self.send_reply(conn, &reply).await?;
                 return Ok(Flow::Continue);
             }
             Err(e) => {
                 SmtpStats::bump(&self.ctx.stats.upstream_failures);
+                SmtpStats::bump(&self.ctx.stats.messages_failed);
                 debug!(error = %e, "upstream failed at DATA");
                 self.abandon_transaction();
                 self.send(
@@ -603,6 +692,7 @@ impl Session {
                 // The client and the MTA could disagree on where this message
                 // ends (SMTP smuggling): nothing more is forwarded, the session ends.
                 SmtpStats::bump(&self.ctx.stats.smuggling_refused);
+                self.outcome = Outcome::Smuggling;
                 self.abandon_transaction();
                 self.send(
                     conn,
@@ -633,6 +723,9 @@ impl Session {
                     Ok(reply) => {
                         if reply.is_success() {
                             SmtpStats::bump(&self.ctx.stats.messages_delivered);
+                            self.tally.delivered += 1;
+                        } else {
+                            SmtpStats::bump(&self.ctx.stats.messages_rejected);
                         }
                         reply
                     }
@@ -646,6 +739,7 @@ impl Session {
                 Reply::parse_line("552 5.3.4 Error: message size exceeds fixed limit")
             }
             Some(DataProblem::LineTooLong) => {
+                SmtpStats::bump(&self.ctx.stats.long_line_refused);
                 self.abandon_transaction();
                 Reply::parse_line("554 5.6.0 Error: message line longer than 1000 octets")
             }
@@ -663,8 +757,14 @@ impl Session {
         debug!(error = %error, "upstream failed during DATA");
         self.abandon_transaction();
         match error {
-            UpstreamError::Refused(reply) => reply,
-            _ => Reply::new(451, "4.3.0 Error: mail system behind the gatekeeper failed; message not accepted, try again later"),
+            UpstreamError::Refused(reply) => {
+                SmtpStats::bump(&self.ctx.stats.messages_rejected);
+                reply
+            }
+            _ => {
+                SmtpStats::bump(&self.ctx.stats.messages_failed);
+                Reply::new(451, "4.3.0 Error: mail system behind the gatekeeper failed; message not accepted, try again later")
+            }
         }
     }
 
@@ -702,10 +802,14 @@ impl Session {
         let tls = match timeout(Duration::from_secs(30), acceptor.accept(plain)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                debug!(client = %self.peer, error = %e, "TLS handshake failed");
+                debug!(client = %self.client_ip(), error = %e, "TLS handshake failed");
+                self.outcome = Outcome::TlsFailed;
                 return Ok(Flow::Close);
             }
-            Err(_) => return Ok(Flow::Close),
+            Err(_) => {
+                self.outcome = Outcome::TlsFailed;
+                return Ok(Flow::Close);
+            }
         };
         *conn = BufReader::new(Box::new(tls));
         // RFC 3207 §4.2: forget everything learned before the handshake.
@@ -727,6 +831,7 @@ impl Session {
         self.errors += 1;
         if self.errors >= self.ctx.config.max_errors {
             SmtpStats::bump(&self.ctx.stats.error_limit_disconnects);
+            self.outcome = Outcome::ErrorLimit;
             let host = &self.ctx.config.hostname;
             self.send(conn, &format!("421 4.7.0 {host} Error: too many errors"))
                 .await?;

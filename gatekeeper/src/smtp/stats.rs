@@ -1,38 +1,60 @@
-//! SMTP front-end counters, shared by all sessions and read by `gatekeeper stats`.
+//! SMTP front-end metrics, shared by all sessions: registered in the daemon's
+//! Prometheus registry and read back by `gatekeeper stats`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 use serde::{Deserialize, Serialize};
 
 use super::policy::RelayReason;
+use crate::metrics::{labelled, Labelled};
 
-#[derive(Default)]
+/// Handles into the metric families, one per label value, so a session only
+/// touches an atomic. Field names are the `stats --json` names.
 pub struct SmtpStats {
-    pub connections: AtomicU64,
-    pub refused_connection_limit: AtomicU64,
-    pub refused_dnsbl: AtomicU64,
-    pub refused_denylisted: AtomicU64,
-    pub pregreet: AtomicU64,
-    pub recipients_accepted: AtomicU64,
-    pub messages_delivered: AtomicU64,
-    pub upstream_failures: AtomicU64,
-    pub smuggling_refused: AtomicU64,
-    pub oversize_refused: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub error_limit_disconnects: AtomicU64,
-    pub refused_connection_rate: AtomicU64,
-    pub command_limit_disconnects: AtomicU64,
-    pub session_time_disconnects: AtomicU64,
-    pub write_timeouts: AtomicU64,
-    pub upstream_busy: AtomicU64,
-    pub transactions_replayed: AtomicU64,
-    pub transactions_lost: AtomicU64,
-    pub shutdown_disconnects: AtomicU64,
-    pub proxy_header_invalid: AtomicU64,
-    pub proxy_header_untrusted: AtomicU64,
-    pub proxy_local_closed: AtomicU64,
-    relay_denied: [AtomicU64; RelayReason::ALL.len()],
+    pub connections: Counter,
+    /// Client connections open right now.
+    pub sessions: Gauge,
+    /// Accept to first banner line: what the screen costs a client.
+    pub banner_seconds: Histogram,
+    refused: Labelled,
+    pub refused_connection_limit: Counter,
+    pub refused_connection_rate: Counter,
+    pub refused_dnsbl: Counter,
+    pub refused_denylisted: Counter,
+    pub pregreet: Counter,
+    pub recipients_accepted: Counter,
+    deliveries: Labelled,
+    pub messages_delivered: Counter,
+    /// The MTA refused the message (after DATA or at its end).
+    pub messages_rejected: Counter,
+    /// The MTA failed while taking the message.
+    pub messages_failed: Counter,
+    pub oversize_refused: Counter,
+    pub long_line_refused: Counter,
+    pub smuggling_refused: Counter,
+    pub transactions_lost: Counter,
+    disconnects: Labelled,
+    pub timeouts: Counter,
+    pub error_limit_disconnects: Counter,
+    pub command_limit_disconnects: Counter,
+    pub session_time_disconnects: Counter,
+    pub write_timeouts: Counter,
+    pub shutdown_disconnects: Counter,
+    upstream_errors: Labelled,
+    pub upstream_failures: Counter,
+    pub upstream_busy: Counter,
+    pub transactions_replayed: Counter,
+    relay_denied_family: Labelled,
+    relay_denied: Vec<Counter>,
+    proxy_refused: Labelled,
+    pub proxy_header_invalid: Counter,
+    pub proxy_header_untrusted: Counter,
+    pub proxy_local_closed: Counter,
 }
 
 /// What `stats --json` shows under `smtp`.
@@ -83,9 +105,74 @@ pub struct SmtpStatsReport {
     pub relay_denied: BTreeMap<String, u64>,
 }
 
+/// Holds a `sessions` slot; the gauge goes down when the connection ends, however it ends.
+pub struct OpenSession<'a> {
+    sessions: &'a Gauge,
+    pub accepted: Instant,
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        self.sessions.dec();
+    }
+}
+
+impl Default for SmtpStats {
+    fn default() -> Self {
+        let (refused, deliveries, disconnects, upstream_errors, relay_denied_family) = (
+            Labelled::default(),
+            Labelled::default(),
+            Labelled::default(),
+            Labelled::default(),
+            Labelled::default(),
+        );
+        let proxy_refused = Labelled::default();
+        SmtpStats {
+            connections: Counter::default(),
+            sessions: Gauge::default(),
+            banner_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            refused_connection_limit: labelled(&refused, "reason", "connection_limit"),
+            refused_connection_rate: labelled(&refused, "reason", "connection_rate"),
+            refused_dnsbl: labelled(&refused, "reason", "dnsbl"),
+            refused_denylisted: labelled(&refused, "reason", "denylisted"),
+            pregreet: labelled(&refused, "reason", "pregreet"),
+            recipients_accepted: Counter::default(),
+            messages_delivered: labelled(&deliveries, "result", "delivered"),
+            messages_rejected: labelled(&deliveries, "result", "rejected"),
+            messages_failed: labelled(&deliveries, "result", "failed"),
+            oversize_refused: labelled(&deliveries, "result", "oversize"),
+            long_line_refused: labelled(&deliveries, "result", "line_too_long"),
+            smuggling_refused: labelled(&deliveries, "result", "smuggling"),
+            transactions_lost: labelled(&deliveries, "result", "lost"),
+            timeouts: labelled(&disconnects, "reason", "timeout"),
+            error_limit_disconnects: labelled(&disconnects, "reason", "error_limit"),
+            command_limit_disconnects: labelled(&disconnects, "reason", "command_limit"),
+            session_time_disconnects: labelled(&disconnects, "reason", "session_time"),
+            write_timeouts: labelled(&disconnects, "reason", "write_timeout"),
+            shutdown_disconnects: labelled(&disconnects, "reason", "shutdown"),
+            upstream_failures: labelled(&upstream_errors, "error", "failed"),
+            upstream_busy: labelled(&upstream_errors, "error", "busy"),
+            transactions_replayed: Counter::default(),
+            relay_denied: RelayReason::ALL
+                .iter()
+                .map(|r| labelled(&relay_denied_family, "reason", r.name()))
+                .collect(),
+            proxy_header_invalid: labelled(&proxy_refused, "reason", "invalid"),
+            proxy_header_untrusted: labelled(&proxy_refused, "reason", "untrusted"),
+            proxy_local_closed: labelled(&proxy_refused, "reason", "local"),
+            proxy_refused,
+            refused,
+            deliveries,
+            disconnects,
+            upstream_errors,
+            relay_denied_family,
+        }
+    }
+}
+
 impl SmtpStats {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Relaxed);
+    pub fn bump(counter: &Counter) {
+        counter.inc();
     }
 
     pub fn relay_denied(&self, reason: RelayReason) {
@@ -93,39 +180,145 @@ impl SmtpStats {
             .iter()
             .position(|r| *r == reason)
             .unwrap_or(0);
-        self.relay_denied[index].fetch_add(1, Relaxed);
+        self.relay_denied[index].inc();
+    }
+
+    /// Counts a new client connection and holds it in `sessions` until dropped.
+    pub fn open_session(&self) -> OpenSession<'_> {
+        self.connections.inc();
+        self.sessions.inc();
+        OpenSession {
+            sessions: &self.sessions,
+            accepted: Instant::now(),
+        }
+    }
+
+    /// Registers every family under `gatekeeper_smtp_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("smtp");
+        registry.register(
+            "connections",
+            "Client connections accepted by the SMTP front end",
+            self.connections.clone(),
+        );
+        registry.register(
+            "sessions",
+            "Client connections open now",
+            self.sessions.clone(),
+        );
+        registry.register_with_unit(
+            "banner",
+            "Time from accepting a connection to its first banner line (limits and DNSBL screen)",
+            Unit::Seconds,
+            self.banner_seconds.clone(),
+        );
+        registry.register(
+            "refused",
+            "Connections refused instead of (or at) the banner, by reason",
+            self.refused.clone(),
+        );
+        registry.register(
+            "recipients_accepted",
+            "Recipients the MTA accepted",
+            self.recipients_accepted.clone(),
+        );
+        registry.register(
+            "relay_denied",
+            "Recipients refused as third-party relay, by reason",
+            self.relay_denied_family.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Messages by outcome at the end of DATA",
+            self.deliveries.clone(),
+        );
+        registry.register(
+            "disconnects",
+            "Sessions ended by the front end, by reason",
+            self.disconnects.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Failures talking to the MTA behind, by kind",
+            self.upstream_errors.clone(),
+        );
+        registry.register(
+            "proxy_refused",
+            "Connections closed over their PROXY header (invalid or late from a balancer, sent by an untrusted client, or a balancer health check)",
+            self.proxy_refused.clone(),
+        );
+        registry.register(
+            "transactions_replayed",
+            "Transactions replayed on a fresh upstream session after the MTA failed",
+            self.transactions_replayed.clone(),
+        );
     }
 
     pub fn report(&self) -> SmtpStatsReport {
         SmtpStatsReport {
-            connections: self.connections.load(Relaxed),
-            refused_connection_limit: self.refused_connection_limit.load(Relaxed),
-            refused_dnsbl: self.refused_dnsbl.load(Relaxed),
-            refused_denylisted: self.refused_denylisted.load(Relaxed),
-            pregreet: self.pregreet.load(Relaxed),
-            recipients_accepted: self.recipients_accepted.load(Relaxed),
-            messages_delivered: self.messages_delivered.load(Relaxed),
-            upstream_failures: self.upstream_failures.load(Relaxed),
-            smuggling_refused: self.smuggling_refused.load(Relaxed),
-            oversize_refused: self.oversize_refused.load(Relaxed),
-            timeouts: self.timeouts.load(Relaxed),
-            error_limit_disconnects: self.error_limit_disconnects.load(Relaxed),
-            refused_connection_rate: self.refused_connection_rate.load(Relaxed),
-            command_limit_disconnects: self.command_limit_disconnects.load(Relaxed),
-            session_time_disconnects: self.session_time_disconnects.load(Relaxed),
-            write_timeouts: self.write_timeouts.load(Relaxed),
-            upstream_busy: self.upstream_busy.load(Relaxed),
-            transactions_replayed: self.transactions_replayed.load(Relaxed),
-            transactions_lost: self.transactions_lost.load(Relaxed),
-            shutdown_disconnects: self.shutdown_disconnects.load(Relaxed),
-            proxy_header_invalid: self.proxy_header_invalid.load(Relaxed),
-            proxy_header_untrusted: self.proxy_header_untrusted.load(Relaxed),
-            proxy_local_closed: self.proxy_local_closed.load(Relaxed),
+            connections: self.connections.get(),
+            refused_connection_limit: self.refused_connection_limit.get(),
+            refused_dnsbl: self.refused_dnsbl.get(),
+            refused_denylisted: self.refused_denylisted.get(),
+            pregreet: self.pregreet.get(),
+            recipients_accepted: self.recipients_accepted.get(),
+            messages_delivered: self.messages_delivered.get(),
+            upstream_failures: self.upstream_failures.get(),
+            smuggling_refused: self.smuggling_refused.get(),
+            oversize_refused: self.oversize_refused.get(),
+            timeouts: self.timeouts.get(),
+            error_limit_disconnects: self.error_limit_disconnects.get(),
+            refused_connection_rate: self.refused_connection_rate.get(),
+            command_limit_disconnects: self.command_limit_disconnects.get(),
+            session_time_disconnects: self.session_time_disconnects.get(),
+            write_timeouts: self.write_timeouts.get(),
+            upstream_busy: self.upstream_busy.get(),
+            transactions_replayed: self.transactions_replayed.get(),
+            transactions_lost: self.transactions_lost.get(),
+            shutdown_disconnects: self.shutdown_disconnects.get(),
+            proxy_header_invalid: self.proxy_header_invalid.get(),
+            proxy_header_untrusted: self.proxy_header_untrusted.get(),
+            proxy_local_closed: self.proxy_local_closed.get(),
             relay_denied: RelayReason::ALL
                 .iter()
                 .zip(&self.relay_denied)
-                .map(|(reason, count)| (reason.name().to_owned(), count.load(Relaxed)))
+                .map(|(reason, count)| (reason.name().to_owned(), count.get()))
                 .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON report and the exposition read the same handles.
+    #[test]
+    fn report_and_exposition_agree() {
+        let stats = SmtpStats::default();
+        let mut registry = crate::metrics::new_registry();
+        stats.register(&mut registry);
+        {
+            let _open = stats.open_session();
+            SmtpStats::bump(&stats.messages_delivered);
+            stats.relay_denied(RelayReason::PercentHack);
+            stats.relay_denied(RelayReason::PercentHack);
+            SmtpStats::bump(&stats.error_limit_disconnects);
+        }
+        let report = stats.report();
+        assert_eq!(report.connections, 1);
+        assert_eq!(report.relay_denied["percent_hack"], 2);
+        let (_, body) = crate::metrics::encode(&registry, None);
+        for line in [
+            "gatekeeper_smtp_connections_total 1\n",
+            "gatekeeper_smtp_sessions 0\n",
+            "gatekeeper_smtp_relay_denied_total{reason=\"percent_hack\"} 2\n",
+            "gatekeeper_smtp_relay_denied_total{reason=\"foreign_domain\"} 0\n",
+            "gatekeeper_smtp_deliveries_total{result=\"delivered\"} 1\n",
+            "gatekeeper_smtp_disconnects_total{reason=\"error_limit\"} 1\n",
+            "# TYPE gatekeeper_smtp_banner_seconds histogram\n",
+        ] {
+            assert!(body.contains(line), "{line:?} missing from\n{body}");
         }
     }
 }

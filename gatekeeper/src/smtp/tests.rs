@@ -707,7 +707,7 @@ async fn pipelining_is_taken_from_the_ehlo_after_xclient() {
 async fn pregreet_bans_cover_the_client_group_and_never_relay_networks() {
     let banned: Arc<Mutex<Vec<IpNet>>> = Arc::default();
     let record = banned.clone();
-    let hook: PregreetHook = Arc::new(move |net| record.lock().unwrap().push(net));
+    let hook: PregreetHook = Arc::new(move |_client, net| record.lock().unwrap().push(net));
     for (relay, expected) in [("[]", vec!["127.0.0.1/32"]), ("[\"127.0.0.0/8\"]", vec![])] {
         banned.lock().unwrap().clear();
         let extra = format!("greet_wait = \"30s\"\nrelay_networks = {relay}");
