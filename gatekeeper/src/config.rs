@@ -37,6 +37,9 @@ pub struct Config {
     pub smtp: Option<crate::smtp::SmtpConfig>,
     /// DNSBL checks at connection time; absent: none.
     pub dnsbl: Option<crate::dnsbl::DnsblConfig>,
+    /// Lists fetched and refreshed on an interval (`[[feeds]]`).
+    #[serde(default)]
+    pub feeds: Vec<crate::feeds::FeedConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -177,6 +180,7 @@ impl Config {
                 );
             }
         }
+        crate::feeds::config::validate(&self.feeds)?;
         for (key, path) in [
             ("state_dir", &self.state_dir),
             ("control_socket", &self.control_socket),

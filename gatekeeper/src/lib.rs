@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dnsbl;
+pub mod feeds;
 pub mod kernel;
 pub mod lists;
 pub mod netaddr;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use gatekeeper_common::Counter;
 
+use super::feeds::FeedService;
 use super::lists::{Changed, ListError, ListService};
 use super::screen::{ScreenError, ScreenService};
 use crate::clock::unix_now;
@@ -26,6 +27,7 @@ pub struct Router {
     pub kernel: KernelStatus,
     pub started: Instant,
     pub smtp_stats: Option<Arc<SmtpStats>>,
+    pub feeds: Arc<FeedService>,
 }
 
 impl Router {
@@ -48,6 +50,13 @@ impl Router {
                 Err(e @ ScreenError::Kernel(_)) => Reply::failed(e.to_string()),
             },
             Request::Stats {} => self.stats().await,
+            Request::FeedsList {} => Reply::FeedsListed {
+                feeds: self.feeds.list(),
+            },
+            Request::FeedsRefresh { name } => match self.feeds.refresh(name.as_deref()).await {
+                Ok(results) => Reply::FeedsRefreshed { results },
+                Err(e) => Reply::invalid(e.to_string()),
+            },
             Request::ListAdd { list, entries } => match new_entries(entries) {
                 Ok(items) => changed(self.lists.change(list, Change::Add(items)).await),
                 Err(e) => Reply::invalid(e.to_string()),
@@ -67,9 +76,11 @@ impl Router {
                     .into_iter()
                     .map(|(net, meta)| ListedEntry {
                         prefix: net.to_string(),
+                        expires: meta.expiry(),
                         reason: meta.reason,
                         added: meta.added,
-                        expires: meta.expires,
+                        manual: meta.manual,
+                        feeds: meta.feeds.into_iter().collect(),
                     })
                     .collect(),
             },
