@@ -62,11 +62,10 @@ fn feeds_action(socket: &std::path::Path, action: &FeedsAction) -> Result<()> {
                         failed.push(r.name.as_str());
                     }
                     None => println!(
-                        "{}: {}: added {}, updated {}, removed {}, unchanged {} (now {} entries)",
+                        "{}: {}: added {}, removed {}, unchanged {} (now {} entries)",
                         r.name,
                         r.result.name(),
                         r.added,
-                        r.updated,
                         r.removed,
                         r.unchanged,
                         r.entries

@@ -285,6 +285,10 @@ threshold = 3
                 "interfaces = []\n[smtp]\nupstream = \"127.0.0.1:10025\"\npregreet_deny_ttl = \"11y\"",
                 "smtp.pregreet_deny_ttl",
             ),
+            (
+                "interfaces = []\n[[feeds]]\nname = \"drop\"\nurl = \"file:///x\"\nlist = \"deny\"",
+                "feeds[0].url",
+            ),
         ];
         for (text, expected) in cases {
             let err = Config::parse(text).unwrap_err();

@@ -8,6 +8,7 @@
 pub mod daemon;
 pub mod dnsbl;
 pub mod frames;
+pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod privileges;

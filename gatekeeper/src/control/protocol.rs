@@ -140,11 +140,11 @@ impl RefreshResult {
 pub struct FeedRefreshReport {
     pub name: String,
     pub result: RefreshResult,
+    /// Prefixes the feed lists now and did not before (some may have been listed manually).
     pub added: usize,
-    /// Entries whose reason or owners changed.
-    pub updated: usize,
+    /// Prefixes the feed no longer lists (a manual listing of one stays).
     pub removed: usize,
-    /// Entries the feed kept as they were.
+    /// Prefixes the feed listed before and still lists.
     pub unchanged: usize,
     /// Entries the feed lists after the refresh.
     pub entries: usize,

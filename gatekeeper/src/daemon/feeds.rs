@@ -2,6 +2,7 @@
 //! and on its interval, or on demand; a refresh replaces that feed's own
 //! entries in one store change, or fails and keeps the last good copy.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +40,15 @@ struct Feed {
     /// One refresh of a feed at a time (the schedule and `feeds refresh`).
     busy: tokio::sync::Mutex<()>,
     status: Mutex<Status>,
+}
+
+/// A refresh in the feed's terms: its prefixes before and after.
+struct Counts {
+    /// The store's view (`None`: nothing applied).
+    changed: Option<Changed>,
+    added: usize,
+    removed: usize,
+    unchanged: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,21 +189,26 @@ impl FeedService {
         let outcome = self.fetch_and_apply(config, now).await;
         let entries = self.lists.feed_len(config.list, &config.name);
         let mut status = lock(&feed.status);
-        let report = |result, changed: Option<Changed>, error| {
-            let (added, updated, removed) = changed.map_or((0, 0, 0), |c| (c.added, c.updated, c.removed));
+        let report = |result, counts: Option<Counts>, error| {
+            let counts = counts.unwrap_or(Counts {
+                changed: None,
+                added: 0,
+                removed: 0,
+                unchanged: entries,
+            });
             FeedRefreshReport {
                 name: config.name.clone(),
                 result,
-                added,
-                updated,
-                removed,
-                unchanged: entries.saturating_sub(added + updated),
+                added: counts.added,
+                removed: counts.removed,
+                unchanged: counts.unchanged,
                 entries,
                 error,
             }
         };
         match outcome {
-            Ok(changed) => {
+            Ok(counts) => {
+                let changed = counts.as_ref().and_then(|c| c.changed);
                 let result = match changed {
                     Some(c) if c.added + c.updated + c.removed > 0 => {
                         status.updated += 1;
@@ -207,7 +222,7 @@ impl FeedService {
                 status.last_success = Some(now);
                 status.last_error = None;
                 info!(feed = %config.name, result = result.name(), entries, "feed refreshed");
-                report(result, changed, None)
+                report(result, counts, None)
             }
             Err(error) => {
                 status.failures += 1;
@@ -219,7 +234,7 @@ impl FeedService {
     }
 
     /// `None`: not modified. Errors are one line, for logs and `feeds list`.
-    async fn fetch_and_apply(&self, config: &FeedConfig, now: u64) -> Result<Option<Changed>, String> {
+    async fn fetch_and_apply(&self, config: &FeedConfig, now: u64) -> Result<Option<Counts>, String> {
         let source = config.source().to_string();
         let held = self.held_validators(config, &source);
         let fetched = fetch::fetch(
@@ -238,6 +253,8 @@ impl FeedService {
         let lines = parse_list(&text, config.format).map_err(|e| format!("malformed list: {e}"))?;
         let entries: Vec<(IpNet, Option<String>)> =
             lines.into_iter().map(|l| (l.prefix, l.reason)).collect();
+        let before = self.lists.feed_nets(config.list, &config.name);
+        let after: HashSet<IpNet> = entries.iter().map(|(net, _)| *net).collect();
         let change = Change::Feed {
             feed: config.name.clone(),
             entries,
@@ -257,7 +274,13 @@ impl FeedService {
         if let Err(e) = lock(&self.state).set(&config.name, Some(copy)) {
             warn!(feed = %config.name, error = %e, "cannot save the feed's validators; the next start fetches it afresh");
         }
-        Ok(Some(changed))
+        let unchanged = after.intersection(&before).count();
+        Ok(Some(Counts {
+            changed: Some(changed),
+            added: after.len() - unchanged,
+            removed: before.len() - unchanged,
+            unchanged,
+        }))
     }
 
     /// The validators of the copy the store holds, if the state file's

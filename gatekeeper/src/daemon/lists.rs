@@ -149,6 +149,11 @@ impl ListService {
         self.list(kind).store.feeds()
     }
 
+    /// The prefixes `feed` lists in `kind`.
+    pub fn feed_nets(&self, kind: ListKind, feed: &str) -> std::collections::HashSet<IpNet> {
+        self.list(kind).store.feed_nets(feed)
+    }
+
     /// Entries `feed` lists in `kind`.
     pub fn feed_len(&self, kind: ListKind, feed: &str) -> usize {
         self.list(kind).store.feed_len(feed)

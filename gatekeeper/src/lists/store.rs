@@ -459,6 +459,17 @@ impl ListStore {
             .collect()
     }
 
+    /// The prefixes `feed` lists.
+    pub fn feed_nets(&self, feed: &str) -> HashSet<IpNet> {
+        let state = self.state();
+        state
+            .entries
+            .iter()
+            .filter(|(_, meta)| meta.feeds.contains(feed))
+            .map(|(net, _)| *net)
+            .collect()
+    }
+
     /// Entries `feed` lists.
     pub fn feed_len(&self, feed: &str) -> usize {
         let state = self.state();
