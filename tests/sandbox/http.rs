@@ -62,7 +62,12 @@ impl HttpServer {
 
     /// Answers `path` with `status` until the next [`Self::set`] or [`Self::heal`].
     pub fn fail(&self, path: &str, status: u16) {
-        self.files.lock().unwrap().entry(path.to_owned()).or_default().failing = Some(status);
+        self.files
+            .lock()
+            .unwrap()
+            .entry(path.to_owned())
+            .or_default()
+            .failing = Some(status);
     }
 
     /// Serves the last body again, under the same ETag.

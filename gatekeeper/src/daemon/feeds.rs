@@ -234,7 +234,11 @@ impl FeedService {
     }
 
     /// `None`: not modified. Errors are one line, for logs and `feeds list`.
-    async fn fetch_and_apply(&self, config: &FeedConfig, now: u64) -> Result<Option<Counts>, String> {
+    async fn fetch_and_apply(
+        &self,
+        config: &FeedConfig,
+        now: u64,
+    ) -> Result<Option<Counts>, String> {
         let source = config.source().to_string();
         let held = self.held_validators(config, &source);
         let fetched = fetch::fetch(

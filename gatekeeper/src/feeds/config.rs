@@ -207,7 +207,10 @@ format = "text"
             (format!("{ok}max_bytes = 0"), "feeds[0].max_bytes"),
             (format!("{ok}timeout = \"0s\""), "feeds[0].timeout"),
             (format!("{ok}lists = \"deny\""), "lists"),
-            ("name = \"a\"\npath = \"/x\"\nlist = \"grey\"".into(), "grey"),
+            (
+                "name = \"a\"\npath = \"/x\"\nlist = \"grey\"".into(),
+                "grey",
+            ),
         ];
         for (body, expected) in cases {
             let text = format!("[[feeds]]\n{body}\n");

@@ -37,7 +37,10 @@ impl Validators {
 pub enum Fetched {
     /// 304: the copy we hold is current.
     NotModified,
-    Body { text: String, validators: Validators },
+    Body {
+        text: String,
+        validators: Validators,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

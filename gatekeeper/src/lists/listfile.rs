@@ -206,7 +206,11 @@ mod tests {
     fn malformed_drop_json_is_refused_with_its_line() {
         let cases = [
             // A download cut mid-line.
-            ("{\"cidr\":\"192.0.2.0/24\"}\n{\"cidr\":\"198.51", 2, "not a DROP JSON"),
+            (
+                "{\"cidr\":\"192.0.2.0/24\"}\n{\"cidr\":\"198.51",
+                2,
+                "not a DROP JSON",
+            ),
             // Cut at a line boundary: the count no longer matches.
             (
                 "{\"cidr\":\"192.0.2.0/24\"}\n{\"type\":\"metadata\",\"records\":2}\n",
@@ -216,7 +220,11 @@ mod tests {
             ("{\"cidr\":\"192.0.2.7/24\"}\n", 1, "192.0.2.0/24"),
             ("{\"sblid\":\"SBL1\"}\n", 1, "cidr"),
             ("{\"cidr\":\"192.0.2.0/24\"}\n[1]\n", 2, "not a DROP JSON"),
-            ("{\"type\":\"prefix\",\"cidr\":\"192.0.2.0/24\"}\n", 1, "prefix"),
+            (
+                "{\"type\":\"prefix\",\"cidr\":\"192.0.2.0/24\"}\n",
+                1,
+                "prefix",
+            ),
             (
                 "{\"type\":\"metadata\",\"records\":0}\n{\"cidr\":\"192.0.2.0/24\"}\n",
                 2,

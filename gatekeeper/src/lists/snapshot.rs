@@ -145,10 +145,7 @@ mod tests {
         assert!(read.v1);
         assert_eq!(read.generation, 4);
         let meta = &read.entries[&"192.0.2.0/24".parse().unwrap()];
-        assert_eq!(
-            *meta,
-            EntryMeta::manual(Some("SBL1".into()), 7, Some(99))
-        );
+        assert_eq!(*meta, EntryMeta::manual(Some("SBL1".into()), 7, Some(99)));
     }
 }
 

@@ -855,7 +855,10 @@ fn plan(
                 }
             }
         }
-        Change::Feed { feed, entries: items } => {
+        Change::Feed {
+            feed,
+            entries: items,
+        } => {
             let keep: HashSet<IpNet> = items.iter().map(|(net, _)| *net).collect();
             for (net, meta) in entries {
                 if meta.feeds.contains(&feed) && !keep.contains(net) {
@@ -1082,18 +1085,18 @@ impl Layout {
     /// snapshot are deleted (start-up); without, both are errors.
     fn load(&self, below: Option<u64>, repair: bool) -> Result<Loaded, StoreError> {
         let path = self.snapshot();
-        let (snapshot_generation, snapshot_bytes, mut entries, format) =
-            match std::fs::read(&path) {
-                Ok(bytes) => {
-                    let snap = snapshot::decode(&bytes).map_err(|p| Self::corrupt(&path, p))?;
-                    let format = if snap.v1 { Format::V1 } else { Format::V2 };
-                    (snap.generation, bytes.len() as u64, snap.entries, format)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    (0, 0, BTreeMap::new(), Format::V1)
-                }
-                Err(source) => return Err(StoreError::Read { path, source }),
-            };
+        let (snapshot_generation, snapshot_bytes, mut entries, format) = match std::fs::read(&path)
+        {
+            Ok(bytes) => {
+                let snap = snapshot::decode(&bytes).map_err(|p| Self::corrupt(&path, p))?;
+                let format = if snap.v1 { Format::V1 } else { Format::V2 };
+                (snap.generation, bytes.len() as u64, snap.entries, format)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (0, 0, BTreeMap::new(), Format::V1)
+            }
+            Err(source) => return Err(StoreError::Read { path, source }),
+        };
         let mut generations = Vec::new();
         for generation in self.journals()? {
             if generation < snapshot_generation {
@@ -1116,8 +1119,7 @@ impl Layout {
                 ));
             }
             let bytes = std::fs::read(&path).map_err(Self::read_error(&path))?;
-            let decoded =
-                journal::decode(&bytes, format).map_err(|e| Self::corrupt(&path, e))?;
+            let decoded = journal::decode(&bytes, format).map_err(|e| Self::corrupt(&path, e))?;
             let mut size = bytes.len() as u64;
             if decoded.torn {
                 let later_data = generations[i + 1..]

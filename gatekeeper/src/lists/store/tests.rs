@@ -494,14 +494,20 @@ async fn a_feed_refresh_replaces_only_its_own_entries() {
     assert_eq!(second.removed, [net("198.51.100.0/24")]);
     assert_eq!(owners(&store, "192.0.2.0/24"), Some((true, vec![])));
     assert_eq!(owners(&store, "192.0.2.1/32"), Some((true, vec![])));
-    assert_eq!(owners(&store, "203.0.113.0/24"), Some((false, vec!["b".into()])));
+    assert_eq!(
+        owners(&store, "203.0.113.0/24"),
+        Some((false, vec!["b".into()]))
+    );
     assert_eq!(store.feed_len("a"), 1);
     assert_eq!(store.feeds(), ["a".to_string(), "b".into()].into());
     // One journal record per refresh: a crash leaves the old or the new copy.
     store.close();
     let reopened = open(dir.path(), ListKind::Deny);
     assert_eq!(reopened.len(), 4);
-    assert_eq!(owners(&reopened, "198.51.100.128/25"), Some((false, vec!["a".into()])));
+    assert_eq!(
+        owners(&reopened, "198.51.100.128/25"),
+        Some((false, vec!["a".into()]))
+    );
 }
 
 #[tokio::test]
@@ -517,16 +523,31 @@ async fn manual_and_feed_listings_of_one_prefix_are_independent() {
         .unwrap_err();
     assert!(err.to_string().contains("feed drop"), "{err}");
     // A temporary manual listing on top: the entry stays live while the feed lists it.
-    change(&store, Change::Add(vec![entry("192.0.2.0/24", None, Some(50))]))
-        .await
-        .unwrap();
-    assert_eq!(owners(&store, "192.0.2.0/24"), Some((true, vec!["drop".into()])));
+    change(
+        &store,
+        Change::Add(vec![entry("192.0.2.0/24", None, Some(50))]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        owners(&store, "192.0.2.0/24"),
+        Some((true, vec!["drop".into()]))
+    );
     assert!(entries(&store)[&net("192.0.2.0/24")].live_at(100));
     assert_eq!(store.expired(100), [net("192.0.2.0/24")]);
-    change(&store, Change::Expire { nets: vec![net("192.0.2.0/24")], now: 100 })
-        .await
-        .unwrap();
-    assert_eq!(owners(&store, "192.0.2.0/24"), Some((false, vec!["drop".into()])));
+    change(
+        &store,
+        Change::Expire {
+            nets: vec![net("192.0.2.0/24")],
+            now: 100,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        owners(&store, "192.0.2.0/24"),
+        Some((false, vec!["drop".into()]))
+    );
     // Manual and feed: `del` removes the manual listing, the feed's stays...
     change(&store, Change::Add(vec![entry("192.0.2.0/24", None, None)]))
         .await
@@ -535,7 +556,10 @@ async fn manual_and_feed_listings_of_one_prefix_are_independent() {
         .await
         .unwrap();
     assert!(removed.removed.is_empty());
-    assert_eq!(owners(&store, "192.0.2.0/24"), Some((false, vec!["drop".into()])));
+    assert_eq!(
+        owners(&store, "192.0.2.0/24"),
+        Some((false, vec!["drop".into()]))
+    );
     // ...and the feed dropping it leaves a manual listing in place.
     change(&store, Change::Add(vec![entry("192.0.2.0/24", None, None)]))
         .await
@@ -546,11 +570,17 @@ async fn manual_and_feed_listings_of_one_prefix_are_independent() {
     change(&store, feed("drop", &[("198.51.100.0/24", None)]))
         .await
         .unwrap();
-    change(&store, Change::Replace(vec![entry("203.0.113.0/24", None, None)]))
-        .await
-        .unwrap();
+    change(
+        &store,
+        Change::Replace(vec![entry("203.0.113.0/24", None, None)]),
+    )
+    .await
+    .unwrap();
     assert_eq!(owners(&store, "192.0.2.0/24"), None);
-    assert_eq!(owners(&store, "198.51.100.0/24"), Some((false, vec!["drop".into()])));
+    assert_eq!(
+        owners(&store, "198.51.100.0/24"),
+        Some((false, vec!["drop".into()]))
+    );
     assert_eq!(owners(&store, "203.0.113.0/24"), Some((true, vec![])));
 }
 
@@ -593,15 +623,24 @@ async fn format_1_state_dirs_load_and_migrate_once() {
         );
         assert_eq!(loaded.len(), if with_snapshot { 2 } else { 1 });
         // The format-1 journal is folded; the next change goes to a format-2 one.
-        assert_eq!(journal_files(dir.path()), [format!("deny.journal.{}", first_journal + 1)]);
+        assert_eq!(
+            journal_files(dir.path()),
+            [format!("deny.journal.{}", first_journal + 1)]
+        );
         change(&store, feed("drop", &[("203.0.113.0/24", None)]))
             .await
             .unwrap();
         store.close();
         let reopened = open(dir.path(), ListKind::Deny);
         let mut expected = loaded.clone();
-        expected.insert(net("203.0.113.0/24"), entries(&reopened)[&net("203.0.113.0/24")].clone());
+        expected.insert(
+            net("203.0.113.0/24"),
+            entries(&reopened)[&net("203.0.113.0/24")].clone(),
+        );
         assert_eq!(entries(&reopened), expected);
-        assert_eq!(owners(&reopened, "203.0.113.0/24"), Some((false, vec!["drop".into()])));
+        assert_eq!(
+            owners(&reopened, "203.0.113.0/24"),
+            Some((false, vec!["drop".into()]))
+        );
     }
 }
