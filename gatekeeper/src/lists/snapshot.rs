@@ -97,6 +97,26 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, &'static str> {
     Ok(snapshot)
 }
 
+/// A format-1 snapshot, as the previous gatekeeper wrote it (migration tests).
+#[cfg(test)]
+pub(crate) fn v1_bytes(generation: u64, entries: &BTreeMap<IpNet, EntryMetaV1>) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct V1<'a> {
+        generation: u64,
+        entries: &'a BTreeMap<IpNet, EntryMetaV1>,
+    }
+    let payload = postcard::to_allocvec(&V1 {
+        generation,
+        entries,
+    })
+    .unwrap();
+    let mut out = MAGIC_V1.to_vec();
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,24 +167,4 @@ mod tests {
         let meta = &read.entries[&"192.0.2.0/24".parse().unwrap()];
         assert_eq!(*meta, EntryMeta::manual(Some("SBL1".into()), 7, Some(99)));
     }
-}
-
-/// A format-1 snapshot, as the previous gatekeeper wrote it (migration tests).
-#[cfg(test)]
-pub(crate) fn v1_bytes(generation: u64, entries: &BTreeMap<IpNet, EntryMetaV1>) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct V1<'a> {
-        generation: u64,
-        entries: &'a BTreeMap<IpNet, EntryMetaV1>,
-    }
-    let payload = postcard::to_allocvec(&V1 {
-        generation,
-        entries,
-    })
-    .unwrap();
-    let mut out = MAGIC_V1.to_vec();
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    out
 }
