@@ -193,6 +193,20 @@ fn feeds_refresh_their_own_entries_and_keep_the_last_good_copy() {
         "{log}"
     );
 
+    // `deny import` takes the JSON format too, as manual entries.
+    let json = lab.dir().join("drop_v4.json");
+    std::fs::write(
+        &json,
+        "{\"cidr\":\"198.18.0.0/15\",\"sblid\":\"SBL5\",\"rir\":\"arin\"}\n\
+         {\"type\":\"metadata\",\"timestamp\":1764633600,\"size\":60,\"records\":1}\n",
+    )
+    .unwrap();
+    let out = ok(lab
+        .daemon()
+        .cli(&["deny", "import", json.to_str().unwrap()]));
+    assert!(out.contains("added 1"), "{out}");
+    ok(lab.daemon().cli(&["deny", "del", "198.18.0.0/15"]));
+
     let out = lab.daemon().cli(&["feeds", "refresh", "nope"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
