@@ -65,6 +65,11 @@ pub enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Lists the daemon fetches and refreshes itself (`[[feeds]]` in the config).
+    Feeds {
+        #[command(subcommand)]
+        action: FeedsAction,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,6 +79,17 @@ pub enum ConfigAction {
         /// The file to check; default: the `--config` path.
         #[arg(value_name = "FILE")]
         file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FeedsAction {
+    /// Each feed: source, list, interval, entries, last success and error, next refresh, failures.
+    List(ListArgs),
+    /// Refresh one feed (or all) now and report what changed; exit 1 if a refresh failed.
+    Refresh {
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
     },
 }
 
@@ -108,7 +124,7 @@ pub enum ListAction {
     },
     /// Print the list.
     List(ListArgs),
-    /// Add every prefix of a file (Spamhaus DROP/EDROP or one per line; `-` for stdin).
+    /// Add every prefix of a file (Spamhaus DROP text or JSON, or one per line; `-` for stdin).
     Import {
         file: PathBuf,
         /// Make the list exactly the file's contents instead of adding to it.

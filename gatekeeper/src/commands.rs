@@ -5,14 +5,15 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{Cli, Command, ConfigAction, DnsblAction, ListAction};
+use crate::cli::{Cli, Command, ConfigAction, DnsblAction, FeedsAction, ListAction};
 use crate::config::check::check_text;
 use crate::config::{Config, DEFAULT_PATH};
 use crate::control::client;
 use crate::control::protocol::{
-    CheckReport, DnsblStats, ErrorKind, Reply, Request, StatsReport, WireEntry,
+    CheckReport, DnsblStats, ErrorKind, FeedReport, RefreshResult, Reply, Request, StatsReport,
+    WireEntry,
 };
-use crate::lists::listfile::parse_list_file;
+use crate::lists::listfile::{parse_list, ListFormat};
 use crate::lists::prefix::Prefix;
 use crate::lists::ListKind;
 
@@ -38,6 +39,7 @@ pub fn dispatch(cli: &Cli) -> Result<()> {
         Command::Dnsbl { action } => dnsbl_action(&socket, action),
         Command::Reload => reload(&socket),
         Command::Config { .. } => unreachable!("handled above"),
+        Command::Feeds { action } => feeds_action(&socket, action),
     }
 }
 
@@ -91,6 +93,79 @@ fn reload(socket: &std::path::Path) -> Result<()> {
         .into()),
         Reply::Error { message, .. } => bail!("reload failed: {message}"),
         _ => bail!("unexpected reply from the daemon"),
+    }
+}
+
+fn feeds_action(socket: &std::path::Path, action: &FeedsAction) -> Result<()> {
+    match action {
+        FeedsAction::List(args) => {
+            let Reply::FeedsListed { feeds } =
+                expect_ok(client::send(socket, &Request::FeedsList {})?)?
+            else {
+                bail!("unexpected reply from the daemon");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&feeds)?);
+            } else {
+                feeds.iter().for_each(print_feed);
+            }
+        }
+        FeedsAction::Refresh { name } => {
+            let request = Request::FeedsRefresh { name: name.clone() };
+            let Reply::FeedsRefreshed { results } = expect_ok(client::send(socket, &request)?)?
+            else {
+                bail!("unexpected reply from the daemon");
+            };
+            let mut failed = Vec::new();
+            for r in &results {
+                match &r.error {
+                    Some(error) => {
+                        println!("{}: failed: {error} (the last good copy stays)", r.name);
+                        failed.push(r.name.as_str());
+                    }
+                    None => println!(
+                        "{}: {}: added {}, removed {}, unchanged {} (now {} entries)",
+                        r.name,
+                        r.result.name(),
+                        r.added,
+                        r.removed,
+                        r.unchanged,
+                        r.entries
+                    ),
+                }
+            }
+            if results.iter().any(|r| r.result == RefreshResult::Failed) {
+                bail!("refresh failed for {}", failed.join(", "));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_feed(feed: &FeedReport) {
+    let now = crate::clock::unix_now();
+    let ago = |t: Option<u64>| match t {
+        Some(t) => format!("{}s ago", now.saturating_sub(t)),
+        None => "never".into(),
+    };
+    let source = feed.url.as_deref().or(feed.path.as_deref()).unwrap_or("");
+    println!("{} ({}list) {source}", feed.name, feed.list);
+    println!(
+        "  every {}s, {} entries, last success {}, next refresh {}",
+        feed.interval_secs,
+        feed.entries,
+        ago(feed.last_success),
+        match feed.next_refresh {
+            Some(t) => format!("in {}s", t.saturating_sub(now)),
+            None => "pending".into(),
+        }
+    );
+    println!(
+        "  refreshes: {} updated, {} unchanged, {} failed",
+        feed.updated, feed.unchanged, feed.failures
+    );
+    if let Some(error) = &feed.last_error {
+        println!("  last error: {error}");
     }
 }
 
@@ -279,7 +354,7 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
         }
         ListAction::Import { file, replace } => {
             let text = read_list_file(file)?;
-            let lines = parse_list_file(&text)
+            let lines = parse_list(&text, ListFormat::Auto)
                 .map_err(|e| UsageError(format!("{}: {e}; nothing imported", file.display())))?;
             let entries = lines
                 .into_iter()

@@ -41,6 +41,9 @@ pub struct Config {
     pub smtp: Option<crate::smtp::SmtpConfig>,
     /// DNSBL checks at connection time; absent: none.
     pub dnsbl: Option<crate::dnsbl::DnsblConfig>,
+    /// Lists fetched and refreshed on an interval (`[[feeds]]`).
+    #[serde(default)]
+    pub feeds: Vec<crate::feeds::FeedConfig>,
     /// The Prometheus endpoint; absent: none.
     pub metrics: Option<crate::metrics::MetricsConfig>,
     #[serde(default)]
@@ -241,6 +244,9 @@ impl Config {
                     .error("dnsbl: DNSBL checks run at SMTP connection time; configure [smtp] too");
             }
         }
+        if let Err(message) = crate::feeds::config::validate(&self.feeds) {
+            findings.error(message);
+        }
         for (key, path) in [
             ("state_dir", &self.state_dir),
             ("control_socket", &self.control_socket),
@@ -356,6 +362,10 @@ threshold = 3
             ("interfaces = []\nlog_level = \"loud\"", "log_level"),
             ("interfaces = []\n[metrics]\nlisten = \"localhost\"", "listen"),
             ("interfaces = []\n[metrics]\nport = 9425", "port"),
+            (
+                "interfaces = []\n[[feeds]]\nname = \"drop\"\nurl = \"file:///x\"\nlist = \"deny\"",
+                "feeds[0].url",
+            ),
         ];
         for (text, expected) in cases {
             let err = Config::parse(text).unwrap_err();

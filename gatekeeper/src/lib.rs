@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod dnsbl;
 pub mod findings;
+pub mod feeds;
 pub mod kernel;
 pub mod lists;
 pub mod metrics;

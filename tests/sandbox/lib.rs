@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dnsbl;
 pub mod frames;
 pub mod haproxy;
+pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod privileges;

@@ -66,6 +66,13 @@ pub enum Request {
     },
     /// Re-read the daemon's config file and apply it live.
     Reload {},
+    /// The configured feeds and how their refreshes went.
+    FeedsList {},
+    /// Refresh one feed (or all) now; the reply waits for the results.
+    FeedsRefresh {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,7 +85,74 @@ pub enum Reply {
     DnsblListed { entries: Vec<DnsblListedEntry> },
     DnsblFlushed(FlushSummary),
     Reloaded(ReloadSummary),
+    FeedsListed { feeds: Vec<FeedReport> },
+    FeedsRefreshed { results: Vec<FeedRefreshReport> },
     Error { kind: ErrorKind, message: String },
+}
+
+/// One feed in `feeds list`. Times are unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedReport {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub list: ListKind,
+    pub interval_secs: u64,
+    /// Entries the feed lists now.
+    pub entries: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt: Option<u64>,
+    /// Why the last refresh failed; absent once one succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh: Option<u64>,
+    /// Refreshes since start, by result.
+    pub updated: u64,
+    pub unchanged: u64,
+    pub failures: u64,
+}
+
+/// The result of one feed's refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshResult {
+    /// A new copy changed the feed's entries.
+    Updated,
+    /// Not modified (HTTP 304), or a copy that changed nothing.
+    Unchanged,
+    /// The fetch, the file or the import failed; the last good copy stays.
+    Failed,
+}
+
+impl RefreshResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            RefreshResult::Updated => "updated",
+            RefreshResult::Unchanged => "unchanged",
+            RefreshResult::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedRefreshReport {
+    pub name: String,
+    pub result: RefreshResult,
+    /// Prefixes the feed lists now and did not before (some may have been listed manually).
+    pub added: usize,
+    /// Prefixes the feed no longer lists (a manual listing of one stays).
+    pub removed: usize,
+    /// Prefixes the feed listed before and still lists.
+    pub unchanged: usize,
+    /// Entries the feed lists after the refresh.
+    pub entries: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +183,16 @@ pub struct ListedEntry {
     pub added: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<u64>,
+    /// Listed by the operator (as opposed to only by feeds).
+    #[serde(default = "yes")]
+    pub manual: bool,
+    /// Feeds that list it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub feeds: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,6 +384,9 @@ mod tests {
         r#"{"op":"dnsbl_list"}"#,
         r#"{"op":"dnsbl_flush","ip":"2001:db8::1"}"#,
         r#"{"op":"dnsbl_flush"}"#,
+        r#"{"op":"feeds_list"}"#,
+        r#"{"op":"feeds_refresh","name":"drop"}"#,
+        r#"{"op":"feeds_refresh"}"#,
     ];
 
     fn refusal(line: &str) -> String {

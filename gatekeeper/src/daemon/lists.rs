@@ -144,6 +144,21 @@ impl ListService {
         })
     }
 
+    /// Feeds owning entries in `kind`.
+    pub fn feeds(&self, kind: ListKind) -> std::collections::BTreeSet<String> {
+        self.list(kind).store.feeds()
+    }
+
+    /// The prefixes `feed` lists in `kind`.
+    pub fn feed_nets(&self, kind: ListKind, feed: &str) -> std::collections::HashSet<IpNet> {
+        self.list(kind).store.feed_nets(feed)
+    }
+
+    /// Entries `feed` lists in `kind`.
+    pub fn feed_len(&self, kind: ListKind, feed: &str) -> usize {
+        self.list(kind).store.feed_len(feed)
+    }
+
     /// Entries in the deny and allow lists.
     pub fn counts(&self) -> (usize, usize) {
         (self.deny.store.len(), self.allow.store.len())

@@ -7,6 +7,7 @@
 //! tasks share hold map handles only, never the attachment. So no clone of
 //! anything a task holds can keep the teardown from running.
 
+mod feeds;
 mod lists;
 mod metrics;
 mod notify;
@@ -37,6 +38,7 @@ use crate::lists::ttl::Ttl;
 use crate::lists::ListKind;
 use crate::persist::remove_stale_temp_files;
 use crate::smtp::{self, stats::SmtpStats, SmtpContext};
+use feeds::FeedService;
 use lists::ListService;
 use reload::Live;
 use router::Router;
@@ -77,6 +79,12 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         .take_list_maps()
         .context("the kernel list maps were already taken")?;
     let lists = Arc::new(ListService::new(deny, allow, maps)?);
+    let feeds = Arc::new(FeedService::new(
+        &config.feeds,
+        lists.clone(),
+        &config.state_dir,
+    )?);
+    feeds.prune().await?;
     kernel.attach(&config.interfaces, config.xdp_mode)?;
     let status = kernel
         .take_status()
@@ -95,6 +103,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         started: Instant::now(),
         smtp_stats: smtp_stats.clone(),
         reloads: reload_requests,
+        feeds: feeds.clone(),
     });
     // Zones are judged before the first client (or `check`) is, so a zone
     // listing the world never blocks anyone. Costs at most one DNSBL timeout.
@@ -121,6 +130,8 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         sweep_expired(lists.clone(), screen.clone()),
     ));
     tasks.spawn(until_cancelled(shutdown.clone(), notify::watchdog()));
+    // In the background: a slow feed server never delays start-up.
+    tasks.spawn(until_cancelled(shutdown.clone(), feeds.clone().run()));
     let mut drain = Duration::ZERO;
     let mut smtp_contexts = None;
     if let (Some(smtp_config), Some(listeners), Some(stats)) =

@@ -44,6 +44,10 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         "journal_compact_bytes",
         old.journal_compact_bytes != new.journal_compact_bytes,
     );
+    differs("metrics", old.metrics != new.metrics);
+    differs("log_format", old.log_format != new.log_format);
+    differs("log_level", old.log_level != new.log_level);
+    differs("feeds", old.feeds != new.feeds);
     differs("smtp", old.smtp.is_some() != new.smtp.is_some());
     if let (Some(old), Some(new)) = (&old.smtp, &new.smtp) {
         differs("smtp.listen", old.listen != new.listen);

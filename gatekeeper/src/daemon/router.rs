@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use gatekeeper_common::Counter;
 
+use super::feeds::FeedService;
 use super::lists::{Changed, ListError, ListService};
 use super::screen::{ScreenError, ScreenService};
 use crate::clock::unix_now;
@@ -30,6 +31,7 @@ pub struct Router {
     pub smtp_stats: Option<Arc<SmtpStats>>,
     /// To the main loop, which owns what a reload changes.
     pub reloads: mpsc::Sender<oneshot::Sender<Reply>>,
+    pub feeds: Arc<FeedService>,
 }
 
 impl Router {
@@ -53,6 +55,13 @@ impl Router {
             },
             Request::Stats {} => self.stats().await,
             Request::Reload {} => self.reload().await,
+            Request::FeedsList {} => Reply::FeedsListed {
+                feeds: self.feeds.list(),
+            },
+            Request::FeedsRefresh { name } => match self.feeds.refresh(name.as_deref()).await {
+                Ok(results) => Reply::FeedsRefreshed { results },
+                Err(e) => Reply::invalid(e.to_string()),
+            },
             Request::ListAdd { list, entries } => match new_entries(entries) {
                 Ok(items) => changed(self.lists.change(list, Change::Add(items)).await),
                 Err(e) => Reply::invalid(e.to_string()),
@@ -72,9 +81,11 @@ impl Router {
                     .into_iter()
                     .map(|(net, meta)| ListedEntry {
                         prefix: net.to_string(),
+                        expires: meta.expiry(),
                         reason: meta.reason,
                         added: meta.added,
-                        expires: meta.expires,
+                        manual: meta.manual,
+                        feeds: meta.feeds.into_iter().collect(),
                     })
                     .collect(),
             },

@@ -56,7 +56,7 @@ impl Bitmaps {
             return;
         }
         let blocks = if len <= 24 { 1u32 << (24 - len) } else { 1 };
-        let bitmap = if len <= 24 && meta.expires.is_none() {
+        let bitmap = if len <= 24 && meta.expiry().is_none() {
             &mut self.cover
         } else {
             &mut self.trie_hint
@@ -263,11 +263,7 @@ mod tests {
     fn entries(list: &[(&str, Option<u64>)]) -> BTreeMap<IpNet, EntryMeta> {
         list.iter()
             .map(|(net, expires)| {
-                let meta = EntryMeta {
-                    reason: None,
-                    added: 0,
-                    expires: *expires,
-                };
+                let meta = EntryMeta::manual(None, 0, *expires);
                 (net.parse().unwrap(), meta)
             })
             .collect()
@@ -317,11 +313,7 @@ mod tests {
         (0u32..1 << 12, lens, expiry, any::<bool>()).prop_map(|(bits, len, expires, present)| {
             let addr = std::net::Ipv4Addr::from(0x0a00_0000 | (bits << 12) | (bits & 0x1ff));
             let net = IpNet::V4(Ipv4Net::new(addr, len).unwrap().trunc());
-            let meta = present.then_some(EntryMeta {
-                reason: None,
-                added: 0,
-                expires,
-            });
+            let meta = present.then_some(EntryMeta::manual(None, 0, expires));
             (net, meta)
         })
     }

@@ -78,7 +78,7 @@ impl PrefixMaps {
             .map(|net| {
                 let value = entries
                     .get(net)
-                    .and_then(|meta| clock.kernel_value(meta.expires));
+                    .and_then(|meta| clock.kernel_value(meta.expiry()));
                 (*net, value)
             })
             .collect();

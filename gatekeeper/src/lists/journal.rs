@@ -8,7 +8,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::store::EntryMeta;
+use super::store::{EntryMeta, EntryMetaV1};
 
 const HEADER: usize = 12;
 /// Far above any real record (a million-entry replace is ~40 MB).
@@ -20,7 +20,33 @@ pub struct Record {
     pub ops: Vec<(IpNet, Option<EntryMeta>)>,
 }
 
-pub fn encode(record: &Record) -> Vec<u8> {
+/// A record as format 1 wrote it (journals after a format-1 snapshot, or
+/// without a snapshot).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordV1 {
+    pub ops: Vec<(IpNet, Option<EntryMetaV1>)>,
+}
+
+impl From<RecordV1> for Record {
+    fn from(old: RecordV1) -> Record {
+        Record {
+            ops: old
+                .ops
+                .into_iter()
+                .map(|(net, meta)| (net, meta.map(Into::into)))
+                .collect(),
+        }
+    }
+}
+
+/// Which record format a journal holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    V1,
+    V2,
+}
+
+pub fn encode<R: Serialize>(record: &R) -> Vec<u8> {
     let payload = postcard::to_allocvec(record).expect("records always serialise");
     let len = (payload.len() as u32).to_le_bytes();
     let mut out = Vec::with_capacity(HEADER + payload.len());
@@ -48,7 +74,7 @@ pub struct Corrupt {
     pub problem: &'static str,
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Decoded, Corrupt> {
+pub fn decode(bytes: &[u8], format: Format) -> Result<Decoded, Corrupt> {
     let mut records = Vec::new();
     let mut offset = 0usize;
     let torn = |records, offset: usize| {
@@ -87,8 +113,11 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, Corrupt> {
             }
             return Err(corrupt("record checksum mismatch"));
         }
-        let record: Record =
-            postcard::from_bytes(payload).map_err(|_| corrupt("record does not decode"))?;
+        let record: Record = match format {
+            Format::V1 => postcard::from_bytes::<RecordV1>(payload).map(Record::from),
+            Format::V2 => postcard::from_bytes(payload),
+        }
+        .map_err(|_| corrupt("record does not decode"))?;
         if record.ops.iter().any(|(net, _)| net.trunc() != *net) {
             return Err(corrupt("record holds a non-canonical prefix"));
         }
@@ -108,11 +137,12 @@ mod tests {
 
     fn record(i: u8) -> Record {
         let net: IpNet = format!("192.0.2.{i}/32").parse().unwrap();
-        let meta = EntryMeta {
-            reason: Some(format!("r{i}")),
-            added: 1000 + u64::from(i),
-            expires: i.is_multiple_of(2).then_some(5000),
-        };
+        let mut meta = EntryMeta::manual(
+            Some(format!("r{i}")),
+            1000 + u64::from(i),
+            i.is_multiple_of(2).then_some(5000),
+        );
+        meta.feeds.insert(format!("feed{i}"));
         Record {
             ops: vec![(net, Some(meta)), ("2001:db8::/32".parse().unwrap(), None)],
         }
@@ -124,7 +154,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let decoded = decode(&journal(3)).unwrap();
+        let decoded = decode(&journal(3), Format::V2).unwrap();
         assert_eq!(decoded.records, [record(0), record(1), record(2)]);
         assert!(!decoded.torn);
         assert_eq!(decoded.valid_len, journal(3).len() as u64);
@@ -135,7 +165,7 @@ mod tests {
         let two = journal(2).len();
         let three = journal(3);
         for cut in two + 1..three.len() {
-            let decoded = decode(&three[..cut]).unwrap();
+            let decoded = decode(&three[..cut], Format::V2).unwrap();
             assert_eq!(decoded.records.len(), 2, "cut at {cut}");
             assert!(decoded.torn);
             assert_eq!(decoded.valid_len, two as u64);
@@ -148,14 +178,34 @@ mod tests {
         let mut bytes = journal(3);
         // A flipped payload byte in the second record.
         bytes[one + HEADER + 2] ^= 0x40;
-        let err = decode(&bytes).unwrap_err();
+        let err = decode(&bytes, Format::V2).unwrap_err();
         assert_eq!(err.offset, one as u64);
         // A damaged length in the second record must not pass for a short tail.
         let mut bytes = journal(3);
         bytes[one + 1] ^= 0x7f;
         assert_eq!(
-            decode(&bytes).unwrap_err().problem,
+            decode(&bytes, Format::V2).unwrap_err().problem,
             "record header checksum mismatch"
+        );
+    }
+
+    #[test]
+    fn format_1_records_decode_as_manual() {
+        let old = RecordV1 {
+            ops: vec![(
+                "192.0.2.0/24".parse().unwrap(),
+                Some(EntryMetaV1 {
+                    reason: None,
+                    added: 3,
+                    expires: None,
+                }),
+            )],
+        };
+        let decoded = decode(&encode(&old), Format::V1).unwrap();
+        assert_eq!(decoded.records, [Record::from(old.clone())]);
+        assert_eq!(
+            decoded.records[0].ops[0].1,
+            Some(EntryMeta::manual(None, 3, None))
         );
     }
 
@@ -165,7 +215,7 @@ mod tests {
         let mut bytes = journal(3);
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        let decoded = decode(&bytes).unwrap();
+        let decoded = decode(&bytes, Format::V2).unwrap();
         assert!(decoded.torn);
         assert_eq!(decoded.valid_len, two as u64);
     }

@@ -2,7 +2,8 @@
 //! replaced atomically (temp file, fsync, rename, directory fsync).
 //!
 //! Layout: `GKSNAP\0` + format byte | payload length (u64 LE) |
-//! crc32(payload) (u32 LE) | payload.
+//! crc32(payload) (u32 LE) | payload. Format 2 records each entry's owners
+//! (manual, feeds); format 1 (all manual) is read and converted.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,10 +11,11 @@ use std::path::Path;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::store::EntryMeta;
+use super::store::{EntryMeta, EntryMetaV1};
 use crate::persist::write_atomically;
 
-const MAGIC: &[u8; 8] = b"GKSNAP\x00\x01";
+const MAGIC: &[u8; 8] = b"GKSNAP\x00\x02";
+const MAGIC_V1: &[u8; 8] = b"GKSNAP\x00\x01";
 const HEADER: usize = 8 + 8 + 4;
 
 /// `generation`: the first journal generation NOT folded into the snapshot.
@@ -27,6 +29,15 @@ struct SnapshotRef<'a> {
 pub struct Snapshot {
     pub generation: u64,
     pub entries: BTreeMap<IpNet, EntryMeta>,
+    /// Written in format 1: the journals after it are format 1 too.
+    #[serde(skip)]
+    pub v1: bool,
+}
+
+#[derive(Deserialize)]
+struct SnapshotV1 {
+    generation: u64,
+    entries: BTreeMap<IpNet, EntryMetaV1>,
 }
 
 /// Writes the snapshot atomically; returns its size in bytes.
@@ -54,7 +65,8 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, &'static str> {
     if bytes.len() < HEADER || bytes[..6] != MAGIC[..6] {
         return Err("not a gatekeeper snapshot");
     }
-    if bytes[..8] != MAGIC[..] {
+    let v1 = bytes[..8] == MAGIC_V1[..];
+    if bytes[..8] != MAGIC[..] && !v1 {
         return Err("snapshot format version not supported by this gatekeeper");
     }
     let len = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
@@ -66,12 +78,43 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, &'static str> {
     if crc32fast::hash(payload) != crc {
         return Err("snapshot checksum mismatch");
     }
-    let snapshot: Snapshot =
-        postcard::from_bytes(payload).map_err(|_| "snapshot does not decode")?;
+    let snapshot = match v1 {
+        true => postcard::from_bytes(payload).map(|old: SnapshotV1| Snapshot {
+            generation: old.generation,
+            entries: old
+                .entries
+                .into_iter()
+                .map(|(net, meta)| (net, meta.into()))
+                .collect(),
+            v1: true,
+        }),
+        false => postcard::from_bytes(payload),
+    }
+    .map_err(|_| "snapshot does not decode")?;
     if snapshot.entries.keys().any(|net| net.trunc() != *net) {
         return Err("snapshot holds a non-canonical prefix");
     }
     Ok(snapshot)
+}
+
+/// A format-1 snapshot, as the previous gatekeeper wrote it (migration tests).
+#[cfg(test)]
+pub(crate) fn v1_bytes(generation: u64, entries: &BTreeMap<IpNet, EntryMetaV1>) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct V1<'a> {
+        generation: u64,
+        entries: &'a BTreeMap<IpNet, EntryMetaV1>,
+    }
+    let payload = postcard::to_allocvec(&V1 {
+        generation,
+        entries,
+    })
+    .unwrap();
+    let mut out = MAGIC_V1.to_vec();
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
 }
 
 #[cfg(test)]
@@ -88,11 +131,8 @@ mod tests {
         ]
         .into_iter()
         .map(|(net, reason, expires)| {
-            let meta = EntryMeta {
-                reason: reason.map(str::to_owned),
-                added: 7,
-                expires,
-            };
+            let mut meta = EntryMeta::manual(reason.map(str::to_owned), 7, expires);
+            meta.feeds.insert("drop".into());
             (net.parse().unwrap(), meta)
         })
         .collect();
@@ -107,5 +147,24 @@ mod tests {
             assert!(decode(&damaged).is_err(), "flip at byte {i} accepted");
         }
         assert!(decode(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn reads_format_1_as_manual_entries() {
+        let old: BTreeMap<IpNet, EntryMetaV1> = [(
+            "192.0.2.0/24".parse().unwrap(),
+            EntryMetaV1 {
+                reason: Some("SBL1".into()),
+                added: 7,
+                expires: Some(99),
+            },
+        )]
+        .into();
+        let bytes = v1_bytes(4, &old);
+        let read = decode(&bytes).unwrap();
+        assert!(read.v1);
+        assert_eq!(read.generation, 4);
+        let meta = &read.entries[&"192.0.2.0/24".parse().unwrap()];
+        assert_eq!(*meta, EntryMeta::manual(Some("SBL1".into()), 7, Some(99)));
     }
 }

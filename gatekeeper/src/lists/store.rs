@@ -13,7 +13,7 @@
 //! `<list>.journal.<generation>` (see [`super::journal`]); a format-1
 //! `<list>.json` is migrated once on first start.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Write};
 use std::net::IpAddr;
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::journal::{self, Record};
+use super::journal::{self, Format, Record};
 use super::{snapshot, ListKind};
 use crate::clock::unix_now;
 use crate::persist::sync_dir;
@@ -33,20 +33,81 @@ use crate::persist::sync_dir;
 const LEGACY_FORMAT_VERSION: u32 = 1;
 
 /// What is known about a listed prefix besides the prefix itself.
+///
+/// A prefix has owners: the operator (`manual`) and any number of feeds.
+/// It stays listed, in the store and the kernel, while any owner lists it;
+/// each owner adds and removes only its own claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryMeta {
-    #[serde(default)]
     pub reason: Option<String>,
     /// Unix seconds when the entry was first listed.
     pub added: u64,
-    /// Unix seconds after which the entry no longer applies; none = permanent.
+    /// Unix seconds after which the manual listing ends; none = permanent.
+    /// Feed listings never expire: they last until the feed drops the prefix.
+    pub expires: Option<u64>,
+    /// Listed by the operator (`add`, `import`, pre-greet bans).
+    pub manual: bool,
+    /// Names of the feeds that list it.
+    pub feeds: BTreeSet<String>,
+}
+
+impl EntryMeta {
+    /// A listing by the operator only.
+    pub fn manual(reason: Option<String>, added: u64, expires: Option<u64>) -> EntryMeta {
+        EntryMeta {
+            reason,
+            added,
+            expires,
+            manual: true,
+            feeds: BTreeSet::new(),
+        }
+    }
+
+    /// When the entry as a whole stops matching: never while a feed lists it.
+    pub fn expiry(&self) -> Option<u64> {
+        match self.feeds.is_empty() {
+            true => self.expires,
+            false => None,
+        }
+    }
+
+    pub fn live_at(&self, now: u64) -> bool {
+        self.expiry().is_none_or(|e| e > now)
+    }
+
+    /// The manual listing has run out (the feeds' listings may remain).
+    fn manual_expired_at(&self, now: u64) -> bool {
+        self.manual && self.expires.is_some_and(|e| e <= now)
+    }
+
+    /// What is left once the manual listing goes: nothing without feeds.
+    fn without_manual(mut self) -> Option<EntryMeta> {
+        self.manual = false;
+        self.expires = None;
+        (!self.feeds.is_empty()).then_some(self)
+    }
+
+    /// What is left once `feed` drops it.
+    fn without_feed(mut self, feed: &str) -> Option<EntryMeta> {
+        self.feeds.remove(feed);
+        (self.manual || !self.feeds.is_empty()).then_some(self)
+    }
+}
+
+/// An entry as formats 1 wrote it (legacy JSON, snapshot and journal
+/// format 1): every entry was the operator's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryMetaV1 {
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub added: u64,
     #[serde(default)]
     pub expires: Option<u64>,
 }
 
-impl EntryMeta {
-    pub fn live_at(&self, now: u64) -> bool {
-        self.expires.is_none_or(|e| e > now)
+impl From<EntryMetaV1> for EntryMeta {
+    fn from(old: EntryMetaV1) -> EntryMeta {
+        EntryMeta::manual(old.reason, old.added, old.expires)
     }
 }
 
@@ -90,16 +151,49 @@ pub enum Change {
     Remove(Vec<IpNet>),
     /// Make the list exactly these entries.
     Replace(Vec<NewEntry>),
-    /// Remove those of `nets` that are still listed and expired at `now`.
+    /// End the manual listings of those of `nets` that expired at `now`.
     Expire { nets: Vec<IpNet>, now: u64 },
+    /// Make `feed`'s own listings exactly `entries` (prefix, reason); the
+    /// operator's and other feeds' listings are untouched.
+    Feed {
+        feed: String,
+        entries: Vec<(IpNet, Option<String>)>,
+    },
 }
 
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("not in the {list}list: {}", missing.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+/// A removal named prefixes the operator has not listed; `Add`, `Remove`
+/// and `Replace` act on the manual listings only.
+#[derive(Debug, PartialEq, Eq)]
 pub struct NotListed {
     pub list: ListKind,
     pub missing: Vec<IpNet>,
+    /// Prefixes only feeds list, with those feeds: they go when the feeds drop them.
+    pub by_feeds: Vec<(IpNet, Vec<String>)>,
 }
+
+impl std::fmt::Display for NotListed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.missing.is_empty() {
+            let nets: Vec<String> = self.missing.iter().map(ToString::to_string).collect();
+            parts.push(format!("not in the {}list: {}", self.list, nets.join(", ")));
+        }
+        if !self.by_feeds.is_empty() {
+            let nets: Vec<String> = self
+                .by_feeds
+                .iter()
+                .map(|(net, feeds)| format!("{net} (feed {})", feeds.join(", ")))
+                .collect();
+            parts.push(format!(
+                "listed only by feeds, which own them: {} (use `allow add` to let one through)",
+                nets.join(", ")
+            ));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+impl std::error::Error for NotListed {}
 
 /// Prefixes per address family a list may hold (the kernel maps' sizes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,7 +349,10 @@ impl ListStore {
             kind,
         };
         layout.migrate_legacy()?;
-        let loaded = layout.load(None, true)?;
+        let mut loaded = layout.load(None, true)?;
+        if loaded.format == Format::V1 {
+            layout.migrate_v1(&mut loaded)?;
+        }
         let (generation, file_bytes) = match loaded.journals.last() {
             Some(&last) => last,
             None => (loaded.snapshot_generation, 0),
@@ -342,14 +439,45 @@ impl ListStore {
         }
     }
 
-    /// Entries whose expiry has passed at unix time `now`.
+    /// Entries whose manual listing has expired at unix time `now`.
     pub fn expired(&self, now: u64) -> Vec<IpNet> {
         self.state()
             .entries
             .iter()
-            .filter(|(_, meta)| !meta.live_at(now))
+            .filter(|(_, meta)| meta.manual_expired_at(now))
             .map(|(net, _)| *net)
             .collect()
+    }
+
+    /// Every feed name that owns at least one entry.
+    pub fn feeds(&self) -> BTreeSet<String> {
+        let state = self.state();
+        state
+            .entries
+            .values()
+            .flat_map(|meta| meta.feeds.iter().cloned())
+            .collect()
+    }
+
+    /// The prefixes `feed` lists.
+    pub fn feed_nets(&self, feed: &str) -> HashSet<IpNet> {
+        let state = self.state();
+        state
+            .entries
+            .iter()
+            .filter(|(_, meta)| meta.feeds.contains(feed))
+            .map(|(net, _)| *net)
+            .collect()
+    }
+
+    /// Entries `feed` lists.
+    pub fn feed_len(&self, feed: &str) -> usize {
+        let state = self.state();
+        state
+            .entries
+            .values()
+            .filter(|meta| meta.feeds.contains(feed))
+            .count()
     }
 
     /// Plans `change`, checks capacity, applies it in memory and appends it
@@ -697,30 +825,75 @@ fn plan(
             }
         }
         Change::Remove(nets) => {
-            let missing: Vec<IpNet> = nets
-                .iter()
-                .filter(|net| !entries.contains_key(net))
-                .copied()
-                .collect();
-            if !missing.is_empty() {
+            let mut missing = Vec::new();
+            let mut by_feeds = Vec::new();
+            for net in &nets {
+                match entries.get(net) {
+                    None => missing.push(*net),
+                    Some(meta) if !meta.manual => {
+                        by_feeds.push((*net, meta.feeds.iter().cloned().collect()))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if !missing.is_empty() || !by_feeds.is_empty() {
                 return Err(NotListed {
                     list: kind,
                     missing,
+                    by_feeds,
                 });
             }
-            nets.into_iter().for_each(|net| set(net, None));
+            for net in nets {
+                let left = entries[&net].clone().without_manual();
+                set(net, left);
+            }
         }
         Change::Expire { nets, now } => {
             for net in nets {
-                if entries.get(&net).is_some_and(|meta| !meta.live_at(now)) {
-                    set(net, None);
+                if let Some(meta) = entries.get(&net).filter(|m| m.manual_expired_at(now)) {
+                    set(net, meta.clone().without_manual());
                 }
+            }
+        }
+        Change::Feed {
+            feed,
+            entries: items,
+        } => {
+            let keep: HashSet<IpNet> = items.iter().map(|(net, _)| *net).collect();
+            for (net, meta) in entries {
+                if meta.feeds.contains(&feed) && !keep.contains(net) {
+                    set(*net, meta.clone().without_feed(&feed));
+                }
+            }
+            let mut staged: BTreeMap<IpNet, EntryMeta> = BTreeMap::new();
+            for (net, reason) in items {
+                let meta = match staged.get(&net).or_else(|| entries.get(&net)).cloned() {
+                    Some(mut meta) => {
+                        // The operator's reason wins over the feed's.
+                        if !meta.manual {
+                            meta.reason = reason.or(meta.reason);
+                        }
+                        meta.feeds.insert(feed.clone());
+                        meta
+                    }
+                    None => EntryMeta {
+                        reason,
+                        added: now,
+                        expires: None,
+                        manual: false,
+                        feeds: BTreeSet::from([feed.clone()]),
+                    },
+                };
+                staged.insert(net, meta.clone());
+                set(net, Some(meta));
             }
         }
         Change::Replace(items) => {
             let keep: HashSet<IpNet> = items.iter().map(|e| e.net).collect();
-            for net in entries.keys().filter(|net| !keep.contains(net)) {
-                set(*net, None);
+            for (net, meta) in entries {
+                if meta.manual && !keep.contains(net) {
+                    set(*net, meta.clone().without_manual());
+                }
             }
             let mut staged: BTreeMap<IpNet, EntryMeta> = BTreeMap::new();
             for item in items {
@@ -759,23 +932,23 @@ fn plan(
     Ok(plan)
 }
 
-/// An existing prefix keeps its `added` time and reason unless a new one is
-/// given; a permanent entry never becomes temporary, a temporary one only lives longer.
+/// A manual listing: an existing prefix keeps its `added` time and reason
+/// unless a new one is given; a permanent manual listing never becomes
+/// temporary, a temporary one only lives longer. Feed listings stay.
 fn upsert(current: Option<EntryMeta>, item: NewEntry, now: u64) -> EntryMeta {
     match current {
         Some(meta) => EntryMeta {
             reason: item.reason.or(meta.reason),
             added: meta.added,
-            expires: match (meta.expires, item.expires) {
-                (Some(old), Some(new)) => Some(old.max(new)),
-                _ => None,
+            expires: match (meta.manual, meta.expires, item.expires) {
+                (true, Some(old), Some(new)) => Some(old.max(new)),
+                (true, None, _) => None,
+                (_, _, new) => new,
             },
+            manual: true,
+            feeds: meta.feeds,
         },
-        None => EntryMeta {
-            reason: item.reason,
-            added: now,
-            expires: item.expires,
-        },
+        None => EntryMeta::manual(item.reason, now, item.expires),
     }
 }
 
@@ -786,6 +959,8 @@ struct Layout {
 }
 
 struct Loaded {
+    /// Format 1 until a format-2 snapshot exists (a store without one is format 1 or new).
+    format: Format,
     entries: BTreeMap<IpNet, EntryMeta>,
     snapshot_generation: u64,
     snapshot_bytes: u64,
@@ -881,17 +1056,45 @@ impl Layout {
         Ok(())
     }
 
+    /// Folds a format-1 (or new) store into a format-2 snapshot whose
+    /// generation follows every format-1 journal, so those count as folded
+    /// (a crash before they are deleted leaves them to the next start's
+    /// repair) and format-2 journals start after them.
+    fn migrate_v1(&self, loaded: &mut Loaded) -> Result<(), StoreError> {
+        let generation = match loaded.journals.last() {
+            Some(&(last, _)) => last + 1,
+            None => loaded.snapshot_generation,
+        };
+        let path = self.snapshot();
+        let bytes = snapshot::write(&path, generation, &loaded.entries)
+            .map_err(|source| StoreError::Write { path, source })?;
+        for (old, _) in loaded.journals.drain(..) {
+            let _ = std::fs::remove_file(self.journal(old));
+        }
+        if generation > 0 || !loaded.entries.is_empty() {
+            info!(list = %self.kind, entries = loaded.entries.len(), "migrated the list store to format 2 (entry owners)");
+        }
+        loaded.format = Format::V2;
+        loaded.snapshot_generation = generation;
+        loaded.snapshot_bytes = bytes;
+        Ok(())
+    }
+
     /// The snapshot plus the journals after it (before `below`, if given).
     /// With `repair`, a torn tail is cut off and journals already in the
     /// snapshot are deleted (start-up); without, both are errors.
     fn load(&self, below: Option<u64>, repair: bool) -> Result<Loaded, StoreError> {
         let path = self.snapshot();
-        let (snapshot_generation, snapshot_bytes, mut entries) = match std::fs::read(&path) {
+        let (snapshot_generation, snapshot_bytes, mut entries, format) = match std::fs::read(&path)
+        {
             Ok(bytes) => {
                 let snap = snapshot::decode(&bytes).map_err(|p| Self::corrupt(&path, p))?;
-                (snap.generation, bytes.len() as u64, snap.entries)
+                let format = if snap.v1 { Format::V1 } else { Format::V2 };
+                (snap.generation, bytes.len() as u64, snap.entries, format)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, 0, BTreeMap::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (0, 0, BTreeMap::new(), Format::V1)
+            }
             Err(source) => return Err(StoreError::Read { path, source }),
         };
         let mut generations = Vec::new();
@@ -916,7 +1119,7 @@ impl Layout {
                 ));
             }
             let bytes = std::fs::read(&path).map_err(Self::read_error(&path))?;
-            let decoded = journal::decode(&bytes).map_err(|e| Self::corrupt(&path, e))?;
+            let decoded = journal::decode(&bytes, format).map_err(|e| Self::corrupt(&path, e))?;
             let mut size = bytes.len() as u64;
             if decoded.torn {
                 let later_data = generations[i + 1..]
@@ -955,6 +1158,7 @@ impl Layout {
             journals.push((generation, size));
         }
         Ok(Loaded {
+            format,
             entries,
             snapshot_generation,
             snapshot_bytes,
@@ -967,7 +1171,7 @@ impl Layout {
 struct LegacyEntry {
     prefix: IpNet,
     #[serde(flatten)]
-    meta: EntryMeta,
+    meta: EntryMetaV1,
 }
 
 #[derive(Deserialize)]
@@ -988,7 +1192,7 @@ fn read_legacy(path: &Path, file: File) -> Result<BTreeMap<IpNet, EntryMeta>, St
     Ok(list
         .entries
         .into_iter()
-        .map(|e| (e.prefix, e.meta))
+        .map(|e| (e.prefix, e.meta.into()))
         .collect())
 }
 

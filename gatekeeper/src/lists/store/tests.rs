@@ -434,3 +434,213 @@ async fn covers_probes_live_entries_of_every_length_in_use() {
     assert!(!covers("2001:db9::5", 0));
     assert!(!covers("11.0.0.1", 0));
 }
+
+fn feed(name: &str, nets: &[(&str, Option<&str>)]) -> Change {
+    Change::Feed {
+        feed: name.into(),
+        entries: nets
+            .iter()
+            .map(|(n, reason)| (net(n), reason.map(str::to_owned)))
+            .collect(),
+    }
+}
+
+fn owners(store: &ListStore, s: &str) -> Option<(bool, Vec<String>)> {
+    entries(store)
+        .get(&net(s))
+        .map(|m| (m.manual, m.feeds.iter().cloned().collect()))
+}
+
+#[tokio::test]
+async fn a_feed_refresh_replaces_only_its_own_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    change(
+        &store,
+        Change::Add(vec![
+            entry("192.0.2.1/32", Some("manual"), None),
+            entry("192.0.2.0/24", Some("mine"), None),
+        ]),
+    )
+    .await
+    .unwrap();
+    change(&store, feed("b", &[("203.0.113.0/24", None)]))
+        .await
+        .unwrap();
+    let first = change(
+        &store,
+        feed(
+            "a",
+            &[
+                ("198.51.100.0/24", Some("SBL1")),
+                ("192.0.2.0/24", Some("SBL2")),
+                ("203.0.113.0/24", None),
+            ],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.added, [net("198.51.100.0/24")]);
+    // The operator's reason wins over the feed's.
+    assert_eq!(
+        entries(&store)[&net("192.0.2.0/24")].reason.as_deref(),
+        Some("mine")
+    );
+    // The next copy of feed a drops everything but one new prefix.
+    let second = change(&store, feed("a", &[("198.51.100.128/25", None)]))
+        .await
+        .unwrap();
+    assert_eq!(second.added, [net("198.51.100.128/25")]);
+    assert_eq!(second.removed, [net("198.51.100.0/24")]);
+    assert_eq!(owners(&store, "192.0.2.0/24"), Some((true, vec![])));
+    assert_eq!(owners(&store, "192.0.2.1/32"), Some((true, vec![])));
+    assert_eq!(
+        owners(&store, "203.0.113.0/24"),
+        Some((false, vec!["b".into()]))
+    );
+    assert_eq!(store.feed_len("a"), 1);
+    assert_eq!(store.feeds(), ["a".to_string(), "b".into()].into());
+    // One journal record per refresh: a crash leaves the old or the new copy.
+    store.close();
+    let reopened = open(dir.path(), ListKind::Deny);
+    assert_eq!(reopened.len(), 4);
+    assert_eq!(
+        owners(&reopened, "198.51.100.128/25"),
+        Some((false, vec!["a".into()]))
+    );
+}
+
+#[tokio::test]
+async fn manual_and_feed_listings_of_one_prefix_are_independent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    change(&store, feed("drop", &[("192.0.2.0/24", Some("SBL1"))]))
+        .await
+        .unwrap();
+    // `deny del` of a prefix only a feed lists is refused, naming the feed.
+    let err = change(&store, Change::Remove(vec![net("192.0.2.0/24")]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("feed drop"), "{err}");
+    // A temporary manual listing on top: the entry stays live while the feed lists it.
+    change(
+        &store,
+        Change::Add(vec![entry("192.0.2.0/24", None, Some(50))]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        owners(&store, "192.0.2.0/24"),
+        Some((true, vec!["drop".into()]))
+    );
+    assert!(entries(&store)[&net("192.0.2.0/24")].live_at(100));
+    assert_eq!(store.expired(100), [net("192.0.2.0/24")]);
+    change(
+        &store,
+        Change::Expire {
+            nets: vec![net("192.0.2.0/24")],
+            now: 100,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        owners(&store, "192.0.2.0/24"),
+        Some((false, vec!["drop".into()]))
+    );
+    // Manual and feed: `del` removes the manual listing, the feed's stays...
+    change(&store, Change::Add(vec![entry("192.0.2.0/24", None, None)]))
+        .await
+        .unwrap();
+    let removed = change(&store, Change::Remove(vec![net("192.0.2.0/24")]))
+        .await
+        .unwrap();
+    assert!(removed.removed.is_empty());
+    assert_eq!(
+        owners(&store, "192.0.2.0/24"),
+        Some((false, vec!["drop".into()]))
+    );
+    // ...and the feed dropping it leaves a manual listing in place.
+    change(&store, Change::Add(vec![entry("192.0.2.0/24", None, None)]))
+        .await
+        .unwrap();
+    change(&store, feed("drop", &[])).await.unwrap();
+    assert_eq!(owners(&store, "192.0.2.0/24"), Some((true, vec![])));
+    // `import --replace` replaces manual listings only.
+    change(&store, feed("drop", &[("198.51.100.0/24", None)]))
+        .await
+        .unwrap();
+    change(
+        &store,
+        Change::Replace(vec![entry("203.0.113.0/24", None, None)]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(owners(&store, "192.0.2.0/24"), None);
+    assert_eq!(
+        owners(&store, "198.51.100.0/24"),
+        Some((false, vec!["drop".into()]))
+    );
+    assert_eq!(owners(&store, "203.0.113.0/24"), Some((true, vec![])));
+}
+
+/// A state dir as the previous gatekeeper (format 1) left it: a snapshot
+/// and a journal after it, or journals alone.
+#[tokio::test]
+async fn format_1_state_dirs_load_and_migrate_once() {
+    use super::super::journal::RecordV1;
+    let v1 = |reason: &str| EntryMetaV1 {
+        reason: Some(reason.into()),
+        added: 5,
+        expires: None,
+    };
+    for with_snapshot in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let first_journal = if with_snapshot {
+            let old: BTreeMap<IpNet, EntryMetaV1> = [(net("192.0.2.0/24"), v1("snap"))].into();
+            std::fs::write(
+                dir.path().join("deny.snapshot"),
+                snapshot::v1_bytes(2, &old),
+            )
+            .unwrap();
+            2
+        } else {
+            0
+        };
+        let record = RecordV1 {
+            ops: vec![(net("198.51.100.0/24"), Some(v1("journal")))],
+        };
+        std::fs::write(
+            dir.path().join(format!("deny.journal.{first_journal}")),
+            journal::encode(&record),
+        )
+        .unwrap();
+        let store = open(dir.path(), ListKind::Deny);
+        let loaded = entries(&store);
+        assert_eq!(
+            loaded[&net("198.51.100.0/24")],
+            EntryMeta::manual(Some("journal".into()), 5, None)
+        );
+        assert_eq!(loaded.len(), if with_snapshot { 2 } else { 1 });
+        // The format-1 journal is folded; the next change goes to a format-2 one.
+        assert_eq!(
+            journal_files(dir.path()),
+            [format!("deny.journal.{}", first_journal + 1)]
+        );
+        change(&store, feed("drop", &[("203.0.113.0/24", None)]))
+            .await
+            .unwrap();
+        store.close();
+        let reopened = open(dir.path(), ListKind::Deny);
+        let mut expected = loaded.clone();
+        expected.insert(
+            net("203.0.113.0/24"),
+            entries(&reopened)[&net("203.0.113.0/24")].clone(),
+        );
+        assert_eq!(entries(&reopened), expected);
+        assert_eq!(
+            owners(&reopened, "203.0.113.0/24"),
+            Some((false, vec!["drop".into()]))
+        );
+    }
+}
