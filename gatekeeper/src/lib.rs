@@ -2,6 +2,7 @@
 //! and the CLI; the library exposes the same modules so the pure parsers
 //! can be fuzzed from `gatekeeper/fuzz`.
 
+pub mod assets;
 pub mod cli;
 pub mod clock;
 pub mod commands;
@@ -12,5 +13,7 @@ pub mod dnsbl;
 pub mod kernel;
 pub mod lists;
 pub mod netaddr;
+#[cfg(test)]
+mod packaging;
 pub mod persist;
 pub mod smtp;
