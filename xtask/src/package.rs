@@ -35,8 +35,13 @@ const ETC_FILES: &[(&str, &str, bool)] = &[
     ),
 ];
 
-/// Builds everything and the .deb; `version` overrides the Debian version.
+/// Builds everything and the .deb into target/debian; `version` overrides the Debian version.
 pub fn run(version: Option<&str>) -> Result<PathBuf> {
+    build_deb(version, &build::workspace_root().join("target/debian"))
+}
+
+/// cargo-deb removes older builds from its output directory: one directory per build.
+fn build_deb(version: Option<&str>, out_dir: &Path) -> Result<PathBuf> {
     setup::ensure_cargo_deb()?;
     let binary = build::run()?;
     let staging = staging_dir();
@@ -66,8 +71,7 @@ pub fn run(version: Option<&str>) -> Result<PathBuf> {
         std::fs::create_dir_all(target.parent().unwrap())?;
         std::fs::copy(&source, &target).with_context(|| format!("copying {}", source.display()))?;
     }
-    let out_dir = build::workspace_root().join("target/debian");
-    std::fs::create_dir_all(&out_dir)?;
+    std::fs::create_dir_all(out_dir)?;
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args([
         "deb",
@@ -207,8 +211,9 @@ pub fn test() -> Result<()> {
         "package-test installs into a chroot: run it as root"
     );
     setup::ensure_packaging_tools()?;
-    let first = run(None)?;
-    let second = run(Some(&upgrade_version(&first)?))?;
+    let debs = build::workspace_root().join("target/package-test/debs");
+    let first = build_deb(None, &debs.join("current"))?;
+    let second = build_deb(Some(&upgrade_version(&first)?), &debs.join("upgrade"))?;
     lintian(&first)?;
     let root = Throwaway::new(&cached_root()?)?;
 
@@ -312,11 +317,14 @@ fn lintian(deb: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `systemd-analyze verify` against the installed root, where the binary, the
-/// man pages and the targets the unit names all resolve; any output is a finding.
+/// `systemd-analyze verify` against the installed root, where the binary and
+/// the targets the unit names resolve; any output is a finding. It would look
+/// the unit's `Documentation=` man pages up on the host, so they are looked
+/// up in the root instead.
 fn verify_unit(root: &Throwaway) -> Result<()> {
+    root.sh("man -w 8 gatekeeper && man -w 5 gatekeeper.toml")?;
     let out = Command::new("systemd-analyze")
-        .arg("verify")
+        .args(["verify", "--man=no"])
         .arg(format!("--root={}", root.0.display()))
         .arg("gatekeeper.service")
         .output()
