@@ -81,7 +81,7 @@ fn build_deb(version: Option<&str>, out_dir: &Path) -> Result<PathBuf> {
         "gatekeeper",
         "--output",
     ])
-    .arg(&out_dir)
+    .arg(out_dir)
     .current_dir(build::workspace_root());
     if let Some(version) = version {
         cmd.args(["--deb-version", version]);
