@@ -2,6 +2,7 @@
 //! and the CLI; the library exposes the same modules so the pure parsers
 //! can be fuzzed from `gatekeeper/fuzz`.
 
+pub mod assets;
 pub mod cli;
 pub mod clock;
 pub mod commands;
@@ -15,5 +16,7 @@ pub mod kernel;
 pub mod lists;
 pub mod metrics;
 pub mod netaddr;
+#[cfg(test)]
+mod packaging;
 pub mod persist;
 pub mod smtp;

@@ -3,17 +3,25 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use gatekeeper::cli::{Cli, Command};
 use gatekeeper::commands::{self, UsageError};
-use gatekeeper::{config, daemon};
+use gatekeeper::{assets, config, daemon};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run => run_daemon(&cli),
-        _ => commands::dispatch(&cli),
+    // The packaging verb is added here, not in `Cli`, so the man pages and
+    // completions generated from `Cli` do not show it.
+    let matches = Cli::command().subcommand(assets::command()).get_matches();
+    let result = match matches.subcommand() {
+        Some((assets::VERB, args)) => assets::run(args),
+        _ => {
+            let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+            match cli.command {
+                Command::Run => run_daemon(&cli),
+                _ => commands::dispatch(&cli),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 mod bench;
 mod build;
 mod demo;
+mod package;
 mod setup;
 mod test;
 mod vm;
@@ -57,6 +58,14 @@ enum Command {
     },
     /// cargo fmt --check and cargo clippy on every crate, eBPF included.
     Lint,
+    /// Build, then the Debian package (target/debian/gatekeeper_VERSION_ARCH.deb).
+    Package {
+        /// Debian version instead of the crate's (e.g. 0.1.0+local1).
+        #[arg(long)]
+        deb_version: Option<String>,
+    },
+    /// Install, upgrade and purge the package in a throwaway Debian root; lintian; unit verify.
+    PackageTest,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,5 +84,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => demo::run(),
         Command::Bench { quick, only } => bench::run(quick, only.as_deref()),
         Command::Lint => build::lint(),
+        Command::Package { deb_version } => package::run(deb_version.as_deref()).map(|_| ()),
+        Command::PackageTest => package::test(),
     }
 }

@@ -31,10 +31,19 @@ const PACKAGES: &[&str] = &[
     "binutils",
 ];
 
+/// What `cargo xtask package-test` drives: a throwaway Debian root, lintian,
+/// systemd-analyze.
+const PACKAGING_PACKAGES: &[&str] = &["debootstrap", "lintian", "systemd"];
+
+/// cargo-deb builds the .deb; this release builds on rustc 1.85 and later.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
 pub fn run() -> Result<()> {
     ensure_nightly()?;
     ensure_bpf_linker()?;
-    ensure_packages()?;
+    ensure_cargo_deb()?;
+    ensure_packages(PACKAGES)?;
+    ensure_packages(PACKAGING_PACKAGES)?;
     ensure_bpffs()?;
     println!("setup: all present");
     Ok(())
@@ -140,8 +149,36 @@ fn ensure_bpf_linker() -> Result<()> {
     Ok(())
 }
 
-fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+/// Installs cargo-deb unless that version is already there.
+pub fn ensure_cargo_deb() -> Result<()> {
+    let installed = Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION));
+    if installed {
+        return Ok(());
+    }
+    println!("setup: installing cargo-deb {CARGO_DEB_VERSION}");
+    status(
+        "cargo",
+        &[
+            "install",
+            "cargo-deb",
+            "--locked",
+            "--version",
+            CARGO_DEB_VERSION,
+        ],
+    )
+}
+
+/// What `package-test` needs besides the build tools.
+pub fn ensure_packaging_tools() -> Result<()> {
+    ensure_cargo_deb()?;
+    ensure_packages(PACKAGING_PACKAGES)
+}
+
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -224,13 +261,13 @@ pub fn ensure_vm_tools() -> Result<()> {
     if !is_root() {
         bail!("vm-test installs QEMU and runs the kernel-level tests: run it as root");
     }
-    ensure_packages()
+    ensure_packages(PACKAGES)
 }
 
 /// Full setup when something a test or the demo needs is missing.
 pub fn ensure_runtime() -> Result<()> {
     if is_root() {
-        ensure_packages()?;
+        ensure_packages(PACKAGES)?;
         ensure_bpffs()?;
     } else {
         println!("setup: not root, skipping Debian packages and bpffs");

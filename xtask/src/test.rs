@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::{bench, build, setup, vm};
+use crate::{bench, build, package, setup, vm};
 
 pub fn run(extra: &[String], with_vm: bool) -> Result<()> {
     setup::ensure_runtime()?;
@@ -24,6 +24,8 @@ pub fn run(extra: &[String], with_vm: bool) -> Result<()> {
         bail!("tests failed");
     }
     if setup::is_root() {
+        println!("\n== cargo xtask package-test (install, upgrade, purge in a throwaway root)");
+        package::test()?;
         // The benchmarks are not tests, but their smoke run keeps them from rotting.
         println!("\n== cargo xtask bench --quick (smoke run; figures not recorded)");
         bench::run(true, None)?;
