@@ -19,6 +19,8 @@ pub const TOOLS: &[&str] = &[
     "ethtool",
     "smtp-sink",
     "rbldnsd",
+    "haproxy",
+    "ss",
     "xz",
 ];
 
