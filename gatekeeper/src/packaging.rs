@@ -86,7 +86,10 @@ fn man_page_documents_every_config_key() {
         ("maps", serde_introspect::<MapCapacities>()),
         ("smtp", serde_introspect::<SmtpConfig>()),
         ("dnsbl", serde_introspect::<DnsblConfig>()),
-        ("metrics", serde_introspect::<crate::metrics::MetricsConfig>()),
+        (
+            "metrics",
+            serde_introspect::<crate::metrics::MetricsConfig>(),
+        ),
         ("[feeds]", serde_introspect::<crate::feeds::FeedConfig>()),
     ]
     .into_iter()

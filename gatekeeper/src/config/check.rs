@@ -98,7 +98,7 @@ impl Removed {
 
     fn was_removed(&self, path: &[Segment]) -> bool {
         let in_file = self.in_file(path);
-        self.paths.iter().any(|p| *p == in_file)
+        self.paths.contains(&in_file)
     }
 
     /// `path` (as the current, shrunk document has it) as the file has it.

@@ -925,7 +925,7 @@ async fn trusted_peers_without_a_good_header_are_closed_without_a_banner() {
 async fn a_header_from_an_untrusted_client_is_refused_not_obeyed() {
     let banned: Arc<Mutex<Vec<IpNet>>> = Arc::default();
     let record = banned.clone();
-    let hook: PregreetHook = Arc::new(move |net| record.lock().unwrap().push(net));
+    let hook: PregreetHook = Arc::new(move |_client, net| record.lock().unwrap().push(net));
     for extra in ["", "greet_wait = \"5s\""] {
         let (ctx, screened) = proxy_context(nowhere().await, extra, Some(hook.clone()));
         for header in [v1_header("198.51.100.9"), v2_header("198.51.100.9")] {
@@ -947,7 +947,7 @@ async fn a_header_from_an_untrusted_client_is_refused_not_obeyed() {
 async fn after_the_header_limits_and_pregreet_bans_judge_the_real_client() {
     let banned: Arc<Mutex<Vec<IpNet>>> = Arc::default();
     let record = banned.clone();
-    let hook: PregreetHook = Arc::new(move |net| record.lock().unwrap().push(net));
+    let hook: PregreetHook = Arc::new(move |_client, net| record.lock().unwrap().push(net));
     let extra = "greet_wait = \"5s\"\nmax_connections_per_ip = 1";
     let (ctx, _) = proxy_context(nowhere().await, extra, Some(hook));
     // SMTP sent with the header is left for the pre-greet check: the real client is banned.

@@ -63,9 +63,10 @@ fn runs_on_the_host_only(binary: &std::path::Path) -> bool {
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    HOST_ONLY_TESTS
-        .iter()
-        .any(|t| name.strip_prefix(t).is_some_and(|rest| rest.starts_with('-')))
+    HOST_ONLY_TESTS.iter().any(|t| {
+        name.strip_prefix(t)
+            .is_some_and(|rest| rest.starts_with('-'))
+    })
 }
 
 pub fn run(which: &str, selection: &Selection) -> Result<Vec<VmResult>> {
