@@ -122,11 +122,12 @@ impl Daemon {
 
     /// Sends SIGHUP: reload the config file.
     pub fn hangup(&self) -> Result<()> {
+        self.signal(nix::sys::signal::Signal::SIGHUP)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
         let child = self.child.as_ref().context("daemon not running")?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
         Ok(())
     }
 
@@ -136,12 +137,7 @@ impl Daemon {
 
     /// Sends SIGTERM without waiting: the clean shutdown path begins.
     pub fn terminate(&self) -> Result<()> {
-        let child = self.child.as_ref().context("daemon already gone")?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        Ok(())
+        self.signal(nix::sys::signal::Signal::SIGTERM)
     }
 
     /// SIGTERM and wait: the clean shutdown path. The wait is generous (a
