@@ -51,6 +51,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until SIGTERM/SIGINT; `path` is re-read on reload.
 pub async fn run(config: Config, path: PathBuf) -> Result<()> {
+    // First: SIGHUP's default action kills, and a SIGTERM during start-up
+    // should wait for a clean stop rather than leave pins behind.
+    let mut signals = Signals::install()?;
     check_privileges()?;
     raise_file_limit();
     std::fs::create_dir_all(&config.state_dir)
@@ -159,7 +162,6 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     };
-    let mut signals = Signals::install()?;
     loop {
         tokio::select! {
             event = signals.next() => match event {
