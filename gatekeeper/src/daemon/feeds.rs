@@ -57,7 +57,8 @@ pub struct UnknownFeed(pub String);
 
 pub struct FeedService {
     lists: Arc<ListService>,
-    client: reqwest::Client,
+    /// Built once; an error (e.g. no CA certificates) fails URL feeds only.
+    client: Result<reqwest::Client, fetch::FetchError>,
     state: Mutex<FeedState>,
     feeds: Vec<Feed>,
 }
@@ -70,7 +71,7 @@ impl FeedService {
     ) -> Result<FeedService> {
         Ok(FeedService {
             lists,
-            client: fetch::client()?,
+            client: fetch::client(),
             state: Mutex::new(FeedState::load(state_dir)),
             feeds: configs
                 .iter()

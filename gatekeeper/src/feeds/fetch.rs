@@ -73,15 +73,22 @@ pub fn client() -> Result<reqwest::Client, FetchError> {
 }
 
 /// Fetches `source`, conditionally on `held` (the validators of the copy we hold).
+/// `client` is needed for URLs only: a host without CA certificates (where
+/// it cannot be built) still serves path feeds, and starts at all.
 pub async fn fetch(
-    client: &reqwest::Client,
+    client: &Result<reqwest::Client, FetchError>,
     source: Source<'_>,
     held: &Validators,
     timeout: Duration,
     max_bytes: u64,
 ) -> Result<Fetched, FetchError> {
     match source {
-        Source::Url(url) => fetch_url(client, url.clone(), held, timeout, max_bytes).await,
+        Source::Url(url) => {
+            let client = client
+                .as_ref()
+                .map_err(|e| FetchError::Request(format!("no HTTP client: {e}")))?;
+            fetch_url(client, url.clone(), held, timeout, max_bytes).await
+        }
         Source::Path(path) => read_file(path, max_bytes).await,
     }
 }
