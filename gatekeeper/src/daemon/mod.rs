@@ -135,12 +135,10 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
     tasks.spawn(until_cancelled(shutdown.clone(), notify::watchdog()));
     // In the background: a slow feed server never delays start-up.
     tasks.spawn(until_cancelled(shutdown.clone(), feeds.clone().run()));
-    let mut drain = Duration::ZERO;
     let mut smtp_contexts = None;
     if let (Some(smtp_config), Some(listeners), Some(stats)) =
         (config.smtp.clone(), smtp_listeners, smtp_stats)
     {
-        drain = smtp_config.drain_timeout;
         let hook = pregreet_hook(&smtp_config, lists.clone());
         let mut ctx = SmtpContext::new(smtp_config, stats, hook)?;
         ctx.screen = Some(screen_hook(screen.clone()));
@@ -182,11 +180,12 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         }
     }
     notify::stopping().await;
-    drain = live
+    // The running config's drain: a reload may have changed it.
+    let drain = live
         .config
         .smtp
         .as_ref()
-        .map_or(drain, |smtp| smtp.drain_timeout);
+        .map_or(Duration::ZERO, |smtp| smtp.drain_timeout);
     shutdown.cancel();
     tasks.close();
     if tokio::time::timeout(drain + SHUTDOWN_GRACE, tasks.wait())
