@@ -107,7 +107,21 @@ fn feeds_refresh_their_own_entries_and_keep_the_last_good_copy() {
         server.url("/drop.txt"),
         server.url("/drop_v6.json")
     );
-    lab.start_daemon(&config).unwrap();
+    // No CA certificates on this host (a minimal container, the test VM):
+    // plain-HTTP feeds must still be fetched, and the operator told why
+    // https ones would fail.
+    let no_roots = lab.dir().join("no-ca-certificates");
+    std::fs::create_dir_all(&no_roots).unwrap();
+    let empty_bundle = no_roots.join("empty.pem");
+    std::fs::write(&empty_bundle, "").unwrap();
+    lab.start_daemon_with_env(
+        &config,
+        &[
+            ("SSL_CERT_FILE", empty_bundle.to_str().unwrap()),
+            ("SSL_CERT_DIR", no_roots.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
     ok(lab
         .daemon()
         .cli(&["deny", "add", "192.0.2.128/25", "203.0.113.0/25"]));
@@ -124,6 +138,13 @@ fn feeds_refresh_their_own_entries_and_keep_the_last_good_copy() {
             entry("203.0.113.0/25", true, &["drop"]),
             entry("2001:db8:5::/48", false, &["drop6"]),
         ]
+    );
+    assert!(
+        lab.daemon()
+            .log_text()
+            .contains("no usable system CA certificates"),
+        "{}",
+        lab.daemon().log_text()
     );
     let client = lab.peer("client");
     assert_eq!(

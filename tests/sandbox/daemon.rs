@@ -31,8 +31,14 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts `gatekeeper run -c config` in `ns` and waits until it answers on `control`.
-    pub fn start(ns: &Netns, config: &Path, control: &Path, log: &Path) -> Result<Daemon> {
-        let mut daemon = Daemon::spawn(ns, config, control, log, &[])?;
+    pub fn start(
+        ns: &Netns,
+        config: &Path,
+        control: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
+        let mut daemon = Daemon::spawn(ns, config, control, log, env)?;
         daemon.wait_ready()?;
         Ok(daemon)
     }

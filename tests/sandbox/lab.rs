@@ -143,9 +143,14 @@ impl Lab {
 
     /// Starts the daemon on the edge with `config(extra)`.
     pub fn start_daemon(&mut self, extra: &str) -> Result<()> {
+        self.start_daemon_with_env(extra, &[])
+    }
+
+    /// As `start_daemon`, with extra environment for the daemon.
+    pub fn start_daemon_with_env(&mut self, extra: &str, env: &[(&str, &str)]) -> Result<()> {
         let config = self.write_config(extra)?;
         let log = self.next_log();
-        let daemon = Daemon::start(&self.edge, &config, &self.control_socket(), &log)
+        let daemon = Daemon::start(&self.edge, &config, &self.control_socket(), &log, env)
             .context("starting gatekeeper")?;
         self.daemon = Some(daemon);
         Ok(())

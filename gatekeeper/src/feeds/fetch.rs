@@ -61,15 +61,33 @@ pub enum FetchError {
 }
 
 /// One HTTP client for every feed (connection reuse, one TLS setup).
+///
+/// A host without CA certificates (a minimal container, the test VM) cannot
+/// verify any server, but plain-HTTP feeds (a local mirror) must still work
+/// there: the client then trusts no root, so every https feed fails its
+/// certificate check, loudly, while http ones are fetched.
 pub fn client() -> Result<reqwest::Client, FetchError> {
     // reqwest is built without a default crypto provider; the rest of the
     // daemon's TLS uses ring, so feeds do too. Already installed is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .user_agent(concat!("gatekeeper/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(20))
-        .build()
-        .map_err(|e| FetchError::Request(error_chain(&e)))
+    let builder = || {
+        reqwest::Client::builder()
+            .user_agent(concat!("gatekeeper/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(20))
+    };
+    match builder().build() {
+        Ok(client) => Ok(client),
+        Err(system_roots) => {
+            let reason = error_chain(&system_roots);
+            tracing::warn!(
+                error = %reason,
+                "no usable system CA certificates: https feeds will fail verification, http and file feeds work"
+            );
+            builder().tls_certs_only(Vec::new()).build().map_err(|e| {
+                FetchError::Request(format!("{reason}; without roots: {}", error_chain(&e)))
+            })
+        }
+    }
 }
 
 /// Fetches `source`, conditionally on `held` (the validators of the copy we hold).
