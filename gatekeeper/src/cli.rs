@@ -70,6 +70,53 @@ pub enum Command {
         #[command(subcommand)]
         action: FeedsAction,
     },
+    /// Relay grants (POP-before-SMTP): addresses that may relay for a while,
+    /// granted from the IMAP/POP server's post-login hook.
+    Relay {
+        #[command(subcommand)]
+        action: RelayAction,
+    },
+    /// Auto-bans: clients the SMTP front end banned into the kernel denylist (`[bans]`).
+    Bans {
+        #[command(subcommand)]
+        action: BansAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RelayAction {
+    /// Let IP relay until the grant runs out (a later grant extends, never shortens it).
+    Grant {
+        #[arg(value_name = "IP")]
+        ip: String,
+        /// How long (e.g. `30m`, `2h`; 1s to 10y).
+        #[arg(long, default_value = "30m", value_parser = crate::lists::ttl::parse_ttl_arg)]
+        ttl: crate::lists::ttl::Ttl,
+    },
+    /// End IP's grant now.
+    Revoke {
+        #[arg(value_name = "IP")]
+        ip: String,
+    },
+    /// Live grants with their expiry.
+    List(ListArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BansAction {
+    /// Live bans: client, reason, events, expiry.
+    List(ListArgs),
+    /// Lift the bans covering IP (or all with --all) and forget their history.
+    Clear {
+        #[arg(
+            value_name = "IP",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ip: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{Cli, Command, ConfigAction, DnsblAction, FeedsAction, ListAction};
+use crate::cli::{
+    BansAction, Cli, Command, ConfigAction, DnsblAction, FeedsAction, ListAction, RelayAction,
+};
 use crate::config::check::check_text;
 use crate::config::{Config, DEFAULT_PATH};
 use crate::control::client;
@@ -40,6 +42,8 @@ pub fn dispatch(cli: &Cli) -> Result<()> {
         Command::Reload => reload(&socket),
         Command::Config { .. } => unreachable!("handled above"),
         Command::Feeds { action } => feeds_action(&socket, action),
+        Command::Relay { action } => relay_action(&socket, action),
+        Command::Bans { action } => bans_action(&socket, action),
     }
 }
 
@@ -137,6 +141,85 @@ fn feeds_action(socket: &std::path::Path, action: &FeedsAction) -> Result<()> {
             if results.iter().any(|r| r.result == RefreshResult::Failed) {
                 bail!("refresh failed for {}", failed.join(", "));
             }
+        }
+    }
+    Ok(())
+}
+
+fn relay_action(socket: &std::path::Path, action: &RelayAction) -> Result<()> {
+    let now = crate::clock::unix_now();
+    match action {
+        RelayAction::Grant { ip, ttl } => {
+            let request = Request::RelayGrant {
+                ip: parse_ip(ip)?,
+                ttl_secs: Some(*ttl),
+            };
+            let Reply::RelayGranted(grant) = expect_ok(client::send(socket, &request)?)? else {
+                bail!("unexpected reply from the daemon");
+            };
+            println!(
+                "{} may relay for {}s",
+                grant.ip,
+                grant.expiry.saturating_sub(now)
+            );
+        }
+        RelayAction::Revoke { ip } => {
+            let request = Request::RelayRevoke { ip: parse_ip(ip)? };
+            let Reply::RelayRevoked { ip } = expect_ok(client::send(socket, &request)?)? else {
+                bail!("unexpected reply from the daemon");
+            };
+            println!("{ip}: relay grant revoked");
+        }
+        RelayAction::List(args) => {
+            let Reply::RelayListed { grants } =
+                expect_ok(client::send(socket, &Request::RelayList {})?)?
+            else {
+                bail!("unexpected reply from the daemon");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&grants)?);
+            } else {
+                for g in grants {
+                    println!("{}	expires in {}s", g.ip, g.expiry.saturating_sub(now));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bans_action(socket: &std::path::Path, action: &BansAction) -> Result<()> {
+    match action {
+        BansAction::List(args) => {
+            let Reply::BansListed { bans } =
+                expect_ok(client::send(socket, &Request::BansList {})?)?
+            else {
+                bail!("unexpected reply from the daemon");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&bans)?);
+            } else {
+                let now = crate::clock::unix_now();
+                for b in bans {
+                    println!(
+                        "{}	{}	{} events	expires in {}s	offence {}",
+                        b.client,
+                        b.reason.name(),
+                        b.events,
+                        b.expiry.saturating_sub(now),
+                        b.offences
+                    );
+                }
+            }
+        }
+        BansAction::Clear { ip, .. } => {
+            let ip = ip.as_deref().map(parse_ip).transpose()?;
+            let Reply::BansCleared { cleared } =
+                expect_ok(client::send(socket, &Request::BansClear { ip })?)?
+            else {
+                bail!("unexpected reply from the daemon");
+            };
+            println!("cleared {cleared} ban(s)");
         }
     }
     Ok(())
@@ -344,6 +427,9 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
                 for e in entries {
                     let mut line = e.prefix;
                     line.push('\t');
+                    if e.ban {
+                        line.push_str("[ban] ");
+                    }
                     line.push_str(e.reason.as_deref().unwrap_or(""));
                     if let Some(expires) = e.expires {
                         line.push_str(&format!("\texpires in {}s", expires.saturating_sub(now)));
@@ -451,6 +537,18 @@ fn print_stats(report: &StatsReport) {
                 None => println!("smtp.{name:<32}{value}"),
             }
         }
+    }
+    println!("{:<32}{}", "relay_grants", report.relay_grants);
+    if let Some(bans) = &report.bans {
+        println!("{:<32}{}", "bans.active", bans.active);
+        println!("{:<32}{}", "bans.issued", bans.issued);
+        for (kind, count) in &bans.events {
+            println!("bans.events.{kind:<20}{count}");
+        }
+    }
+    if let Some(greylist) = &report.greylist {
+        println!("{:<32}{}", "greylist.triplets", greylist.triplets);
+        println!("{:<32}{}", "greylist.passed", greylist.passed);
     }
     if let Some(dnsbl) = &report.dnsbl {
         print_dnsbl_stats(dnsbl);

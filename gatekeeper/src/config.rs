@@ -46,6 +46,10 @@ pub struct Config {
     pub feeds: Vec<crate::feeds::FeedConfig>,
     /// The Prometheus endpoint; absent: none.
     pub metrics: Option<crate::metrics::MetricsConfig>,
+    /// Auto-bans of abusive SMTP clients into the kernel denylist; absent: none.
+    pub bans: Option<crate::ledger::bans::BansConfig>,
+    /// Greylisting of first delivery attempts (`enabled = true` to turn on).
+    pub greylist: Option<crate::ledger::greylist::GreylistConfig>,
     #[serde(default)]
     pub log_format: LogFormat,
     /// `RUST_LOG`, when set, overrides it.
@@ -243,6 +247,17 @@ impl Config {
                 findings
                     .error("dnsbl: DNSBL checks run at SMTP connection time; configure [smtp] too");
             }
+        }
+        if let Some(bans) = &self.bans {
+            bans.check(findings);
+        }
+        if let Some(greylist) = &self.greylist {
+            greylist.check(findings);
+        }
+        if self.smtp.is_none()
+            && (self.bans.is_some() || self.greylist.as_ref().is_some_and(|g| g.enabled))
+        {
+            findings.error("bans/greylist: they judge SMTP clients; configure [smtp] too");
         }
         if let Err(message) = crate::feeds::config::validate(&self.feeds) {
             findings.error(message);

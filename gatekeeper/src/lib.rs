@@ -13,6 +13,7 @@ pub mod dnsbl;
 pub mod feeds;
 pub mod findings;
 pub mod kernel;
+pub mod ledger;
 pub mod lists;
 pub mod metrics;
 pub mod netaddr;

@@ -91,6 +91,18 @@ fn man_page_documents_every_config_key() {
             serde_introspect::<crate::metrics::MetricsConfig>(),
         ),
         ("[feeds]", serde_introspect::<crate::feeds::FeedConfig>()),
+        (
+            "bans",
+            serde_introspect::<crate::ledger::bans::BansConfig>(),
+        ),
+        (
+            "bans.weights",
+            serde_introspect::<crate::ledger::bans::Weights>(),
+        ),
+        (
+            "greylist",
+            serde_introspect::<crate::ledger::greylist::GreylistConfig>(),
+        ),
     ]
     .into_iter()
     .map(|(table, keys)| {

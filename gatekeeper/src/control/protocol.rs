@@ -73,6 +73,22 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
+    /// Let `ip` relay for `ttl_secs` (default 30 minutes): POP-before-SMTP.
+    RelayGrant {
+        ip: IpAddr,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_secs: Option<Ttl>,
+    },
+    RelayRevoke {
+        ip: IpAddr,
+    },
+    RelayList {},
+    BansList {},
+    /// End the bans covering `ip`, or every ban when absent.
+    BansClear {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip: Option<IpAddr>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,7 +103,52 @@ pub enum Reply {
     Reloaded(ReloadSummary),
     FeedsListed { feeds: Vec<FeedReport> },
     FeedsRefreshed { results: Vec<FeedRefreshReport> },
+    RelayGranted(GrantReport),
+    RelayRevoked { ip: IpAddr },
+    RelayListed { grants: Vec<GrantReport> },
+    BansListed { bans: Vec<BanReport> },
+    BansCleared { cleared: usize },
     Error { kind: ErrorKind, message: String },
+}
+
+/// A relay grant. Times are unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantReport {
+    pub ip: IpAddr,
+    pub added: u64,
+    pub expiry: u64,
+}
+
+/// A live auto-ban in `bans list`. Times are unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanReport {
+    /// The banned group: the address, or its /64 for IPv6.
+    pub client: String,
+    pub reason: crate::ledger::bans::AbuseKind,
+    /// Events counted in the window that led to the ban.
+    pub events: u32,
+    pub added: u64,
+    pub expiry: u64,
+    /// Bans this group has had lately, this one included.
+    pub offences: u32,
+}
+
+/// The `bans` part of `stats`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BansReport {
+    pub active: usize,
+    /// Bans made since start.
+    pub issued: u64,
+    /// Abuse events counted since start, by kind.
+    pub events: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GreylistReport {
+    /// Triplets waiting for their retry.
+    pub triplets: usize,
+    /// Networks that passed and are spared greylisting.
+    pub passed: usize,
 }
 
 /// One feed in `feeds list`. Times are unix seconds.
@@ -189,6 +250,13 @@ pub struct ListedEntry {
     /// Feeds that list it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub feeds: Vec<String>,
+    /// An auto-ban (`bans list`, `bans clear`), not the operator's entry.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ban: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 fn yes() -> bool {
@@ -216,6 +284,15 @@ pub struct StatsReport {
     /// Present when DNSBL checks are configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dnsbl: Option<DnsblStats>,
+    /// Present when `[bans]` is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bans: Option<BansReport>,
+    /// Live relay grants.
+    #[serde(default)]
+    pub relay_grants: usize,
+    /// Present when greylisting is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub greylist: Option<GreylistReport>,
 }
 
 /// The DNSBL part of `stats`: the engine's counters plus the kernel's view.
@@ -367,6 +444,9 @@ mod tests {
             uptime_secs: 5,
             smtp: None,
             dnsbl: None,
+            bans: None,
+            relay_grants: 0,
+            greylist: None,
         };
         let value = serde_json::to_value(Reply::Stats(report)).unwrap();
         assert_eq!(value["dropped_deny"], 3);
@@ -380,6 +460,12 @@ mod tests {
         r#"{"op":"list_replace","list":"deny","entries":[]}"#,
         r#"{"op":"list_show","list":"deny"}"#,
         r#"{"op":"stats"}"#,
+        r#"{"op":"relay_grant","ip":"192.0.2.1","ttl_secs":1800}"#,
+        r#"{"op":"relay_revoke","ip":"2001:db8::1"}"#,
+        r#"{"op":"relay_list"}"#,
+        r#"{"op":"bans_list"}"#,
+        r#"{"op":"bans_clear","ip":"192.0.2.1"}"#,
+        r#"{"op":"bans_clear"}"#,
         r#"{"op":"check","ip":"192.0.2.1","fresh":true}"#,
         r#"{"op":"dnsbl_list"}"#,
         r#"{"op":"dnsbl_flush","ip":"2001:db8::1"}"#,

@@ -32,6 +32,7 @@ pub fn registry(router: Arc<Router>) -> Registry {
     router
         .screen
         .register(registry.sub_registry_with_prefix("dnsbl"));
+    router.ledgers.register(&mut registry);
     registry.register_collector(Box::new(ScrapeTime(router)));
     registry
 }
@@ -118,6 +119,30 @@ impl Collector for ScrapeTime {
                 "Verdicts in the DNSBL cache",
                 dnsbl.engine.cache_entries as i64,
             )?;
+        }
+        let (bans, grants, greylist) = router.ledgers.report();
+        gauge(
+            &mut encoder,
+            "bans_active",
+            "Live auto-bans in the kernel denylist",
+            bans.active as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "relay_grants",
+            "Live relay grants (POP-before-SMTP)",
+            grants as i64,
+        )?;
+        if let Some(greylist) = greylist {
+            let mut family = encoder.encode_descriptor(
+                "greylist_entries",
+                "Greylist entries: triplets waiting for a retry, networks passed",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (table, value) in [("triplets", greylist.triplets), ("passed", greylist.passed)] {
+                ConstGauge::new(value as i64).encode(family.encode_family(&[("table", table)])?)?;
+            }
         }
         gauge(
             &mut encoder,

@@ -8,6 +8,7 @@
 //! anything a task holds can keep the teardown from running.
 
 mod feeds;
+mod ledgers;
 mod lists;
 mod metrics;
 mod notify;
@@ -88,6 +89,12 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         &config.state_dir,
     )?);
     feeds.prune().await?;
+    let ledgers = Arc::new(ledgers::Ledgers::open(
+        &config.state_dir,
+        config.bans.as_ref(),
+        config.greylist.as_ref(),
+        lists.clone(),
+    )?);
     kernel.attach(&config.interfaces, config.xdp_mode)?;
     let status = kernel
         .take_status()
@@ -107,6 +114,8 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         smtp_stats: smtp_stats.clone(),
         reloads: reload_requests,
         feeds: feeds.clone(),
+        ledgers: ledgers.clone(),
+        bans_configured: config.bans.is_some(),
     });
     // Zones are judged before the first client (or `check`) is, so a zone
     // listing the world never blocks anyone. Costs at most one DNSBL timeout.
@@ -130,7 +139,11 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
     ));
     tasks.spawn(until_cancelled(
         shutdown.clone(),
-        sweep_expired(lists.clone(), screen.clone()),
+        sweep_expired(lists.clone(), screen.clone(), ledgers.clone()),
+    ));
+    tasks.spawn(until_cancelled(
+        shutdown.clone(),
+        save_greylist(ledgers.clone()),
     ));
     tasks.spawn(until_cancelled(shutdown.clone(), notify::watchdog()));
     // In the background: a slow feed server never delays start-up.
@@ -142,6 +155,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         let hook = pregreet_hook(&smtp_config, lists.clone());
         let mut ctx = SmtpContext::new(smtp_config, stats, hook)?;
         ctx.screen = Some(screen_hook(screen.clone()));
+        ctx.memory = Some(Arc::new(ledgers::Memory(ledgers.clone())));
         let (publish, contexts) = watch::channel(Arc::new(ctx));
         tasks.spawn(smtp::serve(listeners, contexts, shutdown.clone()));
         smtp_contexts = Some(publish);
@@ -155,6 +169,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         kernel,
         screen: screen.clone(),
         lists: lists.clone(),
+        ledgers: ledgers.clone(),
         smtp: smtp_contexts,
         health_watch,
         tasks: tasks.clone(),
@@ -198,6 +213,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         );
     }
     screen.save_cache();
+    ledgers.save_greylist();
     lists.close().await;
     drop(live);
     info!("gatekeeper stopped");
@@ -259,13 +275,30 @@ fn raise_file_limit() {
     }
 }
 
-async fn sweep_expired(lists: Arc<ListService>, screen: Arc<ScreenService>) {
+async fn sweep_expired(
+    lists: Arc<ListService>,
+    screen: Arc<ScreenService>,
+    ledgers: Arc<ledgers::Ledgers>,
+) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     loop {
         tick.tick().await;
         lists.sweep_expired().await;
+        let sweeping = ledgers.clone();
+        let _ = tokio::task::spawn_blocking(move || sweeping.sweep()).await;
         let screen = screen.clone();
         let _ = tokio::task::spawn_blocking(move || screen.sweep()).await;
+    }
+}
+
+/// The greylist changes with every new triplet: saved on an interval, not per change.
+async fn save_greylist(ledgers: Arc<ledgers::Ledgers>) {
+    let mut tick = tokio::time::interval(ledgers::GREYLIST_SAVE_INTERVAL);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let saving = ledgers.clone();
+        let _ = tokio::task::spawn_blocking(move || saving.save_greylist()).await;
     }
 }
 

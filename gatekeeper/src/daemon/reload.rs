@@ -65,6 +65,8 @@ pub fn applied_changes(old: &Config, new: &Config) -> Vec<String> {
         ),
         ("smtp", old.smtp != new.smtp),
         ("dnsbl", old.dnsbl != new.dnsbl),
+        ("bans", old.bans != new.bans),
+        ("greylist", old.greylist != new.greylist),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)
@@ -79,6 +81,7 @@ pub struct Live {
     pub kernel: Kernel,
     pub screen: Arc<ScreenService>,
     pub lists: Arc<ListService>,
+    pub ledgers: Arc<super::ledgers::Ledgers>,
     /// Publishes the context new SMTP connections get.
     pub smtp: Option<watch::Sender<Arc<SmtpContext>>>,
     /// Stops the current DNSBL engine's health checks when it is replaced.
@@ -132,7 +135,11 @@ impl Live {
         let applied = applied_changes(&self.config, &config);
         // Fallible preparation first: nothing is applied if any of it fails.
         let smtp = match (&self.smtp, &config.smtp) {
-            (Some(publish), Some(smtp)) if self.config.smtp.as_ref() != Some(smtp) => {
+            // The denied-senders file is re-read on every reload.
+            (Some(publish), Some(smtp))
+                if self.config.smtp.as_ref() != Some(smtp)
+                    || smtp.denied_sender_domains_file.is_some() =>
+            {
                 let hook = pregreet_hook(smtp, self.lists.clone());
                 Some(publish.borrow().successor(smtp.clone(), hook)?)
             }
@@ -183,6 +190,10 @@ impl Live {
         }
         if let (Some(publish), Some(next)) = (&self.smtp, smtp) {
             publish.send_replace(Arc::new(next));
+        }
+        if self.config.bans != config.bans || self.config.greylist != config.greylist {
+            self.ledgers
+                .reconfigure(config.bans.as_ref(), config.greylist.as_ref());
         }
         self.config = config;
         Ok(applied)

@@ -10,17 +10,22 @@ use tokio::sync::{mpsc, oneshot};
 use gatekeeper_common::Counter;
 
 use super::feeds::FeedService;
+use super::ledgers::{LedgerError, Ledgers};
 use super::lists::{Changed, ListError, ListService};
 use super::screen::{ScreenError, ScreenService};
 use crate::clock::unix_now;
 use crate::control::protocol::{
-    ChangeSummary, InterfaceReport, ListedEntry, Reply, Request, StatsReport, WireEntry,
+    ChangeSummary, GrantReport, InterfaceReport, ListedEntry, Reply, Request, StatsReport,
+    WireEntry,
 };
 use crate::control::server::Handler;
 use crate::kernel::KernelStatus;
+use crate::ledger::grants::{GrantError, DEFAULT_GRANT_SECS};
 use crate::lists::prefix::Prefix;
 use crate::lists::store::{Change, NewEntry};
+use crate::lists::ttl::Ttl;
 use crate::lists::ttl::TtlError;
+use crate::lists::ListKind;
 use crate::smtp::stats::SmtpStats;
 
 pub struct Router {
@@ -32,6 +37,9 @@ pub struct Router {
     /// To the main loop, which owns what a reload changes.
     pub reloads: mpsc::Sender<oneshot::Sender<Reply>>,
     pub feeds: Arc<FeedService>,
+    pub ledgers: Arc<Ledgers>,
+    /// Whether `[bans]` is configured (stats show the bans part only then).
+    pub bans_configured: bool,
 }
 
 impl Router {
@@ -79,15 +87,46 @@ impl Router {
                     .lists
                     .show(list)
                     .into_iter()
-                    .map(|(net, meta)| ListedEntry {
-                        prefix: net.to_string(),
-                        expires: meta.expiry(),
-                        reason: meta.reason,
-                        added: meta.added,
-                        manual: meta.manual,
-                        feeds: meta.feeds.into_iter().collect(),
+                    .map(|(net, meta)| {
+                        let ban = list == ListKind::Deny && self.ledgers.is_ban(&net);
+                        ListedEntry {
+                            prefix: net.to_string(),
+                            expires: meta.expiry(),
+                            reason: meta.reason,
+                            added: meta.added,
+                            manual: meta.manual && !ban,
+                            feeds: meta.feeds.into_iter().collect(),
+                            ban,
+                        }
                     })
                     .collect(),
+            },
+            Request::RelayGrant { ip, ttl_secs } => {
+                let ttl = ttl_secs.unwrap_or_else(|| {
+                    Ttl::from_secs(DEFAULT_GRANT_SECS).expect("the default TTL is valid")
+                });
+                match self.ledgers.grant(ip, ttl) {
+                    Ok(grant) => Reply::RelayGranted(GrantReport {
+                        ip: crate::netaddr::canonical(ip),
+                        added: grant.added,
+                        expiry: grant.expires,
+                    }),
+                    Err(e) => ledger_error(e),
+                }
+            }
+            Request::RelayRevoke { ip } => match self.ledgers.revoke(ip) {
+                Ok(()) => Reply::RelayRevoked { ip },
+                Err(e) => ledger_error(e),
+            },
+            Request::RelayList {} => Reply::RelayListed {
+                grants: self.ledgers.grants(),
+            },
+            Request::BansList {} => Reply::BansListed {
+                bans: self.ledgers.bans(),
+            },
+            Request::BansClear { ip } => match self.ledgers.clear_bans(ip).await {
+                Ok(cleared) => Reply::BansCleared { cleared },
+                Err(e) => ledger_error(e),
             },
         }
     }
@@ -112,6 +151,7 @@ impl Router {
             .map(|&c| (c.name().to_string(), snapshot.get(c)))
             .collect();
         let (deny_entries, allow_entries) = self.lists.counts();
+        let (bans, relay_grants, greylist) = self.ledgers.report();
         Reply::Stats(StatsReport {
             counters,
             deny_entries,
@@ -128,6 +168,9 @@ impl Router {
             uptime_secs: self.started.elapsed().as_secs(),
             smtp: self.smtp_stats.as_ref().map(|s| s.report()),
             dnsbl: self.screen.report(),
+            bans: self.bans_configured.then_some(bans),
+            relay_grants,
+            greylist,
         })
     }
 }
@@ -145,6 +188,16 @@ fn changed(result: Result<Changed, ListError>) -> Reply {
         Err(e @ (ListError::OverCapacity(_) | ListError::Storage(_) | ListError::Kernel(_))) => {
             Reply::failed(e.to_string())
         }
+    }
+}
+
+fn ledger_error(error: LedgerError) -> Reply {
+    match error {
+        e @ LedgerError::Grant(GrantError::NotGranted(_)) => Reply::invalid(e.to_string()),
+        e @ (LedgerError::Grant(GrantError::Full)
+        | LedgerError::Save { .. }
+        | LedgerError::Clock) => Reply::failed(e.to_string()),
+        LedgerError::Lists(e) => changed(Err(e)),
     }
 }
 

@@ -94,6 +94,31 @@ pub struct SmtpConfig {
     /// How long a balancer may take to send its PROXY header.
     #[serde(default = "ten_seconds", with = "humantime_serde")]
     pub proxy_protocol_timeout: Duration,
+
+    /// SMTP AUTH: `"off"`, or `"upstream"` (offered as the MTA behind offers
+    /// it, and passed through to it; we hold no credentials).
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// AUTH only after STARTTLS (passwords never cross the edge in clear).
+    #[serde(default = "yes")]
+    pub auth_require_tls: bool,
+    /// Outside clients must greet with a dotted name or an address literal.
+    #[serde(default)]
+    pub helo_require_fqdn: bool,
+    /// MAIL FROM these domains is refused (`.example.com`: its subdomains).
+    #[serde(default)]
+    pub denied_sender_domains: Vec<String>,
+    /// More of them, one per line (`#` comments), read at start and reload.
+    #[serde(default)]
+    pub denied_sender_domains_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Off,
+    Upstream,
 }
 
 impl SmtpConfig {
@@ -186,6 +211,21 @@ impl SmtpConfig {
         if self.max_message_size < 1024 {
             findings.error("smtp.max_message_size: must be at least 1024 octets");
         }
+        for (i, domain) in self.denied_sender_domains.iter().enumerate() {
+            if let Err(e) = super::senders::DeniedSenders::entry(domain) {
+                findings.error(format!("smtp.denied_sender_domains[{i}]: {e}"));
+            }
+        }
+        if let Some(path) = &self.denied_sender_domains_file {
+            if let Err(e) = super::senders::DeniedSenders::read_file(path) {
+                findings.error(format!("smtp.denied_sender_domains_file: {e}"));
+            }
+        }
+        if self.auth == AuthMode::Upstream && self.auth_require_tls && self.tls_cert.is_none() {
+            findings.error(
+                "smtp.auth: \"upstream\" with auth_require_tls needs smtp.tls_cert and smtp.tls_key (AUTH is offered only after STARTTLS)",
+            );
+        }
         let ttl = self.pregreet_deny_ttl;
         if !ttl.is_zero() && ttl.as_secs() > crate::lists::ttl::MAX_TTL_SECS {
             findings.error(format!(
@@ -196,6 +236,9 @@ impl SmtpConfig {
     }
 }
 
+fn yes() -> bool {
+    true
+}
 fn default_listen() -> Vec<SocketAddr> {
     vec!["0.0.0.0:25".parse().unwrap(), "[::]:25".parse().unwrap()]
 }

@@ -10,11 +10,13 @@
 
 pub mod config;
 mod gate;
+pub mod helo;
 mod io;
 pub mod parse;
 pub mod policy;
 pub mod proxy;
 pub mod reply;
+pub mod senders;
 mod session;
 pub mod stats;
 #[cfg(test)]
@@ -37,10 +39,33 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-pub use config::SmtpConfig;
+pub use config::{AuthMode, SmtpConfig};
 use gate::{ConnectionGate, GateLimits};
+use helo::OurNames;
 use policy::RelayPolicy;
+use senders::DeniedSenders;
 use stats::SmtpStats;
+
+use crate::ledger::bans::AbuseKind;
+use crate::ledger::greylist::{Checked, GreyVerdict};
+
+/// What the daemon remembers about clients across sessions, as a session
+/// needs it. Implemented by the daemon over its ledgers; sessions only ask.
+pub trait ClientMemory: Send + Sync {
+    /// Whether `client` holds a live relay grant (POP-before-SMTP).
+    fn relay_granted(&self, client: IpAddr) -> bool;
+    /// Counts an abuse event; `group` is what a ban would cover. Never
+    /// called for clients that may relay (relay networks, grants, AUTH).
+    fn abuse(&self, client: IpAddr, group: IpNet, kind: AbuseKind);
+    /// Greylisting of one delivery attempt; `None` when greylisting is off
+    /// or the client is exempt (allowlisted).
+    fn greylist(
+        &self,
+        client: IpAddr,
+        sender: &str,
+        recipient: &str,
+    ) -> Option<(GreyVerdict, Checked)>;
+}
 
 /// Called when a client talks before the greeting, with its address and what
 /// to ban: its group (/32 for IPv4, `/ipv6_client_prefix` for IPv6), narrowed to the
@@ -79,6 +104,12 @@ pub struct SmtpContext {
     upstream_slots: Arc<Semaphore>,
     pub on_pregreet: Option<PregreetHook>,
     pub screen: Option<Screen>,
+    pub memory: Option<Arc<dyn ClientMemory>>,
+    pub denied_senders: DeniedSenders,
+    pub our_names: OurNames,
+    /// The AUTH mechanisms the MTA offered in its latest EHLO (`None`: not
+    /// learned yet), shared across reloads.
+    auth_mechanisms: Arc<std::sync::RwLock<Option<Vec<String>>>>,
 }
 
 impl SmtpContext {
@@ -115,6 +146,8 @@ impl SmtpContext {
         )?;
         next.gate.set_limits(gate_limits(&next.config));
         next.screen = self.screen.clone();
+        next.memory = self.memory.clone();
+        next.auth_mechanisms = self.auth_mechanisms.clone();
         Ok(next)
     }
 
@@ -144,7 +177,23 @@ impl SmtpContext {
             (Some(cert), Some(key)) => Some(load_tls(cert, key)?),
             _ => None,
         };
+        let denied_senders = DeniedSenders::new(
+            &config.denied_sender_domains,
+            config.denied_sender_domains_file.as_deref(),
+        )
+        .map_err(|e| anyhow::anyhow!("smtp.denied_sender_domains: {e}"))?;
+        let listen_ips = config
+            .listen
+            .iter()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        let our_names = OurNames::new(&config.hostname, &config.local_domains, listen_ips);
         Ok(SmtpContext {
+            memory: None,
+            denied_senders,
+            our_names,
+            auth_mechanisms: Arc::default(),
             gate,
             upstream_slots,
             config,
@@ -154,6 +203,37 @@ impl SmtpContext {
             on_pregreet,
             screen: None,
         })
+    }
+}
+
+impl SmtpContext {
+    /// The mechanisms to offer: the MTA's, less channel-binding ones
+    /// (`-PLUS`), which cannot work through a TLS terminator.
+    fn offered_auth(&self) -> Option<Vec<String>> {
+        let learned = self
+            .auth_mechanisms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let usable: Vec<String> = learned
+            .into_iter()
+            .filter(|m| !m.ends_with("-PLUS"))
+            .collect();
+        (!usable.is_empty()).then_some(usable)
+    }
+
+    fn learn_auth(&self, mechanisms: Vec<String>) {
+        *self
+            .auth_mechanisms
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(mechanisms);
+    }
+
+    fn auth_learned(&self) -> bool {
+        self.auth_mechanisms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 }
 
@@ -305,13 +385,15 @@ async fn handle_connection(
     if let Err(e) = tune_client_socket(&stream, &ctx.config) {
         debug!(client = %crate::netaddr::canonical(peer.ip()), error = %e, "cannot set client socket options");
     }
-    run_connection(Box::new(stream), peer, ctx, shutdown).await
+    let local = stream.local_addr().ok().map(|a| a.ip());
+    run_connection(Box::new(stream), peer, local, ctx, shutdown).await
 }
 
 /// Everything after the socket options, over any stream (tests use in-memory ones).
 async fn run_connection(
     stream: Box<dyn io::Stream>,
     peer: SocketAddr,
+    local: Option<IpAddr>,
     ctx: Arc<SmtpContext>,
     shutdown: CancellationToken,
 ) {
@@ -356,6 +438,7 @@ async fn run_connection(
         },
     };
     let mut session = session::Session::new(ctx.clone(), peer, trusted, shutdown, open.accepted);
+    session.set_local(local);
     if let Err(e) = session.run(&mut conn).await {
         debug!(%client, error = %e, "SMTP session ended with an I/O error");
     }

@@ -35,6 +35,11 @@ pub enum Command {
     Vrfy,
     Expn,
     StartTls,
+    /// RFC 4954: the mechanism upper-cased, and the initial response as sent.
+    Auth {
+        mechanism: String,
+        initial: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +158,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         "HELP" => Ok(Command::Help),
         "VRFY" => Ok(Command::Vrfy),
         "EXPN" => Ok(Command::Expn),
+        "AUTH" => parse_auth(rest),
         _ => Err(ParseError::UnknownCommand),
     }
 }
@@ -191,6 +197,51 @@ pub fn parse_helo_name(text: &str) -> Result<String, ParseError> {
         return Err(invalid);
     }
     Ok(arg.to_owned())
+}
+
+/// `AUTH mechanism [initial-response]`: a SASL mechanism name (RFC 4422:
+/// 1 to 20 of A-Z, 0-9, `-`, `_`) and base64 or `=` (an empty response).
+fn parse_auth(rest: &str) -> Result<Command, ParseError> {
+    let mut words = rest.split(' ').filter(|w| !w.is_empty());
+    let mechanism = words
+        .next()
+        .ok_or(ParseError::Syntax("AUTH mechanism [initial-response]"))?;
+    let initial = words.next();
+    if words.next().is_some() {
+        return Err(ParseError::Syntax("AUTH mechanism [initial-response]"));
+    }
+    let mechanism = mechanism.to_ascii_uppercase();
+    let name_ok = (1..=20).contains(&mechanism.len())
+        && mechanism
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !name_ok {
+        return Err(ParseError::Syntax("invalid SASL mechanism name"));
+    }
+    if let Some(response) = initial {
+        if !is_sasl_response(response) {
+            return Err(ParseError::Syntax("initial response is not base64"));
+        }
+    }
+    Ok(Command::Auth {
+        mechanism,
+        initial: initial.map(str::to_owned),
+    })
+}
+
+/// A SASL response line: base64 (RFC 4648 alphabet, padded), `=` for an
+/// empty response, or `*` to cancel is checked by the caller.
+pub fn is_sasl_response(text: &str) -> bool {
+    if text == "=" {
+        return true;
+    }
+    let body = text.trim_end_matches('=');
+    !text.is_empty()
+        && text.len() % 4 == 0
+        && text.len() - body.len() <= 2
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
 }
 
 /// `FROM:` / `TO:` case-insensitively, tolerating spaces around the colon as most MTAs do.
@@ -547,6 +598,44 @@ mod tests {
         );
         assert_eq!(parse_command(b"").unwrap_err(), ParseError::UnknownCommand);
         assert!(parse_command("EHLO h\u{e9}".as_bytes()).is_err());
+    }
+
+    #[test]
+    fn parses_auth() {
+        assert_eq!(
+            parse_command(b"auth plain AGFsaWNlAHNlY3JldA==").unwrap(),
+            Command::Auth {
+                mechanism: "PLAIN".into(),
+                initial: Some("AGFsaWNlAHNlY3JldA==".into())
+            }
+        );
+        assert_eq!(
+            parse_command(b"AUTH LOGIN").unwrap(),
+            Command::Auth {
+                mechanism: "LOGIN".into(),
+                initial: None
+            }
+        );
+        assert!(parse_command(b"AUTH PLAIN =").is_ok());
+        assert!(parse_command(b"AUTH SCRAM-SHA-256 biwsbj11c2VyLHI9").is_ok());
+        for bad in [
+            &b"AUTH"[..],
+            b"AUTH PLAIN a b",
+            b"AUTH PL@IN",
+            b"AUTH PLAIN not*base64",
+            b"AUTH PLAIN abc",
+            b"AUTH PLAIN a===",
+            b"AUTH ABCDEFGHIJKLMNOPQRSTU",
+        ] {
+            assert!(
+                parse_command(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(is_sasl_response("dGVzdA=="));
+        assert!(!is_sasl_response("*"));
+        assert!(!is_sasl_response(""));
     }
 
     #[test]

@@ -131,9 +131,15 @@ impl RelayPolicy {
     }
 
     pub fn decide(&self, path: &Path, client: IpAddr) -> Decision {
+        self.decide_for(path, self.may_relay(client))
+    }
+
+    /// As [`Self::decide`], for a client whose right to relay is known
+    /// (relay networks, a relay grant, an authenticated session).
+    pub fn decide_for(&self, path: &Path, may_relay: bool) -> Decision {
         match self.classify(path) {
             None => Decision::Local,
-            Some(_) if self.may_relay(client) => Decision::Relay,
+            Some(_) if may_relay => Decision::Relay,
             Some(reason) => Decision::Refuse(reason),
         }
     }

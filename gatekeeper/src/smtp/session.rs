@@ -17,7 +17,9 @@ use super::proxy;
 use super::reply::Reply;
 use super::stats::SmtpStats;
 use super::upstream::{ClientInfo, Timeouts, Upstream, UpstreamError};
-use super::SmtpContext;
+use super::{AuthMode, SmtpContext};
+use crate::ledger::bans::AbuseKind;
+use crate::ledger::greylist::{Checked, GreyVerdict};
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with its CRLF.
 const MAX_COMMAND_LINE: usize = 512;
@@ -25,6 +27,10 @@ const MAX_COMMAND_LINE: usize = 512;
 const LOST: &str = "451 4.3.0 Error: mail system behind the gatekeeper failed mid-transaction; recipients lost, send the message again later";
 /// RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
 const MAX_TEXT_LINE: usize = 1000;
+/// RFC 4954 §4: a SASL response line may be 12288 octets.
+const MAX_AUTH_LINE: usize = 12288;
+const AUTH_UNAVAILABLE: &str =
+    "454 4.7.0 Temporary authentication failure: mail system behind the gatekeeper unavailable";
 
 enum Flow {
     Continue,
@@ -34,6 +40,8 @@ enum Flow {
 struct Transaction {
     /// The MAIL command as it will be forwarded.
     mail_line: String,
+    /// The reverse path as greylisting keys it (`""` for `<>`).
+    sender: String,
     /// The RCPT commands the client got 250 for: replayed whole on a fresh
     /// upstream session if the MTA fails mid-transaction.
     accepted: Vec<String>,
@@ -111,6 +119,23 @@ pub struct Session {
     accepted: Instant,
     outcome: Outcome,
     tally: Tally,
+    /// The address the client connected to (HELO literals naming it are forged).
+    local: Option<IpAddr>,
+    /// The SASL mechanism the MTA behind accepted; relay is allowed from then on.
+    authenticated: Option<String>,
+    /// The authenticated upstream session between transactions: the MTA's
+    /// own `permit_sasl_authenticated` holds only on it.
+    pinned: Option<Upstream>,
+}
+
+/// A line of the SASL exchange from the client.
+enum SaslLine {
+    Response(String),
+    Cancel,
+    Invalid,
+    TooLong,
+    Closed,
+    Timeout,
 }
 
 /// Why a message could not be accepted, decided while its data streamed past.
@@ -144,6 +169,40 @@ impl Session {
             tx: None,
             upstream: None,
             errors: 0,
+            local: None,
+            authenticated: None,
+            pinned: None,
+        }
+    }
+
+    pub fn set_local(&mut self, local: Option<IpAddr>) {
+        self.local = local;
+    }
+
+    /// Relay networks, a relay grant or an authenticated session.
+    fn may_relay(&self) -> bool {
+        self.authenticated.is_some()
+            || self.ctx.policy.may_relay(self.client_ip())
+            || self.granted()
+    }
+
+    fn granted(&self) -> bool {
+        self.ctx
+            .memory
+            .as_ref()
+            .is_some_and(|m| m.relay_granted(self.client_ip()))
+    }
+
+    /// Counts an abuse event towards a ban; clients that may relay are never banned.
+    fn abuse(&self, kind: AbuseKind) {
+        let Some(memory) = &self.ctx.memory else {
+            return;
+        };
+        if self.may_relay() {
+            return;
+        }
+        if let Some(group) = self.ban_target() {
+            memory.abuse(self.client_ip(), group, kind);
         }
     }
 
@@ -161,6 +220,9 @@ impl Session {
             }
         }
         self.end_transaction().await;
+        if let Some(pinned) = self.pinned.take() {
+            pinned.quit().await;
+        }
         self.log_end();
         result
     }
@@ -177,6 +239,7 @@ impl Session {
             delivered = self.tally.delivered,
             relay_denied = self.tally.relay_denied,
             tls = self.tls_active,
+            auth = self.authenticated.as_deref().unwrap_or("-"),
             helo = ?self.helo.as_deref().unwrap_or(""),
             "SMTP session ended"
         );
@@ -286,6 +349,7 @@ impl Session {
                 }
                 SmtpStats::bump(&self.ctx.stats.pregreet);
                 self.outcome = Outcome::Pregreet;
+                self.abuse(AbuseKind::Pregreet);
                 if let (Some(hook), Some(target)) = (&self.ctx.on_pregreet, self.ban_target()) {
                     hook(self.client_ip(), target);
                 }
@@ -335,11 +399,14 @@ impl Session {
     async fn dispatch(&mut self, conn: &mut Conn, line: &[u8]) -> std::io::Result<Flow> {
         let command = match parse_command(line) {
             Ok(command) => command,
-            Err(e) => return self.error(conn, &e.reply()).await,
+            Err(e) => return self.protocol_error(conn, &e.reply()).await,
         };
         let host = self.ctx.config.hostname.clone();
         match command {
             Command::Ehlo(name) => {
+                if let Some(refusal) = self.judge_helo(&name) {
+                    return self.protocol_error(conn, &refusal).await;
+                }
                 self.end_transaction().await;
                 self.helo = Some(name);
                 self.esmtp = true;
@@ -353,9 +420,15 @@ impl Session {
                 if self.ctx.tls.is_some() && !self.tls_active {
                     lines.push("STARTTLS".to_owned());
                 }
+                if let Some(mechanisms) = self.auth_to_offer().await {
+                    lines.push(format!("AUTH {}", mechanisms.join(" ")));
+                }
                 self.send_reply(conn, &Reply { code: 250, lines }).await?;
             }
             Command::Helo(name) => {
+                if let Some(refusal) = self.judge_helo(&name) {
+                    return self.protocol_error(conn, &refusal).await;
+                }
                 self.end_transaction().await;
                 self.helo = Some(name);
                 self.esmtp = false;
@@ -394,8 +467,202 @@ impl Session {
                 return Ok(Flow::Close);
             }
             Command::StartTls => return self.starttls(conn).await,
+            Command::Auth { mechanism, initial } => {
+                return self.auth(conn, mechanism, initial).await
+            }
         }
         Ok(Flow::Continue)
+    }
+
+    /// The refusal of a greeting from outside that names us or, with
+    /// `helo_require_fqdn`, is no dotted name. Clients that may relay are not judged.
+    fn judge_helo(&self, name: &str) -> Option<String> {
+        if self.may_relay() {
+            return None;
+        }
+        let problem =
+            self.ctx
+                .our_names
+                .judge(name, self.local, self.ctx.config.helo_require_fqdn)?;
+        info!(client = %self.client_ip(), reason = %problem.name(), helo = ?name, "greeting refused");
+        Some(match problem {
+            super::helo::HeloProblem::ClaimsUs => {
+                SmtpStats::bump(&self.ctx.stats.helo_refused_claims_us);
+                format!("550 5.7.1 <{name}>: Helo command rejected: you are not me")
+            }
+            super::helo::HeloProblem::NotFqdn => {
+                SmtpStats::bump(&self.ctx.stats.helo_refused_not_fqdn);
+                format!("504 5.5.2 <{name}>: Helo command rejected: need fully-qualified hostname")
+            }
+        })
+    }
+
+    /// The mechanisms EHLO offers: only with `auth = "upstream"`, after
+    /// STARTTLS unless `auth_require_tls` is off, and as the MTA offers
+    /// them (learned from one upstream session if no session taught us yet).
+    async fn auth_to_offer(&self) -> Option<Vec<String>> {
+        let config = &self.ctx.config;
+        if config.auth != AuthMode::Upstream
+            || (config.auth_require_tls && !self.tls_active)
+            || self.authenticated.is_some()
+        {
+            return None;
+        }
+        if !self.ctx.auth_learned() {
+            match self.connect_upstream().await {
+                Ok(upstream) => upstream.quit().await,
+                Err(e) => debug!(error = %e, "cannot learn the MTA's AUTH mechanisms"),
+            }
+        }
+        self.ctx.offered_auth()
+    }
+
+    /// AUTH, passed through: the exchange runs on a fresh upstream session
+    /// (XCLIENT first, so the MTA judges the real client), line by line;
+    /// on 235 that session stays with this one for its transactions.
+    async fn auth(
+        &mut self,
+        conn: &mut Conn,
+        mechanism: String,
+        initial: Option<String>,
+    ) -> std::io::Result<Flow> {
+        let config = &self.ctx.config;
+        let refusal = if config.auth != AuthMode::Upstream {
+            Some("503 5.5.1 Error: authentication not enabled")
+        } else if config.auth_require_tls && !self.tls_active {
+            Some("538 5.7.11 Encryption required for requested authentication mechanism")
+        } else if !self.esmtp {
+            Some("503 5.5.1 Error: send EHLO first")
+        } else if self.authenticated.is_some() {
+            Some("503 5.5.1 Error: already authenticated")
+        } else if self.tx.is_some() {
+            Some("503 5.5.1 Error: MAIL transaction in progress")
+        } else if !self
+            .ctx
+            .offered_auth()
+            .is_some_and(|offered| offered.contains(&mechanism))
+        {
+            Some("504 5.5.4 Unrecognized authentication type")
+        } else {
+            None
+        };
+        if let Some(reply) = refusal {
+            SmtpStats::bump(&self.ctx.stats.auth_refused);
+            return self.protocol_error(conn, reply).await;
+        }
+        let mut upstream = match self.connect_upstream().await {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                if matches!(e, UpstreamError::Busy) {
+                    SmtpStats::bump(&self.ctx.stats.upstream_busy);
+                } else {
+                    SmtpStats::bump(&self.ctx.stats.upstream_failures);
+                }
+                debug!(error = %e, "no upstream session for AUTH");
+                self.send(conn, AUTH_UNAVAILABLE).await?;
+                return Ok(Flow::Continue);
+            }
+        };
+        let mut line = match initial {
+            Some(response) => format!("AUTH {mechanism} {response}"),
+            None => format!("AUTH {mechanism}"),
+        };
+        loop {
+            let reply = match upstream.command(&line).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    SmtpStats::bump(&self.ctx.stats.upstream_failures);
+                    debug!(error = %e, "upstream failed during AUTH");
+                    self.send(conn, AUTH_UNAVAILABLE).await?;
+                    return Ok(Flow::Continue);
+                }
+            };
+            match reply.code {
+                334 => {}
+                235 => {
+                    SmtpStats::bump(&self.ctx.stats.auth_successes);
+                    info!(client = %self.client_ip(), %mechanism, "client authenticated by the MTA behind");
+                    self.authenticated = Some(mechanism);
+                    self.pinned = Some(upstream);
+                    self.send_reply(conn, &reply).await?;
+                    return Ok(Flow::Continue);
+                }
+                code => {
+                    SmtpStats::bump(&self.ctx.stats.auth_failures);
+                    info!(client = %self.client_ip(), %mechanism, code, "authentication failed");
+                    upstream.quit().await;
+                    self.send_reply(conn, &reply).await?;
+                    if code == 535 {
+                        self.abuse(AbuseKind::AuthFailure);
+                    }
+                    return self.count_error(conn).await;
+                }
+            }
+            self.send_reply(conn, &reply).await?;
+            line = match self.sasl_line(conn).await? {
+                SaslLine::Response(text) => text,
+                SaslLine::Cancel => "*".to_owned(),
+                problem => {
+                    // The MTA's exchange is abandoned with its session.
+                    SmtpStats::bump(&self.ctx.stats.auth_failures);
+                    drop(upstream);
+                    return match problem {
+                        SaslLine::TooLong => {
+                            self.protocol_error(
+                                conn,
+                                "500 5.5.6 Authentication exchange line is too long",
+                            )
+                            .await
+                        }
+                        SaslLine::Invalid => {
+                            self.protocol_error(
+                                conn,
+                                "501 5.5.2 Error: invalid SASL response (not base64)",
+                            )
+                            .await
+                        }
+                        SaslLine::Timeout => {
+                            SmtpStats::bump(&self.ctx.stats.timeouts);
+                            self.outcome = Outcome::Timeout;
+                            let host = &self.ctx.config.hostname;
+                            self.send(conn, &format!("421 4.4.2 {host} Error: timeout exceeded"))
+                                .await?;
+                            Ok(Flow::Close)
+                        }
+                        _ => Ok(Flow::Close),
+                    };
+                }
+            };
+        }
+    }
+
+    /// One client line of a SASL exchange: base64, empty, or `*` (cancel).
+    async fn sasl_line(&mut self, conn: &mut Conn) -> std::io::Result<SaslLine> {
+        let deadline = (Instant::now() + self.ctx.config.command_timeout).min(self.deadline);
+        let line = match timeout_at(deadline, read_line(conn, MAX_AUTH_LINE)).await {
+            Ok(line) => line?,
+            Err(_) => return Ok(SaslLine::Timeout),
+        };
+        self.commands += 1;
+        let bytes = match line {
+            Line::Eof => return Ok(SaslLine::Closed),
+            Line::TooLong => return Ok(SaslLine::TooLong),
+            Line::Complete(bytes) => bytes,
+        };
+        let text = trim_eol(&bytes);
+        Ok(match std::str::from_utf8(text) {
+            Ok("*") => SaslLine::Cancel,
+            Ok("") => SaslLine::Response(String::new()),
+            Ok(t) if super::parse::is_sasl_response(t) => SaslLine::Response(t.to_owned()),
+            _ => SaslLine::Invalid,
+        })
+    }
+
+    /// An error reply for bad syntax or a command out of sequence: counted
+    /// towards `max_errors` and towards a ban.
+    async fn protocol_error(&mut self, conn: &mut Conn, reply: &str) -> std::io::Result<Flow> {
+        self.abuse(AbuseKind::ProtocolError);
+        self.error(conn, reply).await
     }
 
     async fn mail(
@@ -406,13 +673,26 @@ impl Session {
     ) -> std::io::Result<Flow> {
         if self.helo.is_none() {
             return self
-                .error(conn, "503 5.5.1 Error: send HELO/EHLO first")
+                .protocol_error(conn, "503 5.5.1 Error: send HELO/EHLO first")
                 .await;
         }
         if self.tx.is_some() {
             return self
-                .error(conn, "503 5.5.1 Error: nested MAIL command")
+                .protocol_error(conn, "503 5.5.1 Error: nested MAIL command")
                 .await;
+        }
+        if let ReversePath::Path(Path {
+            domain: Some(super::parse::Domain::Name(domain)),
+            raw,
+            ..
+        }) = &from
+        {
+            if self.ctx.denied_senders.denies(domain) {
+                SmtpStats::bump(&self.ctx.stats.sender_denied);
+                info!(client = %self.client_ip(), sender = ?raw, "sender domain denied");
+                let reply = format!("554 5.7.1 <{raw}>: Sender address rejected: domain denied");
+                return self.error(conn, &reply).await;
+            }
         }
         let max = self.ctx.config.max_message_size;
         if params.size.is_some_and(|size| size > max) {
@@ -420,8 +700,10 @@ impl Session {
                 .error(conn, "552 5.3.4 Error: message size exceeds fixed limit")
                 .await;
         }
-        let mail_line = format!("MAIL FROM:<{}>{}", from.to_wire(), params.to_wire());
+        let sender = from.to_wire();
+        let mail_line = format!("MAIL FROM:<{sender}>{}", params.to_wire());
         self.tx = Some(Transaction {
+            sender,
             mail_line,
             accepted: Vec::new(),
             lost: false,
@@ -432,7 +714,9 @@ impl Session {
 
     async fn rcpt(&mut self, conn: &mut Conn, to: Path) -> std::io::Result<Flow> {
         let Some(tx) = &self.tx else {
-            return self.error(conn, "503 5.5.1 Error: need MAIL command").await;
+            return self
+                .protocol_error(conn, "503 5.5.1 Error: need MAIL command")
+                .await;
         };
         if tx.accepted.len() >= self.ctx.config.max_recipients {
             self.send(conn, "452 4.5.3 Error: too many recipients")
@@ -444,9 +728,11 @@ impl Session {
             self.send(conn, LOST).await?;
             return Ok(Flow::Continue);
         }
-        if let Decision::Refuse(reason) = self.ctx.policy.decide(&to, self.client_ip()) {
+        let decision = self.ctx.policy.decide_for(&to, self.may_relay());
+        if let Decision::Refuse(reason) = decision {
             self.ctx.stats.relay_denied(reason);
             self.tally.relay_denied += 1;
+            self.abuse(AbuseKind::RelayAttempt);
             info!(
                 client = %self.client_ip(),
                 reason = %reason.name(),
@@ -460,6 +746,22 @@ impl Session {
                     &format!("554 5.7.1 <{}>: Relay access denied", to.raw),
                 )
                 .await;
+        }
+        if decision == Decision::Relay && !self.ctx.policy.may_relay(self.client_ip()) {
+            match self.authenticated.is_some() {
+                true => SmtpStats::bump(&self.ctx.stats.relay_by_auth),
+                false => SmtpStats::bump(&self.ctx.stats.relay_by_grant),
+            }
+        }
+        if decision == Decision::Local {
+            if let Some(retry_after) = self.greylisted(&to) {
+                let reply = format!(
+                    "451 4.7.1 <{}>: Recipient address rejected: greylisted, try again in {retry_after} seconds",
+                    to.raw
+                );
+                self.send(conn, &reply).await?;
+                return Ok(Flow::Continue);
+            }
         }
         let rcpt_line = format!("RCPT TO:<{}>", to.to_wire());
         let reply = match self.forward_rcpt(&rcpt_line).await {
@@ -482,6 +784,9 @@ impl Session {
             // so harvesting addresses ends at `max_errors`.
             Ok(reply) | Err(UpstreamError::Refused(reply)) => {
                 self.send_reply(conn, &reply).await?;
+                if reply.code >= 500 {
+                    self.abuse(AbuseKind::RcptRefused);
+                }
                 return self.count_error(conn).await;
             }
             Err(UpstreamError::Busy) => {
@@ -541,7 +846,13 @@ impl Session {
         let mut lines = tx.accepted.clone();
         lines.extend(extra.map(str::to_owned));
         let mail_line = tx.mail_line.clone();
-        let started = self.connect_upstream().await;
+        // An authenticated session has one upstream session; a new one would
+        // not be authenticated, so losing it loses the transaction.
+        let started = match self.pinned.take() {
+            Some(pinned) => Ok(pinned),
+            None if self.authenticated.is_some() => Err(UpstreamError::Closed),
+            None => self.connect_upstream().await,
+        };
         let result = match started {
             Ok(mut upstream) => match upstream.start_transaction(&mail_line, &lines).await {
                 Ok(replies) => {
@@ -571,6 +882,31 @@ impl Session {
         Ok(replies.split_off(replayed))
     }
 
+    /// The greylist's answer for this recipient: seconds until a retry
+    /// passes, or `None` to go on. Clients that may relay and DNSBL-trusted
+    /// ones are never greylisted (the daemon spares allowlisted ones).
+    fn greylisted(&self, to: &Path) -> Option<u64> {
+        let memory = self.ctx.memory.as_ref()?;
+        if self.trusted || self.may_relay() {
+            return None;
+        }
+        let sender = self.tx.as_ref().map_or("", |tx| tx.sender.as_str());
+        let (verdict, checked) = memory.greylist(self.client_ip(), sender, &to.to_wire())?;
+        let stats = &self.ctx.stats;
+        match checked {
+            Checked::Known => SmtpStats::bump(&stats.greylist_known),
+            Checked::Retried => SmtpStats::bump(&stats.greylist_passed),
+            Checked::New | Checked::Early => SmtpStats::bump(&stats.greylist_deferred),
+        }
+        match verdict {
+            GreyVerdict::Pass => None,
+            GreyVerdict::Defer { retry_after } => {
+                info!(client = %self.client_ip(), sender = ?sender, rcpt = ?to.raw, retry_after, "greylisted");
+                Some(retry_after)
+            }
+        }
+    }
+
     async fn connect_upstream(&self) -> Result<Upstream, UpstreamError> {
         let config = &self.ctx.config;
         let slot = timeout(
@@ -589,7 +925,12 @@ impl Session {
             connect: config.upstream_connect_timeout,
             reply: config.upstream_timeout,
         };
-        Upstream::connect(config.upstream, &config.hostname, &client, timeouts, slot).await
+        let upstream =
+            Upstream::connect(config.upstream, &config.hostname, &client, timeouts, slot).await?;
+        if config.auth == AuthMode::Upstream {
+            self.ctx.learn_auth(upstream.auth_mechanisms().to_vec());
+        }
+        Ok(upstream)
     }
 
     /// The answer to a transaction that lost acknowledged recipients: it ends here.
@@ -602,7 +943,9 @@ impl Session {
 
     async fn data(&mut self, conn: &mut Conn) -> std::io::Result<Flow> {
         let Some(tx) = &self.tx else {
-            return self.error(conn, "503 5.5.1 Error: need MAIL command").await;
+            return self
+                .protocol_error(conn, "503 5.5.1 Error: need MAIL command")
+                .await;
         };
         if tx.lost {
             return self.send_lost(conn).await;
@@ -693,6 +1036,7 @@ impl Session {
                 // ends (SMTP smuggling): nothing more is forwarded, the session ends.
                 SmtpStats::bump(&self.ctx.stats.smuggling_refused);
                 self.outcome = Outcome::Smuggling;
+                self.abuse(AbuseKind::Smuggling);
                 self.abandon_transaction();
                 self.send(
                     conn,
@@ -778,8 +1122,16 @@ impl Session {
     /// unfinished transaction), freeing the upstream slot.
     async fn end_transaction(&mut self) {
         self.tx = None;
-        if let Some(upstream) = self.upstream.take() {
-            upstream.quit().await;
+        let Some(mut upstream) = self.upstream.take() else {
+            return;
+        };
+        if self.authenticated.is_none() {
+            return upstream.quit().await;
+        }
+        // Authenticated: the session is kept for the next transaction.
+        match upstream.command("RSET").await {
+            Ok(reply) if reply.is_success() => self.pinned = Some(upstream),
+            _ => debug!(client = %self.client_ip(), "authenticated upstream session lost at RSET"),
         }
     }
 
@@ -817,6 +1169,10 @@ impl Session {
         self.helo = None;
         self.esmtp = false;
         self.end_transaction().await;
+        self.authenticated = None;
+        if let Some(pinned) = self.pinned.take() {
+            pinned.quit().await;
+        }
         Ok(Flow::Continue)
     }
 

@@ -55,6 +55,22 @@ pub struct SmtpStats {
     pub proxy_header_invalid: Counter,
     pub proxy_header_untrusted: Counter,
     pub proxy_local_closed: Counter,
+    auth: Labelled,
+    pub auth_successes: Counter,
+    pub auth_failures: Counter,
+    /// AUTH refused before the MTA heard of it (no TLS, not offered, out of sequence).
+    pub auth_refused: Counter,
+    helo_refused: Labelled,
+    pub helo_refused_claims_us: Counter,
+    pub helo_refused_not_fqdn: Counter,
+    pub sender_denied: Counter,
+    greylist: Labelled,
+    pub greylist_deferred: Counter,
+    pub greylist_passed: Counter,
+    pub greylist_known: Counter,
+    relay_authorized: Labelled,
+    pub relay_by_auth: Counter,
+    pub relay_by_grant: Counter,
 }
 
 /// What `stats --json` shows under `smtp`.
@@ -103,6 +119,39 @@ pub struct SmtpStatsReport {
     pub proxy_local_closed: u64,
     /// Refused recipients by reason (`foreign_domain`, `percent_hack`, ...).
     pub relay_denied: BTreeMap<String, u64>,
+    /// AUTH exchanges the MTA behind answered 235.
+    #[serde(default)]
+    pub auth_successes: u64,
+    /// AUTH exchanges the MTA behind failed (535 and other refusals, aborts).
+    #[serde(default)]
+    pub auth_failures: u64,
+    /// AUTH refused by the front end: before STARTTLS (538), not offered, out of sequence.
+    #[serde(default)]
+    pub auth_refused: u64,
+    /// EHLO/HELO from outside naming us (550 5.7.1).
+    #[serde(default)]
+    pub helo_refused_claims_us: u64,
+    /// EHLO/HELO without a dotted name under `helo_require_fqdn` (504).
+    #[serde(default)]
+    pub helo_refused_not_fqdn: u64,
+    /// MAIL FROM a `denied_sender_domains` domain (554 5.7.1).
+    #[serde(default)]
+    pub sender_denied: u64,
+    /// Recipients deferred with 451 4.7.1 by greylisting.
+    #[serde(default)]
+    pub greylist_deferred: u64,
+    /// Retries that passed greylisting (their network is trusted from then on).
+    #[serde(default)]
+    pub greylist_passed: u64,
+    /// Recipients from networks that passed greylisting before.
+    #[serde(default)]
+    pub greylist_known: u64,
+    /// Foreign recipients relayed for an authenticated session.
+    #[serde(default)]
+    pub relay_by_auth: u64,
+    /// Foreign recipients relayed for a relay-granted address.
+    #[serde(default)]
+    pub relay_by_grant: u64,
 }
 
 /// Holds a `sessions` slot; the gauge goes down when the connection ends, however it ends.
@@ -127,7 +176,28 @@ impl Default for SmtpStats {
             Labelled::default(),
         );
         let proxy_refused = Labelled::default();
+        let (auth, helo_refused, greylist, relay_authorized) = (
+            Labelled::default(),
+            Labelled::default(),
+            Labelled::default(),
+            Labelled::default(),
+        );
         SmtpStats {
+            auth_successes: labelled(&auth, "result", "success"),
+            auth_failures: labelled(&auth, "result", "failure"),
+            auth_refused: labelled(&auth, "result", "refused"),
+            helo_refused_claims_us: labelled(&helo_refused, "reason", "claims_us"),
+            helo_refused_not_fqdn: labelled(&helo_refused, "reason", "not_fqdn"),
+            sender_denied: Counter::default(),
+            greylist_deferred: labelled(&greylist, "result", "deferred"),
+            greylist_passed: labelled(&greylist, "result", "passed"),
+            greylist_known: labelled(&greylist, "result", "known"),
+            relay_by_auth: labelled(&relay_authorized, "by", "auth"),
+            relay_by_grant: labelled(&relay_authorized, "by", "grant"),
+            auth,
+            helo_refused,
+            greylist,
+            relay_authorized,
             connections: Counter::default(),
             sessions: Gauge::default(),
             banner_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
@@ -248,6 +318,31 @@ impl SmtpStats {
             self.proxy_refused.clone(),
         );
         registry.register(
+            "auth",
+            "AUTH exchanges by result (success and failure as the MTA behind answered; refused by the front end)",
+            self.auth.clone(),
+        );
+        registry.register(
+            "helo_refused",
+            "EHLO/HELO greetings refused, by reason",
+            self.helo_refused.clone(),
+        );
+        registry.register(
+            "sender_denied",
+            "MAIL FROM addresses refused by denied_sender_domains",
+            self.sender_denied.clone(),
+        );
+        registry.register(
+            "greylist",
+            "Greylisting decisions on recipients, by result",
+            self.greylist.clone(),
+        );
+        registry.register(
+            "relay_authorized",
+            "Foreign recipients relayed for clients outside relay_networks, by what allowed it",
+            self.relay_authorized.clone(),
+        );
+        registry.register(
             "transactions_replayed",
             "Transactions replayed on a fresh upstream session after the MTA failed",
             self.transactions_replayed.clone(),
@@ -284,6 +379,17 @@ impl SmtpStats {
                 .zip(&self.relay_denied)
                 .map(|(reason, count)| (reason.name().to_owned(), count.get()))
                 .collect(),
+            auth_successes: self.auth_successes.get(),
+            auth_failures: self.auth_failures.get(),
+            auth_refused: self.auth_refused.get(),
+            helo_refused_claims_us: self.helo_refused_claims_us.get(),
+            helo_refused_not_fqdn: self.helo_refused_not_fqdn.get(),
+            sender_denied: self.sender_denied.get(),
+            greylist_deferred: self.greylist_deferred.get(),
+            greylist_passed: self.greylist_passed.get(),
+            greylist_known: self.greylist_known.get(),
+            relay_by_auth: self.relay_by_auth.get(),
+            relay_by_grant: self.relay_by_grant.get(),
         }
     }
 }

@@ -79,6 +79,7 @@ impl Front {
         tokio::spawn(super::run_connection(
             Box::new(theirs),
             peer,
+            None,
             self.ctx.clone(),
             self.shutdown.clone(),
         ));
@@ -822,6 +823,7 @@ async fn connect_from(ctx: &Arc<SmtpContext>, peer: &str, first: &[u8]) -> Clien
     tokio::spawn(super::run_connection(
         Box::new(theirs),
         peer.parse().unwrap(),
+        None,
         ctx.clone(),
         CancellationToken::new(),
     ));

@@ -48,6 +48,8 @@ pub struct Upstream {
     forward: Option<String>,
     /// The upstream offers PIPELINING: transaction start goes in one round trip.
     pipelining: bool,
+    /// The SASL mechanisms its EHLO offered (to the real client, after XCLIENT).
+    auth: Vec<String>,
     /// One of the `max_upstream_sessions` slots, freed when the session ends.
     _slot: OwnedSemaphorePermit,
 }
@@ -96,6 +98,7 @@ impl Upstream {
             timeout: reply_timeout,
             forward: None,
             pipelining: false,
+            auth: Vec::new(),
             _slot: slot,
         };
         upstream.expect_success(None).await?;
@@ -117,7 +120,13 @@ impl Upstream {
             upstream.forward = Some(client_attributes("XFORWARD", &attributes, client));
         }
         upstream.pipelining = offered(&ehlo, "PIPELINING").is_some();
+        upstream.auth = offered(&ehlo, "AUTH").unwrap_or_default();
         Ok(upstream)
+    }
+
+    /// The SASL mechanisms the MTA offers this session, upper-case.
+    pub fn auth_mechanisms(&self) -> &[String] {
+        &self.auth
     }
 
     /// Starts a transaction: XFORWARD (when offered), MAIL and the RCPTs, in
