@@ -12,6 +12,7 @@ pub mod haproxy;
 pub mod http;
 pub mod lab;
 pub mod netns;
+pub mod postfix;
 pub mod privileges;
 pub mod probe;
 pub mod smtp;

@@ -16,6 +16,8 @@ const PACKAGES: &[&str] = &[
     "xdp-tools",
     "rbldnsd",
     "postfix",
+    // saslpasswd2: the Postfix fixture's Cyrus SASL users (sasldb).
+    "sasl2-bin",
     "swaks",
     "hping3",
     "netsniff-ng",
