@@ -18,6 +18,8 @@ use super::io::{read_line, trim_eol, Line};
 use super::reply::{Reply, ReplyParser};
 use super::stats::{SmtpStats, SmtpStatsReport};
 use super::{bind, serve, PregreetHook, SmtpConfig, SmtpContext};
+use crate::ledger::bans::AbuseKind;
+use crate::ledger::greylist::{Checked, GreyVerdict, Greylist, GreylistConfig};
 
 /// Only a failure ever waits this long.
 const GUARD: Duration = Duration::from_secs(120);
@@ -52,10 +54,25 @@ impl Front {
     }
 
     async fn with_hook(upstream: SocketAddr, extra: &str, hook: Option<PregreetHook>) -> Front {
+        Front::build(upstream, extra, hook, None).await
+    }
+
+    async fn with_memory(upstream: SocketAddr, extra: &str, memory: Arc<FakeMemory>) -> Front {
+        Front::build(upstream, extra, None, Some(memory)).await
+    }
+
+    async fn build(
+        upstream: SocketAddr,
+        extra: &str,
+        hook: Option<PregreetHook>,
+        memory: Option<Arc<FakeMemory>>,
+    ) -> Front {
         let config = test_config(upstream, extra);
         let listeners = bind(&config).unwrap();
         let addr = listeners[0].local_addr().unwrap();
-        let ctx = Arc::new(SmtpContext::new(config, Arc::new(SmtpStats::default()), hook).unwrap());
+        let mut ctx = SmtpContext::new(config, Arc::new(SmtpStats::default()), hook).unwrap();
+        ctx.memory = memory.map(|m| m as Arc<dyn super::ClientMemory>);
+        let ctx = Arc::new(ctx);
         let shutdown = CancellationToken::new();
         let (publish, contexts) = tokio::sync::watch::channel(ctx.clone());
         let served = tokio::spawn(serve(listeners, contexts, shutdown.clone()));
@@ -322,6 +339,10 @@ async fn mta_session(stream: TcpStream, script: &Script, log: &MtaLog, index: us
                 let _ = out.write_all(b"221 2.0.0 Bye\r\n").await;
                 return;
             }
+            "AUTH" => match fake_auth(&line, &mut reader, &mut out, log, index).await {
+                Some(reply) => reply,
+                None => return,
+            },
             _ => "250 2.0.0 Ok\r\n".into(),
         };
         if out.write_all(reply.as_bytes()).await.is_err() {
@@ -331,6 +352,48 @@ async fn mta_session(stream: TcpStream, script: &Script, log: &MtaLog, index: us
 }
 
 /// An address nothing listens on (bound, then closed).
+/// The one account the fake MTA knows: `alice` / `secret`.
+const GOOD_PLAIN: &str = "AGFsaWNlAHNlY3JldA==";
+const ALICE: &str = "YWxpY2U=";
+const SECRET: &str = "c2VjcmV0";
+
+/// SASL PLAIN (initial response or continuation) and LOGIN, as Postfix answers them.
+async fn fake_auth(
+    line: &str,
+    reader: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    out: &mut tokio::net::tcp::OwnedWriteHalf,
+    log: &MtaLog,
+    index: usize,
+) -> Option<String> {
+    let mut words = line.split(' ').skip(1);
+    let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
+    let mut responses: Vec<String> = words.next().map(str::to_owned).into_iter().collect();
+    let needed = if mechanism == "LOGIN" { 2 } else { 1 };
+    let prompts = ["334 VXNlcm5hbWU6\r\n", "334 UGFzc3dvcmQ6\r\n"];
+    while responses.len() < needed {
+        let prompt = if mechanism == "LOGIN" { prompts[responses.len()] } else { "334 \r\n" };
+        out.write_all(prompt.as_bytes()).await.ok()?;
+        let Ok(Line::Complete(bytes)) = read_line(reader, 20000).await else {
+            return None;
+        };
+        let text = String::from_utf8_lossy(trim_eol(&bytes)).into_owned();
+        log.sessions.lock().unwrap()[index].push(text.clone());
+        if text == "*" {
+            return Some("501 5.7.0 Authentication aborted\r\n".into());
+        }
+        responses.push(text);
+    }
+    let good = match mechanism.as_str() {
+        "PLAIN" => responses == [GOOD_PLAIN],
+        "LOGIN" => responses == [ALICE, SECRET],
+        _ => false,
+    };
+    Some(match good {
+        true => "235 2.7.0 Authentication successful\r\n".into(),
+        false => "535 5.7.8 Error: authentication failed: bad credentials\r\n".into(),
+    })
+}
+
 async fn nowhere() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .await
@@ -970,4 +1033,289 @@ async fn after_the_header_limits_and_pregreet_bans_judge_the_real_client() {
     assert!(b.line().await.starts_with("220-"));
     let mut again = connect_from(&ctx, "198.51.100.1:50003", &v1_header("203.0.113.20")).await;
     assert!(again.line().await.starts_with("421 4.7.0"));
+}
+
+/// The daemon's ledgers as a session sees them, with a clock the test sets.
+#[derive(Default)]
+struct FakeMemory {
+    granted: Mutex<Vec<std::net::IpAddr>>,
+    abuse: Mutex<Vec<(IpNet, AbuseKind)>>,
+    greylist: Option<Mutex<Greylist>>,
+    now: std::sync::atomic::AtomicU64,
+}
+
+impl FakeMemory {
+    fn with_greylist() -> FakeMemory {
+        FakeMemory {
+            greylist: Some(Mutex::new(Greylist::new(
+                GreylistConfig {
+                    enabled: true,
+                    ..GreylistConfig::default()
+                },
+                Default::default(),
+                0,
+            ))),
+            ..FakeMemory::default()
+        }
+    }
+
+    fn abuse(&self) -> Vec<AbuseKind> {
+        self.abuse.lock().unwrap().iter().map(|(_, k)| *k).collect()
+    }
+}
+
+impl super::ClientMemory for FakeMemory {
+    fn relay_granted(&self, client: std::net::IpAddr) -> bool {
+        self.granted.lock().unwrap().contains(&client)
+    }
+
+    fn abuse(&self, _client: std::net::IpAddr, group: IpNet, kind: AbuseKind) {
+        self.abuse.lock().unwrap().push((group, kind));
+    }
+
+    fn greylist(
+        &self,
+        client: std::net::IpAddr,
+        sender: &str,
+        recipient: &str,
+    ) -> Option<(GreyVerdict, Checked)> {
+        let now = self.now.load(SeqCst);
+        Some(self.greylist.as_ref()?.lock().unwrap().check(client, sender, recipient, now))
+    }
+}
+
+fn auth_mta() -> Script {
+    Script {
+        ehlo: vec!["PIPELINING", "XCLIENT ADDR NAME HELO PROTO", "AUTH PLAIN LOGIN"],
+        ehlo_after_xclient: vec!["PIPELINING", "AUTH PLAIN LOGIN SCRAM-SHA-256-PLUS"],
+        ..Script::default()
+    }
+}
+
+const AUTH_PLAINTEXT_OK: &str = "auth = \"upstream\"\nauth_require_tls = false\n";
+
+#[tokio::test]
+async fn auth_is_passed_through_and_relay_rides_the_same_upstream_session() {
+    let mta = Mta::start(auth_mta()).await;
+    let memory = Arc::new(FakeMemory::default());
+    let front = Front::with_memory(mta.addr, AUTH_PLAINTEXT_OK, memory.clone()).await;
+    let mut c = front.client().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    // The MTA's mechanisms, less the channel-binding one that cannot cross us.
+    assert!(ehlo.lines.contains(&"AUTH PLAIN LOGIN".to_owned()), "{ehlo:?}");
+    assert_eq!(c.code("MAIL FROM:<alice@client.test>").await, 250);
+    assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 554);
+    assert_eq!(c.code("RSET").await, 250);
+    assert_eq!(c.code("AUTH PLAIN bm90LXRoaXM=").await, 535);
+    assert_eq!(c.code(&format!("AUTH PLAIN {GOOD_PLAIN}")).await, 235);
+    assert_eq!(c.code("AUTH PLAIN x").await, 501, "a syntax error first");
+    assert_eq!(c.code(&format!("AUTH PLAIN {GOOD_PLAIN}")).await, 503);
+    for round in 0..2 {
+        assert_eq!(c.code("MAIL FROM:<alice@client.test>").await, 250);
+        assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 250, "round {round}");
+        assert_eq!(send_message(&mut c).await.code, 250);
+    }
+    assert_eq!(c.code("QUIT").await, 221);
+    assert!(c.is_closed().await);
+    let stats = front.stats();
+    assert_eq!((stats.auth_successes, stats.auth_failures), (1, 1));
+    assert_eq!(stats.relay_by_auth, 2);
+    // The session that authenticated carried both transactions.
+    let sessions = mta.sessions();
+    let authed: Vec<&Vec<String>> = sessions
+        .iter()
+        .filter(|s| s.iter().any(|l| l == &format!("AUTH PLAIN {GOOD_PLAIN}")))
+        .collect();
+    assert_eq!(authed.len(), 1, "{sessions:?}");
+    assert_eq!(rcpts(authed[0]), ["RCPT TO:<friend@victim.test>"; 2]);
+    assert!(authed[0][0].starts_with("EHLO"), "{:?}", authed[0]);
+    assert!(authed[0][1].starts_with("XCLIENT ADDR=127.0.0.1"), "{:?}", authed[0]);
+    // The failed attempt counts towards a ban; the rest came before it or after AUTH.
+    assert_eq!(
+        memory.abuse(),
+        [AbuseKind::RelayAttempt, AbuseKind::AuthFailure]
+    );
+}
+
+#[tokio::test]
+async fn auth_login_continuations_cancel_and_garbage() {
+    let mta = Mta::start(auth_mta()).await;
+    let front = Front::start(mta.addr, AUTH_PLAINTEXT_OK).await;
+    let mut c = front.client().await;
+    assert_eq!(c.code("EHLO client.test").await, 250);
+    let prompt = c.cmd("AUTH LOGIN").await;
+    assert_eq!((prompt.code, prompt.lines[0].as_str()), (334, "VXNlcm5hbWU6"));
+    assert_eq!(c.code(ALICE).await, 334);
+    assert_eq!(c.code(SECRET).await, 235);
+    assert_eq!(c.code("MAIL FROM:<alice@client.test>").await, 250);
+    assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 250);
+
+    let mut c = front.client().await;
+    assert_eq!(c.code("EHLO client.test").await, 250);
+    assert_eq!(c.code("AUTH LOGIN").await, 334);
+    assert_eq!(c.code("*").await, 501, "cancelled by the client");
+    assert_eq!(c.code("AUTH LOGIN").await, 334);
+    assert_eq!(c.code("MAIL FROM:<smuggled@x.test>").await, 501, "not base64");
+    assert_eq!(c.code("AUTH CRAM-MD5").await, 504, "not offered by the MTA");
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
+    assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 554);
+    // The non-base64 line never reached the MTA.
+    assert!(!mta.sessions().concat().iter().any(|l| l.contains("smuggled")));
+    let stats = front.stats();
+    assert_eq!(stats.auth_successes, 1);
+    assert_eq!(stats.auth_refused, 1);
+}
+
+#[tokio::test]
+async fn auth_off_or_before_ehlo_is_refused_and_never_advertised() {
+    let mta = Mta::start(auth_mta()).await;
+    let front = Front::start(mta.addr, "").await;
+    let mut c = front.client().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(!ehlo.lines.iter().any(|l| l.starts_with("AUTH")), "{ehlo:?}");
+    assert_eq!(c.code(&format!("AUTH PLAIN {GOOD_PLAIN}")).await, 503);
+    let front = Front::start(mta.addr, AUTH_PLAINTEXT_OK).await;
+    let mut c = front.client().await;
+    assert_eq!(c.code("HELO client.test").await, 250);
+    assert_eq!(c.code(&format!("AUTH PLAIN {GOOD_PLAIN}")).await, 503);
+    assert!(!mta.sessions().concat().iter().any(|l| l.starts_with("AUTH")));
+}
+
+#[tokio::test]
+async fn relay_grants_let_an_address_relay_and_are_not_greylisted() {
+    let mta = Mta::start(Script::default()).await;
+    let memory = Arc::new(FakeMemory::with_greylist());
+    let front = Front::with_memory(mta.addr, "", memory.clone()).await;
+    let mut c = front.client().await;
+    c.start_transaction().await;
+    assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 554);
+    memory.granted.lock().unwrap().push("127.0.0.1".parse().unwrap());
+    assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 250);
+    assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
+    assert_eq!(front.stats().relay_by_grant, 1);
+    assert_eq!(front.stats().greylist_deferred, 0);
+    // The refused attempt was counted while the address had no grant.
+    assert_eq!(memory.abuse(), [AbuseKind::RelayAttempt]);
+}
+
+#[tokio::test]
+async fn greylisting_defers_the_first_attempt_and_passes_a_timely_retry() {
+    let mta = Mta::start(Script::default()).await;
+    let memory = Arc::new(FakeMemory::with_greylist());
+    let front = Front::with_memory(mta.addr, "", memory.clone()).await;
+    let mut c = front.client().await;
+    c.start_transaction().await;
+    let reply = c.cmd("RCPT TO:<user@example.org>").await;
+    assert_eq!(reply.code, 451, "{reply:?}");
+    assert!(reply.lines[0].starts_with("4.7.1 "), "{reply:?}");
+    assert!(reply.lines[0].contains("300 seconds"), "{reply:?}");
+    memory.now.store(100, SeqCst);
+    assert_eq!(c.code("RCPT TO:<user@example.org>").await, 451, "too early");
+    memory.now.store(301, SeqCst);
+    assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
+    // Now the network is known: another triplet passes at once.
+    assert_eq!(c.code("RCPT TO:<other@example.org>").await, 250);
+    let stats = front.stats();
+    assert_eq!(
+        (stats.greylist_deferred, stats.greylist_passed, stats.greylist_known),
+        (2, 1, 1)
+    );
+    // Deferrals are not errors: nothing counted towards max_errors or bans.
+    assert!(memory.abuse().is_empty());
+    assert_eq!(rcpts(&mta.sessions()[0]).len(), 2);
+}
+
+#[tokio::test]
+async fn helo_claiming_to_be_us_is_refused_from_outside_only() {
+    let mta = Mta::start(Script::default()).await;
+    let memory = Arc::new(FakeMemory::default());
+    let front = Front::with_memory(mta.addr, "helo_require_fqdn = true", memory.clone()).await;
+    let mut c = front.client().await;
+    for (helo, code) in [
+        ("EHLO gk.test", 550),
+        ("HELO GK.TEST.", 550),
+        ("EHLO example.org", 550),
+        ("EHLO [127.0.0.1]", 550),
+        ("EHLO localhost", 504),
+        ("EHLO bad..name", 501),
+    ] {
+        let reply = c.cmd(helo).await;
+        assert_eq!(reply.code, code, "{helo}: {reply:?}");
+    }
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 503, "no greeting was accepted");
+    assert_eq!(c.code("EHLO client.test").await, 250);
+    let stats = front.stats();
+    assert_eq!((stats.helo_refused_claims_us, stats.helo_refused_not_fqdn), (4, 1));
+    assert_eq!(memory.abuse().len(), 7);
+    // A relay client may call itself what it likes (a local submission host).
+    let front = Front::start(mta.addr, "relay_networks = [\"127.0.0.0/8\"]\nhelo_require_fqdn = true").await;
+    let mut c = front.client().await;
+    assert_eq!(c.code("EHLO gk.test").await, 250);
+    assert_eq!(c.code("HELO localhost").await, 250);
+}
+
+#[tokio::test]
+async fn denied_sender_domains_are_refused_at_mail() {
+    let mta = Mta::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("denied");
+    std::fs::write(&file, "# from a file\nfile.test\n").unwrap();
+    let extra = format!(
+        "denied_sender_domains = [\"spam.test\", \".bulk.test\"]\ndenied_sender_domains_file = \"{}\"",
+        file.display()
+    );
+    let front = Front::start(mta.addr, &extra).await;
+    let mut c = front.client().await;
+    assert_eq!(c.code("EHLO client.test").await, 250);
+    for (from, code) in [
+        ("<a@spam.test>", 554),
+        ("<a@SPAM.TEST.>", 554),
+        ("<a@x.bulk.test>", 554),
+        ("<a@file.test>", 554),
+        ("<a@bulk.test>", 250),
+    ] {
+        let reply = c.cmd(&format!("MAIL FROM:{from}")).await;
+        assert_eq!(reply.code, code, "{from}: {reply:?}");
+        if code == 554 {
+            assert!(reply.lines[0].starts_with("5.7.1 "), "{reply:?}");
+        }
+    }
+    assert_eq!(c.code("RSET").await, 250);
+    assert_eq!(c.code("MAIL FROM:<>").await, 250, "bounces are never denied");
+    assert_eq!(front.stats().sender_denied, 4);
+}
+
+#[tokio::test]
+async fn abuse_events_name_their_kind_and_spare_relay_clients() {
+    let mta = Mta::start(Script {
+        rcpt: Box::new(|_| Step::Reply("550 5.1.1 unknown user")),
+        ..Script::default()
+    })
+    .await;
+    let memory = Arc::new(FakeMemory::default());
+    let front = Front::with_memory(mta.addr, "", memory.clone()).await;
+    let mut c = front.client().await;
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 503);
+    assert_eq!(c.code("BOGUS").await, 500);
+    c.start_transaction().await;
+    assert_eq!(c.code("RCPT TO:<nobody@example.org>").await, 550);
+    assert_eq!(c.code("RCPT TO:<a%b@example.org>").await, 554);
+    assert_eq!(
+        memory.abuse(),
+        [
+            AbuseKind::ProtocolError,
+            AbuseKind::ProtocolError,
+            AbuseKind::RcptRefused,
+            AbuseKind::RelayAttempt
+        ]
+    );
+    let groups: Vec<IpNet> = memory.abuse.lock().unwrap().iter().map(|(g, _)| *g).collect();
+    assert!(groups.iter().all(|g| *g == "127.0.0.1/32".parse::<IpNet>().unwrap()));
+    let spared = Arc::new(FakeMemory::default());
+    let front = Front::with_memory(mta.addr, "relay_networks = [\"127.0.0.0/8\"]", spared.clone()).await;
+    let mut c = front.client().await;
+    assert_eq!(c.code("BOGUS").await, 500);
+    c.start_transaction().await;
+    assert_eq!(c.code("RCPT TO:<nobody@example.org>").await, 550);
+    assert!(spared.abuse().is_empty());
 }
