@@ -11,29 +11,8 @@ use sandbox::Netns;
 
 const USERS: &[(&str, &str)] = &[("alice@example.org", "s3cret pass"), ("bob", "hunter2")];
 
-fn base64(bytes: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 fn plain(user: &str, password: &str) -> String {
-    base64(format!("\0{user}\0{password}").as_bytes())
+    sandbox::smtp::sasl_plain(user, password)
 }
 
 /// Where the instance runs: in a namespace, or on the host's loopback.
@@ -116,10 +95,10 @@ fn exercise(connect: Connect, postfix: &Postfix) {
     let mut c = open(connect, &dest);
     assert_eq!(expect(&mut c, "AUTH LOGIN", 334), "VXNlcm5hbWU6"); // Username:
     assert_eq!(
-        expect(&mut c, &base64(b"bob@example.org"), 334),
+        expect(&mut c, &sandbox::smtp::base64("bob@example.org"), 334),
         "UGFzc3dvcmQ6"
     ); // Password:
-    expect(&mut c, &base64(b"hunter2"), 235);
+    expect(&mut c, &sandbox::smtp::base64("hunter2"), 235);
     send_message(
         &mut c,
         "bob@example.org",

@@ -642,16 +642,6 @@ fn the_mta_receives_rebuilt_commands_and_never_control_bytes() {
     }
 }
 
-/// A self-signed certificate for mx.example.org, written into `dir`.
-fn test_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
-    let certified = rcgen::generate_simple_self_signed(vec!["mx.example.org".to_owned()]).unwrap();
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
-    (cert, key, certified.cert.der().to_vec())
-}
-
 #[test]
 #[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
 fn starttls_resets_the_session_and_discards_injected_plaintext() {
@@ -660,7 +650,7 @@ fn starttls_resets_the_session_and_discards_injected_plaintext() {
         return;
     }
     let cert_dir = tempfile::tempdir().unwrap();
-    let (cert, key, der) = test_certificate(cert_dir.path());
+    let (cert, key, der) = sandbox::smtp::test_certificate(cert_dir.path(), "mx.example.org");
     let extra = format!(
         "tls_cert = \"{}\"\ntls_key = \"{}\"",
         cert.display(),

@@ -126,22 +126,28 @@ impl SmtpClient {
 
     /// Reads one reply; `Err` when the server closed the connection.
     pub fn reply(&mut self) -> Result<SmtpReply> {
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line)? == 0 {
-                bail!("connection closed (after {lines:?})");
-            }
-            let line = line.trim_end_matches(['\r', '\n']);
-            let code: u16 = line
-                .get(..3)
-                .and_then(|c| c.parse().ok())
-                .with_context(|| format!("bad reply {line:?}"))?;
-            lines.push(line.get(4..).unwrap_or("").to_owned());
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return Ok(SmtpReply { code, lines });
-            }
-        }
+        read_reply(&mut self.reader)
+    }
+
+    /// STARTTLS, then the TLS handshake trusting only `cert_der` for `name`.
+    pub fn starttls(mut self, cert_der: &[u8], name: &str) -> Result<TlsSmtpClient> {
+        use tokio_rustls::rustls;
+        let reply = self.cmd("STARTTLS")?;
+        anyhow::ensure!(reply.code == 220, "STARTTLS: {reply}");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls_pki_types::CertificateDer::from(cert_der.to_vec()))?;
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from(name.to_owned())?;
+        let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+        let tls = rustls::StreamOwned::new(connection, self.into_stream());
+        Ok(TlsSmtpClient {
+            reader: BufReader::new(tls),
+        })
     }
 
     pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
@@ -171,6 +177,67 @@ impl SmtpClient {
         anyhow::ensure!(mail.code == 250, "MAIL {mail}");
         Ok(())
     }
+}
+
+/// An SMTP session after STARTTLS.
+pub struct TlsSmtpClient {
+    reader: BufReader<
+        tokio_rustls::rustls::StreamOwned<tokio_rustls::rustls::ClientConnection, TcpStream>,
+    >,
+}
+
+impl TlsSmtpClient {
+    pub fn reply(&mut self) -> Result<SmtpReply> {
+        read_reply(&mut self.reader)
+    }
+
+    pub fn cmd(&mut self, line: &str) -> Result<SmtpReply> {
+        self.reader
+            .get_mut()
+            .write_all(format!("{line}\r\n").as_bytes())?;
+        self.reply()
+    }
+}
+
+/// One reply off any stream; `Err` when the server closed the connection.
+fn read_reply(reader: &mut impl BufRead) -> Result<SmtpReply> {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("connection closed (after {lines:?})");
+        }
+        let line = line.trim_end_matches(['\r', '\n']);
+        let code: u16 = line
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("bad reply {line:?}"))?;
+        lines.push(line.get(4..).unwrap_or("").to_owned());
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return Ok(SmtpReply { code, lines });
+        }
+    }
+}
+
+/// A self-signed certificate for `name`, written into `dir`: (cert, key, DER).
+pub fn test_certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, Vec<u8>) {
+    let certified = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    (cert, key, certified.cert.der().to_vec())
+}
+
+/// SASL PLAIN's initial response for `user` / `password`.
+pub fn sasl_plain(user: &str, password: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
+}
+
+pub fn base64(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
 
 /// A scripted MTA that speaks like Postfix (XCLIENT answered with a fresh

@@ -371,7 +371,11 @@ async fn fake_auth(
     let needed = if mechanism == "LOGIN" { 2 } else { 1 };
     let prompts = ["334 VXNlcm5hbWU6\r\n", "334 UGFzc3dvcmQ6\r\n"];
     while responses.len() < needed {
-        let prompt = if mechanism == "LOGIN" { prompts[responses.len()] } else { "334 \r\n" };
+        let prompt = if mechanism == "LOGIN" {
+            prompts[responses.len()]
+        } else {
+            "334 \r\n"
+        };
         out.write_all(prompt.as_bytes()).await.ok()?;
         let Ok(Line::Complete(bytes)) = read_line(reader, 20000).await else {
             return None;
@@ -1080,13 +1084,23 @@ impl super::ClientMemory for FakeMemory {
         recipient: &str,
     ) -> Option<(GreyVerdict, Checked)> {
         let now = self.now.load(SeqCst);
-        Some(self.greylist.as_ref()?.lock().unwrap().check(client, sender, recipient, now))
+        Some(
+            self.greylist
+                .as_ref()?
+                .lock()
+                .unwrap()
+                .check(client, sender, recipient, now),
+        )
     }
 }
 
 fn auth_mta() -> Script {
     Script {
-        ehlo: vec!["PIPELINING", "XCLIENT ADDR NAME HELO PROTO", "AUTH PLAIN LOGIN"],
+        ehlo: vec![
+            "PIPELINING",
+            "XCLIENT ADDR NAME HELO PROTO",
+            "AUTH PLAIN LOGIN",
+        ],
         ehlo_after_xclient: vec!["PIPELINING", "AUTH PLAIN LOGIN SCRAM-SHA-256-PLUS"],
         ..Script::default()
     }
@@ -1102,7 +1116,10 @@ async fn auth_is_passed_through_and_relay_rides_the_same_upstream_session() {
     let mut c = front.client().await;
     let ehlo = c.cmd("EHLO client.test").await;
     // The MTA's mechanisms, less the channel-binding one that cannot cross us.
-    assert!(ehlo.lines.contains(&"AUTH PLAIN LOGIN".to_owned()), "{ehlo:?}");
+    assert!(
+        ehlo.lines.contains(&"AUTH PLAIN LOGIN".to_owned()),
+        "{ehlo:?}"
+    );
     assert_eq!(c.code("MAIL FROM:<alice@client.test>").await, 250);
     assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 554);
     assert_eq!(c.code("RSET").await, 250);
@@ -1112,7 +1129,11 @@ async fn auth_is_passed_through_and_relay_rides_the_same_upstream_session() {
     assert_eq!(c.code(&format!("AUTH PLAIN {GOOD_PLAIN}")).await, 503);
     for round in 0..2 {
         assert_eq!(c.code("MAIL FROM:<alice@client.test>").await, 250);
-        assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 250, "round {round}");
+        assert_eq!(
+            c.code("RCPT TO:<friend@victim.test>").await,
+            250,
+            "round {round}"
+        );
         assert_eq!(send_message(&mut c).await.code, 250);
     }
     assert_eq!(c.code("QUIT").await, 221);
@@ -1129,7 +1150,11 @@ async fn auth_is_passed_through_and_relay_rides_the_same_upstream_session() {
     assert_eq!(authed.len(), 1, "{sessions:?}");
     assert_eq!(rcpts(authed[0]), ["RCPT TO:<friend@victim.test>"; 2]);
     assert!(authed[0][0].starts_with("EHLO"), "{:?}", authed[0]);
-    assert!(authed[0][1].starts_with("XCLIENT ADDR=127.0.0.1"), "{:?}", authed[0]);
+    assert!(
+        authed[0][1].starts_with("XCLIENT ADDR=127.0.0.1"),
+        "{:?}",
+        authed[0]
+    );
     // The failed attempt counts towards a ban; the rest came before it or after AUTH.
     assert_eq!(
         memory.abuse(),
@@ -1144,7 +1169,10 @@ async fn auth_login_continuations_cancel_and_garbage() {
     let mut c = front.client().await;
     assert_eq!(c.code("EHLO client.test").await, 250);
     let prompt = c.cmd("AUTH LOGIN").await;
-    assert_eq!((prompt.code, prompt.lines[0].as_str()), (334, "VXNlcm5hbWU6"));
+    assert_eq!(
+        (prompt.code, prompt.lines[0].as_str()),
+        (334, "VXNlcm5hbWU6")
+    );
     assert_eq!(c.code(ALICE).await, 334);
     assert_eq!(c.code(SECRET).await, 235);
     assert_eq!(c.code("MAIL FROM:<alice@client.test>").await, 250);
@@ -1155,12 +1183,20 @@ async fn auth_login_continuations_cancel_and_garbage() {
     assert_eq!(c.code("AUTH LOGIN").await, 334);
     assert_eq!(c.code("*").await, 501, "cancelled by the client");
     assert_eq!(c.code("AUTH LOGIN").await, 334);
-    assert_eq!(c.code("MAIL FROM:<smuggled@x.test>").await, 501, "not base64");
+    assert_eq!(
+        c.code("MAIL FROM:<smuggled@x.test>").await,
+        501,
+        "not base64"
+    );
     assert_eq!(c.code("AUTH CRAM-MD5").await, 504, "not offered by the MTA");
     assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
     assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 554);
     // The non-base64 line never reached the MTA.
-    assert!(!mta.sessions().concat().iter().any(|l| l.contains("smuggled")));
+    assert!(!mta
+        .sessions()
+        .concat()
+        .iter()
+        .any(|l| l.contains("smuggled")));
     let stats = front.stats();
     assert_eq!(stats.auth_successes, 1);
     assert_eq!(stats.auth_refused, 1);
@@ -1172,13 +1208,20 @@ async fn auth_off_or_before_ehlo_is_refused_and_never_advertised() {
     let front = Front::start(mta.addr, "").await;
     let mut c = front.client().await;
     let ehlo = c.cmd("EHLO client.test").await;
-    assert!(!ehlo.lines.iter().any(|l| l.starts_with("AUTH")), "{ehlo:?}");
+    assert!(
+        !ehlo.lines.iter().any(|l| l.starts_with("AUTH")),
+        "{ehlo:?}"
+    );
     assert_eq!(c.code(&format!("AUTH PLAIN {GOOD_PLAIN}")).await, 503);
     let front = Front::start(mta.addr, AUTH_PLAINTEXT_OK).await;
     let mut c = front.client().await;
     assert_eq!(c.code("HELO client.test").await, 250);
     assert_eq!(c.code(&format!("AUTH PLAIN {GOOD_PLAIN}")).await, 503);
-    assert!(!mta.sessions().concat().iter().any(|l| l.starts_with("AUTH")));
+    assert!(!mta
+        .sessions()
+        .concat()
+        .iter()
+        .any(|l| l.starts_with("AUTH")));
 }
 
 #[tokio::test]
@@ -1189,7 +1232,11 @@ async fn relay_grants_let_an_address_relay_and_are_not_greylisted() {
     let mut c = front.client().await;
     c.start_transaction().await;
     assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 554);
-    memory.granted.lock().unwrap().push("127.0.0.1".parse().unwrap());
+    memory
+        .granted
+        .lock()
+        .unwrap()
+        .push("127.0.0.1".parse().unwrap());
     assert_eq!(c.code("RCPT TO:<friend@victim.test>").await, 250);
     assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
     assert_eq!(front.stats().relay_by_grant, 1);
@@ -1217,7 +1264,11 @@ async fn greylisting_defers_the_first_attempt_and_passes_a_timely_retry() {
     assert_eq!(c.code("RCPT TO:<other@example.org>").await, 250);
     let stats = front.stats();
     assert_eq!(
-        (stats.greylist_deferred, stats.greylist_passed, stats.greylist_known),
+        (
+            stats.greylist_deferred,
+            stats.greylist_passed,
+            stats.greylist_known
+        ),
         (2, 1, 1)
     );
     // Deferrals are not errors: nothing counted towards max_errors or bans.
@@ -1242,13 +1293,24 @@ async fn helo_claiming_to_be_us_is_refused_from_outside_only() {
         let reply = c.cmd(helo).await;
         assert_eq!(reply.code, code, "{helo}: {reply:?}");
     }
-    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 503, "no greeting was accepted");
+    assert_eq!(
+        c.code("MAIL FROM:<a@client.test>").await,
+        503,
+        "no greeting was accepted"
+    );
     assert_eq!(c.code("EHLO client.test").await, 250);
     let stats = front.stats();
-    assert_eq!((stats.helo_refused_claims_us, stats.helo_refused_not_fqdn), (4, 1));
+    assert_eq!(
+        (stats.helo_refused_claims_us, stats.helo_refused_not_fqdn),
+        (4, 1)
+    );
     assert_eq!(memory.abuse().len(), 7);
     // A relay client may call itself what it likes (a local submission host).
-    let front = Front::start(mta.addr, "relay_networks = [\"127.0.0.0/8\"]\nhelo_require_fqdn = true").await;
+    let front = Front::start(
+        mta.addr,
+        "relay_networks = [\"127.0.0.0/8\"]\nhelo_require_fqdn = true",
+    )
+    .await;
     let mut c = front.client().await;
     assert_eq!(c.code("EHLO gk.test").await, 250);
     assert_eq!(c.code("HELO localhost").await, 250);
@@ -1281,7 +1343,11 @@ async fn denied_sender_domains_are_refused_at_mail() {
         }
     }
     assert_eq!(c.code("RSET").await, 250);
-    assert_eq!(c.code("MAIL FROM:<>").await, 250, "bounces are never denied");
+    assert_eq!(
+        c.code("MAIL FROM:<>").await,
+        250,
+        "bounces are never denied"
+    );
     assert_eq!(front.stats().sender_denied, 4);
 }
 
@@ -1309,10 +1375,23 @@ async fn abuse_events_name_their_kind_and_spare_relay_clients() {
             AbuseKind::RelayAttempt
         ]
     );
-    let groups: Vec<IpNet> = memory.abuse.lock().unwrap().iter().map(|(g, _)| *g).collect();
-    assert!(groups.iter().all(|g| *g == "127.0.0.1/32".parse::<IpNet>().unwrap()));
+    let groups: Vec<IpNet> = memory
+        .abuse
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(g, _)| *g)
+        .collect();
+    assert!(groups
+        .iter()
+        .all(|g| *g == "127.0.0.1/32".parse::<IpNet>().unwrap()));
     let spared = Arc::new(FakeMemory::default());
-    let front = Front::with_memory(mta.addr, "relay_networks = [\"127.0.0.0/8\"]", spared.clone()).await;
+    let front = Front::with_memory(
+        mta.addr,
+        "relay_networks = [\"127.0.0.0/8\"]",
+        spared.clone(),
+    )
+    .await;
     let mut c = front.client().await;
     assert_eq!(c.code("BOGUS").await, 500);
     c.start_transaction().await;
