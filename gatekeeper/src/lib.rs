@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dns;
 pub mod dnsbl;
 pub mod feeds;
 pub mod findings;

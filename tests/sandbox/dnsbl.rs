@@ -134,6 +134,56 @@ impl Drop for Rbldnsd {
     }
 }
 
+/// dnsmasq as an authoritative-enough server of PTR and A/AAAA records,
+/// for forward-confirmed reverse DNS: `records` are `--host-record` and
+/// `--ptr-record` arguments, e.g. `host-record=mail.test,192.0.2.2`.
+pub struct Dnsmasq {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Dnsmasq {
+    pub fn start(ns: &Netns, addr: SocketAddr, records: &[&str]) -> Result<Dnsmasq> {
+        let child = ns
+            .command("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+                "--bind-interfaces",
+                "--user=root",
+                "--pid-file=",
+                "--log-facility=-",
+            ])
+            .arg(format!("--listen-address={}", addr.ip()))
+            .arg(format!("--port={}", addr.port()))
+            .args(records.iter().map(|r| format!("--{r}")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting dnsmasq (Debian package dnsmasq-base)")?;
+        let server = Dnsmasq { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if ns.run(move || probe_once(addr))? {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                bail!("dnsmasq did not answer on {addr}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// One query for the RFC 5782 test point of the first zone is enough to know it is up.
 fn probe_once(addr: SocketAddr) -> bool {
     let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else {

@@ -18,6 +18,8 @@ const PACKAGES: &[&str] = &[
     "postfix",
     // saslpasswd2: the Postfix fixture's Cyrus SASL users (sasldb).
     "sasl2-bin",
+    // FCrDNS tests: PTR and A records for the clients.
+    "dnsmasq-base",
     "swaks",
     "hping3",
     "netsniff-ng",

@@ -191,6 +191,9 @@ impl Live {
         if let (Some(publish), Some(next)) = (&self.smtp, smtp) {
             publish.send_replace(Arc::new(next));
         }
+        if let Err(e) = self.screen.reconfigure_fcrdns(&config) {
+            warn!(error = %format!("{e:#}"), "FCrDNS resolver not rebuilt; the previous one serves");
+        }
         if self.config.bans != config.bans || self.config.greylist != config.greylist {
             self.ledgers
                 .reconfigure(config.bans.as_ref(), config.greylist.as_ref());

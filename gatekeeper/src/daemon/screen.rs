@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::control::protocol::{
     CheckReport, DnsblListedEntry, DnsblStats, FlushSummary, MapState, ZoneCheck,
 };
+use crate::dns::{Fcrdns, ReverseDns};
 use crate::dnsbl::{DnsblEngine, Verdict};
 use crate::kernel::{DnsblMaps, Kernel, PrefixView};
 use crate::netaddr::canonical;
@@ -33,6 +34,37 @@ pub struct ScreenService {
     relay_networks: RwLock<Vec<IpNet>>,
     cache_path: PathBuf,
     blocked: Counter,
+    /// Forward-confirmed reverse DNS, when the config asks for it.
+    fcrdns: RwLock<Option<Arc<FcrdnsCheck>>>,
+}
+
+/// How FCrDNS counts: a refusal of its own, and/or weight on the DNSBL score.
+struct FcrdnsCheck {
+    rdns: ReverseDns,
+    require: bool,
+    weight: i32,
+}
+
+/// The FCrDNS check `config` asks for, with the DNSBL's nameservers and
+/// deadline when `[dnsbl]` is there (else the system's and 5 s).
+fn fcrdns_check(config: &Config) -> Result<Option<Arc<FcrdnsCheck>>> {
+    let require = config
+        .smtp
+        .as_ref()
+        .is_some_and(|s| s.client_require_fcrdns);
+    let weight = config.dnsbl.as_ref().map_or(0, |d| d.fcrdns_weight);
+    if !require && weight == 0 {
+        return Ok(None);
+    }
+    let (servers, timeout) = match &config.dnsbl {
+        Some(d) => (d.nameservers.clone(), d.timeout),
+        None => (Vec::new(), std::time::Duration::from_secs(5)),
+    };
+    Ok(Some(Arc::new(FcrdnsCheck {
+        rdns: ReverseDns::new(&servers, timeout)?,
+        require,
+        weight,
+    })))
 }
 
 impl ScreenService {
@@ -50,6 +82,7 @@ impl ScreenService {
             relay_networks: RwLock::new(relay_networks(config)),
             cache_path: config.state_dir.join(CACHE_FILE),
             blocked: Counter::default(),
+            fcrdns: RwLock::new(fcrdns_check(config)?),
         };
         service.reload_cache();
         Ok(Arc::new(service))
@@ -95,6 +128,13 @@ impl ScreenService {
             "DNSBL zones or threshold changed: verdicts dropped"
         );
         Ok(true)
+    }
+
+    /// `smtp.client_require_fcrdns` and `dnsbl.fcrdns_weight`, from a reload.
+    pub fn reconfigure_fcrdns(&self, config: &Config) -> Result<()> {
+        let check = fcrdns_check(config)?;
+        *self.fcrdns.write().unwrap_or_else(PoisonError::into_inner) = check;
+        Ok(())
     }
 
     /// Relay networks are never DNSBL-checked: they follow `smtp.relay_networks`.
@@ -186,14 +226,54 @@ impl ScreenService {
             info!(%client, %zone, "DNSBL-listed client reached the SMTP front end; refused");
             return Screening::Refuse(ScreenRefusal::Dnsbl(dnsbl_reply(client, &zone)));
         }
-        let Some(engine) = self.engine() else {
-            return Screening::Pass;
-        };
         // The allowlist was consulted above; relay networks are never DNSBL-checked.
         if self.in_relay_networks(client) {
             return Screening::Pass;
         }
-        let verdict = engine.check(client, false).await.verdict;
+        let fcrdns = self
+            .fcrdns
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let engine = self.engine();
+        // Both within their deadlines, side by side: no extra latency.
+        let (verdict, reverse) = tokio::join!(
+            async {
+                match &engine {
+                    Some(engine) => Some(engine.check(client, false).await.verdict),
+                    None => None,
+                }
+            },
+            async {
+                match &fcrdns {
+                    Some(check) => Some(check.rdns.check(client).await),
+                    None => None,
+                }
+            }
+        );
+        let unconfirmed = reverse == Some(Fcrdns::Unconfirmed);
+        if let (Some(check), true) = (&fcrdns, unconfirmed) {
+            if check.require {
+                info!(%client, "client without forward-confirmed reverse DNS refused");
+                return Screening::Refuse(ScreenRefusal::Fcrdns(format!(
+                    "450 4.7.25 Client host rejected: cannot find your hostname, [{client}]"
+                )));
+            }
+        }
+        let Some(verdict) = verdict else {
+            return Screening::Pass;
+        };
+        if let (Some(check), true, false) = (&fcrdns, unconfirmed, verdict.listed) {
+            let threshold = engine.as_ref().map_or(i32::MAX, |e| e.config().threshold);
+            let score = verdict.score.saturating_add(check.weight);
+            if check.weight != 0 && score >= threshold {
+                info!(%client, score, "DNSBL score with the FCrDNS weight reaches the threshold; refused");
+                return Screening::Refuse(ScreenRefusal::Fcrdns(dnsbl_reply(
+                    client,
+                    "reverse DNS (no FCrDNS) and DNSBL score",
+                )));
+            }
+        }
         if verdict.listed {
             self.blocked.inc();
             self.feed_kernel(&verdict);

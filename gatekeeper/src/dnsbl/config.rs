@@ -37,6 +37,11 @@ pub struct DnsblConfig {
     /// How often each zone's RFC 5782 test points are checked.
     #[serde(default = "five_minutes", with = "humantime_serde")]
     pub health_interval: Duration,
+    /// Added to the score of a client without forward-confirmed reverse DNS
+    /// (0: not looked up for scoring). Such a refusal is not fed into the
+    /// kernel: a missing PTR is a weak sign, not a listing.
+    #[serde(default)]
+    pub fcrdns_weight: i32,
 }
 
 impl DnsblConfig {
@@ -64,10 +69,15 @@ impl DnsblConfig {
             findings.error("dnsbl.threshold: must be at least 1");
         } else if !self.zones.is_empty() {
             // Every zone listing the client at once is the highest score there is.
-            let reachable: i64 = self.zones.iter().map(|z| i64::from(z.weight.max(0))).sum();
+            let reachable: i64 = self
+                .zones
+                .iter()
+                .map(|z| i64::from(z.weight.max(0)))
+                .sum::<i64>()
+                + i64::from(self.fcrdns_weight.max(0));
             if reachable < i64::from(self.threshold) {
                 findings.error(format!(
-                    "dnsbl.threshold: {} cannot be reached: all zones listing a client together score {reachable}",
+                    "dnsbl.threshold: {} cannot be reached: all zones listing a client together (with fcrdns_weight) score {reachable}",
                     self.threshold
                 ));
             }

@@ -5,15 +5,12 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use anyhow::{Context, Result};
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use anyhow::Result;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
-use hickory_resolver::{Resolver, TokioResolver};
+use hickory_resolver::TokioResolver;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -492,31 +489,7 @@ fn interpret(zone: &ZoneState, raw: RawAnswer) -> (ZoneAnswer, Option<u32>) {
 /// Our own cache replaces hickory's (so `check --fresh` really asks), and
 /// names are absolute, so no search domains or hosts file get involved.
 fn build_resolver(config: &DnsblConfig) -> Result<TokioResolver> {
-    let provider = TokioRuntimeProvider::default();
-    let mut builder = if config.nameservers.is_empty() {
-        Resolver::builder(provider).context("dnsbl: reading the system resolver configuration")?
-    } else {
-        let servers = config
-            .nameservers
-            .iter()
-            .map(|addr| {
-                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
-                for connection in &mut server.connections {
-                    connection.port = addr.port();
-                }
-                server
-            })
-            .collect();
-        Resolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
-    };
-    let options = builder.options_mut();
-    options.cache_size = 0;
-    options.use_hosts_file = ResolveHosts::Never;
-    options.ndots = 0;
-    // Two tries within the deadline, so one lost UDP datagram does not cost a verdict.
-    options.attempts = 2;
-    options.timeout = (config.timeout / 2).max(Duration::from_millis(1));
-    builder.build().context("dnsbl: building the resolver")
+    crate::dns::resolver(&config.nameservers, config.timeout, "dnsbl")
 }
 
 #[cfg(test)]

@@ -111,6 +111,10 @@ pub struct SmtpConfig {
     /// More of them, one per line (`#` comments), read at start and reload.
     #[serde(default)]
     pub denied_sender_domains_file: Option<PathBuf>,
+    /// Refuse (450 4.7.25) outside clients without forward-confirmed reverse
+    /// DNS, at connection time; a lookup that fails or times out lets them in.
+    #[serde(default)]
+    pub client_require_fcrdns: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -87,6 +87,9 @@ pub enum ScreenRefusal {
     Denylisted(String),
     /// Listed by the DNSBLs (a live kernel entry, or a fresh verdict).
     Dnsbl(String),
+    /// No forward-confirmed reverse DNS (`client_require_fcrdns`, or its
+    /// weight tipping the DNSBL score).
+    Fcrdns(String),
 }
 
 /// Judges a client before its banner; the daemon wires the DNSBL engine in here.
@@ -429,6 +432,7 @@ async fn run_connection(
                         (&ctx.stats.refused_denylisted, "denylisted", reply)
                     }
                     ScreenRefusal::Dnsbl(reply) => (&ctx.stats.refused_dnsbl, "dnsbl", reply),
+                    ScreenRefusal::Fcrdns(reply) => (&ctx.stats.refused_fcrdns, "fcrdns", reply),
                 };
                 SmtpStats::bump(counter);
                 log_refused(client, reason);

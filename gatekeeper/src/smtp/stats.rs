@@ -26,6 +26,7 @@ pub struct SmtpStats {
     pub refused_connection_rate: Counter,
     pub refused_dnsbl: Counter,
     pub refused_denylisted: Counter,
+    pub refused_fcrdns: Counter,
     pub pregreet: Counter,
     pub recipients_accepted: Counter,
     deliveries: Labelled,
@@ -119,6 +120,9 @@ pub struct SmtpStatsReport {
     pub proxy_local_closed: u64,
     /// Refused recipients by reason (`foreign_domain`, `percent_hack`, ...).
     pub relay_denied: BTreeMap<String, u64>,
+    /// Connections refused for want of forward-confirmed reverse DNS.
+    #[serde(default)]
+    pub refused_fcrdns: u64,
     /// AUTH exchanges the MTA behind answered 235.
     #[serde(default)]
     pub auth_successes: u64,
@@ -205,6 +209,7 @@ impl Default for SmtpStats {
             refused_connection_rate: labelled(&refused, "reason", "connection_rate"),
             refused_dnsbl: labelled(&refused, "reason", "dnsbl"),
             refused_denylisted: labelled(&refused, "reason", "denylisted"),
+            refused_fcrdns: labelled(&refused, "reason", "fcrdns"),
             pregreet: labelled(&refused, "reason", "pregreet"),
             recipients_accepted: Counter::default(),
             messages_delivered: labelled(&deliveries, "result", "delivered"),
@@ -379,6 +384,7 @@ impl SmtpStats {
                 .zip(&self.relay_denied)
                 .map(|(reason, count)| (reason.name().to_owned(), count.get()))
                 .collect(),
+            refused_fcrdns: self.refused_fcrdns.get(),
             auth_successes: self.auth_successes.get(),
             auth_failures: self.auth_failures.get(),
             auth_refused: self.auth_refused.get(),

@@ -55,7 +55,12 @@ pub struct Selection {
 /// Test binaries whose consumers (promtool, the Python fail2ban-regex) are
 /// userland programs the VM's initramfs does not carry; nothing in them
 /// depends on the kernel version, and the host run covers them.
-const HOST_ONLY_TESTS: &[&str] = &["observability", "postfix_fixture", "roaming_users"];
+const HOST_ONLY_TESTS: &[&str] = &[
+    "observability",
+    "postfix_fixture",
+    "roaming_users",
+    "client_checks",
+];
 
 /// Cargo names test executables `<name>-<hash>`.
 fn runs_on_the_host_only(binary: &std::path::Path) -> bool {
