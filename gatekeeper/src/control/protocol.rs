@@ -96,7 +96,7 @@ pub enum Request {
 pub enum Reply {
     Changed(ChangeSummary),
     Listed { entries: Vec<ListedEntry> },
-    Stats(StatsReport),
+    Stats(Box<StatsReport>),
     Checked(CheckReport),
     DnsblListed { entries: Vec<DnsblListedEntry> },
     DnsblFlushed(FlushSummary),
@@ -448,7 +448,7 @@ mod tests {
             relay_grants: 0,
             greylist: None,
         };
-        let value = serde_json::to_value(Reply::Stats(report)).unwrap();
+        let value = serde_json::to_value(Reply::Stats(Box::new(report))).unwrap();
         assert_eq!(value["dropped_deny"], 3);
         assert_eq!(value["reply"], "stats");
     }

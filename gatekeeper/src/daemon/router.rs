@@ -152,7 +152,7 @@ impl Router {
             .collect();
         let (deny_entries, allow_entries) = self.lists.counts();
         let (bans, relay_grants, greylist) = self.ledgers.report();
-        Reply::Stats(StatsReport {
+        Reply::Stats(Box::new(StatsReport {
             counters,
             deny_entries,
             allow_entries,
@@ -171,7 +171,7 @@ impl Router {
             bans: self.bans_configured.then_some(bans),
             relay_grants,
             greylist,
-        })
+        }))
     }
 }
 

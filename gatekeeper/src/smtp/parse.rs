@@ -237,7 +237,7 @@ pub fn is_sasl_response(text: &str) -> bool {
     }
     let body = text.trim_end_matches('=');
     !text.is_empty()
-        && text.len() % 4 == 0
+        && text.len().is_multiple_of(4)
         && text.len() - body.len() <= 2
         && body
             .bytes()
