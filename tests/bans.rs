@@ -145,6 +145,30 @@ fn relay_abusers_are_dropped_in_xdp_allowlisted_ones_never_and_clear_restores() 
         .is_empty());
     let deny = json(gk.cli(&["deny", "list", "--json"]));
     assert_eq!(deny.as_array().unwrap().len(), 1, "{deny}");
+    // `bans clear` was a pardon: the next ban is a first offence again. An
+    // operator who then lists the address permanently owns the entry, and
+    // `bans clear` leaves it.
+    try_relay(&lab, ABUSER, 3);
+    eventually("the second ban drops SYNs", || {
+        outcome(client, ABUSER, MX) == Outcome::TimedOut
+    });
+    let bans = json(gk.cli(&["bans", "list", "--json"]));
+    assert_eq!(bans[0]["offences"], 1, "{bans}");
+    let length = bans[0]["expiry"].as_u64().unwrap() - bans[0]["added"].as_u64().unwrap();
+    assert_eq!(length, 3600, "{bans}");
+    ok(gk.cli(&["deny", "add", ABUSER, "--reason", "operator"]));
+    ok(gk.cli(&["bans", "clear", "--all"]));
+    assert_eq!(outcome(client, ABUSER, MX), Outcome::TimedOut);
+    let deny = json(gk.cli(&["deny", "list", "--json"]));
+    let kept = deny
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["prefix"] == "192.0.2.2/32")
+        .cloned()
+        .unwrap_or_else(|| panic!("operator entry gone: {deny}"));
+    assert_eq!(kept.get("expires"), None, "{kept}");
+    assert_eq!(kept.get("ban"), None, "{kept}");
     // Bad input is refused with exit 2.
     assert_eq!(gk.cli(&["bans", "clear"]).status.code(), Some(2));
     assert_eq!(gk.cli(&["bans", "clear", "x.y"]).status.code(), Some(2));

@@ -197,29 +197,3 @@ fn postfix_in_a_namespace_authenticates_and_relays_to_the_sink() {
     );
     drop(postfix);
 }
-
-#[test]
-#[ignore = "binds ports 20125 and 20126 on the host's own loopback"]
-fn postfix_on_the_host_authenticates_and_relays_to_the_sink() {
-    if !require_kernel_privileges("postfix_on_the_host_authenticates_and_relays_to_the_sink") {
-        return;
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("gatekeeper-postfix-")
-        .tempdir()
-        .unwrap();
-    let postfix = Postfix::start_on_host(
-        &dir.path().join("postfix"),
-        &PostfixSpec {
-            listen: "127.0.0.1:20125",
-            sink_listen: "127.0.0.1:20126",
-            users: USERS,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    exercise(
-        &|dest| SmtpClient::over(std::net::TcpStream::connect(dest).unwrap()),
-        &postfix,
-    );
-}

@@ -51,6 +51,7 @@ pub struct Ledgers {
     grants_path: PathBuf,
     bans: Mutex<Ledger>,
     bans_path: PathBuf,
+    bans_saving: Mutex<()>,
     /// `None`: greylisting off.
     greylist: Mutex<Option<Greylist>>,
     greylist_path: PathBuf,
@@ -100,6 +101,7 @@ impl Ledgers {
             grants_path,
             bans: Mutex::new(Ledger::new(bans_config, table)),
             bans_path,
+            bans_saving: Mutex::new(()),
             greylist: Mutex::new(greylist),
             greylist_path,
             bans_issued: Counter::default(),
@@ -119,10 +121,20 @@ impl Ledgers {
         match (greylist.filter(|g| g.enabled), current.take()) {
             (Some(config), Some(old)) if old.config() == config => *current = Some(old),
             (Some(config), old) => {
-                let state = old.map(|g| g.state()).unwrap_or_default();
+                let state = match old {
+                    Some(g) => g.state(),
+                    // Turned on by reload: start from what was saved, as a restart would.
+                    None => load_table(&self.greylist_path).unwrap_or_default(),
+                };
                 *current = Some(Greylist::new(config.clone(), state, unix_now()));
             }
-            (None, _) => {}
+            // Turned off: its state stays on disk for when it comes back.
+            (None, Some(old)) => {
+                if let Err(e) = save(&self.greylist_path, &old.state()) {
+                    warn!(error = %e, "saving the greylist failed");
+                }
+            }
+            (None, None) => {}
         }
     }
 
@@ -196,31 +208,61 @@ impl Ledgers {
             .collect()
     }
 
-    pub fn is_ban(&self, net: &IpNet) -> bool {
-        lock(&self.bans).is_live_ban(net, unix_now())
+    /// Whether the deny entry of `net` expiring at `expires` is a ban's:
+    /// an operator who re-adds the prefix (permanent, or longer) owns it.
+    pub fn is_ban(&self, net: &IpNet, expires: Option<u64>) -> bool {
+        lock(&self.bans)
+            .live_ban(net, unix_now())
+            .is_some_and(|b| Some(b.expires) == expires)
     }
 
-    /// Ends the live bans covering `ip` (or all) and their deny entries.
+    /// Ends the live bans covering `ip` (or all): their deny entries first
+    /// (only those still the ban's own), then the records.
     pub async fn clear_bans(&self, ip: Option<IpAddr>) -> Result<usize, LedgerError> {
-        let ended = {
-            let mut bans = lock(&self.bans);
-            let ended = bans.clear(ip, unix_now());
-            save(&self.bans_path, bans.table())?;
-            ended
-        };
-        for net in &ended {
-            match self
-                .lists
-                .change(ListKind::Deny, Change::Remove(vec![*net]))
-                .await
-            {
-                // Deleted by hand (`deny del`) already: nothing left to lift.
-                Ok(_) | Err(ListError::NotListed(_)) => {}
-                Err(e) => return Err(e.into()),
+        let now = unix_now();
+        let bans = lock(&self.bans).covering(ip, now);
+        let entries: std::collections::HashMap<IpNet, Option<u64>> = self
+            .lists
+            .show(ListKind::Deny)
+            .into_iter()
+            .map(|(net, meta)| (net, meta.expiry()))
+            .collect();
+        for (net, record) in &bans {
+            if entries.get(net) == Some(&Some(record.expires)) {
+                match self
+                    .lists
+                    .change(ListKind::Deny, Change::Remove(vec![*net]))
+                    .await
+                {
+                    // Deleted by hand (`deny del`) meanwhile: nothing left to lift.
+                    Ok(_) | Err(ListError::NotListed(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             info!(ban = %net, "ban cleared");
         }
-        Ok(ended.len())
+        let mut ledger = lock(&self.bans);
+        let before = ledger.table().clone();
+        ledger.clear(ip, now);
+        if let Err(e) = save(&self.bans_path, ledger.table()) {
+            let config = ledger.config().clone();
+            *ledger = Ledger::new(config, before);
+            return Err(e);
+        }
+        Ok(bans.len())
+    }
+
+    /// Saves the ban table off the async workers; the table is read under
+    /// the save lock, so the newest state is always the one written last.
+    fn save_bans(self: &Arc<Self>) {
+        let ledgers = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _one_writer = lock(&ledgers.bans_saving);
+            let table = lock(&ledgers.bans).table().clone();
+            if let Err(e) = save(&ledgers.bans_path, &table) {
+                warn!(error = %e, "saving bans failed");
+            }
+        });
     }
 
     pub fn report(&self) -> (BansReport, usize, Option<GreylistReport>) {
@@ -298,8 +340,13 @@ impl Ledgers {
                 Ok(_) => {
                     info!(%client, ban = %net, reason = %reason.name(), events, expires, "client banned")
                 }
-                Err(e) => warn!(%client, ban = %net, error = %e, "banning a client failed"),
+                Err(e) => {
+                    // No ban in place: the group is counted afresh, not taken as banned.
+                    warn!(%client, ban = %net, error = %e, "banning a client failed");
+                    lock(&ledgers.bans).forget(&net);
+                }
             }
+            ledgers.save_bans();
         });
     }
 }
@@ -328,9 +375,6 @@ impl ClientMemory for Memory {
             Recorded::Ban(net, record) => {
                 count(ledgers, kind);
                 ledgers.bans_issued.inc();
-                if let Err(e) = save(&ledgers.bans_path, lock(&ledgers.bans).table()) {
-                    warn!(error = %e, "saving bans failed");
-                }
                 ledgers.put_ban_in_kernel(
                     client,
                     net,
@@ -338,6 +382,10 @@ impl ClientMemory for Memory {
                     record.events,
                     record.expires,
                 );
+            }
+            Recorded::TableFull(net) => {
+                count(ledgers, kind);
+                warn!(%client, ban = %net, "not banned: bans.max_tracked bans are held already");
             }
         }
     }

@@ -88,7 +88,8 @@ impl Router {
                     .show(list)
                     .into_iter()
                     .map(|(net, meta)| {
-                        let ban = list == ListKind::Deny && self.ledgers.is_ban(&net);
+                        let ban =
+                            list == ListKind::Deny && self.ledgers.is_ban(&net, meta.expiry());
                         ListedEntry {
                             prefix: net.to_string(),
                             expires: meta.expiry(),

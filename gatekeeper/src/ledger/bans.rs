@@ -200,6 +200,9 @@ pub enum Recorded {
     },
     /// The group is over the threshold: put this ban in place.
     Ban(IpNet, BanRecord),
+    /// Over the threshold, but `max_tracked` bans are held already: an
+    /// attacker with a million /64s must not fill the kernel denylist.
+    TableFull(IpNet),
 }
 
 /// Saved ban records, newest state of each group.
@@ -256,6 +259,12 @@ impl Ledger {
         let reason = heaviest(events);
         let count = events.len() as u32;
         self.windows.pop(&group);
+        if !self.bans.contains_key(&group) && self.bans.len() >= self.config.max_tracked {
+            self.prune(now);
+            if self.bans.len() >= self.config.max_tracked {
+                return Recorded::TableFull(group);
+            }
+        }
         let offences = self.previous_offences(group, now) + 1;
         let record = BanRecord {
             reason,
@@ -289,10 +298,30 @@ impl Ledger {
         self.bans.get(net).is_some_and(|b| b.live_at(now))
     }
 
+    /// The live ban of exactly `net`.
+    pub fn live_ban(&self, net: &IpNet, now: u64) -> Option<&BanRecord> {
+        self.bans.get(net).filter(|b| b.live_at(now))
+    }
+
+    /// Live bans of groups holding `ip` (all when `None`), without ending them.
+    pub fn covering(&self, ip: Option<std::net::IpAddr>, now: u64) -> Vec<(IpNet, BanRecord)> {
+        let ip = ip.map(crate::netaddr::canonical);
+        self.live(now)
+            .into_iter()
+            .filter(|(net, _)| ip.is_none_or(|ip| net.contains(&ip)))
+            .collect()
+    }
+
+    /// Drops a ban that could not be put in place, so the group is counted again.
+    pub fn forget(&mut self, net: &IpNet) {
+        self.bans.remove(net);
+    }
+
     /// Forgets the bans (and their history and counts) of groups that hold
     /// `ip`, or of all groups: `bans clear` is a pardon. Returns the live
     /// bans it ended.
     pub fn clear(&mut self, ip: Option<std::net::IpAddr>, now: u64) -> Vec<IpNet> {
+        let ip = ip.map(crate::netaddr::canonical);
         let nets: Vec<IpNet> = self
             .bans
             .keys()
@@ -514,6 +543,54 @@ mod tests {
             l.record(c, AbuseKind::RelayAttempt, 1),
             Recorded::Ban(..)
         ));
+    }
+
+    #[test]
+    fn the_ban_table_is_bounded_and_forget_counts_afresh() {
+        let mut l = Ledger::new(
+            BansConfig {
+                threshold: 1,
+                max_tracked: 2,
+                ..BansConfig::default()
+            },
+            BanTable::new(),
+        );
+        let (a, b, c) = (
+            net("192.0.2.1/32"),
+            net("192.0.2.2/32"),
+            net("192.0.2.3/32"),
+        );
+        assert!(matches!(
+            l.record(a, AbuseKind::RelayAttempt, 0),
+            Recorded::Ban(..)
+        ));
+        assert!(matches!(
+            l.record(b, AbuseKind::RelayAttempt, 0),
+            Recorded::Ban(..)
+        ));
+        assert_eq!(
+            l.record(c, AbuseKind::RelayAttempt, 0),
+            Recorded::TableFull(c)
+        );
+        l.forget(&a);
+        assert!(matches!(
+            l.record(c, AbuseKind::RelayAttempt, 1),
+            Recorded::Ban(..)
+        ));
+        assert!(matches!(
+            l.record(a, AbuseKind::RelayAttempt, 1),
+            Recorded::TableFull(_)
+        ));
+    }
+
+    #[test]
+    fn covering_and_clear_take_mapped_addresses_as_ipv4() {
+        let mut l = ledger(1);
+        let g = net("192.0.2.9/32");
+        l.record(g, AbuseKind::RelayAttempt, 0);
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.9".parse().unwrap();
+        assert_eq!(l.covering(Some(mapped), 1).len(), 1);
+        assert_eq!(l.clear(Some(mapped), 1), vec![g]);
     }
 
     #[test]

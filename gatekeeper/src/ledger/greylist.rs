@@ -1,7 +1,7 @@
 //! Greylisting, as OpenBSD spamd and postgrey do it: the first delivery
 //! attempt of a (client network, sender, recipient) triplet is deferred;
 //! a retry after `delay` and within `retry_window` passes, and the network
-//! is then trusted for `pass_ttl`, renewed by each delivery.
+//! is then trusted for `pass_ttl` from that retry.
 //!
 //! Networks, not addresses: a sender's pool retries from a neighbour.
 
@@ -163,11 +163,11 @@ impl Greylist {
     ) -> (GreyVerdict, Checked) {
         let net = self.config.network(client);
         let pass_until = now.saturating_add(self.config.pass_ttl.as_secs());
-        if let Some(until) = self.passed.get_mut(&net) {
-            if *until > now {
-                *until = pass_until;
-                return (GreyVerdict::Pass, Checked::Known);
-            }
+        // Not renewed by later attempts: a pass lasts `pass_ttl` from the
+        // retry that earned it, so one retried junk triplet cannot keep a
+        // network exempt forever.
+        if self.passed.get(&net).is_some_and(|&until| until > now) {
+            return (GreyVerdict::Pass, Checked::Known);
         }
         let triplet = Triplet {
             net,

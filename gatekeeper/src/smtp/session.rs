@@ -126,6 +126,9 @@ pub struct Session {
     /// The authenticated upstream session between transactions: the MTA's
     /// own `permit_sasl_authenticated` holds only on it.
     pinned: Option<Upstream>,
+    /// A refused recipient counts towards a ban once per session: one
+    /// message to ten stale addresses is a sender's mistake, not an attack.
+    rcpt_refusal_counted: bool,
 }
 
 /// A line of the SASL exchange from the client.
@@ -172,6 +175,7 @@ impl Session {
             local: None,
             authenticated: None,
             pinned: None,
+            rcpt_refusal_counted: false,
         }
     }
 
@@ -193,12 +197,13 @@ impl Session {
             .is_some_and(|m| m.relay_granted(self.client_ip()))
     }
 
-    /// Counts an abuse event towards a ban; clients that may relay are never banned.
+    /// Counts an abuse event towards a ban; clients that may relay and
+    /// DNSBL-trusted ones are never banned.
     fn abuse(&self, kind: AbuseKind) {
         let Some(memory) = &self.ctx.memory else {
             return;
         };
-        if self.may_relay() {
+        if self.trusted || self.may_relay() {
             return;
         }
         if let Some(group) = self.ban_target() {
@@ -510,7 +515,11 @@ impl Session {
         }
         if !self.ctx.auth_learned() {
             match self.connect_upstream().await {
-                Ok(upstream) => upstream.quit().await,
+                Ok(upstream) => {
+                    // Learned even when empty: an MTA without AUTH is asked once.
+                    self.ctx.learn_auth(upstream.auth_mechanisms().to_vec());
+                    upstream.quit().await
+                }
                 Err(e) => debug!(error = %e, "cannot learn the MTA's AUTH mechanisms"),
             }
         }
@@ -548,7 +557,9 @@ impl Session {
         };
         if let Some(reply) = refusal {
             SmtpStats::bump(&self.ctx.stats.auth_refused);
-            return self.protocol_error(conn, reply).await;
+            // Counted towards max_errors, not a ban: a misconfigured mail
+            // client behind an office NAT must not ban the office.
+            return self.error(conn, reply).await;
         }
         let mut upstream = match self.connect_upstream().await {
             Ok(upstream) => upstream,
@@ -681,6 +692,12 @@ impl Session {
                 .protocol_error(conn, "503 5.5.1 Error: nested MAIL command")
                 .await;
         }
+        if self.authenticated.is_some() && self.pinned.is_none() && self.upstream.is_none() {
+            // The authenticated upstream session is gone (MTA timeout, an
+            // abandoned message): relay ends with it; the client may AUTH again.
+            info!(client = %self.client_ip(), "authenticated upstream session lost; authentication ends");
+            self.authenticated = None;
+        }
         if let ReversePath::Path(Path {
             domain: Some(super::parse::Domain::Name(domain)),
             raw,
@@ -784,7 +801,8 @@ impl Session {
             // so harvesting addresses ends at `max_errors`.
             Ok(reply) | Err(UpstreamError::Refused(reply)) => {
                 self.send_reply(conn, &reply).await?;
-                if reply.code >= 500 {
+                if reply.code >= 500 && !self.rcpt_refusal_counted {
+                    self.rcpt_refusal_counted = true;
                     self.abuse(AbuseKind::RcptRefused);
                 }
                 return self.count_error(conn).await;
@@ -859,6 +877,11 @@ impl Session {
                     self.upstream = Some(upstream);
                     Ok(replies)
                 }
+                // A refused MAIL leaves an authenticated session usable.
+                Err(UpstreamError::Refused(reply)) if self.authenticated.is_some() => {
+                    self.pinned = Some(upstream);
+                    Err(UpstreamError::Refused(reply))
+                }
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
@@ -927,7 +950,9 @@ impl Session {
         };
         let upstream =
             Upstream::connect(config.upstream, &config.hostname, &client, timeouts, slot).await?;
-        if config.auth == AuthMode::Upstream {
+        // An empty list may be this client's view only (Postfix's
+        // smtpd_sasl_exceptions_networks): it never hides AUTH from the rest.
+        if config.auth == AuthMode::Upstream && !upstream.auth_mechanisms().is_empty() {
             self.ctx.learn_auth(upstream.auth_mechanisms().to_vec());
         }
         Ok(upstream)
