@@ -2,21 +2,17 @@
 //! banned into the kernel denylist and its SYNs die in XDP; an allowlisted
 //! one never is; `bans clear` restores access; a ban runs out by itself.
 
-use std::time::{Duration, Instant};
-
 use sandbox::daemon::ok;
 use sandbox::lab::{Lab, PeerSpec};
 use sandbox::probe::{outcome, Outcome};
-use sandbox::require_kernel_privileges;
 use sandbox::smtp::{SmtpClient, SmtpSink};
+use sandbox::{eventually, require_kernel_privileges};
 
 const ABUSER: &str = "192.0.2.2";
 const ALLOWED: &str = "192.0.2.4";
 const ABUSER_V6: &str = "2001:db8:1::2";
 const MX: &str = "192.0.2.1:25";
 const MX_V6: &str = "[2001:db8:1::1]:25";
-/// Only a failure waits this long.
-const PATIENCE: Duration = Duration::from_secs(120);
 
 fn bans_lab(tag: &str, bans: &str) -> (Lab, SmtpSink) {
     let mut lab = Lab::new(
@@ -60,14 +56,6 @@ fn dest_for(source: &str) -> &'static str {
         MX_V6
     } else {
         MX
-    }
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !f() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

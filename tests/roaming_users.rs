@@ -4,19 +4,15 @@
 //! sink behind Postfix. Relay grants (POP-before-SMTP) and greylisting, with
 //! smtp-sink behind, run out and survive a restart as they should.
 
-use std::time::{Duration, Instant};
-
 use sandbox::daemon::ok;
 use sandbox::lab::{Lab, PeerSpec};
 use sandbox::postfix::{Postfix, PostfixSpec};
-use sandbox::require_kernel_privileges;
 use sandbox::smtp::{sasl_plain, test_certificate, SmtpClient, SmtpSink};
+use sandbox::{eventually, require_kernel_privileges, PATIENCE};
 
 const ROAMER: &str = "192.0.2.2";
 const MX: &str = "192.0.2.1:25";
 const MX_V6: &str = "[2001:db8:1::1]:25";
-/// Generous: only a failure waits this long (emulated machines are slow).
-const PATIENCE: Duration = Duration::from_secs(120);
 
 fn client_lab(tag: &str) -> Lab {
     Lab::new(
@@ -40,15 +36,6 @@ fn smtp_config(upstream: &str, extra: &str) -> String {
         "[smtp]\nlisten = [\"0.0.0.0:25\", \"[::]:25\"]\nhostname = \"mx.example.org\"\n\
          local_domains = [\"example.org\"]\nupstream = \"{upstream}\"\n{extra}\n"
     )
-}
-
-/// Polls `f` until it holds; fails after `PATIENCE`.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !f() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

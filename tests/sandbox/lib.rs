@@ -21,3 +21,18 @@ pub use daemon::Daemon;
 pub use lab::{Lab, PeerSpec};
 pub use netns::Netns;
 pub use privileges::require_kernel_privileges;
+
+/// Only a failure waits this long (emulated machines are slow).
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Polls `f` until it holds; fails the test after [`PATIENCE`].
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

@@ -219,14 +219,8 @@ impl Postfix {
     /// the message.
     pub fn delivered(&self) -> Vec<String> {
         let log = self.log_text();
-        let mut files: Vec<_> = std::fs::read_dir(self.dir.join("sink"))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-        files
-            .iter()
-            .filter_map(|p| std::fs::read(p).ok())
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
+        crate::smtp::sink_dumps(&self.dir.join("sink"))
+            .into_iter()
             // smtp-sink creates the file at MAIL and closes it before it
             // answers the final dot; Postfix logs `status=sent` after that.
             .filter(|m| match postfix_queue_id(m) {
