@@ -76,11 +76,58 @@ pub enum Command {
         #[command(subcommand)]
         action: RelayAction,
     },
+    /// Test an SMTP server (any, with or without a gatekeeper in front) for
+    /// third-party relay: exit 0 closed, 1 open, 2 could not test. Never sends DATA
+    /// for a relay case; needs no daemon and no root.
+    Probe(ProbeArgs),
     /// Auto-bans: clients the SMTP front end banned into the kernel denylist (`[bans]`).
     Bans {
         #[command(subcommand)]
         action: BansAction,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The server: a name or address, with `:PORT` (IPv6 as `[ADDR]:PORT`).
+    #[arg(value_name = "HOST[:PORT]")]
+    pub target: String,
+    /// A domain the server accepts mail for; default: from the banner's host name.
+    #[arg(long, value_name = "D")]
+    pub local_domain: Option<String>,
+    /// A local user the server must accept (the control recipient).
+    #[arg(long, value_name = "U", default_value = "postmaster")]
+    pub local_user: String,
+    /// An outside domain the server must never relay to (keep it reserved, e.g. under .invalid).
+    #[arg(long, value_name = "D", default_value = crate::probe::DEFAULT_VICTIM)]
+    pub victim: String,
+    /// The envelope sender of the foreign-sender cases; default gatekeeper-probe@VICTIM.
+    #[arg(long, value_name = "ADDR")]
+    pub sender: Option<String>,
+    /// The EHLO name; default probe.VICTIM.
+    #[arg(long, value_name = "NAME")]
+    pub helo: Option<String>,
+    /// Connect from this local address.
+    #[arg(long, value_name = "ADDR")]
+    pub source: Option<std::net::IpAddr>,
+    /// For the connection and for each reply.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Only the cases whose `family/case` contains PATTERN (`*` globs; commas separate patterns).
+    #[arg(long, value_name = "PATTERN")]
+    pub only: Option<String>,
+    /// Use STARTTLS when the server offers it (the certificate is not verified).
+    #[arg(long)]
+    pub starttls: bool,
+    /// Also learn which end-of-data forms the server takes (sends one message to the local user).
+    #[arg(long)]
+    pub smuggling: bool,
+    /// One JSON object with every case and its transcript.
+    #[arg(long)]
+    pub json: bool,
+    /// Print each case's transcript.
+    #[arg(short, long)]
+    pub verbose: bool,
 }
 
 #[derive(Debug, Subcommand)]

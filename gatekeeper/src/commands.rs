@@ -33,7 +33,7 @@ pub fn dispatch(cli: &Cli) -> Result<()> {
     }
     let socket = control_socket(cli)?;
     match &cli.command {
-        Command::Run => unreachable!("handled by main"),
+        Command::Run | Command::Probe(_) => unreachable!("handled by main"),
         Command::Deny { action } => list_action(&socket, ListKind::Deny, action),
         Command::Allow { action } => list_action(&socket, ListKind::Allow, action),
         Command::Stats { json } => stats(&socket, *json),

@@ -21,4 +21,5 @@ pub mod netaddr;
 #[cfg(test)]
 mod packaging;
 pub mod persist;
+pub mod probe;
 pub mod smtp;

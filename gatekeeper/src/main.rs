@@ -17,7 +17,9 @@ fn main() -> ExitCode {
         Some((assets::VERB, args)) => assets::run(args),
         _ => {
             let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-            match cli.command {
+            match &cli.command {
+                // Its exit status is the verdict, so it maps its own errors.
+                Command::Probe(args) => return probe_command(args),
                 Command::Run => run_daemon(&cli),
                 _ => commands::dispatch(&cli),
             }
@@ -32,6 +34,17 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+/// Errors are exit status 2 ("could not test"), never 1: 1 means open.
+fn probe_command(args: &gatekeeper::cli::ProbeArgs) -> ExitCode {
+    match gatekeeper::probe::cli::run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("gatekeeper probe: {error:#}");
+            ExitCode::from(2)
         }
     }
 }

@@ -211,3 +211,18 @@ pub fn ok(out: Output) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `gatekeeper probe ARGS...` run from `ns` (the host when `None`): no
+/// daemon, no config, its exit status is the verdict.
+pub fn relay_probe(ns: Option<&Netns>, args: &[&str]) -> Output {
+    let bin = gatekeeper_bin();
+    let mut cmd = match ns {
+        Some(ns) => ns.command(bin.to_str().expect("binary path")),
+        None => Command::new(&bin),
+    };
+    cmd.arg("probe")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running gatekeeper probe")
+}

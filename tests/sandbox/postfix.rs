@@ -261,7 +261,8 @@ impl Postfix {
 
     /// `postqueue -p`: what is still queued (deferred mail and why).
     pub fn queue_text(&self) -> String {
-        Command::new("postqueue")
+        // In the namespace: postqueue checks inet_interfaces are local.
+        command(self.netns.as_deref(), "postqueue")
             .arg("-c")
             .arg(&self.master.config_dir)
             .arg("-p")

@@ -1,5 +1,7 @@
 //! `cargo xtask demo`: an edge host, an attacker and a legitimate client in
-//! network namespaces. The gatekeeper's SMTP front end refuses the
+//! network namespaces. `gatekeeper probe` first finds the MTA alone an open
+//! relay, then finds it closed with the gatekeeper in front (from an
+//! outside IPv6 tester). The gatekeeper's SMTP front end refuses the
 //! attacker's relay attempt and delivers the client's mail to the MTA
 //! behind (Postfix's smtp-sink); then the attacker is denylisted with the
 //! CLI and its SYNs die in XDP while the client's connections go through.
@@ -19,6 +21,7 @@ use crate::{build, setup};
 const ATTACKER: &str = "203.0.113.66";
 const CLIENT: &str = "198.51.100.25";
 const SPAM_BOT: &str = "192.0.2.99";
+const TESTER: &str = "2001:db8:7::2";
 const SMTP: &str = "[smtp]
 listen = [\"0.0.0.0:25\", \"[::]:25\"]
 hostname = \"mx.example.org\"
@@ -55,6 +58,11 @@ pub fn run() -> Result<()> {
                 peer_addrs: vec!["198.51.100.25/24"],
             },
             PeerSpec {
+                name: "tester",
+                edge_addrs: vec!["2001:db8:7::1/64"],
+                peer_addrs: vec!["2001:db8:7::2/64"],
+            },
+            PeerSpec {
                 name: "spambot",
                 edge_addrs: vec!["192.0.2.1/24"],
                 peer_addrs: vec!["192.0.2.99/24"],
@@ -68,12 +76,46 @@ pub fn run() -> Result<()> {
         "127.0.0.1:5300".parse()?,
         &[Dataset::listing("bl.demo.test", &[SPAM_BOT])],
     )?;
+
+    step("Before: `gatekeeper probe` tests the MTA on its own (smtp-sink accepts anything)");
+    probe(
+        &lab.edge,
+        &["127.0.0.1:10025", "--local-domain", "example.org"],
+        1,
+    )?;
+
     println!("{}", lab.config(SMTP));
     lab.start_daemon(SMTP)?;
     println!(
         "gatekeeper run: XDP attached, SMTP front end on port 25, control socket {}",
         lab.control_socket().display()
     );
+
+    step("After: the same probe from outside (2001:db8:7::2), through the gatekeeper");
+    // Allowlisted for the run, so the auto-bans do not cut the probe short.
+    cli(
+        &lab,
+        &[
+            "allow",
+            "add",
+            TESTER,
+            "--ttl",
+            "10m",
+            "--reason",
+            "demo: relay probe",
+        ],
+    )?;
+    probe(
+        lab.peer("tester"),
+        &[
+            "[2001:db8:7::1]:25",
+            "--source",
+            TESTER,
+            "--local-domain",
+            "example.org",
+        ],
+        0,
+    )?;
 
     step("The attacker tries to relay through mx.example.org (percent hack, forged local sender)");
     let mut attacker = SmtpClient::connect(lab.peer("attacker"), ATTACKER, "203.0.113.1:25")?;
@@ -180,6 +222,52 @@ pub fn run() -> Result<()> {
     lab.take_daemon().stop()?;
     drop(lab);
     println!("\ndemo finished: relay refused, legitimate mail delivered, {dropped} denylisted and {dropped_dnsbl} DNSBL-listed SYNs dropped in the kernel");
+    Ok(())
+}
+
+/// Runs `gatekeeper probe` from `ns` and shows a few of its rows and its
+/// verdict; fails unless it exits with `expected` (0 closed, 1 open).
+fn probe(ns: &sandbox::Netns, args: &[&str], expected: i32) -> Result<()> {
+    println!("$ gatekeeper probe {}", args.join(" "));
+    let out = sandbox::daemon::relay_probe(Some(ns), args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    const SHOWN: &[&str] = &[
+        "CASE ",
+        "control/",
+        "foreign/plain ",
+        "forged-sender/local-sender ",
+        "percent/percent ",
+        "bang/bang ",
+        "source-route/route-local ",
+        "quoted/quoted-at ",
+    ];
+    let mut lines = text.lines().peekable();
+    let mut cases = 0;
+    while let Some(line) = lines.next() {
+        let is_row = !line.starts_with(' ')
+            && lines
+                .peek()
+                .is_some_and(|l| l.trim_start().starts_with("->"));
+        cases += usize::from(is_row);
+        if SHOWN.iter().any(|s| line.starts_with(s)) {
+            println!("  {line}");
+            if is_row {
+                println!("  {}", lines.next().unwrap_or_default());
+            }
+        } else if line.starts_with("warning:") || line.starts_with("verdict:") {
+            println!("  {line}");
+        }
+    }
+    println!(
+        "  ({cases} cases in all; exit status {})",
+        out.status.code().unwrap_or(-1)
+    );
+    ensure!(
+        out.status.code() == Some(expected),
+        "probe exited {:?}, expected {expected}:\n{text}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 

@@ -11,7 +11,7 @@
 pub mod config;
 mod gate;
 pub mod helo;
-mod io;
+pub(crate) mod io;
 pub mod parse;
 pub mod policy;
 pub mod proxy;

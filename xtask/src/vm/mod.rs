@@ -60,6 +60,7 @@ const HOST_ONLY_TESTS: &[&str] = &[
     "postfix_fixture",
     "roaming_users",
     "client_checks",
+    "relay_probe",
 ];
 
 /// Cargo names test executables `<name>-<hash>`.
