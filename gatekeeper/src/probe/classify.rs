@@ -41,6 +41,20 @@ pub fn classify(reply: &Reply) -> Outcome {
     }
 }
 
+/// A refusal for the recipient domain's existence (RFC 3463 X.1.2 bad
+/// destination system, X.1.10 null MX): says nothing about relaying.
+pub fn refuses_the_domain(reply: &Reply) -> bool {
+    let Some(first) = reply.lines.first() else {
+        return false;
+    };
+    let status = first.split_whitespace().next().unwrap_or("");
+    let mut parts = status.split('.');
+    matches!(
+        (parts.next(), parts.next(), parts.next(), parts.next()),
+        (Some("4" | "5"), Some("1"), Some("2" | "10"), None)
+    )
+}
+
 /// MAIL decides unless it was accepted; then RCPT does.
 pub fn transaction(mail: &Reply, rcpt: Option<&Reply>) -> (Outcome, Stage) {
     match (classify(mail), rcpt) {
@@ -54,13 +68,13 @@ pub fn transaction(mail: &Reply, rcpt: Option<&Reply>) -> (Outcome, Stage) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
-    /// The control was accepted and no relay case was: each was refused,
-    /// or deferred (which the report flags: a deferral is not a pass).
+    /// The control was accepted and every relay case refused.
     Closed,
     /// At least one relay case was accepted at RCPT.
     Open,
-    /// Nothing can be concluded: the control was not accepted, or some
-    /// case got no usable answer.
+    /// Nothing can be concluded: the control was not accepted, some case
+    /// got no usable answer, or some case was deferred (a deferral is not a
+    /// pass: the server may accept it on a retry).
     Untestable,
 }
 
@@ -80,7 +94,12 @@ impl Verdict {
 pub fn verdict(control: Outcome, cases: &[Outcome]) -> Verdict {
     if cases.contains(&Outcome::Accepted) {
         Verdict::Open
-    } else if control != Outcome::Accepted || cases.contains(&Outcome::Error) {
+    } else if control != Outcome::Accepted
+        || cases.is_empty()
+        || cases
+            .iter()
+            .any(|c| matches!(c, Outcome::Deferred | Outcome::Error))
+    {
         Verdict::Untestable
     } else {
         Verdict::Closed
@@ -103,6 +122,25 @@ mod tests {
         assert_eq!(classify(&reply(450)), Deferred);
         assert_eq!(classify(&reply(554)), Refused);
         assert_eq!(classify(&reply(354)), Error, "3xx to RCPT is no acceptance");
+    }
+
+    #[test]
+    fn domain_existence_refusals_are_told_apart() {
+        assert!(refuses_the_domain(&Reply::new(
+            550,
+            "5.1.2 Domain not found"
+        )));
+        assert!(refuses_the_domain(&Reply::new(
+            450,
+            "4.1.2 <x@y>: Recipient address rejected: Domain not found"
+        )));
+        assert!(refuses_the_domain(&Reply::new(556, "5.1.10 null MX")));
+        assert!(!refuses_the_domain(&Reply::new(
+            554,
+            "5.7.1 Relay access denied"
+        )));
+        assert!(!refuses_the_domain(&Reply::new(550, "5.1.20 x")));
+        assert!(!refuses_the_domain(&Reply::new(550, "relay denied")));
     }
 
     #[test]
@@ -130,9 +168,13 @@ mod tests {
         assert_eq!(verdict(Refused, &[Accepted]), Verdict::Open);
         assert_eq!(verdict(Refused, &[Refused]), Verdict::Untestable);
         assert_eq!(verdict(Deferred, &[Refused]), Verdict::Untestable);
-        assert_eq!(verdict(Accepted, &[Refused, Deferred]), Verdict::Closed);
+        assert_eq!(verdict(Accepted, &[Refused, Deferred]), Verdict::Untestable);
         assert_eq!(verdict(Accepted, &[Error]), Verdict::Untestable);
-        assert_eq!(verdict(Accepted, &[]), Verdict::Closed);
+        assert_eq!(
+            verdict(Accepted, &[]),
+            Verdict::Untestable,
+            "nothing tested"
+        );
         assert_eq!(Verdict::Closed.exit_code(), 0);
         assert_eq!(Verdict::Open.exit_code(), 1);
         assert_eq!(Verdict::Untestable.exit_code(), 2);

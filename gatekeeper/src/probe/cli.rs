@@ -19,8 +19,8 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         starttls: args.starttls,
         smuggling: args.smuggling,
     };
-    if args.timeout.is_zero() {
-        anyhow::bail!("--timeout must be more than 0");
+    if args.timeout.is_zero() || args.timeout > std::time::Duration::from_secs(600) {
+        anyhow::bail!("--timeout must be more than 0 and at most 10m");
     }
     let mut first = true;
     let mut progress = |case: &super::CaseReport| {
@@ -38,14 +38,22 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
     };
     let probe = super::run(&options, &mut progress)?;
     let mut stdout = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut stdout, &probe)?;
-        writeln!(stdout)?;
+    let written = if args.json {
         for warning in &probe.warnings {
             eprintln!("gatekeeper probe: warning: {warning}");
         }
+        serde_json::to_writer_pretty(&mut stdout, &probe)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(stdout))
     } else {
-        writeln!(stdout, "{}", report::footer(&probe))?;
+        writeln!(stdout, "{}", report::footer(&probe))
+    };
+    // The verdict stands even when the output could not be written (`| head`).
+    if let Err(e) = written {
+        eprintln!(
+            "gatekeeper probe: writing the report: {e}; verdict: {}",
+            probe.summary
+        );
     }
     Ok(probe.exit_code)
 }

@@ -172,14 +172,26 @@ pub fn selected(row: &Row, pattern: Option<&str>) -> bool {
     })
 }
 
+/// `*` matches any run; iterative with one backtrack point, so O(n·m).
 fn glob(pattern: &[u8], text: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => text.is_empty(),
-        // Runs of `*` are one `*`, so the search stays polynomial.
-        Some((b'*', rest)) if rest.first() == Some(&b'*') => glob(rest, text),
-        Some((b'*', rest)) => (0..=text.len()).any(|skip| glob(rest, &text[skip..])),
-        Some((c, rest)) => text.first() == Some(c) && glob(rest, &text[1..]),
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((star_p, star_t)) = star {
+            p = star_p + 1;
+            t = star_t + 1;
+            star = Some((star_p, star_t + 1));
+        } else {
+            return false;
+        }
     }
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]
@@ -267,5 +279,11 @@ mod tests {
             .all(|id| id.starts_with("bang/") || id.starts_with("control/")));
         assert!(globbed.len() > 2);
         assert_eq!(pick("foreign/plain,bang/bang-bare").len(), 3);
+        assert!(!glob(
+            b"*e*e*e*e*e*e*e*e*r*x",
+            b"eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeer"
+        ));
+        assert!(glob(b"*a*b", b"xxaxxb"));
+        assert!(!glob(b"a*", b"ba"));
     }
 }

@@ -75,15 +75,31 @@ impl From<&Reply> for WireReply {
     fn from(reply: &Reply) -> WireReply {
         WireReply {
             code: reply.code,
-            // The server is not trusted: no terminal escapes reach the operator.
-            text: reply
-                .lines
-                .join(" / ")
-                .chars()
-                .map(|c| if c.is_control() { '?' } else { c })
-                .collect(),
+            text: printable(&reply.lines.join(" / ")),
         }
     }
+}
+
+/// The server is not trusted: no terminal escapes or bidi overrides reach
+/// the operator's terminal, and no reply text grows without bound.
+pub fn printable(text: &str) -> String {
+    const MAX: usize = 512;
+    let mut out: String = text
+        .chars()
+        .take(MAX)
+        .map(|c| {
+            let format = matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}');
+            if c.is_control() || format {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if text.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 /// The whole run, as `--json` prints it.
@@ -135,25 +151,35 @@ pub fn run(
         target::check_domain("--local-domain", domain)?;
     }
     target::check_domain("--victim", &options.victim)?;
+    let victim = target::normal_domain(&options.victim);
     target::check_path_text("--local-user", &options.local_user)?;
     if options.local_user.contains('@') {
         return Err(TargetError("--local-user is a local part, without @".into()).into());
     }
-    let sender = options
-        .sender
-        .clone()
-        .unwrap_or_else(|| format!("gatekeeper-probe@{}", options.victim));
+    let sender = options.sender.clone().unwrap_or_else(|| {
+        format!(
+            "gatekeeper-probe@{}",
+            target::normal_domain(&options.victim)
+        )
+    });
     target::check_path_text("--sender", &sender)?;
     let helo = options
         .helo
         .clone()
-        .unwrap_or_else(|| format!("probe.{}", options.victim));
+        .unwrap_or_else(|| format!("probe.{}", target::normal_domain(&options.victim)));
     target::check_path_text("--helo", &helo)?;
     let rows: Vec<Row> = corpus::parse(corpus::TABLE)?
         .into_iter()
         .filter(|r| corpus::selected(r, options.only.as_deref()))
         .collect();
 
+    if !rows.iter().any(|r| !r.is_control()) {
+        return Err(TargetError(format!(
+            "--only {:?} selects no relay case",
+            options.only.as_deref().unwrap_or("")
+        ))
+        .into());
+    }
     let address = resolve(&host, port, options.source)?;
     let settings = Settings {
         addr: address,
@@ -179,9 +205,9 @@ pub fn run(
         }
         Err(failed) => failed.banner.clone(),
     };
-    let banner_text = banner.as_ref().map(|b| b.lines.join(" / "));
+    let banner_text = banner.as_ref().map(|b| printable(&b.lines.join(" / ")));
     let (local_domain, guessed) = match &options.local_domain {
-        Some(domain) => (domain.to_ascii_lowercase(), false),
+        Some(domain) => (target::normal_domain(domain), false),
         None => {
             let guess = banner
                 .as_ref()
@@ -199,26 +225,50 @@ pub fn run(
             (guess, true)
         }
     };
-    if local_domain.eq_ignore_ascii_case(&options.victim) {
-        return Err(TargetError("--victim must not be the local domain".into()).into());
+    if victim == local_domain || victim.ends_with(&format!(".{local_domain}")) {
+        return Err(TargetError(format!(
+            "--victim {victim} is {local_domain} or under it: it must be an outside domain"
+        ))
+        .into());
     }
     let placeholders = corpus::Target {
         sender: sender.clone(),
         user: options.local_user.clone(),
         local_domain: local_domain.clone(),
-        victim: options.victim.clone(),
+        victim: victim.clone(),
         server: address.ip(),
     };
 
     let control = run_case(&placeholders, control_row, first);
     progress(&control);
-    let mut cases = Vec::new();
+    let mut cases: Vec<CaseReport> = Vec::new();
     for row in rows.iter().filter(|r| !r.is_control()) {
         let case = run_case(&placeholders, row, open(&settings));
         progress(&case);
         cases.push(case);
     }
 
+    // A server that takes any local part at the local domain accepts every
+    // trick addressed there as a local delivery: those acceptances prove nothing.
+    let catch_all = control.result == Outcome::Accepted
+        && cases
+            .iter()
+            .any(|c| c.result == Outcome::Accepted && ends_at(&c.rcpt_to, &local_domain))
+        && catch_all_accepted(&settings, &placeholders);
+    if catch_all {
+        for case in cases
+            .iter_mut()
+            .filter(|c| c.result == Outcome::Accepted && ends_at(&c.rcpt_to, &local_domain))
+        {
+            case.result = Outcome::Error;
+            case.error = Some(format!(
+                "accepted, but so is any unknown user at {local_domain} (catch-all): a local delivery cannot be told from a relay"
+            ));
+        }
+        warnings.push(format!(
+            "the server accepts any local part at {local_domain} (a catch-all): the tricks addressed there are inconclusive"
+        ));
+    }
     let outcomes: Vec<Outcome> = cases.iter().map(|c| c.result).collect();
     let verdict = classify::verdict(control.result, &outcomes);
     let accepted: Vec<String> = cases
@@ -260,9 +310,18 @@ pub fn run(
     if options.starttls && !control.tls {
         warnings.push("--starttls: the server did not offer STARTTLS; tested in plaintext".into());
     }
-    let smuggling = options
-        .smuggling
-        .then(|| smuggling::run(&settings, &placeholders));
+    // DATA goes only to a recipient the server has shown to be local, on a
+    // server that relays nothing, at a domain the operator named.
+    let smuggling_safe = verdict == Verdict::Closed && options.local_domain.is_some();
+    if options.smuggling && !smuggling_safe {
+        warnings.push(
+            "--smuggling skipped: it sends a message, so it runs only against a server found \
+             closed, with --local-domain given"
+                .into(),
+        );
+    }
+    let smuggling =
+        (options.smuggling && smuggling_safe).then(|| smuggling::run(&settings, &placeholders));
     if let Some(report) = &smuggling {
         warnings.extend(report.warnings());
     }
@@ -275,7 +334,7 @@ pub fn run(
         local_domain,
         local_domain_guessed: guessed,
         local_user: options.local_user.clone(),
-        victim: options.victim.clone(),
+        victim,
         sender,
         helo,
         verdict,
@@ -304,12 +363,6 @@ fn summary(
             cases.len(),
             abbreviated(accepted, 8)
         ),
-        Verdict::Closed if count(Outcome::Deferred) > 0 => format!(
-            "closed for now: {} relay cases refused and {} deferred, none accepted; a deferral \
-             is not a pass (the server may accept on a retry: make it refuse with 5xx)",
-            count(Outcome::Refused),
-            count(Outcome::Deferred)
-        ),
         Verdict::Closed => format!(
             "closed: all {} relay cases refused; the control recipient was accepted",
             cases.len()
@@ -317,6 +370,13 @@ fn summary(
         Verdict::Untestable if control.result != Outcome::Accepted => format!(
             "could not test: the control recipient was {} (a result is only believed when it is accepted)",
             describe(control.result)
+        ),
+        Verdict::Untestable if count(Outcome::Deferred) > 0 => format!(
+            "could not test: {} relay cases deferred (4xx), {} refused, none accepted; a deferral \
+             is not a pass (the server may accept on a retry): a closed server refuses with 5xx \
+             (Postfix: reject_unauth_destination, not defer_unauth_destination)",
+            count(Outcome::Deferred),
+            count(Outcome::Refused)
         ),
         Verdict::Untestable => format!(
             "could not test every case: {} refused, {} deferred, {} without an answer, none accepted",
@@ -360,6 +420,31 @@ fn resolve(host: &str, port: u16, source: Option<IpAddr>) -> Result<SocketAddr, 
                 "no address of the --source address's family".into(),
             )
         })
+}
+
+/// Whether the path's final domain is the local domain (any case, trailing dot).
+fn ends_at(path: &str, local_domain: &str) -> bool {
+    let inner = path.trim().trim_start_matches('<').trim_end_matches('>');
+    inner
+        .rsplit_once('@')
+        .is_some_and(|(_, domain)| target::normal_domain(domain) == local_domain)
+}
+
+/// The negative control: a user that cannot exist at the local domain.
+fn catch_all_accepted(settings: &Settings, target: &corpus::Target) -> bool {
+    let unknown = format!(
+        "<gatekeeper-probe-no-such-user-{}@{}>",
+        std::process::id(),
+        target.local_domain
+    );
+    let row = Row {
+        family: "control",
+        case: "unknown-local-user",
+        mail_from: "<{sender}>",
+        rcpt_to: &unknown,
+        about: "",
+    };
+    run_case(target, &row, open(settings)).result == Outcome::Accepted
 }
 
 /// A session that did not get past the greeting, EHLO or STARTTLS.
@@ -411,12 +496,9 @@ fn run_case(target: &corpus::Target, row: &Row, opened: Result<Session, NotOpene
         }) => {
             report.stage = failure.stage;
             report.reply = failure.reply.as_ref().map(WireReply::from);
-            report.result = failure
-                .reply
-                .as_ref()
-                .map(classify::classify)
-                .filter(|o| *o != Outcome::Accepted)
-                .unwrap_or(Outcome::Error);
+            // Refused before MAIL is no answer about relaying: a server that
+            // starts turning the probe away must not look closed.
+            report.result = Outcome::Error;
             report.error = Some(failure.message);
             report.transcript = transcript;
             return report;
@@ -456,6 +538,15 @@ fn run_case(target: &corpus::Target, row: &Row, opened: Result<Session, NotOpene
     report.reply = deciding.map(WireReply::from);
     if outcome == Outcome::Error {
         report.error = Some("a reply that is neither acceptance nor refusal".into());
+    } else if stage == Stage::Rcpt
+        && outcome != Outcome::Accepted
+        && deciding.is_some_and(classify::refuses_the_domain)
+    {
+        report.result = Outcome::Error;
+        report.error = Some(
+            "refused because the domain does not resolve, not for relaying: inconclusive (use a --victim domain that resolves)"
+                .into(),
+        );
     }
     report.transcript = session.finish();
     report

@@ -48,16 +48,51 @@ impl Failure {
     }
 }
 
+/// The socket with the current deadline: every read and write (rustls's
+/// inner loops included) gets only the time that is left, so a server that
+/// drips one byte at a time cannot stretch a reply past it.
+struct Deadlined {
+    socket: TcpStream,
+    deadline: Instant,
+}
+
+impl Deadlined {
+    fn remaining(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.socket.set_read_timeout(Some(self.remaining()?))?;
+        self.socket.read(buf)
+    }
+}
+
+impl Write for Deadlined {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.socket.set_write_timeout(Some(self.remaining()?))?;
+        self.socket.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.socket.flush()
+    }
+}
+
 enum Transport {
-    Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Plain(Deadlined),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Deadlined>>),
 }
 
 impl Transport {
-    fn socket(&self) -> &TcpStream {
+    fn set_deadline(&mut self, deadline: Instant) {
         match self {
-            Transport::Plain(s) => s,
-            Transport::Tls(s) => &s.sock,
+            Transport::Plain(s) => s.deadline = deadline,
+            Transport::Tls(s) => s.sock.deadline = deadline,
         }
     }
 }
@@ -129,7 +164,10 @@ impl Session {
         let local = stream.local_addr().ok();
         Ok(Session {
             local,
-            transport: Some(Transport::Plain(stream)),
+            transport: Some(Transport::Plain(Deadlined {
+                socket: stream,
+                deadline: Instant::now() + settings.timeout,
+            })),
             pending: Vec::new(),
             timeout: settings.timeout,
             transcript: Vec::new(),
@@ -211,16 +249,8 @@ impl Session {
             .unwrap_or_else(|_| ServerName::try_from("invalid").expect("a valid DNS name"));
         let mut connection = rustls::ClientConnection::new(tls_config(), name)
             .map_err(|e| Failure::io(Stage::Starttls, format!("TLS set-up: {e}")))?;
-        let deadline = Instant::now() + self.timeout;
+        socket.deadline = Instant::now() + self.timeout;
         while connection.is_handshaking() {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(Failure::io(
-                    Stage::Starttls,
-                    "TLS handshake timed out".into(),
-                ));
-            }
-            let _ = socket.set_read_timeout(Some(remaining));
             connection
                 .complete_io(&mut socket)
                 .map_err(|e| Failure::io(Stage::Starttls, format!("TLS handshake: {e}")))?;
@@ -246,7 +276,7 @@ impl Session {
             .transport
             .as_mut()
             .ok_or(Some("not connected".into()))?;
-        let _ = transport.socket().set_write_timeout(Some(self.timeout));
+        transport.set_deadline(Instant::now() + self.timeout);
         transport
             .write_all(bytes)
             .and_then(|()| transport.flush())
@@ -266,6 +296,13 @@ impl Session {
             let line = self.line(deadline)?;
             self.note(&format!("S: {}", shown(crate::smtp::io::trim_eol(&line))));
             match parser.push(&line) {
+                // The probe never pipelines: anything after a whole reply
+                // would be taken as the next command's answer.
+                Ok(Some(_)) if !self.pending.is_empty() => {
+                    return Err(Some(
+                        "the server sent more than one reply: replies would be out of step".into(),
+                    ))
+                }
                 Ok(Some(reply)) => return Ok(reply),
                 Ok(None) => {}
                 Err(e) => return Err(Some(e.to_string())),
@@ -282,15 +319,14 @@ impl Session {
             if self.pending.len() > MAX_LINE {
                 return Err(Some(format!("reply line of over {MAX_LINE} octets")));
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
+            if Instant::now() >= deadline {
                 return Err(None);
             }
             let transport = self
                 .transport
                 .as_mut()
                 .ok_or(Some("not connected".into()))?;
-            let _ = transport.socket().set_read_timeout(Some(remaining));
+            transport.set_deadline(deadline);
             let mut chunk = [0u8; 4096];
             match transport.read(&mut chunk) {
                 Ok(0) => return Err(Some("the server closed the connection".into())),

@@ -59,6 +59,11 @@ pub fn is_domain(name: &str) -> bool {
         })
 }
 
+/// Lower case, one trailing dot dropped: the form names are compared in.
+pub fn normal_domain(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
 /// A local part or address we put between angle brackets: printable ASCII,
 /// no space, no brackets.
 pub fn check_path_text(what: &str, text: &str) -> Result<(), TargetError> {

@@ -80,6 +80,59 @@ fn a_server_refusing_every_trick_is_closed() {
 }
 
 #[test]
+fn a_catch_all_makes_tricks_at_the_local_domain_inconclusive() {
+    fn catch_all(rcpt: &str) -> &'static str {
+        if rcpt.ends_with("@example.org>") {
+            "250 ok"
+        } else {
+            "554 5.7.1 relay access denied"
+        }
+    }
+    let addr = fake_server("220 fake.example.org ESMTP", catch_all);
+    let report = run(&options(addr, Some("percent")), &mut |_| {}).unwrap();
+    assert_eq!(report.verdict, Verdict::Untestable, "{}", report.summary);
+    assert!(report.accepted.is_empty());
+    assert!(report.warnings.iter().any(|w| w.contains("catch-all")));
+}
+
+#[test]
+fn out_of_step_replies_and_domain_refusals_prove_nothing() {
+    fn two_replies(_: &str) -> &'static str {
+        "250 ok\r\n250 ok"
+    }
+    let addr = fake_server("220 fake.example.org ESMTP", two_replies);
+    let report = run(&options(addr, Some("foreign/plain")), &mut |_| {}).unwrap();
+    assert_eq!(report.verdict, Verdict::Untestable);
+    assert!(
+        report.accepted.is_empty(),
+        "an extra reply must not read as acceptance"
+    );
+
+    fn no_such_domain(rcpt: &str) -> &'static str {
+        if rcpt == "<postmaster@example.org>" {
+            "250 ok"
+        } else {
+            "550 5.1.2 domain not found"
+        }
+    }
+    let addr = fake_server("220 fake.example.org ESMTP", no_such_domain);
+    let report = run(&options(addr, Some("foreign/plain")), &mut |_| {}).unwrap();
+    assert_eq!(report.verdict, Verdict::Untestable);
+    assert_eq!(report.cases[0].result, Outcome::Error);
+}
+
+#[test]
+fn terminal_escapes_in_the_banner_never_reach_the_report() {
+    let addr = fake_server("220 fake.example.org \x1b[8m\u{202e}ESMTP", local_only);
+    let report = run(&options(addr, Some("foreign/plain")), &mut |_| {}).unwrap();
+    let banner = report.banner.unwrap();
+    assert!(
+        !banner.contains('\x1b') && !banner.contains('\u{202e}'),
+        "{banner:?}"
+    );
+}
+
+#[test]
 fn one_accepted_trick_makes_it_open_and_is_named() {
     fn percent_hole(rcpt: &str) -> &'static str {
         if rcpt.contains('%') && rcpt.ends_with("@example.org>") {
@@ -107,7 +160,11 @@ fn deferrals_are_flagged_and_a_refused_control_is_untestable() {
     }
     let addr = fake_server("220 fake.example.org ESMTP", defers);
     let report = run(&options(addr, Some("foreign")), &mut |_| {}).unwrap();
-    assert_eq!(report.verdict, Verdict::Closed);
+    assert_eq!(
+        report.verdict,
+        Verdict::Untestable,
+        "a deferral is not a pass"
+    );
     assert!(
         report.summary.contains("deferral is not a pass"),
         "{}",
@@ -140,7 +197,11 @@ fn garbled_replies_and_refused_greetings_are_errors_not_passes() {
     let addr = fake_server("554 go away", local_only);
     let report = run(&options(addr, Some("foreign/plain")), &mut |_| {}).unwrap();
     assert_eq!(report.verdict, Verdict::Untestable);
-    assert_eq!(report.control.result, Outcome::Refused);
+    assert_eq!(
+        report.control.result,
+        Outcome::Error,
+        "a refused greeting says nothing of relaying"
+    );
     assert_eq!(report.control.stage, super::classify::Stage::Greeting);
 }
 
@@ -174,6 +235,16 @@ fn unreachable_servers_and_bad_input_are_errors() {
     let mut bad = options(addr, None);
     bad.victim = "example.org".into();
     assert!(run(&bad, &mut |_| {}).is_err(), "victim = local domain");
+    let mut bad = options(addr, None);
+    bad.victim = "relay.EXAMPLE.org.".into();
+    assert!(
+        run(&bad, &mut |_| {}).is_err(),
+        "victim under the local domain"
+    );
+    assert!(
+        run(&options(addr, Some("no-such-case")), &mut |_| {}).is_err(),
+        "nothing selected"
+    );
     let mut bad = options(addr, None);
     bad.sender = Some("a@b.test>\r\nRCPT TO:<x@y.test".into());
     assert!(run(&bad, &mut |_| {}).is_err(), "command injection");
