@@ -579,9 +579,12 @@ impl MailParams {
     }
 }
 
-/// `KEY=VALUE` or `KEY`, the key upper-cased; each key at most once.
-fn split_params(params: &str) -> Result<Vec<(String, Option<&str>, &str)>, ParseError> {
-    let mut out: Vec<(String, Option<&str>, &str)> = Vec::new();
+/// One ESMTP parameter: the key upper-cased, its value, the text as written.
+type Param<'a> = (String, Option<&'a str>, &'a str);
+
+/// `KEY=VALUE` or `KEY`; each key at most once.
+fn split_params(params: &str) -> Result<Vec<Param<'_>>, ParseError> {
+    let mut out: Vec<Param> = Vec::new();
     for param in params.split_whitespace() {
         let (key, value) = match param.split_once('=') {
             Some((k, v)) => (k, Some(v)),
