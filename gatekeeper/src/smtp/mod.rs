@@ -9,7 +9,6 @@
 //! the accept loops and drains the sessions at shutdown.
 
 pub mod config;
-pub mod dsn;
 mod gate;
 pub mod helo;
 pub(crate) mod io;
@@ -114,9 +113,6 @@ pub struct SmtpContext {
     /// The AUTH mechanisms the MTA offered in its latest EHLO (`None`: not
     /// learned yet), shared across reloads.
     auth_mechanisms: Arc<std::sync::RwLock<Option<Vec<String>>>>,
-    /// The extensions the MTA offered in its latest EHLO (`None`: not
-    /// learned yet), shared across reloads.
-    upstream_extensions: Arc<std::sync::RwLock<Option<upstream::Extensions>>>,
 }
 
 impl SmtpContext {
@@ -155,9 +151,6 @@ impl SmtpContext {
         next.screen = self.screen.clone();
         next.memory = self.memory.clone();
         next.auth_mechanisms = self.auth_mechanisms.clone();
-        if next.config.upstream == self.config.upstream {
-            next.upstream_extensions = self.upstream_extensions.clone();
-        }
         Ok(next)
     }
 
@@ -204,7 +197,6 @@ impl SmtpContext {
             denied_senders,
             our_names,
             auth_mechanisms: Arc::default(),
-            upstream_extensions: Arc::default(),
             gate,
             upstream_slots,
             config,
@@ -238,21 +230,6 @@ impl SmtpContext {
             .auth_mechanisms
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Some(mechanisms);
-    }
-
-    /// What the MTA offered last; `None` until an upstream session was set up.
-    fn upstream_extensions(&self) -> Option<upstream::Extensions> {
-        *self
-            .upstream_extensions
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn learn_extensions(&self, extensions: upstream::Extensions) {
-        *self
-            .upstream_extensions
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Some(extensions);
     }
 
     fn auth_learned(&self) -> bool {

@@ -26,7 +26,6 @@ pub enum Command {
     },
     Rcpt {
         to: Path,
-        params: RcptParams,
     },
     Data,
     Rset,
@@ -78,40 +77,6 @@ pub enum Domain {
 pub struct MailParams {
     pub size: Option<u64>,
     pub body_8bit: bool,
-    /// DSN (RFC 3461): forwarded only when the MTA behind offers DSN.
-    pub ret: Option<super::dsn::Ret>,
-    pub envid: Option<String>,
-}
-
-impl MailParams {
-    pub fn uses_dsn(&self) -> bool {
-        self.ret.is_some() || self.envid.is_some()
-    }
-}
-
-/// RCPT's parameters: DSN's only.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RcptParams {
-    pub notify: Option<super::dsn::Notify>,
-    pub orcpt: Option<super::dsn::Orcpt>,
-}
-
-impl RcptParams {
-    pub fn uses_dsn(&self) -> bool {
-        self.notify.is_some() || self.orcpt.is_some()
-    }
-
-    /// As appended to the RCPT command sent upstream, rebuilt from the values.
-    pub fn to_wire(&self) -> String {
-        let mut out = String::new();
-        if let Some(notify) = self.notify {
-            out.push_str(&format!(" NOTIFY={}", notify.to_wire()));
-        }
-        if let Some(orcpt) = &self.orcpt {
-            out.push_str(&format!(" ORCPT={}", orcpt.to_wire()));
-        }
-        out
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -178,9 +143,11 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         "RCPT" => {
             let args = strip_keyword(rest, "TO:").ok_or(ParseError::Syntax("RCPT TO:<address>"))?;
             let (path, params) = split_path(args)?;
+            if let Some(param) = params.split_whitespace().next() {
+                return Err(ParseError::UnsupportedParameter(param.to_owned()));
+            }
             Ok(Command::Rcpt {
                 to: parse_path(path)?,
-                params: parse_rcpt_params(params)?,
             })
         }
         "DATA" => no_args(Command::Data),
@@ -569,52 +536,18 @@ impl MailParams {
         if self.body_8bit {
             out.push_str(" BODY=8BITMIME");
         }
-        if let Some(ret) = self.ret {
-            out.push_str(&format!(" RET={}", ret.to_wire()));
-        }
-        if let Some(envid) = &self.envid {
-            out.push_str(&format!(" ENVID={}", super::dsn::encode_xtext(envid)));
-        }
         out
     }
 }
 
-/// One ESMTP parameter: the key upper-cased, its value, the text as written.
-type Param<'a> = (String, Option<&'a str>, &'a str);
-
-/// `KEY=VALUE` or `KEY`; each key at most once.
-fn split_params(params: &str) -> Result<Vec<Param<'_>>, ParseError> {
-    let mut out: Vec<Param> = Vec::new();
+fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
+    let mut out = MailParams::default();
     for param in params.split_whitespace() {
         let (key, value) = match param.split_once('=') {
             Some((k, v)) => (k, Some(v)),
             None => (param, None),
         };
-        let key = key.to_ascii_uppercase();
-        if out.iter().any(|(k, _, _)| *k == key) {
-            return Err(ParseError::Syntax("a parameter given twice"));
-        }
-        out.push((key, value, param));
-    }
-    Ok(out)
-}
-
-fn parse_rcpt_params(params: &str) -> Result<RcptParams, ParseError> {
-    let mut out = RcptParams::default();
-    for (key, value, param) in split_params(params)? {
-        match (key.as_str(), value) {
-            ("NOTIFY", Some(v)) => out.notify = Some(super::dsn::parse_notify(v)?),
-            ("ORCPT", Some(v)) => out.orcpt = Some(super::dsn::parse_orcpt(v, false)?),
-            _ => return Err(ParseError::UnsupportedParameter(param.to_owned())),
-        }
-    }
-    Ok(out)
-}
-
-fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
-    let mut out = MailParams::default();
-    for (key, value, param) in split_params(params)? {
-        match (key.as_str(), value) {
+        match (key.to_ascii_uppercase().as_str(), value) {
             ("SIZE", Some(v))
                 if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) =>
             {
@@ -622,8 +555,6 @@ fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
             }
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => out.body_8bit = true,
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => out.body_8bit = false,
-            ("RET", Some(v)) => out.ret = Some(super::dsn::parse_ret(v)?),
-            ("ENVID", Some(v)) => out.envid = Some(super::dsn::parse_envid(v)?),
             _ => return Err(ParseError::UnsupportedParameter(param.to_owned())),
         }
     }
@@ -636,7 +567,7 @@ mod tests {
 
     fn rcpt(line: &str) -> Path {
         match parse_command(line.as_bytes()) {
-            Ok(Command::Rcpt { to, .. }) => to,
+            Ok(Command::Rcpt { to }) => to,
             other => panic!("{line:?} gave {other:?}"),
         }
     }
@@ -722,8 +653,7 @@ mod tests {
             params,
             MailParams {
                 size: Some(1000),
-                body_8bit: true,
-                ..MailParams::default()
+                body_8bit: true
             }
         );
         assert_eq!(
@@ -744,44 +674,6 @@ mod tests {
         assert!(matches!(
             parse_command(b"MAIL TO:<a@b>"),
             Err(ParseError::Syntax(_))
-        ));
-    }
-
-    #[test]
-    fn dsn_parameters_are_parsed_and_rebuilt() {
-        let Command::Mail { params, .. } =
-            parse_command(b"MAIL FROM:<a@b.example> ret=hdrs ENVID=QQ+2B1").unwrap()
-        else {
-            panic!()
-        };
-        assert!(params.uses_dsn());
-        assert_eq!(params.to_wire(), " RET=HDRS ENVID=QQ+2B1");
-        let Command::Rcpt { params, .. } = parse_command(
-            b"RCPT TO:<bob@example.org> notify=failure,delay ORCPT=rfc822;Bob+40Example.org",
-        )
-        .unwrap() else {
-            panic!()
-        };
-        assert_eq!(
-            params.to_wire(),
-            " NOTIFY=FAILURE,DELAY ORCPT=rfc822;Bob@Example.org"
-        );
-        for bad in [
-            "MAIL FROM:<a@b> RET=ALL",
-            "MAIL FROM:<a@b> RET=FULL RET=HDRS",
-            "MAIL FROM:<a@b> ENVID=a+0D+0ARCPT",
-            "RCPT TO:<a@b> NOTIFY=NEVER,SUCCESS",
-            "RCPT TO:<a@b> ORCPT=x400;a",
-            "RCPT TO:<a@b> NOTIFY=SUCCESS NOTIFY=DELAY",
-        ] {
-            assert!(
-                matches!(parse_command(bad.as_bytes()), Err(ParseError::Syntax(_))),
-                "{bad}"
-            );
-        }
-        assert!(matches!(
-            parse_command(b"RCPT TO:<a@b> XFOO=1"),
-            Err(ParseError::UnsupportedParameter(_))
         ));
     }
 
@@ -857,7 +749,7 @@ mod tests {
         let long = format!("RCPT TO:<{}@example.org>", "a".repeat(65));
         assert!(parse_command(long.as_bytes()).is_err());
         assert!(matches!(
-            parse_command(b"RCPT TO:<u@example.org> XNOTIFY=NEVER"),
+            parse_command(b"RCPT TO:<u@example.org> NOTIFY=NEVER"),
             Err(ParseError::UnsupportedParameter(_))
         ));
     }
@@ -869,7 +761,7 @@ mod hygiene {
 
     fn wire(line: &str) -> String {
         match parse_command(line.as_bytes()) {
-            Ok(Command::Rcpt { to, .. }) => to.to_wire(),
+            Ok(Command::Rcpt { to }) => to.to_wire(),
             Ok(Command::Mail { from, params }) => format!("{}{}", from.to_wire(), params.to_wire()),
             other => panic!("{line:?} gave {other:?}"),
         }
@@ -940,7 +832,7 @@ mod hygiene {
             ("<u@[x:>]>", "x:>"),
             ("<u@[x:\"]>", "x:\""),
         ] {
-            let Ok(Command::Rcpt { to, .. }) = parse_command(format!("RCPT TO:{addr}").as_bytes())
+            let Ok(Command::Rcpt { to }) = parse_command(format!("RCPT TO:{addr}").as_bytes())
             else {
                 panic!("{addr} refused")
             };
@@ -1140,7 +1032,7 @@ mod properties {
             verb in "(RCPT TO:|MAIL FROM:|rcpt to: )",
             addr in "[<>\"@%!.\\\\a-zA-Z0-9:\\[\\], =-]{0,90}",
         ) {
-            if let Ok(Command::Rcpt { to, .. }) = parse_command(format!("{verb}{addr}").as_bytes()) {
+            if let Ok(Command::Rcpt { to }) = parse_command(format!("{verb}{addr}").as_bytes()) {
                 let _ = policy().classify(&to);
             }
         }
@@ -1157,7 +1049,7 @@ mod properties {
         ) {
             let local = format!("{left}{special}{right}");
             let addr = if quoted { format!("<\"{local}\"@{domain}>") } else { format!("<{local}@{domain}>") };
-            if let Ok(Command::Rcpt { to, .. }) = parse_command(format!("RCPT TO:{addr}").as_bytes()) {
+            if let Ok(Command::Rcpt { to }) = parse_command(format!("RCPT TO:{addr}").as_bytes()) {
                 let reason = policy().classify(&to);
                 prop_assert!(matches!(
                     reason,
@@ -1175,7 +1067,7 @@ mod properties {
             addr in "[<>\"@%!.\\\\a-zA-Z0-9:\\[\\], =_-]{0,90}",
         ) {
             let path = match parse_command(format!("{verb}{addr}").as_bytes()) {
-                Ok(Command::Rcpt { to, .. }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => to,
+                Ok(Command::Rcpt { to }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => to,
                 _ => return Ok(()),
             };
             check_round_trip(&path)?;
@@ -1199,7 +1091,7 @@ mod properties {
             quoted.push('"');
             let line = format!("RCPT TO:<{quoted}@{domain}>");
             match parse_command(line.as_bytes()) {
-                Ok(Command::Rcpt { to, .. }) => {
+                Ok(Command::Rcpt { to }) => {
                     prop_assert_eq!(&to.local_part, &local);
                     check_round_trip(&to)?;
                 }
@@ -1229,7 +1121,7 @@ mod properties {
             bytes.extend(line);
             let printable = |text: &str| text.bytes().all(|b| (0x20..0x7f).contains(&b));
             match parse_command(&bytes) {
-                Ok(Command::Rcpt { to, .. }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => {
+                Ok(Command::Rcpt { to }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => {
                     prop_assert!(printable(&to.raw));
                     check_round_trip(&to)?;
                 }
@@ -1246,7 +1138,7 @@ mod properties {
         fn plain_local_mailboxes_are_local(local in "[a-zA-Z0-9][a-zA-Z0-9_+-]{0,20}", upper in any::<bool>()) {
             let domain = if upper { "EXAMPLE.ORG" } else { "example.org" };
             let parsed = parse_command(format!("RCPT TO:<{local}@{domain}>").as_bytes());
-            let Ok(Command::Rcpt { to, .. }) = parsed else { panic!("{local}: {parsed:?}") };
+            let Ok(Command::Rcpt { to }) = parsed else { panic!("{local}: {parsed:?}") };
             prop_assert_eq!(policy().classify(&to), None);
         }
     }

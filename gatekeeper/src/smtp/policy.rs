@@ -173,7 +173,7 @@ mod tests {
 
     fn path(addr: &str) -> Path {
         match parse_command(format!("RCPT TO:{addr}").as_bytes()) {
-            Ok(Command::Rcpt { to, .. }) => to,
+            Ok(Command::Rcpt { to }) => to,
             other => panic!("{addr}: {other:?}"),
         }
     }

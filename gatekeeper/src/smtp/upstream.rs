@@ -40,13 +40,6 @@ pub enum UpstreamError {
     Refused(Reply),
 }
 
-/// SMTP extensions passed through only when the MTA behind offers them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Extensions {
-    /// RFC 3461 delivery status notifications.
-    pub dsn: bool,
-}
-
 pub struct Upstream {
     reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
     writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
@@ -57,7 +50,6 @@ pub struct Upstream {
     pipelining: bool,
     /// The SASL mechanisms its EHLO offered (to the real client, after XCLIENT).
     auth: Vec<String>,
-    extensions: Extensions,
     /// One of the `max_upstream_sessions` slots, freed when the session ends.
     _slot: OwnedSemaphorePermit,
 }
@@ -107,7 +99,6 @@ impl Upstream {
             forward: None,
             pipelining: false,
             auth: Vec::new(),
-            extensions: Extensions::default(),
             _slot: slot,
         };
         upstream.expect_success(None).await?;
@@ -130,15 +121,7 @@ impl Upstream {
         }
         upstream.pipelining = offered(&ehlo, "PIPELINING").is_some();
         upstream.auth = offered(&ehlo, "AUTH").unwrap_or_default();
-        upstream.extensions = Extensions {
-            dsn: offered(&ehlo, "DSN").is_some(),
-        };
         Ok(upstream)
-    }
-
-    /// The extensions the MTA offers this session (after XCLIENT).
-    pub fn extensions(&self) -> Extensions {
-        self.extensions
     }
 
     /// The SASL mechanisms the MTA offers this session, upper-case.
