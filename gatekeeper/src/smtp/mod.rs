@@ -12,6 +12,7 @@ pub mod config;
 pub mod dsn;
 mod gate;
 pub mod helo;
+pub mod idn;
 pub(crate) mod io;
 pub mod parse;
 pub mod policy;

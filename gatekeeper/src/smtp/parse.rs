@@ -59,9 +59,14 @@ pub struct Path {
     pub local_part: String,
     pub domain: Option<Domain>,
     /// The path's text between the angle brackets as the client wrote it, for
-    /// replies and logs only (printable ASCII: the command passed the hygiene
-    /// check). Never sent upstream: that is [`Path::to_wire`].
+    /// replies and logs only (no control characters: the command passed the
+    /// hygiene check). Never sent upstream: that is [`Path::to_wire`].
     pub raw: String,
+    /// Holds non-ASCII (RFC 6531): only in an SMTPUTF8 transaction.
+    pub utf8: bool,
+    /// The domain's U-label form, sent upstream instead of its A-labels when
+    /// the client wrote it so ([`Domain::Name`] holds the A-labels).
+    pub unicode_domain: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +86,8 @@ pub struct MailParams {
     /// DSN (RFC 3461): forwarded only when the MTA behind offers DSN.
     pub ret: Option<super::dsn::Ret>,
     pub envid: Option<String>,
+    /// RFC 6531: this transaction may carry UTF-8 addresses.
+    pub smtputf8: bool,
 }
 
 impl MailParams {
@@ -144,7 +151,12 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         return Err(ParseError::ControlCharacter);
     }
     let line = std::str::from_utf8(line).map_err(|_| ParseError::Syntax("non-ASCII command"))?;
-    if !line.is_ascii() {
+    // UTF-8 is for MAIL and RCPT paths only (RFC 6531); whether this
+    // transaction may use it is the session's decision (SMTPUTF8).
+    let verb_is_path = line
+        .get(..4)
+        .is_some_and(|v| v.eq_ignore_ascii_case("MAIL") || v.eq_ignore_ascii_case("RCPT"));
+    if !line.is_ascii() && !verb_is_path {
         return Err(ParseError::Syntax("non-ASCII command"));
     }
     let (verb, rest) = match line.find(' ') {
@@ -322,19 +334,46 @@ pub fn parse_path(text: &str) -> Result<Path, ParseError> {
     if inner.is_empty() {
         return Err(ParseError::BadAddress("empty address"));
     }
+    let utf8 = !inner.is_ascii();
+    if utf8
+        && inner
+            .chars()
+            .any(|c| super::idn::is_lookalike_separator(c) || super::idn::is_invisible(c))
+    {
+        return Err(ParseError::BadAddress(
+            "character that looks like '@', '.', '%' or '!', or is invisible",
+        ));
+    }
     let (source_route, mailbox) = split_source_route(inner)?;
     let (local_raw, domain_raw) = split_mailbox(mailbox)?;
-    let local_part = unquote_local_part(local_raw)?;
+    let mut local_part = unquote_local_part(local_raw)?;
+    if !local_part.is_ascii() {
+        local_part = super::idn::nfc(&local_part);
+    }
     if wire_local_part(&local_part).len() > MAX_LOCAL_PART {
         // What is forwarded must parse again (a dot-string holding '@' gains quotes).
         return Err(ParseError::BadAddress("local part longer than 64 octets"));
     }
-    let domain = domain_raw.map(parse_domain).transpose()?;
+    let mut unicode_domain = None;
+    let domain = match domain_raw {
+        Some(raw) if !raw.is_ascii() => {
+            let name = raw.strip_suffix('.').unwrap_or(raw);
+            let idn = super::idn::parse_unicode_domain(name).map_err(|_| {
+                ParseError::BadAddress("invalid or confusable internationalised domain")
+            })?;
+            unicode_domain = Some(idn.unicode);
+            Some(Domain::Name(idn.ascii))
+        }
+        Some(raw) => Some(parse_domain(raw)?),
+        None => None,
+    };
     Ok(Path {
         source_route,
         local_part,
         domain,
         raw: inner.to_owned(),
+        utf8,
+        unicode_domain,
     })
 }
 
@@ -402,8 +441,9 @@ fn split_mailbox(mailbox: &str) -> Result<(&str, Option<&str>), ParseError> {
     })
 }
 
+/// RFC 5322 atext, plus RFC 6531's UTF8-non-ascii.
 fn is_atext(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c)
+    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
 }
 
 /// Returns the local part as the MTA will see it: quotes removed, escapes resolved.
@@ -428,6 +468,7 @@ fn unquote_local_part(raw: &str) -> Result<String, ParseError> {
                 },
                 '"' => return Err(ParseError::BadAddress("stray quote in local part")),
                 ' '..='~' => out.push(c),
+                c if !c.is_ascii() => out.push(c),
                 _ => return Err(ParseError::BadAddress("control character in local part")),
             }
         }
@@ -529,9 +570,10 @@ impl Path {
     /// server do: the relay decision already saw it.
     pub fn to_wire(&self) -> String {
         let local = wire_local_part(&self.local_part);
-        match &self.domain {
-            Some(domain) => format!("{local}@{}", domain.to_wire()),
-            None => local.into_owned(),
+        match (&self.unicode_domain, &self.domain) {
+            (Some(unicode), _) => format!("{local}@{unicode}"),
+            (None, Some(domain)) => format!("{local}@{}", domain.to_wire()),
+            (None, None) => local.into_owned(),
         }
     }
 }
@@ -574,6 +616,9 @@ impl MailParams {
         }
         if let Some(envid) = &self.envid {
             out.push_str(&format!(" ENVID={}", super::dsn::encode_xtext(envid)));
+        }
+        if self.smtputf8 {
+            out.push_str(" SMTPUTF8");
         }
         out
     }
@@ -624,6 +669,7 @@ fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => out.body_8bit = false,
             ("RET", Some(v)) => out.ret = Some(super::dsn::parse_ret(v)?),
             ("ENVID", Some(v)) => out.envid = Some(super::dsn::parse_envid(v)?),
+            ("SMTPUTF8", None) => out.smtputf8 = true,
             _ => return Err(ParseError::UnsupportedParameter(param.to_owned())),
         }
     }
@@ -734,7 +780,7 @@ mod tests {
             }
         );
         assert!(matches!(
-            parse_command(b"MAIL FROM:<a@b> SMTPUTF8"),
+            parse_command(b"MAIL FROM:<a@b> SMTPUTF8=yes"),
             Err(ParseError::UnsupportedParameter(_))
         ));
         assert!(matches!(

@@ -37,6 +37,9 @@ enum Flow {
     Close,
 }
 
+/// RFC 6531 section 3.5: a UTF-8 address outside an SMTPUTF8 transaction.
+const NEEDS_SMTPUTF8: &str = "553 5.6.7 Error: UTF-8 addresses need MAIL FROM with SMTPUTF8";
+
 struct Transaction {
     /// The MAIL command as it will be forwarded.
     mail_line: String,
@@ -47,6 +50,8 @@ struct Transaction {
     accepted: Vec<String>,
     /// An acknowledged recipient could not be replayed: DATA gets 451.
     lost: bool,
+    /// MAIL declared SMTPUTF8: UTF-8 recipients may follow.
+    smtputf8: bool,
 }
 
 /// How a session ended, as the session-end log line spells it.
@@ -486,6 +491,9 @@ impl Session {
                 if extensions.dsn {
                     lines.push("DSN".to_owned());
                 }
+                if extensions.smtputf8 {
+                    lines.push("SMTPUTF8".to_owned());
+                }
                 self.send_reply(conn, &Reply { code: 250, lines }).await?;
             }
             Command::Helo(name) => {
@@ -794,6 +802,17 @@ impl Session {
                 .error(conn, "555 5.5.4 Unsupported parameter: DSN is not offered")
                 .await;
         }
+        if params.smtputf8 && !self.smtputf8_offered() {
+            return self
+                .error(
+                    conn,
+                    "555 5.5.4 Unsupported parameter: SMTPUTF8 is not offered",
+                )
+                .await;
+        }
+        if matches!(&from, ReversePath::Path(p) if p.utf8) && !params.smtputf8 {
+            return self.error(conn, NEEDS_SMTPUTF8).await;
+        }
         let max = self.ctx.config.max_message_size;
         if params.size.is_some_and(|size| size > max) {
             SmtpStats::bump(&self.ctx.stats.oversize_refused);
@@ -808,6 +827,7 @@ impl Session {
             mail_line,
             accepted: Vec::new(),
             lost: false,
+            smtputf8: params.smtputf8,
         });
         self.send(conn, "250 2.1.0 Ok").await?;
         Ok(Flow::Continue)
@@ -816,6 +836,10 @@ impl Session {
     /// DSN parameters pass only to an MTA whose EHLO offered DSN.
     fn dsn_offered(&self) -> bool {
         self.esmtp && self.ctx.upstream_extensions().is_some_and(|e| e.dsn)
+    }
+
+    fn smtputf8_offered(&self) -> bool {
+        self.esmtp && self.ctx.upstream_extensions().is_some_and(|e| e.smtputf8)
     }
 
     async fn rcpt(
@@ -833,6 +857,9 @@ impl Session {
             return self
                 .error(conn, "555 5.5.4 Unsupported parameter: DSN is not offered")
                 .await;
+        }
+        if to.utf8 && !tx.smtputf8 {
+            return self.error(conn, NEEDS_SMTPUTF8).await;
         }
         if tx.accepted.len() >= self.ctx.config.max_recipients {
             self.send(conn, "452 4.5.3 Error: too many recipients")

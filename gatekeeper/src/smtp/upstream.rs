@@ -45,6 +45,8 @@ pub enum UpstreamError {
 pub struct Extensions {
     /// RFC 3461 delivery status notifications.
     pub dsn: bool,
+    /// RFC 6531 internationalised addresses.
+    pub smtputf8: bool,
 }
 
 pub struct Upstream {
@@ -132,6 +134,7 @@ impl Upstream {
         upstream.auth = offered(&ehlo, "AUTH").unwrap_or_default();
         upstream.extensions = Extensions {
             dsn: offered(&ehlo, "DSN").is_some(),
+            smtputf8: offered(&ehlo, "SMTPUTF8").is_some(),
         };
         Ok(upstream)
     }
