@@ -107,3 +107,69 @@ fn without_dsn_behind_it_is_neither_offered_nor_accepted() {
     let rcpt = c.cmd("RCPT TO:<bob@example.org> NOTIFY=NEVER").unwrap();
     assert_eq!(rcpt.code, 555, "{rcpt}");
 }
+
+#[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
+fn utf8_mail_reaches_postfix_intact_in_u_labels_and_a_labels() {
+    if !require_kernel_privileges("utf8_mail_reaches_postfix_intact_in_u_labels_and_a_labels") {
+        return;
+    }
+    let mut lab = Lab::new(
+        "utf8",
+        vec![PeerSpec {
+            name: "sender",
+            edge_addrs: vec!["192.0.2.1/24"],
+            peer_addrs: vec!["192.0.2.2/24"],
+        }],
+    )
+    .expect("building the lab");
+    let postfix = Postfix::start(
+        &lab.edge,
+        &lab.dir().join("postfix"),
+        &PostfixSpec {
+            listen: "127.0.0.1:10025",
+            sink_listen: "127.0.0.1:10026",
+            users: &[],
+            main_cf_extra:
+                "smtputf8_enable = yes\nmydestination = example.org, xn--exmple-cua.org\n",
+        },
+    )
+    .expect("starting Postfix");
+    lab.start_daemon(
+        "[smtp]\nlisten = [\"0.0.0.0:25\"]\nhostname = \"mx.example.org\"\n\
+         local_domains = [\"example.org\", \"exämple.org\"]\nupstream = \"127.0.0.1:10025\"\n",
+    )
+    .unwrap();
+    let mut c = SmtpClient::connect(lab.peer("sender"), SENDER, MX).unwrap();
+    assert_eq!(c.reply().unwrap().code, 220);
+    let ehlo = c.cmd("EHLO sender.test").unwrap();
+    assert!(ehlo.lines.iter().any(|l| l == "SMTPUTF8"), "{ehlo}");
+    assert_eq!(c.cmd("MAIL FROM:<jöran@sender.test>").unwrap().code, 553);
+    assert_eq!(
+        c.cmd("MAIL FROM:<jöran@sender.test> SMTPUTF8")
+            .unwrap()
+            .code,
+        250
+    );
+    for rcpt in ["<björn@exämple.org>", "<anna@xn--exmple-cua.org>"] {
+        let reply = c.cmd(&format!("RCPT TO:{rcpt}")).unwrap();
+        assert_eq!(reply.code, 250, "{rcpt}: {reply}");
+    }
+    for lookalike in ["<x@ex\u{430}mple.org>", "<x%victim.test@exämple.org>"] {
+        let reply = c.cmd(&format!("RCPT TO:{lookalike}")).unwrap();
+        assert!(reply.code >= 500, "{lookalike}: {reply}");
+    }
+    assert_eq!(c.cmd("DATA").unwrap().code, 354);
+    let queued = c
+        .cmd("Subject: =?UTF-8?Q?gr=C3=BC=C3=9Fe?=\r\n\r\ngrüße\r\n.")
+        .unwrap();
+    assert_eq!(queued.code, 250, "{queued}");
+    let _ = c.cmd("QUIT");
+    // Postfix may split the two recipients into two deliveries.
+    sandbox::eventually("both recipients delivered through Postfix", || {
+        let all = postfix.delivered().join("\n");
+        all.contains("jöran@sender.test")
+            && all.contains("björn@exämple.org")
+            && all.contains("anna@xn--exmple-cua.org")
+    });
+}

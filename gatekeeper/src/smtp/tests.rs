@@ -30,8 +30,13 @@ fn test_config(upstream: SocketAddr, extra: &str) -> SmtpConfig {
     } else {
         "relay_networks = []\n"
     };
+    let local = if extra.contains("local_domains") {
+        ""
+    } else {
+        "local_domains = [\"example.org\"]\n"
+    };
     let text = format!(
-        "listen = [\"127.0.0.1:0\"]\nhostname = \"gk.test\"\nlocal_domains = [\"example.org\"]\n\
+        "listen = [\"127.0.0.1:0\"]\nhostname = \"gk.test\"\n{local}\
          {relay}upstream = \"{upstream}\"\n{extra}"
     );
     let config: SmtpConfig = toml::from_str(&text).expect("test config");
@@ -1492,4 +1497,60 @@ async fn a_tls_handshake_or_binary_on_the_plaintext_port_is_answered_once_and_cl
         552
     );
     assert_eq!(front.stats().oversize_refused, 1);
+}
+
+#[tokio::test]
+async fn utf8_addresses_pass_only_in_an_smtputf8_transaction_and_are_judged_as_a_labels() {
+    let mta = Mta::start(Script {
+        ehlo: vec!["PIPELINING", "SMTPUTF8"],
+        ..Script::default()
+    })
+    .await;
+    let front = Front::learning(mta.addr, "local_domains = [\"exämple.org\"]").await;
+    let mut c = front.client().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(ehlo.lines.contains(&"SMTPUTF8".to_owned()), "{ehlo:?}");
+    assert_eq!(c.code("MAIL FROM:<jöran@client.test>").await, 553);
+    assert_eq!(c.code("MAIL FROM:<jöran@client.test> SMTPUTF8").await, 250);
+    assert_eq!(c.code("RCPT TO:<björn@exämple.org>").await, 250);
+    assert_eq!(c.code("RCPT TO:<bob@XN--EXMPLE-CUA.org>").await, 250);
+    for (rcpt, code) in [
+        ("<x@ex\u{430}mple.org>", 501),           // Cyrillic а among Latin
+        ("<x@ｅｘäｍｐｌｅ.org>", 501),           // full-width letters
+        ("<x＠victim.test@exämple.org>", 501),    // a full-width @
+        ("<x%victim.test@exämple.org>", 554),     // the percent hack, in UTF-8 too
+        ("<\"x@victim.test\"@exämple.org>", 554), // a quoted @
+        ("<björn@exämple.org.victim.test>", 554), // a lookalike
+        ("<x@exämple。org>", 501),                // an ideographic full stop
+    ] {
+        assert_eq!(c.code(&format!("RCPT TO:{rcpt}")).await, code, "{rcpt}");
+    }
+    assert_eq!(send_message(&mut c).await.code, 250);
+    let session = mta
+        .sessions()
+        .into_iter()
+        .find(|s| s.iter().any(|l| l.starts_with("MAIL")))
+        .expect("a transaction upstream");
+    assert!(
+        session.contains(&"MAIL FROM:<jöran@client.test> SMTPUTF8".to_owned()),
+        "{session:?}"
+    );
+    assert_eq!(
+        rcpts(&session),
+        [
+            "RCPT TO:<björn@exämple.org>",
+            "RCPT TO:<bob@xn--exmple-cua.org>"
+        ]
+    );
+
+    // Not offered by the MTA: not offered here, and UTF-8 stays refused.
+    let plain = Mta::start(Script::default()).await;
+    let front = Front::learning(plain.addr, "").await;
+    let mut c = front.client().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(!ehlo.lines.contains(&"SMTPUTF8".to_owned()), "{ehlo:?}");
+    assert_eq!(c.code("MAIL FROM:<a@client.test> SMTPUTF8").await, 555);
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
+    assert_eq!(c.code("RCPT TO:<björn@example.org>").await, 553);
+    assert_eq!(c.code("VRFY jöran").await, 501, "UTF-8 is for paths only");
 }
