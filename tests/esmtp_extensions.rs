@@ -81,7 +81,9 @@ fn dsn_parameters_reach_the_mta_rebuilt_and_only_when_it_offers_dsn() {
     let message = &delivered[0];
     assert!(message.contains("RET=HDRS"), "{message}");
     assert!(message.contains("ENVID=QQ314159+2Bx"), "{message}");
-    assert!(message.contains("NOTIFY=SUCCESS,FAILURE"), "{message}");
+    // The sender may not relay, so no success report (its MAIL FROM may be forged).
+    assert!(message.contains("NOTIFY=FAILURE"), "{message}");
+    assert!(!message.contains("SUCCESS"), "{message}");
     assert!(
         message.contains("ORCPT=rfc822;bob@example.org"),
         "{message}"

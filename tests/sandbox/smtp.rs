@@ -266,7 +266,10 @@ impl ScriptedMta {
                 return Vec::new();
             };
             let seen = scripted_session(stream, extensions);
-            if seen.iter().any(|l| l.to_ascii_uppercase().starts_with("MAIL")) {
+            if seen
+                .iter()
+                .any(|l| l.to_ascii_uppercase().starts_with("MAIL"))
+            {
                 return seen;
             }
         });

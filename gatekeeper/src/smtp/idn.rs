@@ -63,6 +63,12 @@ pub fn parse_unicode_domain(name: &str) -> Result<IdnDomain, IdnError> {
     {
         return Err(IdnError::Invalid);
     }
+    // Transitional (IDNA2003-style) processing maps these deviations
+    // (ß → ss, ς → σ): the MTA behind could route the U-label forwarded to
+    // it elsewhere than the A-label judged here.
+    if name.chars().any(|c| matches!(c, '\u{DF}' | '\u{3C2}')) {
+        return Err(IdnError::Invalid);
+    }
     let ascii = idna::domain_to_ascii_strict(name).map_err(|_| IdnError::Invalid)?;
     let (unicode, result) = idna::domain_to_unicode(&ascii);
     result.map_err(|_| IdnError::Invalid)?;
@@ -119,6 +125,7 @@ mod tests {
             "example．org",
             "bad＠example.org",
             "exa\u{200B}mple.org", // zero-width space
+            "straße.example",      // a deviation character
             "xn--.org",
             "",
         ] {

@@ -94,6 +94,14 @@ impl MailParams {
     pub fn uses_dsn(&self) -> bool {
         self.ret.is_some() || self.envid.is_some()
     }
+
+    /// For a client that may not relay: its MAIL FROM may be forged, so a
+    /// report must not carry the message to it (RET=HDRS).
+    pub fn limit_dsn(&mut self) {
+        if self.ret.is_some() {
+            self.ret = Some(super::dsn::Ret::Hdrs);
+        }
+    }
 }
 
 /// RCPT's parameters: DSN's only.
@@ -106,6 +114,18 @@ pub struct RcptParams {
 impl RcptParams {
     pub fn uses_dsn(&self) -> bool {
         self.notify.is_some() || self.orcpt.is_some()
+    }
+
+    /// For a client that may not relay: no success reports, which would
+    /// send mail to a possibly forged MAIL FROM that delivery alone never
+    /// would (failure and delay reports are bounces it gets anyway).
+    pub fn limit_dsn(&mut self) {
+        if let Some(notify) = self.notify.as_mut() {
+            notify.success = false;
+            if !(notify.failure || notify.delay) {
+                notify.never = true;
+            }
+        }
     }
 
     /// As appended to the RCPT command sent upstream, rebuilt from the values.
@@ -156,8 +176,10 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     let verb_is_path = line
         .get(..4)
         .is_some_and(|v| v.eq_ignore_ascii_case("MAIL") || v.eq_ignore_ascii_case("RCPT"));
-    if !line.is_ascii() && !verb_is_path {
-        return Err(ParseError::Syntax("non-ASCII command"));
+    if !line.is_ascii() && !(verb_is_path && non_ascii_only_in_brackets(line)) {
+        return Err(ParseError::Syntax(
+            "non-ASCII outside an address in angle brackets",
+        ));
     }
     let (verb, rest) = match line.find(' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
@@ -206,6 +228,17 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         "AUTH" => parse_auth(rest),
         _ => Err(ParseError::UnknownCommand),
     }
+}
+
+/// UTF-8 may stand only between the path's `<` and `>`: the verb, the
+/// keyword and the parameters stay ASCII (no Unicode spaces as separators).
+fn non_ascii_only_in_brackets(line: &str) -> bool {
+    let (Some(open), Some(close)) = (line.find('<'), line.rfind('>')) else {
+        return false;
+    };
+    line.char_indices()
+        .filter(|(_, c)| !c.is_ascii())
+        .all(|(i, _)| open < i && i < close)
 }
 
 /// Validates an EHLO/HELO argument and returns its canonical form: an
@@ -292,12 +325,12 @@ pub fn is_sasl_response(text: &str) -> bool {
 /// `FROM:` / `TO:` case-insensitively, tolerating spaces around the colon as most MTAs do.
 fn strip_keyword<'a>(rest: &'a str, keyword: &str) -> Option<&'a str> {
     let word = keyword.trim_end_matches(':');
-    let rest = rest.trim_start();
-    if rest.len() < word.len() || !rest[..word.len()].eq_ignore_ascii_case(word) {
+    let rest = rest.trim_start_matches(' ');
+    if !rest.get(..word.len())?.eq_ignore_ascii_case(word) {
         return None;
     }
-    let rest = rest[word.len()..].trim_start();
-    rest.strip_prefix(':').map(str::trim_start)
+    let rest = rest[word.len()..].trim_start_matches(' ');
+    rest.strip_prefix(':').map(|r| r.trim_start_matches(' '))
 }
 
 /// Splits `<path> params` (or an unbracketed path); brackets may contain quoted spaces.
@@ -361,6 +394,9 @@ pub fn parse_path(text: &str) -> Result<Path, ParseError> {
             let idn = super::idn::parse_unicode_domain(name).map_err(|_| {
                 ParseError::BadAddress("invalid or confusable internationalised domain")
             })?;
+            if idn.unicode.len() > MAX_DOMAIN {
+                return Err(ParseError::BadAddress("bad domain length"));
+            }
             unicode_domain = Some(idn.unicode);
             Some(Domain::Name(idn.ascii))
         }
@@ -791,6 +827,39 @@ mod tests {
             parse_command(b"MAIL TO:<a@b>"),
             Err(ParseError::Syntax(_))
         ));
+    }
+
+    #[test]
+    fn utf8_stays_inside_the_angle_brackets() {
+        for line in [
+            "RCPT xé",
+            "MAIL FROé:<a@b>",
+            "RCPT TO:jöran@example.org",
+            "MAIL FROM:<a@b>\u{3000}SIZE=1",
+            "MAIL FROM:<a@b> ENVID=é",
+            "VRFY jöran",
+        ] {
+            assert!(parse_command(line.as_bytes()).is_err(), "{line:?}");
+        }
+        assert!(parse_command("RCPT TO:<jöran@example.org>".as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn untrusted_clients_get_no_success_reports_and_headers_only() {
+        let Command::Rcpt { mut params, .. } =
+            parse_command(b"RCPT TO:<a@example.org> NOTIFY=SUCCESS").unwrap()
+        else {
+            panic!()
+        };
+        params.limit_dsn();
+        assert_eq!(params.to_wire(), " NOTIFY=NEVER");
+        let Command::Mail { mut params, .. } =
+            parse_command(b"MAIL FROM:<a@b.example> RET=FULL").unwrap()
+        else {
+            panic!()
+        };
+        params.limit_dsn();
+        assert_eq!(params.to_wire(), " RET=HDRS");
     }
 
     #[test]

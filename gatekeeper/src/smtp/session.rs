@@ -301,6 +301,9 @@ impl Session {
                     // be another 500, and the client is waiting for a ServerHello.
                     SmtpStats::bump(&self.ctx.stats.not_smtp_disconnects);
                     self.outcome = Outcome::NotSmtp;
+                    if kind == NotSmtp::Binary {
+                        self.abuse(AbuseKind::ProtocolError);
+                    }
                     let reply = match kind {
                         NotSmtp::TlsHandshake => {
                             "554 5.5.1 Error: TLS handshake on a plaintext port (use STARTTLS)"
@@ -820,6 +823,10 @@ impl Session {
                 .error(conn, "552 5.3.4 Error: message size exceeds fixed limit")
                 .await;
         }
+        let mut params = params;
+        if !self.may_relay() {
+            params.limit_dsn();
+        }
         let sender = from.to_wire();
         let mail_line = format!("MAIL FROM:<{sender}>{}", params.to_wire());
         self.tx = Some(Transaction {
@@ -908,6 +915,10 @@ impl Session {
         }
         // ORCPT and NOTIFY ride along rebuilt; the relay decision above
         // judged the path alone.
+        let mut params = params;
+        if !self.may_relay() {
+            params.limit_dsn();
+        }
         let rcpt_line = format!("RCPT TO:<{}>{}", to.to_wire(), params.to_wire());
         let reply = match self.forward_rcpt(&rcpt_line).await {
             Ok(reply) if reply.is_success() => reply,
