@@ -176,7 +176,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     let verb_is_path = line
         .get(..4)
         .is_some_and(|v| v.eq_ignore_ascii_case("MAIL") || v.eq_ignore_ascii_case("RCPT"));
-    if !line.is_ascii() && !(verb_is_path && non_ascii_only_in_brackets(line)) {
+    if !(line.is_ascii() || verb_is_path && non_ascii_only_in_brackets(line)) {
         return Err(ParseError::Syntax(
             "non-ASCII outside an address in angle brackets",
         ));
