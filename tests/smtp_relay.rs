@@ -320,7 +320,7 @@ fn upstream_down_or_dying_gives_4xx_and_nothing_is_acknowledged() {
         .run(|| std::net::TcpListener::bind("127.0.0.1:10025"))
         .unwrap()
         .unwrap();
-    let dying = std::thread::spawn(move || {
+    let dying = std::thread::spawn(move || loop {
         let (stream, _) = listener.accept().unwrap();
         let mut c = SmtpClient::over(stream.try_clone().unwrap());
         let mut out = stream;
@@ -330,18 +330,19 @@ fn upstream_down_or_dying_gives_4xx_and_nothing_is_acknowledged() {
             line
         };
         out.write_all(b"220 dying.test ESMTP\r\n").unwrap();
-        for reply in [
-            "250 dying.test\r\n",
-            "250 ok\r\n",
-            "250 ok\r\n",
-            "354 go\r\n",
-        ] {
-            read_line(&mut c);
-            out.write_all(reply.as_bytes()).unwrap();
-        }
-        // Read a little of the message, then die without a final reply.
         read_line(&mut c);
+        out.write_all(b"250 dying.test\r\n").unwrap();
+        // The gatekeeper learning the MTA's EHLO says QUIT here: next session.
+        if read_line(&mut c).to_ascii_uppercase().starts_with("QUIT") {
+            continue;
+        }
+        for reply in ["250 ok\r\n", "250 ok\r\n", "354 go\r\n"] {
+            out.write_all(reply.as_bytes()).unwrap();
+            read_line(&mut c);
+        }
+        // Read a little of the message (above), then die without a final reply.
         drop(out);
+        break;
     });
     let mut c = lab.client(OUTSIDER);
     c.start_transaction("client.test", "<a@client.test>")
@@ -444,7 +445,7 @@ fn limits_size_recipients_lines_and_errors() {
     assert_eq!(c.cmd("HELP").unwrap().code, 214);
     assert_eq!(c.cmd("NOOP").unwrap().code, 250);
     assert_eq!(
-        c.cmd("RCPT TO:<user@example.org> NOTIFY=NEVER")
+        c.cmd("RCPT TO:<user@example.org> XNOTIFY=NEVER")
             .unwrap()
             .code,
         555

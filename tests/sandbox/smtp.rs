@@ -246,7 +246,9 @@ pub fn base64(text: &str) -> String {
 }
 
 /// A scripted MTA that speaks like Postfix (XCLIENT answered with a fresh
-/// 220) and records every line it receives, for one session.
+/// 220) and records every line of the first session that carries a MAIL.
+/// Sessions without one (the gatekeeper learning the MTA's EHLO) are
+/// answered and forgotten.
 pub struct ScriptedMta {
     handle: std::thread::JoinHandle<Vec<String>>,
 }
@@ -259,54 +261,16 @@ impl ScriptedMta {
     ) -> Result<ScriptedMta> {
         let addr: SocketAddr = listen.parse()?;
         let listener = ns.run(move || std::net::TcpListener::bind(addr))??;
-        let handle = std::thread::spawn(move || {
-            let mut seen = Vec::new();
+        let handle = std::thread::spawn(move || loop {
             let Ok((stream, _)) = listener.accept() else {
-                return seen;
+                return Vec::new();
             };
-            let mut out = stream.try_clone().expect("clone");
-            let mut reader = BufReader::new(stream);
-            let greet = |out: &mut TcpStream| out.write_all(b"220 scripted.test ESMTP\r\n");
-            let _ = greet(&mut out);
-            let mut in_data = false;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    return seen;
-                }
-                let line = line.trim_end_matches(['\r', '\n']).to_owned();
-                let reply: String = if in_data {
-                    if line == "." {
-                        in_data = false;
-                        "250 2.0.0 Ok: queued\r\n".into()
-                    } else {
-                        seen.push(line);
-                        continue;
-                    }
-                } else {
-                    let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
-                    match verb.as_str() {
-                        "EHLO" => {
-                            let mut r = String::from("250-scripted.test\r\n");
-                            for ext in extensions {
-                                r.push_str(&format!("250-{ext}\r\n"));
-                            }
-                            r.push_str("250 ENHANCEDSTATUSCODES\r\n");
-                            r
-                        }
-                        "XCLIENT" => "220 scripted.test ESMTP\r\n".into(),
-                        "DATA" => {
-                            in_data = true;
-                            "354 go ahead\r\n".into()
-                        }
-                        "QUIT" => "221 2.0.0 Bye\r\n".into(),
-                        _ => "250 2.0.0 Ok\r\n".into(),
-                    }
-                };
-                seen.push(line);
-                if out.write_all(reply.as_bytes()).is_err() {
-                    return seen;
-                }
+            let seen = scripted_session(stream, extensions);
+            if seen
+                .iter()
+                .any(|l| l.to_ascii_uppercase().starts_with("MAIL"))
+            {
+                return seen;
             }
         });
         Ok(ScriptedMta { handle })
@@ -315,5 +279,53 @@ impl ScriptedMta {
     /// Every line received (commands and message lines), once the session ended.
     pub fn lines(self) -> Vec<String> {
         self.handle.join().unwrap_or_default()
+    }
+}
+
+/// One session: every line received, until the client leaves.
+fn scripted_session(stream: TcpStream, extensions: &[&str]) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut out = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    let _ = out.write_all(b"220 scripted.test ESMTP\r\n");
+    let mut in_data = false;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return seen;
+        }
+        let line = line.trim_end_matches(['\r', '\n']).to_owned();
+        let reply: String = if in_data {
+            if line == "." {
+                in_data = false;
+                "250 2.0.0 Ok: queued\r\n".into()
+            } else {
+                seen.push(line);
+                continue;
+            }
+        } else {
+            let verb = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+            match verb.as_str() {
+                "EHLO" => {
+                    let mut r = String::from("250-scripted.test\r\n");
+                    for ext in extensions {
+                        r.push_str(&format!("250-{ext}\r\n"));
+                    }
+                    r.push_str("250 ENHANCEDSTATUSCODES\r\n");
+                    r
+                }
+                "XCLIENT" => "220 scripted.test ESMTP\r\n".into(),
+                "DATA" => {
+                    in_data = true;
+                    "354 go ahead\r\n".into()
+                }
+                "QUIT" => "221 2.0.0 Bye\r\n".into(),
+                _ => "250 2.0.0 Ok\r\n".into(),
+            }
+        };
+        seen.push(line);
+        if out.write_all(reply.as_bytes()).is_err() {
+            return seen;
+        }
     }
 }

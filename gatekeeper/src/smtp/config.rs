@@ -149,7 +149,12 @@ impl SmtpConfig {
         }
         for (i, domain) in self.local_domains.iter().enumerate() {
             let name = domain.trim_start_matches('.');
-            if super::parse::parse_domain(name).is_err() {
+            let valid = if name.is_ascii() {
+                super::parse::parse_domain(name).is_ok()
+            } else {
+                super::idn::canonical_domain(name).is_ok()
+            };
+            if !valid {
                 findings.error(format!(
                     "smtp.local_domains[{i}]: '{domain}' is not a domain"
                 ));
@@ -158,7 +163,7 @@ impl SmtpConfig {
         let lowercase: Vec<String> = self
             .local_domains
             .iter()
-            .map(|d| d.to_ascii_lowercase())
+            .map(|d| super::idn::canonical_domain(d).unwrap_or_else(|_| d.to_ascii_lowercase()))
             .collect();
         for message in duplicates("smtp.local_domains", &lowercase) {
             findings.warn(message);

@@ -9,8 +9,10 @@
 //! the accept loops and drains the sessions at shutdown.
 
 pub mod config;
+pub mod dsn;
 mod gate;
 pub mod helo;
+pub mod idn;
 pub(crate) mod io;
 pub mod parse;
 pub mod policy;
@@ -113,6 +115,9 @@ pub struct SmtpContext {
     /// The AUTH mechanisms the MTA offered in its latest EHLO (`None`: not
     /// learned yet), shared across reloads.
     auth_mechanisms: Arc<std::sync::RwLock<Option<Vec<String>>>>,
+    /// The extensions the MTA offered in its latest EHLO (`None`: not
+    /// learned yet), shared across reloads.
+    upstream_extensions: Arc<std::sync::RwLock<Option<upstream::Extensions>>>,
 }
 
 impl SmtpContext {
@@ -151,6 +156,9 @@ impl SmtpContext {
         next.screen = self.screen.clone();
         next.memory = self.memory.clone();
         next.auth_mechanisms = self.auth_mechanisms.clone();
+        if next.config.upstream == self.config.upstream {
+            next.upstream_extensions = self.upstream_extensions.clone();
+        }
         Ok(next)
     }
 
@@ -197,6 +205,7 @@ impl SmtpContext {
             denied_senders,
             our_names,
             auth_mechanisms: Arc::default(),
+            upstream_extensions: Arc::default(),
             gate,
             upstream_slots,
             config,
@@ -230,6 +239,21 @@ impl SmtpContext {
             .auth_mechanisms
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Some(mechanisms);
+    }
+
+    /// What the MTA offered last; `None` until an upstream session was set up.
+    fn upstream_extensions(&self) -> Option<upstream::Extensions> {
+        *self
+            .upstream_extensions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn learn_extensions(&self, extensions: upstream::Extensions) {
+        *self
+            .upstream_extensions
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(extensions);
     }
 
     fn auth_learned(&self) -> bool {

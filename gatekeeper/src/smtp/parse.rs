@@ -26,6 +26,7 @@ pub enum Command {
     },
     Rcpt {
         to: Path,
+        params: RcptParams,
     },
     Data,
     Rset,
@@ -58,9 +59,14 @@ pub struct Path {
     pub local_part: String,
     pub domain: Option<Domain>,
     /// The path's text between the angle brackets as the client wrote it, for
-    /// replies and logs only (printable ASCII: the command passed the hygiene
-    /// check). Never sent upstream: that is [`Path::to_wire`].
+    /// replies and logs only (no control characters: the command passed the
+    /// hygiene check). Never sent upstream: that is [`Path::to_wire`].
     pub raw: String,
+    /// Holds non-ASCII (RFC 6531): only in an SMTPUTF8 transaction.
+    pub utf8: bool,
+    /// The domain's U-label form, sent upstream instead of its A-labels when
+    /// the client wrote it so ([`Domain::Name`] holds the A-labels).
+    pub unicode_domain: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +83,62 @@ pub enum Domain {
 pub struct MailParams {
     pub size: Option<u64>,
     pub body_8bit: bool,
+    /// DSN (RFC 3461): forwarded only when the MTA behind offers DSN.
+    pub ret: Option<super::dsn::Ret>,
+    pub envid: Option<String>,
+    /// RFC 6531: this transaction may carry UTF-8 addresses.
+    pub smtputf8: bool,
+}
+
+impl MailParams {
+    pub fn uses_dsn(&self) -> bool {
+        self.ret.is_some() || self.envid.is_some()
+    }
+
+    /// For a client that may not relay: its MAIL FROM may be forged, so a
+    /// report must not carry the message to it (RET=HDRS).
+    pub fn limit_dsn(&mut self) {
+        if self.ret.is_some() {
+            self.ret = Some(super::dsn::Ret::Hdrs);
+        }
+    }
+}
+
+/// RCPT's parameters: DSN's only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RcptParams {
+    pub notify: Option<super::dsn::Notify>,
+    pub orcpt: Option<super::dsn::Orcpt>,
+}
+
+impl RcptParams {
+    pub fn uses_dsn(&self) -> bool {
+        self.notify.is_some() || self.orcpt.is_some()
+    }
+
+    /// For a client that may not relay: no success reports, which would
+    /// send mail to a possibly forged MAIL FROM that delivery alone never
+    /// would (failure and delay reports are bounces it gets anyway).
+    pub fn limit_dsn(&mut self) {
+        if let Some(notify) = self.notify.as_mut() {
+            notify.success = false;
+            if !(notify.failure || notify.delay) {
+                notify.never = true;
+            }
+        }
+    }
+
+    /// As appended to the RCPT command sent upstream, rebuilt from the values.
+    pub fn to_wire(&self) -> String {
+        let mut out = String::new();
+        if let Some(notify) = self.notify {
+            out.push_str(&format!(" NOTIFY={}", notify.to_wire()));
+        }
+        if let Some(orcpt) = &self.orcpt {
+            out.push_str(&format!(" ORCPT={}", orcpt.to_wire()));
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,8 +171,15 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         return Err(ParseError::ControlCharacter);
     }
     let line = std::str::from_utf8(line).map_err(|_| ParseError::Syntax("non-ASCII command"))?;
-    if !line.is_ascii() {
-        return Err(ParseError::Syntax("non-ASCII command"));
+    // UTF-8 is for MAIL and RCPT paths only (RFC 6531); whether this
+    // transaction may use it is the session's decision (SMTPUTF8).
+    let verb_is_path = line
+        .get(..4)
+        .is_some_and(|v| v.eq_ignore_ascii_case("MAIL") || v.eq_ignore_ascii_case("RCPT"));
+    if !(line.is_ascii() || verb_is_path && non_ascii_only_in_brackets(line)) {
+        return Err(ParseError::Syntax(
+            "non-ASCII outside an address in angle brackets",
+        ));
     }
     let (verb, rest) = match line.find(' ') {
         Some(i) => (&line[..i], &line[i + 1..]),
@@ -143,11 +212,9 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         "RCPT" => {
             let args = strip_keyword(rest, "TO:").ok_or(ParseError::Syntax("RCPT TO:<address>"))?;
             let (path, params) = split_path(args)?;
-            if let Some(param) = params.split_whitespace().next() {
-                return Err(ParseError::UnsupportedParameter(param.to_owned()));
-            }
             Ok(Command::Rcpt {
                 to: parse_path(path)?,
+                params: parse_rcpt_params(params)?,
             })
         }
         "DATA" => no_args(Command::Data),
@@ -161,6 +228,17 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
         "AUTH" => parse_auth(rest),
         _ => Err(ParseError::UnknownCommand),
     }
+}
+
+/// UTF-8 may stand only between the path's `<` and `>`: the verb, the
+/// keyword and the parameters stay ASCII (no Unicode spaces as separators).
+fn non_ascii_only_in_brackets(line: &str) -> bool {
+    let (Some(open), Some(close)) = (line.find('<'), line.rfind('>')) else {
+        return false;
+    };
+    line.char_indices()
+        .filter(|(_, c)| !c.is_ascii())
+        .all(|(i, _)| open < i && i < close)
 }
 
 /// Validates an EHLO/HELO argument and returns its canonical form: an
@@ -247,12 +325,12 @@ pub fn is_sasl_response(text: &str) -> bool {
 /// `FROM:` / `TO:` case-insensitively, tolerating spaces around the colon as most MTAs do.
 fn strip_keyword<'a>(rest: &'a str, keyword: &str) -> Option<&'a str> {
     let word = keyword.trim_end_matches(':');
-    let rest = rest.trim_start();
-    if rest.len() < word.len() || !rest[..word.len()].eq_ignore_ascii_case(word) {
+    let rest = rest.trim_start_matches(' ');
+    if !rest.get(..word.len())?.eq_ignore_ascii_case(word) {
         return None;
     }
-    let rest = rest[word.len()..].trim_start();
-    rest.strip_prefix(':').map(str::trim_start)
+    let rest = rest[word.len()..].trim_start_matches(' ');
+    rest.strip_prefix(':').map(|r| r.trim_start_matches(' '))
 }
 
 /// Splits `<path> params` (or an unbracketed path); brackets may contain quoted spaces.
@@ -289,19 +367,49 @@ pub fn parse_path(text: &str) -> Result<Path, ParseError> {
     if inner.is_empty() {
         return Err(ParseError::BadAddress("empty address"));
     }
+    let utf8 = !inner.is_ascii();
+    if utf8
+        && inner
+            .chars()
+            .any(|c| super::idn::is_lookalike_separator(c) || super::idn::is_invisible(c))
+    {
+        return Err(ParseError::BadAddress(
+            "character that looks like '@', '.', '%' or '!', or is invisible",
+        ));
+    }
     let (source_route, mailbox) = split_source_route(inner)?;
     let (local_raw, domain_raw) = split_mailbox(mailbox)?;
-    let local_part = unquote_local_part(local_raw)?;
+    let mut local_part = unquote_local_part(local_raw)?;
+    if !local_part.is_ascii() {
+        local_part = super::idn::nfc(&local_part);
+    }
     if wire_local_part(&local_part).len() > MAX_LOCAL_PART {
         // What is forwarded must parse again (a dot-string holding '@' gains quotes).
         return Err(ParseError::BadAddress("local part longer than 64 octets"));
     }
-    let domain = domain_raw.map(parse_domain).transpose()?;
+    let mut unicode_domain = None;
+    let domain = match domain_raw {
+        Some(raw) if !raw.is_ascii() => {
+            let name = raw.strip_suffix('.').unwrap_or(raw);
+            let idn = super::idn::parse_unicode_domain(name).map_err(|_| {
+                ParseError::BadAddress("invalid or confusable internationalised domain")
+            })?;
+            if idn.unicode.len() > MAX_DOMAIN {
+                return Err(ParseError::BadAddress("bad domain length"));
+            }
+            unicode_domain = Some(idn.unicode);
+            Some(Domain::Name(idn.ascii))
+        }
+        Some(raw) => Some(parse_domain(raw)?),
+        None => None,
+    };
     Ok(Path {
         source_route,
         local_part,
         domain,
         raw: inner.to_owned(),
+        utf8,
+        unicode_domain,
     })
 }
 
@@ -369,8 +477,9 @@ fn split_mailbox(mailbox: &str) -> Result<(&str, Option<&str>), ParseError> {
     })
 }
 
+/// RFC 5322 atext, plus RFC 6531's UTF8-non-ascii.
 fn is_atext(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c)
+    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
 }
 
 /// Returns the local part as the MTA will see it: quotes removed, escapes resolved.
@@ -395,6 +504,7 @@ fn unquote_local_part(raw: &str) -> Result<String, ParseError> {
                 },
                 '"' => return Err(ParseError::BadAddress("stray quote in local part")),
                 ' '..='~' => out.push(c),
+                c if !c.is_ascii() => out.push(c),
                 _ => return Err(ParseError::BadAddress("control character in local part")),
             }
         }
@@ -496,9 +606,10 @@ impl Path {
     /// server do: the relay decision already saw it.
     pub fn to_wire(&self) -> String {
         let local = wire_local_part(&self.local_part);
-        match &self.domain {
-            Some(domain) => format!("{local}@{}", domain.to_wire()),
-            None => local.into_owned(),
+        match (&self.unicode_domain, &self.domain) {
+            (Some(unicode), _) => format!("{local}@{unicode}"),
+            (None, Some(domain)) => format!("{local}@{}", domain.to_wire()),
+            (None, None) => local.into_owned(),
         }
     }
 }
@@ -536,18 +647,55 @@ impl MailParams {
         if self.body_8bit {
             out.push_str(" BODY=8BITMIME");
         }
+        if let Some(ret) = self.ret {
+            out.push_str(&format!(" RET={}", ret.to_wire()));
+        }
+        if let Some(envid) = &self.envid {
+            out.push_str(&format!(" ENVID={}", super::dsn::encode_xtext(envid)));
+        }
+        if self.smtputf8 {
+            out.push_str(" SMTPUTF8");
+        }
         out
     }
 }
 
-fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
-    let mut out = MailParams::default();
+/// One ESMTP parameter: the key upper-cased, its value, the text as written.
+type Param<'a> = (String, Option<&'a str>, &'a str);
+
+/// `KEY=VALUE` or `KEY`; each key at most once.
+fn split_params(params: &str) -> Result<Vec<Param<'_>>, ParseError> {
+    let mut out: Vec<Param> = Vec::new();
     for param in params.split_whitespace() {
         let (key, value) = match param.split_once('=') {
             Some((k, v)) => (k, Some(v)),
             None => (param, None),
         };
-        match (key.to_ascii_uppercase().as_str(), value) {
+        let key = key.to_ascii_uppercase();
+        if out.iter().any(|(k, _, _)| *k == key) {
+            return Err(ParseError::Syntax("a parameter given twice"));
+        }
+        out.push((key, value, param));
+    }
+    Ok(out)
+}
+
+fn parse_rcpt_params(params: &str) -> Result<RcptParams, ParseError> {
+    let mut out = RcptParams::default();
+    for (key, value, param) in split_params(params)? {
+        match (key.as_str(), value) {
+            ("NOTIFY", Some(v)) => out.notify = Some(super::dsn::parse_notify(v)?),
+            ("ORCPT", Some(v)) => out.orcpt = Some(super::dsn::parse_orcpt(v, false)?),
+            _ => return Err(ParseError::UnsupportedParameter(param.to_owned())),
+        }
+    }
+    Ok(out)
+}
+
+fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
+    let mut out = MailParams::default();
+    for (key, value, param) in split_params(params)? {
+        match (key.as_str(), value) {
             ("SIZE", Some(v))
                 if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) =>
             {
@@ -555,6 +703,9 @@ fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
             }
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => out.body_8bit = true,
             ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => out.body_8bit = false,
+            ("RET", Some(v)) => out.ret = Some(super::dsn::parse_ret(v)?),
+            ("ENVID", Some(v)) => out.envid = Some(super::dsn::parse_envid(v)?),
+            ("SMTPUTF8", None) => out.smtputf8 = true,
             _ => return Err(ParseError::UnsupportedParameter(param.to_owned())),
         }
     }
@@ -567,7 +718,7 @@ mod tests {
 
     fn rcpt(line: &str) -> Path {
         match parse_command(line.as_bytes()) {
-            Ok(Command::Rcpt { to }) => to,
+            Ok(Command::Rcpt { to, .. }) => to,
             other => panic!("{line:?} gave {other:?}"),
         }
     }
@@ -653,7 +804,8 @@ mod tests {
             params,
             MailParams {
                 size: Some(1000),
-                body_8bit: true
+                body_8bit: true,
+                ..MailParams::default()
             }
         );
         assert_eq!(
@@ -664,7 +816,7 @@ mod tests {
             }
         );
         assert!(matches!(
-            parse_command(b"MAIL FROM:<a@b> SMTPUTF8"),
+            parse_command(b"MAIL FROM:<a@b> SMTPUTF8=yes"),
             Err(ParseError::UnsupportedParameter(_))
         ));
         assert!(matches!(
@@ -674,6 +826,77 @@ mod tests {
         assert!(matches!(
             parse_command(b"MAIL TO:<a@b>"),
             Err(ParseError::Syntax(_))
+        ));
+    }
+
+    #[test]
+    fn utf8_stays_inside_the_angle_brackets() {
+        for line in [
+            "RCPT xé",
+            "MAIL FROé:<a@b>",
+            "RCPT TO:jöran@example.org",
+            "MAIL FROM:<a@b>\u{3000}SIZE=1",
+            "MAIL FROM:<a@b> ENVID=é",
+            "VRFY jöran",
+        ] {
+            assert!(parse_command(line.as_bytes()).is_err(), "{line:?}");
+        }
+        assert!(parse_command("RCPT TO:<jöran@example.org>".as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn untrusted_clients_get_no_success_reports_and_headers_only() {
+        let Command::Rcpt { mut params, .. } =
+            parse_command(b"RCPT TO:<a@example.org> NOTIFY=SUCCESS").unwrap()
+        else {
+            panic!()
+        };
+        params.limit_dsn();
+        assert_eq!(params.to_wire(), " NOTIFY=NEVER");
+        let Command::Mail { mut params, .. } =
+            parse_command(b"MAIL FROM:<a@b.example> RET=FULL").unwrap()
+        else {
+            panic!()
+        };
+        params.limit_dsn();
+        assert_eq!(params.to_wire(), " RET=HDRS");
+    }
+
+    #[test]
+    fn dsn_parameters_are_parsed_and_rebuilt() {
+        let Command::Mail { params, .. } =
+            parse_command(b"MAIL FROM:<a@b.example> ret=hdrs ENVID=QQ+2B1").unwrap()
+        else {
+            panic!()
+        };
+        assert!(params.uses_dsn());
+        assert_eq!(params.to_wire(), " RET=HDRS ENVID=QQ+2B1");
+        let Command::Rcpt { params, .. } = parse_command(
+            b"RCPT TO:<bob@example.org> notify=failure,delay ORCPT=rfc822;Bob+40Example.org",
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            params.to_wire(),
+            " NOTIFY=FAILURE,DELAY ORCPT=rfc822;Bob@Example.org"
+        );
+        for bad in [
+            "MAIL FROM:<a@b> RET=ALL",
+            "MAIL FROM:<a@b> RET=FULL RET=HDRS",
+            "MAIL FROM:<a@b> ENVID=a+0D+0ARCPT",
+            "RCPT TO:<a@b> NOTIFY=NEVER,SUCCESS",
+            "RCPT TO:<a@b> ORCPT=x400;a",
+            "RCPT TO:<a@b> NOTIFY=SUCCESS NOTIFY=DELAY",
+        ] {
+            assert!(
+                matches!(parse_command(bad.as_bytes()), Err(ParseError::Syntax(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_command(b"RCPT TO:<a@b> XFOO=1"),
+            Err(ParseError::UnsupportedParameter(_))
         ));
     }
 
@@ -749,7 +972,7 @@ mod tests {
         let long = format!("RCPT TO:<{}@example.org>", "a".repeat(65));
         assert!(parse_command(long.as_bytes()).is_err());
         assert!(matches!(
-            parse_command(b"RCPT TO:<u@example.org> NOTIFY=NEVER"),
+            parse_command(b"RCPT TO:<u@example.org> XNOTIFY=NEVER"),
             Err(ParseError::UnsupportedParameter(_))
         ));
     }
@@ -761,7 +984,7 @@ mod hygiene {
 
     fn wire(line: &str) -> String {
         match parse_command(line.as_bytes()) {
-            Ok(Command::Rcpt { to }) => to.to_wire(),
+            Ok(Command::Rcpt { to, .. }) => to.to_wire(),
             Ok(Command::Mail { from, params }) => format!("{}{}", from.to_wire(), params.to_wire()),
             other => panic!("{line:?} gave {other:?}"),
         }
@@ -832,7 +1055,7 @@ mod hygiene {
             ("<u@[x:>]>", "x:>"),
             ("<u@[x:\"]>", "x:\""),
         ] {
-            let Ok(Command::Rcpt { to }) = parse_command(format!("RCPT TO:{addr}").as_bytes())
+            let Ok(Command::Rcpt { to, .. }) = parse_command(format!("RCPT TO:{addr}").as_bytes())
             else {
                 panic!("{addr} refused")
             };
@@ -1032,7 +1255,7 @@ mod properties {
             verb in "(RCPT TO:|MAIL FROM:|rcpt to: )",
             addr in "[<>\"@%!.\\\\a-zA-Z0-9:\\[\\], =-]{0,90}",
         ) {
-            if let Ok(Command::Rcpt { to }) = parse_command(format!("{verb}{addr}").as_bytes()) {
+            if let Ok(Command::Rcpt { to, .. }) = parse_command(format!("{verb}{addr}").as_bytes()) {
                 let _ = policy().classify(&to);
             }
         }
@@ -1049,7 +1272,7 @@ mod properties {
         ) {
             let local = format!("{left}{special}{right}");
             let addr = if quoted { format!("<\"{local}\"@{domain}>") } else { format!("<{local}@{domain}>") };
-            if let Ok(Command::Rcpt { to }) = parse_command(format!("RCPT TO:{addr}").as_bytes()) {
+            if let Ok(Command::Rcpt { to, .. }) = parse_command(format!("RCPT TO:{addr}").as_bytes()) {
                 let reason = policy().classify(&to);
                 prop_assert!(matches!(
                     reason,
@@ -1067,7 +1290,7 @@ mod properties {
             addr in "[<>\"@%!.\\\\a-zA-Z0-9:\\[\\], =_-]{0,90}",
         ) {
             let path = match parse_command(format!("{verb}{addr}").as_bytes()) {
-                Ok(Command::Rcpt { to }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => to,
+                Ok(Command::Rcpt { to, .. }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => to,
                 _ => return Ok(()),
             };
             check_round_trip(&path)?;
@@ -1091,7 +1314,7 @@ mod properties {
             quoted.push('"');
             let line = format!("RCPT TO:<{quoted}@{domain}>");
             match parse_command(line.as_bytes()) {
-                Ok(Command::Rcpt { to }) => {
+                Ok(Command::Rcpt { to, .. }) => {
                     prop_assert_eq!(&to.local_part, &local);
                     check_round_trip(&to)?;
                 }
@@ -1121,7 +1344,7 @@ mod properties {
             bytes.extend(line);
             let printable = |text: &str| text.bytes().all(|b| (0x20..0x7f).contains(&b));
             match parse_command(&bytes) {
-                Ok(Command::Rcpt { to }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => {
+                Ok(Command::Rcpt { to, .. }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => {
                     prop_assert!(printable(&to.raw));
                     check_round_trip(&to)?;
                 }
@@ -1138,7 +1361,7 @@ mod properties {
         fn plain_local_mailboxes_are_local(local in "[a-zA-Z0-9][a-zA-Z0-9_+-]{0,20}", upper in any::<bool>()) {
             let domain = if upper { "EXAMPLE.ORG" } else { "example.org" };
             let parsed = parse_command(format!("RCPT TO:<{local}@{domain}>").as_bytes());
-            let Ok(Command::Rcpt { to }) = parsed else { panic!("{local}: {parsed:?}") };
+            let Ok(Command::Rcpt { to, .. }) = parsed else { panic!("{local}: {parsed:?}") };
             prop_assert_eq!(policy().classify(&to), None);
         }
     }

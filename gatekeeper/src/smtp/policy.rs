@@ -80,11 +80,20 @@ impl RelayPolicy {
             ..Default::default()
         };
         for domain in local_domains {
-            let domain = domain.trim().to_ascii_lowercase();
-            let domain = domain.strip_suffix('.').unwrap_or(&domain);
-            match domain.strip_prefix('.') {
-                Some(parent) => policy.parents.push(parent.to_owned()),
-                None => policy.exact.push(domain.to_owned()),
+            // U-labels and A-labels alike become A-labels, as recipients do
+            // (the config check refused any that cannot).
+            let domain = domain.trim();
+            let (parent, name) = match domain.strip_prefix('.') {
+                Some(rest) => (true, rest),
+                None => (false, domain),
+            };
+            let name =
+                super::idn::canonical_domain(name).unwrap_or_else(|_| name.to_ascii_lowercase());
+            let name = name.strip_suffix('.').unwrap_or(&name).to_owned();
+            if parent {
+                policy.parents.push(name);
+            } else {
+                policy.exact.push(name);
             }
         }
         policy
@@ -173,7 +182,7 @@ mod tests {
 
     fn path(addr: &str) -> Path {
         match parse_command(format!("RCPT TO:{addr}").as_bytes()) {
-            Ok(Command::Rcpt { to }) => to,
+            Ok(Command::Rcpt { to, .. }) => to,
             other => panic!("{addr}: {other:?}"),
         }
     }

@@ -11,12 +11,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::io::{read_line, trim_eol, Conn, Detached, Line};
-use super::parse::{parse_command, Command, MailParams, Path, ReversePath};
+use super::parse::{parse_command, Command, MailParams, Path, RcptParams, ReversePath};
 use super::policy::Decision;
 use super::proxy;
 use super::reply::Reply;
 use super::stats::SmtpStats;
-use super::upstream::{ClientInfo, Timeouts, Upstream, UpstreamError};
+use super::upstream::{ClientInfo, Extensions, Timeouts, Upstream, UpstreamError};
 use super::{AuthMode, SmtpContext};
 use crate::ledger::bans::AbuseKind;
 use crate::ledger::greylist::{Checked, GreyVerdict};
@@ -37,6 +37,9 @@ enum Flow {
     Close,
 }
 
+/// RFC 6531 section 3.5: a UTF-8 address outside an SMTPUTF8 transaction.
+const NEEDS_SMTPUTF8: &str = "553 5.6.7 Error: UTF-8 addresses need MAIL FROM with SMTPUTF8";
+
 struct Transaction {
     /// The MAIL command as it will be forwarded.
     mail_line: String,
@@ -47,6 +50,8 @@ struct Transaction {
     accepted: Vec<String>,
     /// An acknowledged recipient could not be replayed: DATA gets 451.
     lost: bool,
+    /// MAIL declared SMTPUTF8: UTF-8 recipients may follow.
+    smtputf8: bool,
 }
 
 /// How a session ended, as the session-end log line spells it.
@@ -65,6 +70,27 @@ pub enum Outcome {
     Smuggling,
     WriteTimeout,
     TlsFailed,
+    /// The first bytes were a TLS handshake or binary data, not a command.
+    NotSmtp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotSmtp {
+    TlsHandshake,
+    Binary,
+}
+
+/// What the first byte a client sends says about it (pure): a TLS record
+/// (0x16, handshake) or an SSLv2-style hello (high bit set), or any byte no
+/// SMTP command can start with.
+fn classify_first_byte(byte: u8) -> Option<NotSmtp> {
+    match byte {
+        0x16 | 0x80 => Some(NotSmtp::TlsHandshake),
+        b if b >= 0x80 || (b < 0x20 && b != b'\r' && b != b'\n') || b == 0x7f => {
+            Some(NotSmtp::Binary)
+        }
+        _ => None,
+    }
 }
 
 impl Outcome {
@@ -81,6 +107,7 @@ impl Outcome {
             Outcome::Smuggling => "smuggling",
             Outcome::WriteTimeout => "write_timeout",
             Outcome::TlsFailed => "tls_failed",
+            Outcome::NotSmtp => "not_smtp",
         }
     }
 }
@@ -96,6 +123,9 @@ struct Tally {
 /// What waiting for the next command line produced.
 enum Wait {
     Line(Line),
+    /// The first bytes are not SMTP: a TLS ClientHello (a client that
+    /// wanted port 465) or other binary data.
+    NotSmtp(NotSmtp),
     Timeout,
     SessionTime,
     Shutdown,
@@ -266,6 +296,25 @@ impl Session {
                     return Ok(());
                 }
                 Wait::SessionTime => return self.session_too_long(conn).await,
+                Wait::NotSmtp(kind) => {
+                    // Answered once, then closed: every further byte would
+                    // be another 500, and the client is waiting for a ServerHello.
+                    SmtpStats::bump(&self.ctx.stats.not_smtp_disconnects);
+                    self.outcome = Outcome::NotSmtp;
+                    if kind == NotSmtp::Binary {
+                        self.abuse(AbuseKind::ProtocolError);
+                    }
+                    let reply = match kind {
+                        NotSmtp::TlsHandshake => {
+                            "554 5.5.1 Error: TLS handshake on a plaintext port (use STARTTLS)"
+                        }
+                        NotSmtp::Binary => {
+                            "554 5.5.1 Error: binary data where a command was expected"
+                        }
+                    };
+                    self.send(conn, reply).await?;
+                    return Ok(());
+                }
                 Wait::Shutdown => {
                     SmtpStats::bump(&self.ctx.stats.shutdown_disconnects);
                     self.outcome = Outcome::Shutdown;
@@ -313,11 +362,24 @@ impl Session {
         };
         let by_command = Instant::now() + limit;
         let deadline = by_command.min(self.deadline);
+        let first_command = self.commands == 0;
         tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => Ok(Wait::Shutdown),
-            line = timeout_at(deadline, read_line(conn, MAX_COMMAND_LINE)) => match line {
-                Ok(line) => Ok(Wait::Line(line?)),
+            line = timeout_at(deadline, async {
+                if first_command {
+                    // Judged on the first byte, before waiting for a line
+                    // end that a TLS client will never send.
+                    let first = conn.fill_buf().await?.first().copied();
+                    if let Some(kind) = first.and_then(classify_first_byte) {
+                        return Ok(Err(kind));
+                    }
+                }
+                read_line(conn, MAX_COMMAND_LINE).await.map(Ok)
+            }) => match line {
+                Ok(Ok(Ok(line))) => Ok(Wait::Line(line)),
+                Ok(Ok(Err(kind))) => Ok(Wait::NotSmtp(kind)),
+                Ok(Err(e)) => Err(e),
                 Err(_) if deadline < by_command => Ok(Wait::SessionTime),
                 Err(_) => Ok(Wait::Timeout),
             },
@@ -428,6 +490,13 @@ impl Session {
                 if let Some(mechanisms) = self.auth_to_offer().await {
                     lines.push(format!("AUTH {}", mechanisms.join(" ")));
                 }
+                let extensions = self.extensions_to_offer().await;
+                if extensions.dsn {
+                    lines.push("DSN".to_owned());
+                }
+                if extensions.smtputf8 {
+                    lines.push("SMTPUTF8".to_owned());
+                }
                 self.send_reply(conn, &Reply { code: 250, lines }).await?;
             }
             Command::Helo(name) => {
@@ -440,7 +509,7 @@ impl Session {
                 self.send(conn, &format!("250 {host}")).await?;
             }
             Command::Mail { from, params } => return self.mail(conn, from, params).await,
-            Command::Rcpt { to } => return self.rcpt(conn, to).await,
+            Command::Rcpt { to, params } => return self.rcpt(conn, to, params).await,
             Command::Data => return self.data(conn).await,
             Command::Rset => {
                 self.end_transaction().await;
@@ -505,6 +574,26 @@ impl Session {
     /// The mechanisms EHLO offers: only with `auth = "upstream"`, after
     /// STARTTLS unless `auth_require_tls` is off, and as the MTA offers
     /// them (learned from one upstream session if no session taught us yet).
+    /// The MTA's extensions, learned from one upstream session the first
+    /// time a client says EHLO (and refreshed by every later one); none
+    /// while the MTA cannot be reached.
+    async fn extensions_to_offer(&self) -> Extensions {
+        if let Some(known) = self.ctx.upstream_extensions() {
+            return known;
+        }
+        match self.connect_upstream().await {
+            Ok(upstream) => {
+                let extensions = upstream.extensions();
+                upstream.quit().await;
+                extensions
+            }
+            Err(e) => {
+                debug!(error = %e, "cannot learn the MTA's extensions");
+                Extensions::default()
+            }
+        }
+    }
+
     async fn auth_to_offer(&self) -> Option<Vec<String>> {
         let config = &self.ctx.config;
         if config.auth != AuthMode::Upstream
@@ -711,11 +800,32 @@ impl Session {
                 return self.error(conn, &reply).await;
             }
         }
+        if params.uses_dsn() && !self.dsn_offered() {
+            return self
+                .error(conn, "555 5.5.4 Unsupported parameter: DSN is not offered")
+                .await;
+        }
+        if params.smtputf8 && !self.smtputf8_offered() {
+            return self
+                .error(
+                    conn,
+                    "555 5.5.4 Unsupported parameter: SMTPUTF8 is not offered",
+                )
+                .await;
+        }
+        if matches!(&from, ReversePath::Path(p) if p.utf8) && !params.smtputf8 {
+            return self.error(conn, NEEDS_SMTPUTF8).await;
+        }
         let max = self.ctx.config.max_message_size;
         if params.size.is_some_and(|size| size > max) {
+            SmtpStats::bump(&self.ctx.stats.oversize_refused);
             return self
                 .error(conn, "552 5.3.4 Error: message size exceeds fixed limit")
                 .await;
+        }
+        let mut params = params;
+        if !self.may_relay() {
+            params.limit_dsn();
         }
         let sender = from.to_wire();
         let mail_line = format!("MAIL FROM:<{sender}>{}", params.to_wire());
@@ -724,17 +834,40 @@ impl Session {
             mail_line,
             accepted: Vec::new(),
             lost: false,
+            smtputf8: params.smtputf8,
         });
         self.send(conn, "250 2.1.0 Ok").await?;
         Ok(Flow::Continue)
     }
 
-    async fn rcpt(&mut self, conn: &mut Conn, to: Path) -> std::io::Result<Flow> {
+    /// DSN parameters pass only to an MTA whose EHLO offered DSN.
+    fn dsn_offered(&self) -> bool {
+        self.esmtp && self.ctx.upstream_extensions().is_some_and(|e| e.dsn)
+    }
+
+    fn smtputf8_offered(&self) -> bool {
+        self.esmtp && self.ctx.upstream_extensions().is_some_and(|e| e.smtputf8)
+    }
+
+    async fn rcpt(
+        &mut self,
+        conn: &mut Conn,
+        to: Path,
+        params: RcptParams,
+    ) -> std::io::Result<Flow> {
         let Some(tx) = &self.tx else {
             return self
                 .protocol_error(conn, "503 5.5.1 Error: need MAIL command")
                 .await;
         };
+        if params.uses_dsn() && !self.dsn_offered() {
+            return self
+                .error(conn, "555 5.5.4 Unsupported parameter: DSN is not offered")
+                .await;
+        }
+        if to.utf8 && !tx.smtputf8 {
+            return self.error(conn, NEEDS_SMTPUTF8).await;
+        }
         if tx.accepted.len() >= self.ctx.config.max_recipients {
             self.send(conn, "452 4.5.3 Error: too many recipients")
                 .await?;
@@ -780,7 +913,13 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         }
-        let rcpt_line = format!("RCPT TO:<{}>", to.to_wire());
+        // ORCPT and NOTIFY ride along rebuilt; the relay decision above
+        // judged the path alone.
+        let mut params = params;
+        if !self.may_relay() {
+            params.limit_dsn();
+        }
+        let rcpt_line = format!("RCPT TO:<{}>{}", to.to_wire(), params.to_wire());
         let reply = match self.forward_rcpt(&rcpt_line).await {
             Ok(reply) if reply.is_success() => reply,
             Ok(reply) if reply.code < 400 => {
@@ -955,6 +1094,7 @@ impl Session {
         if config.auth == AuthMode::Upstream && !upstream.auth_mechanisms().is_empty() {
             self.ctx.learn_auth(upstream.auth_mechanisms().to_vec());
         }
+        self.ctx.learn_extensions(upstream.extensions());
         Ok(upstream)
     }
 
@@ -1256,6 +1396,18 @@ pub async fn write_reply(conn: &mut Conn, wire: &[u8], limit: Duration) -> std::
 #[cfg(test)]
 mod tests {
     use super::has_bare_cr_or_lf;
+
+    #[test]
+    fn first_bytes_that_are_not_smtp() {
+        use super::{classify_first_byte, NotSmtp};
+        assert_eq!(classify_first_byte(0x16), Some(NotSmtp::TlsHandshake));
+        assert_eq!(classify_first_byte(0x80), Some(NotSmtp::TlsHandshake));
+        assert_eq!(classify_first_byte(0xff), Some(NotSmtp::Binary));
+        assert_eq!(classify_first_byte(0x00), Some(NotSmtp::Binary));
+        for ok in *b"EeHhQq\r\n " {
+            assert_eq!(classify_first_byte(ok), None, "{ok:#x}");
+        }
+    }
 
     #[test]
     fn bare_line_ends_are_detected() {

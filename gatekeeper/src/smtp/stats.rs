@@ -46,6 +46,8 @@ pub struct SmtpStats {
     pub session_time_disconnects: Counter,
     pub write_timeouts: Counter,
     pub shutdown_disconnects: Counter,
+    /// A TLS handshake or binary data as the first bytes.
+    pub not_smtp_disconnects: Counter,
     upstream_errors: Labelled,
     pub upstream_failures: Counter,
     pub upstream_busy: Counter,
@@ -107,6 +109,9 @@ pub struct SmtpStatsReport {
     pub transactions_lost: u64,
     /// Sessions told 421 4.3.2 at shutdown.
     pub shutdown_disconnects: u64,
+    /// Sessions closed because their first bytes were a TLS handshake or binary.
+    #[serde(default)]
+    pub not_smtp_disconnects: u64,
     /// Connections from `proxy_protocol_from` closed for a missing, malformed,
     /// unsupported or late PROXY header.
     #[serde(default)]
@@ -225,6 +230,7 @@ impl Default for SmtpStats {
             session_time_disconnects: labelled(&disconnects, "reason", "session_time"),
             write_timeouts: labelled(&disconnects, "reason", "write_timeout"),
             shutdown_disconnects: labelled(&disconnects, "reason", "shutdown"),
+            not_smtp_disconnects: labelled(&disconnects, "reason", "not_smtp"),
             upstream_failures: labelled(&upstream_errors, "error", "failed"),
             upstream_busy: labelled(&upstream_errors, "error", "busy"),
             transactions_replayed: Counter::default(),
@@ -376,6 +382,7 @@ impl SmtpStats {
             transactions_replayed: self.transactions_replayed.get(),
             transactions_lost: self.transactions_lost.get(),
             shutdown_disconnects: self.shutdown_disconnects.get(),
+            not_smtp_disconnects: self.not_smtp_disconnects.get(),
             proxy_header_invalid: self.proxy_header_invalid.get(),
             proxy_header_untrusted: self.proxy_header_untrusted.get(),
             proxy_local_closed: self.proxy_local_closed.get(),

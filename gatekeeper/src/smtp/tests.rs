@@ -30,8 +30,13 @@ fn test_config(upstream: SocketAddr, extra: &str) -> SmtpConfig {
     } else {
         "relay_networks = []\n"
     };
+    let local = if extra.contains("local_domains") {
+        ""
+    } else {
+        "local_domains = [\"example.org\"]\n"
+    };
     let text = format!(
-        "listen = [\"127.0.0.1:0\"]\nhostname = \"gk.test\"\nlocal_domains = [\"example.org\"]\n\
+        "listen = [\"127.0.0.1:0\"]\nhostname = \"gk.test\"\n{local}\
          {relay}upstream = \"{upstream}\"\n{extra}"
     );
     let config: SmtpConfig = toml::from_str(&text).expect("test config");
@@ -54,11 +59,18 @@ impl Front {
     }
 
     async fn with_hook(upstream: SocketAddr, extra: &str, hook: Option<PregreetHook>) -> Front {
-        Front::build(upstream, extra, hook, None).await
+        Front::build(upstream, extra, hook, None, true).await
     }
 
     async fn with_memory(upstream: SocketAddr, extra: &str, memory: Arc<FakeMemory>) -> Front {
-        Front::build(upstream, extra, None, Some(memory)).await
+        Front::build(upstream, extra, None, Some(memory), true).await
+    }
+
+    /// A front end that learns the MTA's extensions at the first EHLO (one
+    /// extra upstream session); the others start knowing there are none, so
+    /// their MTA session logs hold only what the test caused.
+    async fn learning(upstream: SocketAddr, extra: &str) -> Front {
+        Front::build(upstream, extra, None, None, false).await
     }
 
     async fn build(
@@ -66,11 +78,15 @@ impl Front {
         extra: &str,
         hook: Option<PregreetHook>,
         memory: Option<Arc<FakeMemory>>,
+        extensions_known: bool,
     ) -> Front {
         let config = test_config(upstream, extra);
         let listeners = bind(&config).unwrap();
         let addr = listeners[0].local_addr().unwrap();
         let mut ctx = SmtpContext::new(config, Arc::new(SmtpStats::default()), hook).unwrap();
+        if extensions_known {
+            ctx.learn_extensions(super::upstream::Extensions::default());
+        }
         ctx.memory = memory.map(|m| m as Arc<dyn super::ClientMemory>);
         let ctx = Arc::new(ctx);
         let shutdown = CancellationToken::new();
@@ -867,6 +883,7 @@ fn proxy_context(
     );
     let config = test_config(upstream, &extra);
     let mut ctx = SmtpContext::new(config, Arc::new(SmtpStats::default()), hook).unwrap();
+    ctx.learn_extensions(super::upstream::Extensions::default());
     let screened: Arc<Mutex<Vec<std::net::IpAddr>>> = Arc::default();
     let record = screened.clone();
     ctx.screen = Some(Arc::new(move |client| {
@@ -1397,4 +1414,145 @@ async fn abuse_events_name_their_kind_and_spare_relay_clients() {
     c.start_transaction().await;
     assert_eq!(c.code("RCPT TO:<nobody@example.org>").await, 550);
     assert!(spared.abuse().is_empty());
+}
+
+#[tokio::test]
+async fn dsn_is_offered_and_rebuilt_only_when_the_mta_offers_it() {
+    let mta = Mta::start(Script {
+        ehlo: vec!["PIPELINING", "DSN"],
+        ..Script::default()
+    })
+    .await;
+    let front = Front::learning(mta.addr, "").await;
+    let mut c = front.client().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(ehlo.lines.contains(&"DSN".to_owned()), "{ehlo:?}");
+    assert_eq!(
+        c.code("MAIL FROM:<a@client.test> ret=hdrs ENVID=QQ+2B1")
+            .await,
+        250
+    );
+    // ORCPT names an original recipient, never a destination.
+    assert_eq!(
+        c.code("RCPT TO:<x@elsewhere.test> ORCPT=rfc822;bob+40example.org")
+            .await,
+        554
+    );
+    assert_eq!(
+        c.code("RCPT TO:<bob@example.org> NOTIFY=failure,success ORCPT=rfc822;Bob+40example.org")
+            .await,
+        250
+    );
+    assert_eq!(
+        c.code("RCPT TO:<carol@example.org> NOTIFY=SUCCESS+0D")
+            .await,
+        501
+    );
+    assert_eq!(send_message(&mut c).await.code, 250);
+    let session = mta
+        .sessions()
+        .into_iter()
+        .find(|s| s.iter().any(|l| l.starts_with("MAIL")))
+        .expect("a transaction upstream");
+    assert!(
+        session.contains(&"MAIL FROM:<a@client.test> RET=HDRS ENVID=QQ+2B1".to_owned()),
+        "{session:?}"
+    );
+    assert_eq!(
+        rcpts(&session),
+        // A client that may not relay gets no success reports (its MAIL FROM
+        // may be forged).
+        ["RCPT TO:<bob@example.org> NOTIFY=FAILURE ORCPT=rfc822;Bob@example.org"]
+    );
+
+    // An MTA without DSN: not offered, and refused as before.
+    let plain = Mta::start(Script::default()).await;
+    let front = Front::learning(plain.addr, "").await;
+    let mut c = front.client().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(!ehlo.lines.contains(&"DSN".to_owned()), "{ehlo:?}");
+    assert_eq!(c.code("MAIL FROM:<a@client.test> RET=FULL").await, 555);
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
+    assert_eq!(c.code("RCPT TO:<bob@example.org> NOTIFY=NEVER").await, 555);
+}
+
+#[tokio::test]
+async fn a_tls_handshake_or_binary_on_the_plaintext_port_is_answered_once_and_closed() {
+    let mta = Mta::start(Script::default()).await;
+    let front = Front::start(mta.addr, "").await;
+    for hello in [
+        &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..],
+        b"\xff\xfb\x01\r\n",
+    ] {
+        let mut c = front.client().await;
+        c.send(hello).await;
+        let reply = c.reply().await.expect("one answer");
+        assert_eq!(reply.code, 554, "{reply:?}");
+        assert!(c.is_closed().await);
+    }
+    assert_eq!(front.stats().not_smtp_disconnects, 2);
+    // A SIZE refused at MAIL counts as oversize.
+    let mut c = front.client().await;
+    c.cmd("EHLO client.test").await;
+    assert_eq!(
+        c.code("MAIL FROM:<a@client.test> SIZE=999999999999").await,
+        552
+    );
+    assert_eq!(front.stats().oversize_refused, 1);
+}
+
+#[tokio::test]
+async fn utf8_addresses_pass_only_in_an_smtputf8_transaction_and_are_judged_as_a_labels() {
+    let mta = Mta::start(Script {
+        ehlo: vec!["PIPELINING", "SMTPUTF8"],
+        ..Script::default()
+    })
+    .await;
+    let front = Front::learning(mta.addr, "local_domains = [\"exämple.org\"]").await;
+    let mut c = front.client().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(ehlo.lines.contains(&"SMTPUTF8".to_owned()), "{ehlo:?}");
+    assert_eq!(c.code("MAIL FROM:<jöran@client.test>").await, 553);
+    assert_eq!(c.code("MAIL FROM:<jöran@client.test> SMTPUTF8").await, 250);
+    assert_eq!(c.code("RCPT TO:<björn@exämple.org>").await, 250);
+    assert_eq!(c.code("RCPT TO:<bob@XN--EXMPLE-CUA.org>").await, 250);
+    for (rcpt, code) in [
+        ("<x@ex\u{430}mple.org>", 501),           // Cyrillic а among Latin
+        ("<x@ｅｘäｍｐｌｅ.org>", 501),           // full-width letters
+        ("<x＠victim.test@exämple.org>", 501),    // a full-width @
+        ("<x%victim.test@exämple.org>", 554),     // the percent hack, in UTF-8 too
+        ("<\"x@victim.test\"@exämple.org>", 554), // a quoted @
+        ("<björn@exämple.org.victim.test>", 554), // a lookalike
+        ("<x@exämple。org>", 501),                // an ideographic full stop
+    ] {
+        assert_eq!(c.code(&format!("RCPT TO:{rcpt}")).await, code, "{rcpt}");
+    }
+    assert_eq!(send_message(&mut c).await.code, 250);
+    let session = mta
+        .sessions()
+        .into_iter()
+        .find(|s| s.iter().any(|l| l.starts_with("MAIL")))
+        .expect("a transaction upstream");
+    assert!(
+        session.contains(&"MAIL FROM:<jöran@client.test> SMTPUTF8".to_owned()),
+        "{session:?}"
+    );
+    assert_eq!(
+        rcpts(&session),
+        [
+            "RCPT TO:<björn@exämple.org>",
+            "RCPT TO:<bob@xn--exmple-cua.org>"
+        ]
+    );
+
+    // Not offered by the MTA: not offered here, and UTF-8 stays refused.
+    let plain = Mta::start(Script::default()).await;
+    let front = Front::learning(plain.addr, "").await;
+    let mut c = front.client().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(!ehlo.lines.contains(&"SMTPUTF8".to_owned()), "{ehlo:?}");
+    assert_eq!(c.code("MAIL FROM:<a@client.test> SMTPUTF8").await, 555);
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
+    assert_eq!(c.code("RCPT TO:<björn@example.org>").await, 553);
+    assert_eq!(c.code("VRFY jöran").await, 501, "UTF-8 is for paths only");
 }

@@ -40,6 +40,15 @@ pub enum UpstreamError {
     Refused(Reply),
 }
 
+/// SMTP extensions passed through only when the MTA behind offers them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// RFC 3461 delivery status notifications.
+    pub dsn: bool,
+    /// RFC 6531 internationalised addresses.
+    pub smtputf8: bool,
+}
+
 pub struct Upstream {
     reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
     writer: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
@@ -50,6 +59,7 @@ pub struct Upstream {
     pipelining: bool,
     /// The SASL mechanisms its EHLO offered (to the real client, after XCLIENT).
     auth: Vec<String>,
+    extensions: Extensions,
     /// One of the `max_upstream_sessions` slots, freed when the session ends.
     _slot: OwnedSemaphorePermit,
 }
@@ -99,6 +109,7 @@ impl Upstream {
             forward: None,
             pipelining: false,
             auth: Vec::new(),
+            extensions: Extensions::default(),
             _slot: slot,
         };
         upstream.expect_success(None).await?;
@@ -121,7 +132,16 @@ impl Upstream {
         }
         upstream.pipelining = offered(&ehlo, "PIPELINING").is_some();
         upstream.auth = offered(&ehlo, "AUTH").unwrap_or_default();
+        upstream.extensions = Extensions {
+            dsn: offered(&ehlo, "DSN").is_some(),
+            smtputf8: offered(&ehlo, "SMTPUTF8").is_some(),
+        };
         Ok(upstream)
+    }
+
+    /// The extensions the MTA offers this session (after XCLIENT).
+    pub fn extensions(&self) -> Extensions {
+        self.extensions
     }
 
     /// The SASL mechanisms the MTA offers this session, upper-case.

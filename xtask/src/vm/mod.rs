@@ -61,6 +61,7 @@ const HOST_ONLY_TESTS: &[&str] = &[
     "roaming_users",
     "client_checks",
     "relay_probe",
+    "esmtp_extensions",
 ];
 
 /// Cargo names test executables `<name>-<hash>`.
