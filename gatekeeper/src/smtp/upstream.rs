@@ -300,17 +300,9 @@ fn xclient_addr(addr: SocketAddr) -> String {
     }
 }
 
-/// RFC 3461 xtext, which XCLIENT attribute values use.
+/// RFC 3461 xtext, which XCLIENT attribute values use (DSN's encoder).
 fn xtext(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("+{b:02X}"));
-        }
-    }
-    out
+    super::dsn::encode_xtext(value)
 }
 
 #[cfg(test)]
