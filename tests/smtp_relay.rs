@@ -138,6 +138,23 @@ fn relay_attempts_are_refused_however_disguised() {
             "stats for {reason}: {stats}"
         );
     }
+    // DSN parameters (smtp-sink offers DSN) never change the decision: an
+    // ORCPT naming a local address is not a destination, and parameters
+    // smuggling a line end or bad xtext are refused as syntax.
+    for (params, code) in [
+        (" ORCPT=rfc822;user+40example.org", 554),
+        (
+            " NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;postmaster+40example.org",
+            554,
+        ),
+        (" NOTIFY=NEVER", 554),
+        (" ORCPT=rfc822;a+0D+0ARCPT+20TO:<x@example.org>", 501),
+        (" NOTIFY=SUCCESS+0D+0A", 501),
+    ] {
+        let rcpt = format!("<user@victim.test>{params}");
+        let reply = lab.try_rcpt(OUTSIDER, "<>", &rcpt);
+        assert_eq!(reply.code, code, "{rcpt}: {reply}");
+    }
     // Over IPv6 too.
     let reply = lab.try_rcpt(
         OUTSIDER_V6,

@@ -8,6 +8,7 @@
 //! [`Screen`] (DNSBL verdicts) are the connection entry point; [`serve`] runs
 //! the accept loops and drains the sessions at shutdown.
 
+pub mod chunk;
 pub mod config;
 pub mod dsn;
 mod gate;

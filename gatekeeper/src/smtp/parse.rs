@@ -29,6 +29,11 @@ pub enum Command {
         params: RcptParams,
     },
     Data,
+    /// RFC 3030: a chunk of `size` octets follows the command line.
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -155,6 +160,10 @@ pub enum ParseError {
     BadAddress(&'static str),
     #[error("555 5.5.4 Unsupported parameter: {0}")]
     UnsupportedParameter(String),
+    /// A BDAT whose chunk size cannot be read: where its data ends is
+    /// unknown, so the session cannot go on.
+    #[error("501 5.5.4 Syntax: BDAT octets [LAST]")]
+    BadChunk,
 }
 
 impl ParseError {
@@ -167,6 +176,19 @@ impl ParseError {
 /// Parses one command line (without its CRLF, or the bare LF the session
 /// also accepts as a command terminator).
 pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
+    let parsed = parse_command_line(line);
+    let is_bdat = line
+        .get(..4)
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"BDAT"))
+        && matches!(line.get(4), None | Some(b' '));
+    match parsed {
+        // Whatever is wrong with a BDAT line, its chunk's end is unknown.
+        Err(_) if is_bdat => Err(ParseError::BadChunk),
+        parsed => parsed,
+    }
+}
+
+fn parse_command_line(line: &[u8]) -> Result<Command, ParseError> {
     if line.iter().any(|&b| b < 0x20 || b == 0x7f) {
         return Err(ParseError::ControlCharacter);
     }
@@ -218,6 +240,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
             })
         }
         "DATA" => no_args(Command::Data),
+        "BDAT" => parse_bdat(rest),
         "RSET" => no_args(Command::Rset),
         "QUIT" => no_args(Command::Quit),
         "STARTTLS" => no_args(Command::StartTls),
@@ -692,6 +715,21 @@ fn parse_rcpt_params(params: &str) -> Result<RcptParams, ParseError> {
     Ok(out)
 }
 
+/// `BDAT` SP chunk-size [SP `LAST`] (RFC 3030 section 2): exactly one
+/// space between the words, so no two readings of the size exist.
+fn parse_bdat(args: &str) -> Result<Command, ParseError> {
+    let (size, last) = match args.split_once(' ') {
+        Some((size, word)) if word.eq_ignore_ascii_case("LAST") => (size, true),
+        Some(_) => return Err(ParseError::BadChunk),
+        None => (args, false),
+    };
+    if size.is_empty() || size.len() > 20 || !size.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ParseError::BadChunk);
+    }
+    let size = size.parse().map_err(|_| ParseError::BadChunk)?;
+    Ok(Command::Bdat { size, last })
+}
+
 fn parse_mail_params(params: &str) -> Result<MailParams, ParseError> {
     let mut out = MailParams::default();
     for (key, value, param) in split_params(params)? {
@@ -721,6 +759,67 @@ mod tests {
             Ok(Command::Rcpt { to, .. }) => to,
             other => panic!("{line:?} gave {other:?}"),
         }
+    }
+
+    #[test]
+    fn bdat_sizes_are_read_exactly_or_refused() {
+        assert_eq!(
+            parse_command(b"BDAT 1000").unwrap(),
+            Command::Bdat {
+                size: 1000,
+                last: false
+            }
+        );
+        assert_eq!(
+            parse_command(b"bdat 0 last").unwrap(),
+            Command::Bdat {
+                size: 0,
+                last: true
+            }
+        );
+        assert_eq!(
+            parse_command(b"BDAT 18446744073709551615 LAST").unwrap(),
+            Command::Bdat {
+                size: u64::MAX,
+                last: true
+            }
+        );
+        for bad in [
+            &b"BDAT"[..],
+            b"BDAT ",
+            b"BDAT -1",
+            b"BDAT +5",
+            b"BDAT 0x10",
+            b"BDAT 1 2",
+            b"BDAT 10 LAST extra",
+            b"BDAT  10",
+            b"BDAT 10  LAST",
+            b"BDAT 18446744073709551616",
+            b"BDAT 100000000000000000000",
+            b"BDAT \xd9\xa1",
+        ] {
+            assert!(
+                parse_command(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            parse_command(b"BDAT 1 2").unwrap_err(),
+            ParseError::BadChunk
+        );
+        assert_eq!(
+            parse_command(b"BDAT 1\x00").unwrap_err(),
+            ParseError::BadChunk
+        );
+        assert_eq!(
+            parse_command(b"BDAT \xd9\xa1").unwrap_err(),
+            ParseError::BadChunk
+        );
+        assert_eq!(
+            parse_command(b"BDATX 1").unwrap_err(),
+            ParseError::UnknownCommand
+        );
     }
 
     #[test]

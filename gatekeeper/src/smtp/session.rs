@@ -10,8 +10,9 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::chunk::{BodyProblem, BodyScanner};
 use super::io::{read_line, trim_eol, Conn, Detached, Line};
-use super::parse::{parse_command, Command, MailParams, Path, RcptParams, ReversePath};
+use super::parse::{parse_command, Command, MailParams, ParseError, Path, RcptParams, ReversePath};
 use super::policy::Decision;
 use super::proxy;
 use super::reply::Reply;
@@ -52,6 +53,38 @@ struct Transaction {
     lost: bool,
     /// MAIL declared SMTPUTF8: UTF-8 recipients may follow.
     smtputf8: bool,
+    /// The message is coming in BDAT chunks (DATA is out for this transaction).
+    chunks: Option<Chunked>,
+}
+
+/// A message arriving in BDAT chunks.
+#[derive(Default)]
+struct Chunked {
+    /// Octets accepted so far.
+    size: u64,
+    scanner: BodyScanner,
+    /// A chunk was refused: the rest of the message is read and discarded
+    /// until RSET, so pipelined chunks are not taken for commands.
+    failed: bool,
+}
+
+/// Why a BDAT chunk is refused before any of it reaches the MTA.
+enum ChunkRefusal {
+    NoMail,
+    NoRecipients,
+    Lost,
+    Failed,
+    TooBig,
+    /// The upstream session for this message offers no CHUNKING (the MTA
+    /// changed since EHLO was answered): a chunk is never turned into DATA.
+    NotUpstream,
+}
+
+/// What waiting for more of a chunk produced.
+enum Filled<'c> {
+    Bytes(&'c [u8]),
+    Eof,
+    Timeout { session_time: bool },
 }
 
 /// How a session ended, as the session-end log line spells it.
@@ -175,6 +208,12 @@ enum SaslLine {
 enum DataProblem {
     TooBig,
     LineTooLong,
+    Upstream(UpstreamError),
+}
+
+/// Why a chunk could not be accepted, decided while it streamed past.
+enum ChunkProblem {
+    Body(BodyProblem),
     Upstream(UpstreamError),
 }
 
@@ -466,6 +505,13 @@ impl Session {
     async fn dispatch(&mut self, conn: &mut Conn, line: &[u8]) -> std::io::Result<Flow> {
         let command = match parse_command(line) {
             Ok(command) => command,
+            Err(e @ ParseError::BadChunk) => {
+                // Where the chunk ends is unknown: its bytes would be read as commands.
+                self.abuse(AbuseKind::ProtocolError);
+                self.abandon_transaction();
+                self.send(conn, &e.reply()).await?;
+                return Ok(Flow::Close);
+            }
             Err(e) => return self.protocol_error(conn, &e.reply()).await,
         };
         let host = self.ctx.config.hostname.clone();
@@ -497,6 +543,9 @@ impl Session {
                 if extensions.smtputf8 {
                     lines.push("SMTPUTF8".to_owned());
                 }
+                if extensions.chunking {
+                    lines.push("CHUNKING".to_owned());
+                }
                 self.send_reply(conn, &Reply { code: 250, lines }).await?;
             }
             Command::Helo(name) => {
@@ -511,6 +560,7 @@ impl Session {
             Command::Mail { from, params } => return self.mail(conn, from, params).await,
             Command::Rcpt { to, params } => return self.rcpt(conn, to, params).await,
             Command::Data => return self.data(conn).await,
+            Command::Bdat { size, last } => return self.bdat(conn, size, last).await,
             Command::Rset => {
                 self.end_transaction().await;
                 self.send(conn, "250 2.0.0 Ok").await?;
@@ -835,6 +885,7 @@ impl Session {
             accepted: Vec::new(),
             lost: false,
             smtputf8: params.smtputf8,
+            chunks: None,
         });
         self.send(conn, "250 2.1.0 Ok").await?;
         Ok(Flow::Continue)
@@ -847,6 +898,10 @@ impl Session {
 
     fn smtputf8_offered(&self) -> bool {
         self.esmtp && self.ctx.upstream_extensions().is_some_and(|e| e.smtputf8)
+    }
+
+    fn chunking_offered(&self) -> bool {
+        self.esmtp && self.ctx.upstream_extensions().is_some_and(|e| e.chunking)
     }
 
     async fn rcpt(
@@ -1112,6 +1167,11 @@ impl Session {
                 .protocol_error(conn, "503 5.5.1 Error: need MAIL command")
                 .await;
         };
+        if tx.chunks.is_some() {
+            return self
+                .protocol_error(conn, "503 5.5.1 Error: DATA after BDAT in one transaction")
+                .await;
+        }
         if tx.lost {
             return self.send_lost(conn).await;
         }
@@ -1120,12 +1180,8 @@ impl Session {
                 .error(conn, "554 5.5.1 Error: no valid recipients")
                 .await;
         }
-        if self.upstream.is_none() {
-            // The MTA failed after the last RCPT: replay before DATA.
-            let reopened = self.open_transaction(None).await;
-            if self.tx.as_ref().is_some_and(|tx| tx.lost) || reopened.is_err() {
-                return self.send_lost(conn).await;
-            }
+        if !self.upstream_for_message().await {
+            return self.send_lost(conn).await;
         }
         let Some(upstream) = self.upstream.as_mut() else {
             return self.send_lost(conn).await;
@@ -1156,6 +1212,19 @@ impl Session {
         self.receive_data(conn).await
     }
 
+    /// The upstream session the message goes to: if the MTA failed after the
+    /// last RCPT, a fresh one with the transaction replayed. False when the
+    /// acknowledged recipients are lost.
+    async fn upstream_for_message(&mut self) -> bool {
+        if self.upstream.is_none() {
+            let reopened = self.open_transaction(None).await;
+            if self.tx.as_ref().is_some_and(|tx| tx.lost) || reopened.is_err() {
+                return false;
+            }
+        }
+        self.upstream.is_some()
+    }
+
     /// Streams the message to the upstream line by line. Nothing is
     /// acknowledged before the upstream accepted it; a message that goes
     /// wrong is abandoned by dropping the upstream connection mid-DATA, so
@@ -1169,18 +1238,7 @@ impl Session {
             let deadline = by_chunk.min(self.deadline);
             let line = match timeout_at(deadline, read_line(conn, MAX_TEXT_LINE)).await {
                 Ok(line) => line?,
-                Err(_) => {
-                    self.abandon_transaction();
-                    if deadline < by_chunk {
-                        self.session_too_long(conn).await?;
-                        return Ok(Flow::Close);
-                    }
-                    SmtpStats::bump(&self.ctx.stats.timeouts);
-                    let host = &self.ctx.config.hostname;
-                    self.send(conn, &format!("421 4.4.2 {host} Error: timeout exceeded"))
-                        .await?;
-                    return Ok(Flow::Close);
-                }
+                Err(_) => return self.data_stalled(conn, deadline < by_chunk).await,
             };
             let bytes = match line {
                 Line::Eof => {
@@ -1238,10 +1296,16 @@ impl Session {
                         }
                         reply
                     }
-                    Err(e) => self.upstream_failed(e),
+                    Err(e) => {
+                        self.abandon_transaction();
+                        self.upstream_failed(e)
+                    }
                 }
             }
-            Some(DataProblem::Upstream(e)) => self.upstream_failed(e),
+            Some(DataProblem::Upstream(e)) => {
+                self.abandon_transaction();
+                self.upstream_failed(e)
+            }
             Some(DataProblem::TooBig) => {
                 SmtpStats::bump(&self.ctx.stats.oversize_refused);
                 self.abandon_transaction();
@@ -1261,10 +1325,278 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    fn upstream_failed(&mut self, error: UpstreamError) -> Reply {
+    /// RFC 3030 BDAT. Every chunk is read to its last octet, even when it is
+    /// refused, so no byte of it is ever taken for a command; what reaches
+    /// the MTA goes as BDAT chunks of the same sizes, and the client's reply
+    /// to a chunk comes only after the MTA's.
+    async fn bdat(&mut self, conn: &mut Conn, size: u64, last: bool) -> std::io::Result<Flow> {
+        if !self.chunking_offered() {
+            // Its chunk would follow as if it were commands: no way to go on.
+            self.abuse(AbuseKind::ProtocolError);
+            self.abandon_transaction();
+            self.send(conn, "503 5.5.1 Error: BDAT without CHUNKING offered")
+                .await?;
+            return Ok(Flow::Close);
+        }
+        if size > self.ctx.config.max_message_size {
+            // Never acceptable, and not worth reading: the session ends.
+            SmtpStats::bump(&self.ctx.stats.oversize_refused);
+            self.abandon_transaction();
+            self.send(
+                conn,
+                "552 5.3.4 Error: chunk exceeds the message size limit",
+            )
+            .await?;
+            return Ok(Flow::Close);
+        }
+        let mut refusal = self.chunk_refusal(size);
+        if refusal.is_none() && self.tx.as_ref().is_some_and(|tx| tx.chunks.is_none()) {
+            // The first chunk: the upstream session as DATA would have it.
+            if !self.upstream_for_message().await {
+                refusal = Some(ChunkRefusal::Lost);
+            } else if !self
+                .upstream
+                .as_ref()
+                .is_some_and(|u| u.extensions().chunking)
+            {
+                refusal = Some(ChunkRefusal::NotUpstream);
+            }
+        }
+        if self.upstream.is_none() && refusal.is_none() {
+            // Lost between chunks: the transaction was already failed.
+            refusal = Some(ChunkRefusal::Failed);
+        }
+        if let Some(refusal) = refusal {
+            return self.refuse_chunk(conn, size, last, refusal).await;
+        }
+        self.receive_chunk(conn, size, last).await
+    }
+
+    fn chunk_refusal(&self, size: u64) -> Option<ChunkRefusal> {
+        let Some(tx) = &self.tx else {
+            return Some(ChunkRefusal::NoMail);
+        };
+        let chunks = tx.chunks.as_ref();
+        if tx.lost {
+            Some(ChunkRefusal::Lost)
+        } else if chunks.is_some_and(|c| c.failed) {
+            Some(ChunkRefusal::Failed)
+        } else if tx.accepted.is_empty() {
+            Some(ChunkRefusal::NoRecipients)
+        } else if chunks.map_or(0, |c| c.size).saturating_add(size)
+            > self.ctx.config.max_message_size
+        {
+            Some(ChunkRefusal::TooBig)
+        } else {
+            None
+        }
+    }
+
+    /// Reads and discards a refused chunk, then answers it.
+    async fn refuse_chunk(
+        &mut self,
+        conn: &mut Conn,
+        size: u64,
+        last: bool,
+        refusal: ChunkRefusal,
+    ) -> std::io::Result<Flow> {
+        let mut remaining = size;
+        while remaining > 0 {
+            let taken = match self.fill_chunk(conn).await? {
+                Filled::Bytes(bytes) => bytes
+                    .len()
+                    .min(usize::try_from(remaining).unwrap_or(usize::MAX)),
+                Filled::Eof => {
+                    self.abandon_transaction();
+                    return Ok(Flow::Close);
+                }
+                Filled::Timeout { session_time } => {
+                    return self.data_stalled(conn, session_time).await
+                }
+            };
+            conn.consume(taken);
+            remaining -= taken as u64;
+        }
+        let reply = match refusal {
+            ChunkRefusal::NoMail => {
+                return self
+                    .protocol_error(conn, "503 5.5.1 Error: need MAIL command")
+                    .await
+            }
+            ChunkRefusal::Lost => return self.send_lost(conn).await,
+            ChunkRefusal::Failed => "554 5.5.0 Error: this message already failed; send RSET",
+            ChunkRefusal::NoRecipients => "554 5.5.1 Error: no valid recipients",
+            ChunkRefusal::TooBig => {
+                SmtpStats::bump(&self.ctx.stats.oversize_refused);
+                "552 5.3.4 Error: message size exceeds fixed limit"
+            }
+            ChunkRefusal::NotUpstream => {
+                SmtpStats::bump(&self.ctx.stats.upstream_failures);
+                "451 4.3.0 Error: mail system behind the gatekeeper no longer takes BDAT, try again later"
+            }
+        };
+        self.fail_chunked(last);
+        self.error(conn, reply).await
+    }
+
+    /// Streams one accepted chunk to the MTA as a chunk of the same size.
+    /// Its last octet is held back until the whole chunk (and, for LAST,
+    /// the whole message) passed the body rules: an MTA that has every
+    /// octet of a LAST chunk may already have queued the message.
+    async fn receive_chunk(
+        &mut self,
+        conn: &mut Conn,
+        size: u64,
+        last: bool,
+    ) -> std::io::Result<Flow> {
+        let Some(mut chunks) = self
+            .tx
+            .as_mut()
+            .map(|tx| tx.chunks.take().unwrap_or_default())
+        else {
+            return self.send_lost(conn).await;
+        };
+        // Out of `self` while the chunk streams; an early return drops it,
+        // and with it the message.
+        let Some(mut upstream) = self.upstream.take() else {
+            return self.send_lost(conn).await;
+        };
+        let mut problem = upstream
+            .start_chunk(size, last)
+            .await
+            .err()
+            .map(ChunkProblem::Upstream);
+        let mut remaining = size;
+        let mut held: Option<u8> = None;
+        while remaining > 0 {
+            let bytes = match self.fill_chunk(conn).await? {
+                Filled::Bytes(bytes) => bytes,
+                Filled::Eof => {
+                    self.abandon_transaction();
+                    return Ok(Flow::Close);
+                }
+                Filled::Timeout { session_time } => {
+                    return self.data_stalled(conn, session_time).await
+                }
+            };
+            let taken = bytes
+                .len()
+                .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+            let piece = &bytes[..taken];
+            if problem.is_none() {
+                if let Err(e) = chunks.scanner.scan(piece) {
+                    problem = Some(ChunkProblem::Body(e));
+                }
+            }
+            if problem.is_none() {
+                let (send, keep) = match taken as u64 == remaining {
+                    true => piece.split_at(taken - 1),
+                    false => (piece, &[][..]),
+                };
+                held = keep.first().copied();
+                if let Err(e) = upstream.send_data(send).await {
+                    problem = Some(ChunkProblem::Upstream(e));
+                }
+            }
+            conn.consume(taken);
+            remaining -= taken as u64;
+        }
+        if problem.is_none() && last {
+            problem = chunks.scanner.finish().err().map(ChunkProblem::Body);
+        }
+        let answer = match problem {
+            Some(problem) => Err(problem),
+            None => {
+                let sent = match held {
+                    Some(byte) => upstream.send_data(&[byte]).await,
+                    None => Ok(()),
+                };
+                match sent {
+                    Ok(()) => upstream
+                        .finish_chunk()
+                        .await
+                        .map_err(ChunkProblem::Upstream),
+                    Err(e) => Err(ChunkProblem::Upstream(e)),
+                }
+            }
+        };
+        chunks.size += size;
+        self.upstream = Some(upstream);
+        if let Some(tx) = self.tx.as_mut() {
+            tx.chunks = Some(chunks);
+        }
+        let reply = match answer {
+            Ok(reply) if last => {
+                if reply.is_success() {
+                    SmtpStats::bump(&self.ctx.stats.messages_delivered);
+                    self.tally.delivered += 1;
+                } else {
+                    SmtpStats::bump(&self.ctx.stats.messages_rejected);
+                }
+                self.end_transaction().await;
+                reply
+            }
+            Ok(reply) if reply.is_success() => {
+                Reply::new(250, format!("2.0.0 Ok: {size} octets received"))
+            }
+            Ok(reply) => {
+                self.fail_chunked(last);
+                reply
+            }
+            Err(ChunkProblem::Upstream(e)) => {
+                self.fail_chunked(last);
+                self.upstream_failed(e)
+            }
+            Err(ChunkProblem::Body(BodyProblem::BareLineEnd)) => {
+                // The chunk's end is known, so the session can go on; the
+                // message cannot (see `chunk`).
+                SmtpStats::bump(&self.ctx.stats.smuggling_refused);
+                self.abuse(AbuseKind::Smuggling);
+                self.fail_chunked(last);
+                Reply::parse_line("554 5.5.2 Error: bare <CR> or <LF> in message data refused")
+            }
+            Err(ChunkProblem::Body(BodyProblem::LineTooLong)) => {
+                SmtpStats::bump(&self.ctx.stats.long_line_refused);
+                self.fail_chunked(last);
+                Reply::parse_line("554 5.6.0 Error: message line longer than 1000 octets")
+            }
+        };
+        self.send_reply(conn, &reply).await?;
+        if reply.code >= 500 {
+            return self.count_error(conn).await;
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Waits for more of a chunk: at most `data_timeout`, within the session's life.
+    async fn fill_chunk<'c>(&self, conn: &'c mut Conn) -> std::io::Result<Filled<'c>> {
+        let by_chunk = Instant::now() + self.ctx.config.data_timeout;
+        let deadline = by_chunk.min(self.deadline);
+        match timeout_at(deadline, conn.fill_buf()).await {
+            Ok(Ok([])) => Ok(Filled::Eof),
+            Ok(Ok(bytes)) => Ok(Filled::Bytes(bytes)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(Filled::Timeout {
+                session_time: deadline < by_chunk,
+            }),
+        }
+    }
+
+    /// A refused chunk fails its message: the MTA's session is dropped (so
+    /// it discards what it has) and, unless it was the last chunk, later
+    /// chunks are read and refused until RSET.
+    fn fail_chunked(&mut self, last: bool) {
+        self.upstream = None;
+        match (last, self.tx.as_mut()) {
+            (false, Some(tx)) => tx.chunks.get_or_insert_default().failed = true,
+            _ => self.tx = None,
+        }
+    }
+
+    /// The client's reply to an upstream failure while a message streamed.
+    fn upstream_failed(&self, error: UpstreamError) -> Reply {
         SmtpStats::bump(&self.ctx.stats.upstream_failures);
-        debug!(error = %error, "upstream failed during DATA");
-        self.abandon_transaction();
+        debug!(error = %error, "upstream failed during the message");
         match error {
             UpstreamError::Refused(reply) => {
                 SmtpStats::bump(&self.ctx.stats.messages_rejected);
@@ -1275,6 +1607,20 @@ impl Session {
                 Reply::new(451, "4.3.0 Error: mail system behind the gatekeeper failed; message not accepted, try again later")
             }
         }
+    }
+
+    /// A client that stopped sending its message: dropped, so the MTA discards it.
+    async fn data_stalled(&mut self, conn: &mut Conn, session_time: bool) -> std::io::Result<Flow> {
+        self.abandon_transaction();
+        if session_time {
+            self.session_too_long(conn).await?;
+            return Ok(Flow::Close);
+        }
+        SmtpStats::bump(&self.ctx.stats.timeouts);
+        let host = &self.ctx.config.hostname;
+        self.send(conn, &format!("421 4.4.2 {host} Error: timeout exceeded"))
+            .await?;
+        Ok(Flow::Close)
     }
 
     /// Drops the upstream connection without ending the message: the MTA discards it.

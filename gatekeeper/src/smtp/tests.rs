@@ -199,6 +199,14 @@ impl Client {
         assert_eq!(self.code("MAIL FROM:<sender@client.test>").await, 250);
     }
 
+    /// A BDAT command and its chunk, sized here; the reply to them.
+    async fn chunk(&mut self, body: &str, last: bool) -> Reply {
+        let last = if last { " LAST" } else { "" };
+        self.send(format!("BDAT {}{last}\r\n{body}", body.len()).as_bytes())
+            .await;
+        self.reply().await.expect("a reply to BDAT")
+    }
+
     async fn is_closed(&mut self) -> bool {
         self.reply().await.is_none()
     }
@@ -350,6 +358,25 @@ async fn mta_session(stream: TcpStream, script: &Script, log: &MtaLog, index: us
                     }
                 }
                 "250 2.0.0 Ok: queued\r\n".into()
+            }
+            "BDAT" => {
+                // The chunk, exactly, logged as one `CHUNK ...` entry.
+                let mut words = line.split(' ').skip(1);
+                let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let last = words.next().is_some();
+                let mut chunk = vec![0; size];
+                if tokio::io::AsyncReadExt::read_exact(&mut reader, &mut chunk)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let logged = format!("CHUNK {}", String::from_utf8_lossy(&chunk).escape_default());
+                log.sessions.lock().unwrap()[index].push(logged);
+                match last {
+                    true => "250 2.0.0 Ok: queued\r\n".into(),
+                    false => format!("250 2.0.0 Ok: {size} octets\r\n"),
+                }
             }
             "QUIT" => {
                 let _ = out.write_all(b"221 2.0.0 Bye\r\n").await;
@@ -1449,11 +1476,7 @@ async fn dsn_is_offered_and_rebuilt_only_when_the_mta_offers_it() {
         501
     );
     assert_eq!(send_message(&mut c).await.code, 250);
-    let session = mta
-        .sessions()
-        .into_iter()
-        .find(|s| s.iter().any(|l| l.starts_with("MAIL")))
-        .expect("a transaction upstream");
+    let session = transaction_session(&mta);
     assert!(
         session.contains(&"MAIL FROM:<a@client.test> RET=HDRS ENVID=QQ+2B1".to_owned()),
         "{session:?}"
@@ -1528,11 +1551,7 @@ async fn utf8_addresses_pass_only_in_an_smtputf8_transaction_and_are_judged_as_a
         assert_eq!(c.code(&format!("RCPT TO:{rcpt}")).await, code, "{rcpt}");
     }
     assert_eq!(send_message(&mut c).await.code, 250);
-    let session = mta
-        .sessions()
-        .into_iter()
-        .find(|s| s.iter().any(|l| l.starts_with("MAIL")))
-        .expect("a transaction upstream");
+    let session = transaction_session(&mta);
     assert!(
         session.contains(&"MAIL FROM:<jöran@client.test> SMTPUTF8".to_owned()),
         "{session:?}"
@@ -1555,4 +1574,193 @@ async fn utf8_addresses_pass_only_in_an_smtputf8_transaction_and_are_judged_as_a
     assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
     assert_eq!(c.code("RCPT TO:<björn@example.org>").await, 553);
     assert_eq!(c.code("VRFY jöran").await, 501, "UTF-8 is for paths only");
+}
+
+/// The entries of the session that carried a transaction.
+fn transaction_session(mta: &Mta) -> Vec<String> {
+    mta.sessions()
+        .into_iter()
+        .find(|s| s.iter().any(|l| l.starts_with("MAIL")))
+        .expect("a transaction upstream")
+}
+
+async fn chunking_front(extra: &str) -> (Mta, Front) {
+    let mta = Mta::start(Script {
+        ehlo: vec!["PIPELINING", "CHUNKING"],
+        ..Script::default()
+    })
+    .await;
+    let front = Front::learning(mta.addr, extra).await;
+    (mta, front)
+}
+
+async fn chunked_transaction(front: &Front) -> Client {
+    let mut c = front.client().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(ehlo.lines.contains(&"CHUNKING".to_owned()), "{ehlo:?}");
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
+    assert_eq!(c.code("RCPT TO:<bob@example.org>").await, 250);
+    c
+}
+
+#[tokio::test]
+async fn bdat_chunks_reach_the_mta_as_the_same_chunks_and_are_never_commands() {
+    let (mta, front) = chunking_front("").await;
+    let mut c = chunked_transaction(&front).await;
+    // Pipelined; the first chunk ends between CR and LF, and a chunk's
+    // content that looks like commands is content.
+    let first = "Subject: x\r";
+    let second = "\nRCPT TO:<victim@elsewhere.test>\r\n.\r\nQUIT\r\n";
+    c.send(
+        format!(
+            "BDAT {}\r\n{first}BDAT {} LAST\r\n{second}",
+            first.len(),
+            second.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let one = c.reply().await.unwrap();
+    assert_eq!(
+        (one.code, one.lines[0].as_str()),
+        (250, "2.0.0 Ok: 11 octets received")
+    );
+    let queued = c.reply().await.unwrap();
+    assert_eq!(queued.code, 250, "{queued:?}");
+    assert!(
+        queued.lines[0].contains("queued"),
+        "the MTA's own reply: {queued:?}"
+    );
+    assert_eq!(c.code("NOOP").await, 250, "the session goes on");
+    let session = transaction_session(&mta);
+    let tail: Vec<&str> = session
+        .iter()
+        .skip_while(|l| !l.starts_with("BDAT"))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            "BDAT 11",
+            "CHUNK Subject: x\\r",
+            "BDAT 43 LAST",
+            "CHUNK \\nRCPT TO:<victim@elsewhere.test>\\r\\n.\\r\\nQUIT\\r\\n",
+            "QUIT",
+        ]
+    );
+    assert_eq!(rcpts(&session), ["RCPT TO:<bob@example.org>"]);
+    assert_eq!(front.stats().messages_delivered, 1);
+
+    // DATA cannot finish a chunked message; BDAT 0 LAST can.
+    let mut c = chunked_transaction(&front).await;
+    assert_eq!(c.chunk("Hi\r\n", false).await.code, 250);
+    assert_eq!(c.code("DATA").await, 503);
+    assert_eq!(c.chunk("", true).await.code, 250);
+    assert_eq!(front.stats().messages_delivered, 2);
+}
+
+#[tokio::test]
+async fn a_bare_line_end_in_a_chunk_fails_the_message_before_the_mta_has_it_all() {
+    let (mta, front) = chunking_front("").await;
+    for body in [
+        "Subject: x\r\n\r\nhello\n.\nMAIL FROM:<x@y.test>\r\n",
+        "ends in a bare cr\r",
+    ] {
+        let mut c = chunked_transaction(&front).await;
+        c.send(format!("BDAT {} LAST\r\n{body}", body.len()).as_bytes())
+            .await;
+        let refused = c.reply().await.unwrap();
+        assert_eq!(refused.code, 554, "{body:?}: {refused:?}");
+        assert!(refused.lines[0].starts_with("5.5.2"), "{refused:?}");
+        // The chunk's end was known: the session goes on, the message does not.
+        assert_eq!(c.code("RSET").await, 250);
+        assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
+    }
+    sleep(Duration::from_millis(50)).await;
+    let chunks: Vec<String> = mta
+        .sessions()
+        .concat()
+        .into_iter()
+        .filter(|l| l.starts_with("CHUNK"))
+        .collect();
+    assert!(
+        chunks.is_empty(),
+        "the MTA never had a whole chunk: {chunks:?}"
+    );
+    let stats = front.stats();
+    assert_eq!((stats.smuggling_refused, stats.messages_delivered), (2, 0));
+}
+
+#[tokio::test]
+async fn refused_chunks_are_read_to_their_end_and_limits_hold() {
+    let (mta, front) = chunking_front("max_message_size = 2048\n").await;
+    // Without MAIL: refused, and the QUIT inside the chunk is not obeyed.
+    let mut c = front.client().await;
+    assert_eq!(c.code("EHLO client.test").await, 250);
+    assert_eq!(c.chunk("QUIT\r\n", false).await.code, 503);
+    assert_eq!(c.code("NOOP").await, 250);
+
+    // Over the size limit across chunks: that chunk is refused unread by
+    // the MTA, later ones until RSET, and the session goes on.
+    let mut c = chunked_transaction(&front).await;
+    let line = format!("{}\r\n", "x".repeat(98));
+    let kib = line.repeat(10);
+    assert_eq!(c.chunk(&kib, false).await.code, 250);
+    assert_eq!(c.chunk(&kib.repeat(2), false).await.code, 552);
+    assert_eq!(c.chunk("end", true).await.code, 554);
+    assert_eq!(c.code("RSET").await, 250);
+    assert_eq!(front.stats().oversize_refused, 1);
+
+    // A line too long across a chunk boundary.
+    let mut c = chunked_transaction(&front).await;
+    let half = "y".repeat(600);
+    assert_eq!(c.chunk(&half, false).await.code, 250);
+    let refused = c.chunk(&format!("{half}\r\n"), true).await;
+    assert_eq!(
+        (refused.code, refused.lines[0].as_str()),
+        (554, "5.6.0 Error: message line longer than 1000 octets")
+    );
+
+    // A chunk larger than any message: refused, and unreadable, so closed.
+    let mut c = chunked_transaction(&front).await;
+    assert_eq!(c.code("BDAT 4096").await, 552);
+    assert!(c.is_closed().await);
+    // A size that cannot be read: where the chunk ends is unknown.
+    let mut c = chunked_transaction(&front).await;
+    assert_eq!(c.code("BDAT 12x LAST").await, 501);
+    assert!(c.is_closed().await);
+    assert_eq!(front.stats().messages_delivered, 0);
+    let delivered: Vec<String> = mta
+        .sessions()
+        .concat()
+        .into_iter()
+        .filter(|l| l.starts_with("CHUNK"))
+        .collect();
+    assert_eq!(
+        delivered.len(),
+        2,
+        "the two accepted chunks only: {delivered:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_chunking_behind_it_bdat_is_not_offered_and_ends_the_session() {
+    let mta = Mta::start(Script::default()).await;
+    let front = Front::learning(mta.addr, "").await;
+    let mut c = front.client().await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(!ehlo.lines.contains(&"CHUNKING".to_owned()), "{ehlo:?}");
+    assert_eq!(c.code("MAIL FROM:<a@client.test>").await, 250);
+    assert_eq!(c.code("RCPT TO:<bob@example.org>").await, 250);
+    // Its chunk would be read as commands: answered once, then closed.
+    assert_eq!(
+        c.code("BDAT 26 LAST\r\nRCPT TO:<v@elsewhere.test>").await,
+        503
+    );
+    assert!(c.is_closed().await);
+    assert!(!mta
+        .sessions()
+        .concat()
+        .iter()
+        .any(|l| l.contains("elsewhere")));
 }

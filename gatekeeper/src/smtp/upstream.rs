@@ -47,6 +47,8 @@ pub struct Extensions {
     pub dsn: bool,
     /// RFC 6531 internationalised addresses.
     pub smtputf8: bool,
+    /// RFC 3030 BDAT: chunks are passed on as chunks, never turned into DATA.
+    pub chunking: bool,
 }
 
 pub struct Upstream {
@@ -135,6 +137,7 @@ impl Upstream {
         upstream.extensions = Extensions {
             dsn: offered(&ehlo, "DSN").is_some(),
             smtputf8: offered(&ehlo, "SMTPUTF8").is_some(),
+            chunking: offered(&ehlo, "CHUNKING").is_some(),
         };
         Ok(upstream)
     }
@@ -241,6 +244,23 @@ impl Upstream {
     /// Ends the message and waits for the upstream's verdict on it.
     pub async fn finish_data(&mut self) -> Result<Reply, UpstreamError> {
         self.writer.write_all(b".\r\n").await?;
+        timeout(self.timeout, self.writer.flush())
+            .await
+            .map_err(|_| UpstreamError::Timeout)??;
+        self.read_reply().await
+    }
+
+    /// Queues a BDAT command line; its `size` octets follow through [`Self::send_data`].
+    pub async fn start_chunk(&mut self, size: u64, last: bool) -> Result<(), UpstreamError> {
+        let line = match last {
+            true => format!("BDAT {size} LAST\r\n"),
+            false => format!("BDAT {size}\r\n"),
+        };
+        self.send_data(line.as_bytes()).await
+    }
+
+    /// After a whole chunk was queued: the upstream's reply to it.
+    pub async fn finish_chunk(&mut self) -> Result<Reply, UpstreamError> {
         timeout(self.timeout, self.writer.flush())
             .await
             .map_err(|_| UpstreamError::Timeout)??;
