@@ -280,6 +280,14 @@ fn bdat_chunks_reach_postfix_intact_and_a_bare_lf_in_one_never_does() {
     assert!(message.contains("Subject: chunked"), "{message}");
     assert!(message.contains("first line, whole"), "{message}");
     assert!(message.contains(".leading dot, not stuffed"), "{message}");
+    // Postfix took it as three BDAT chunks, never as DATA.
+    let log = postfix.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("disconnect from")
+            && l.contains(" bdat=3 ")
+            && !l.contains(" data=")),
+        "{log}"
+    );
     // Postfix never queued the refused one (qmgr would log its sender).
     assert!(
         !postfix.log_text().contains("mallory"),

@@ -177,10 +177,12 @@ impl ParseError {
 /// also accepts as a command terminator).
 pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     let parsed = parse_command_line(line);
+    // `BDAT\t5`, `BDAT\xa05`...: any line a lenient reader could take for
+    // BDAT counts as one (`BDATX` stays an unknown command).
     let is_bdat = line
         .get(..4)
         .is_some_and(|v| v.eq_ignore_ascii_case(b"BDAT"))
-        && matches!(line.get(4), None | Some(b' '));
+        && !line.get(4).is_some_and(u8::is_ascii_alphanumeric);
     match parsed {
         // Whatever is wrong with a BDAT line, its chunk's end is unknown.
         Err(_) if is_bdat => Err(ParseError::BadChunk),
@@ -816,6 +818,9 @@ mod tests {
             parse_command(b"BDAT \xd9\xa1").unwrap_err(),
             ParseError::BadChunk
         );
+        for lenient in [&b"BDAT\t5"[..], b"bdat\xa05", b"BDAT:5"] {
+            assert_eq!(parse_command(lenient).unwrap_err(), ParseError::BadChunk);
+        }
         assert_eq!(
             parse_command(b"BDATX 1").unwrap_err(),
             ParseError::UnknownCommand

@@ -63,9 +63,9 @@ struct Chunked {
     /// Octets accepted so far.
     size: u64,
     scanner: BodyScanner,
-    /// A chunk was refused: the rest of the message is read and discarded
-    /// until RSET, so pipelined chunks are not taken for commands.
-    failed: bool,
+    /// A chunk was refused with this code: the rest of the message is read
+    /// and discarded until RSET, so pipelined chunks are not taken for commands.
+    failed: Option<u16>,
 }
 
 /// Why a BDAT chunk is refused before any of it reaches the MTA.
@@ -73,7 +73,8 @@ enum ChunkRefusal {
     NoMail,
     NoRecipients,
     Lost,
-    Failed,
+    /// The message failed at an earlier chunk, with this code.
+    Failed(u16),
     TooBig,
     /// The upstream session for this message offers no CHUNKING (the MTA
     /// changed since EHLO was answered): a chunk is never turned into DATA.
@@ -192,6 +193,12 @@ pub struct Session {
     /// A refused recipient counts towards a ban once per session: one
     /// message to ten stale addresses is a sender's mistake, not an attack.
     rcpt_refusal_counted: bool,
+    /// Likewise a chunked message refused for a bare CR/LF: the session
+    /// goes on after it, so it must not earn a ban alone by repetition.
+    chunk_smuggling_counted: bool,
+    /// The MTA's extensions as this session's EHLO offered them: what the
+    /// client was told is what its commands are judged by.
+    offered: Extensions,
 }
 
 /// A line of the SASL exchange from the client.
@@ -245,6 +252,8 @@ impl Session {
             authenticated: None,
             pinned: None,
             rcpt_refusal_counted: false,
+            chunk_smuggling_counted: false,
+            offered: Extensions::default(),
         }
     }
 
@@ -537,6 +546,7 @@ impl Session {
                     lines.push(format!("AUTH {}", mechanisms.join(" ")));
                 }
                 let extensions = self.extensions_to_offer().await;
+                self.offered = extensions;
                 if extensions.dsn {
                     lines.push("DSN".to_owned());
                 }
@@ -893,15 +903,15 @@ impl Session {
 
     /// DSN parameters pass only to an MTA whose EHLO offered DSN.
     fn dsn_offered(&self) -> bool {
-        self.esmtp && self.ctx.upstream_extensions().is_some_and(|e| e.dsn)
+        self.esmtp && self.offered.dsn
     }
 
     fn smtputf8_offered(&self) -> bool {
-        self.esmtp && self.ctx.upstream_extensions().is_some_and(|e| e.smtputf8)
+        self.esmtp && self.offered.smtputf8
     }
 
     fn chunking_offered(&self) -> bool {
-        self.esmtp && self.ctx.upstream_extensions().is_some_and(|e| e.chunking)
+        self.esmtp && self.offered.chunking
     }
 
     async fn rcpt(
@@ -915,6 +925,13 @@ impl Session {
                 .protocol_error(conn, "503 5.5.1 Error: need MAIL command")
                 .await;
         };
+        if tx.chunks.is_some() {
+            // The message has begun: a recipient now would mean a replayed
+            // transaction carrying only the chunks still to come.
+            return self
+                .protocol_error(conn, "503 5.5.1 Error: RCPT after BDAT")
+                .await;
+        }
         if params.uses_dsn() && !self.dsn_offered() {
             return self
                 .error(conn, "555 5.5.4 Unsupported parameter: DSN is not offered")
@@ -1362,9 +1379,9 @@ impl Session {
                 refusal = Some(ChunkRefusal::NotUpstream);
             }
         }
-        if self.upstream.is_none() && refusal.is_none() {
-            // Lost between chunks: the transaction was already failed.
-            refusal = Some(ChunkRefusal::Failed);
+        if refusal.is_none() && self.upstream.is_none() {
+            // Lost between chunks: the message failed already.
+            refusal = Some(ChunkRefusal::Failed(451));
         }
         if let Some(refusal) = refusal {
             return self.refuse_chunk(conn, size, last, refusal).await;
@@ -1377,10 +1394,10 @@ impl Session {
             return Some(ChunkRefusal::NoMail);
         };
         let chunks = tx.chunks.as_ref();
-        if tx.lost {
+        if let Some(code) = chunks.and_then(|c| c.failed) {
+            Some(ChunkRefusal::Failed(code))
+        } else if tx.lost {
             Some(ChunkRefusal::Lost)
-        } else if chunks.is_some_and(|c| c.failed) {
-            Some(ChunkRefusal::Failed)
         } else if tx.accepted.is_empty() {
             Some(ChunkRefusal::NoRecipients)
         } else if chunks.map_or(0, |c| c.size).saturating_add(size)
@@ -1418,25 +1435,39 @@ impl Session {
             remaining -= taken as u64;
         }
         let reply = match refusal {
+            // Not counted as abuse: a client pipelining chunks after a
+            // refused MAIL is following RFC 3030.
             ChunkRefusal::NoMail => {
-                return self
-                    .protocol_error(conn, "503 5.5.1 Error: need MAIL command")
-                    .await
+                return self.error(conn, "503 5.5.1 Error: need MAIL command").await
             }
-            ChunkRefusal::Lost => return self.send_lost(conn).await,
-            ChunkRefusal::Failed => "554 5.5.0 Error: this message already failed; send RSET",
-            ChunkRefusal::NoRecipients => "554 5.5.1 Error: no valid recipients",
+            ChunkRefusal::Failed(code) => {
+                // Already answered (and counted) once: later chunks of the
+                // same message hear the same class of reply, uncounted.
+                let reply = match code {
+                    400..=499 => "451 4.3.0 Error: this message already failed; send RSET",
+                    _ => "554 5.5.0 Error: this message already failed; send RSET",
+                };
+                if last {
+                    self.tx = None;
+                }
+                self.send(conn, reply).await?;
+                return Ok(Flow::Continue);
+            }
+            ChunkRefusal::Lost => {
+                SmtpStats::bump(&self.ctx.stats.transactions_lost);
+                Reply::parse_line(LOST)
+            }
+            ChunkRefusal::NoRecipients => Reply::parse_line("554 5.5.1 Error: no valid recipients"),
             ChunkRefusal::TooBig => {
                 SmtpStats::bump(&self.ctx.stats.oversize_refused);
-                "552 5.3.4 Error: message size exceeds fixed limit"
+                Reply::parse_line("552 5.3.4 Error: message size exceeds fixed limit")
             }
             ChunkRefusal::NotUpstream => {
                 SmtpStats::bump(&self.ctx.stats.upstream_failures);
-                "451 4.3.0 Error: mail system behind the gatekeeper no longer takes BDAT, try again later"
+                Reply::parse_line("451 4.3.0 Error: mail system behind the gatekeeper takes no BDAT now, try again later")
             }
         };
-        self.fail_chunked(last);
-        self.error(conn, reply).await
+        self.chunk_failed(conn, last, reply).await
     }
 
     /// Streams one accepted chunk to the MTA as a chunk of the same size.
@@ -1449,17 +1480,17 @@ impl Session {
         size: u64,
         last: bool,
     ) -> std::io::Result<Flow> {
-        let Some(mut chunks) = self
-            .tx
-            .as_mut()
-            .map(|tx| tx.chunks.take().unwrap_or_default())
-        else {
-            return self.send_lost(conn).await;
-        };
-        // Out of `self` while the chunk streams; an early return drops it,
-        // and with it the message.
-        let Some(mut upstream) = self.upstream.take() else {
-            return self.send_lost(conn).await;
+        // Out of `self` while the chunk streams; an early return drops both,
+        // and with them the message.
+        let (Some(mut upstream), Some(mut chunks)) = (
+            self.upstream.take(),
+            self.tx
+                .as_mut()
+                .map(|tx| tx.chunks.take().unwrap_or_default()),
+        ) else {
+            return self
+                .refuse_chunk(conn, size, last, ChunkRefusal::Failed(451))
+                .await;
         };
         let mut problem = upstream
             .start_chunk(size, last)
@@ -1534,38 +1565,33 @@ impl Session {
                     SmtpStats::bump(&self.ctx.stats.messages_rejected);
                 }
                 self.end_transaction().await;
-                reply
+                self.send_reply(conn, &reply).await?;
+                if reply.code >= 500 {
+                    return self.count_error(conn).await;
+                }
+                return Ok(Flow::Continue);
             }
             Ok(reply) if reply.is_success() => {
-                Reply::new(250, format!("2.0.0 Ok: {size} octets received"))
+                let ack = Reply::new(250, format!("2.0.0 Ok: {size} octets received"));
+                self.send_reply(conn, &ack).await?;
+                return Ok(Flow::Continue);
             }
-            Ok(reply) => {
-                self.fail_chunked(last);
-                reply
-            }
-            Err(ChunkProblem::Upstream(e)) => {
-                self.fail_chunked(last);
-                self.upstream_failed(e)
-            }
+            Ok(reply) => reply,
+            Err(ChunkProblem::Upstream(e)) => self.upstream_failed(e),
             Err(ChunkProblem::Body(BodyProblem::BareLineEnd)) => {
-                // The chunk's end is known, so the session can go on; the
-                // message cannot (see `chunk`).
                 SmtpStats::bump(&self.ctx.stats.smuggling_refused);
-                self.abuse(AbuseKind::Smuggling);
-                self.fail_chunked(last);
+                if !self.chunk_smuggling_counted {
+                    self.chunk_smuggling_counted = true;
+                    self.abuse(AbuseKind::Smuggling);
+                }
                 Reply::parse_line("554 5.5.2 Error: bare <CR> or <LF> in message data refused")
             }
             Err(ChunkProblem::Body(BodyProblem::LineTooLong)) => {
                 SmtpStats::bump(&self.ctx.stats.long_line_refused);
-                self.fail_chunked(last);
                 Reply::parse_line("554 5.6.0 Error: message line longer than 1000 octets")
             }
         };
-        self.send_reply(conn, &reply).await?;
-        if reply.code >= 500 {
-            return self.count_error(conn).await;
-        }
-        Ok(Flow::Continue)
+        self.chunk_failed(conn, last, reply).await
     }
 
     /// Waits for more of a chunk: at most `data_timeout`, within the session's life.
@@ -1583,14 +1609,37 @@ impl Session {
     }
 
     /// A refused chunk fails its message: the MTA's session is dropped (so
-    /// it discards what it has) and, unless it was the last chunk, later
-    /// chunks are read and refused until RSET.
-    fn fail_chunked(&mut self, last: bool) {
+    /// it discards what it has, even mid-chunk) and, unless it was the last
+    /// chunk, later chunks are read and refused until RSET. An
+    /// authenticated client loses the one upstream session its relay right
+    /// rides on, so its session ends rather than refusing what it pipelined next.
+    async fn chunk_failed(
+        &mut self,
+        conn: &mut Conn,
+        last: bool,
+        reply: Reply,
+    ) -> std::io::Result<Flow> {
         self.upstream = None;
         match (last, self.tx.as_mut()) {
-            (false, Some(tx)) => tx.chunks.get_or_insert_default().failed = true,
+            (false, Some(tx)) => tx.chunks.get_or_insert_default().failed = Some(reply.code),
             _ => self.tx = None,
         }
+        self.send_reply(conn, &reply).await?;
+        if self.authenticated.is_some() {
+            let host = &self.ctx.config.hostname;
+            self.send(
+                conn,
+                &format!(
+                    "421 4.7.0 {host} Error: authenticated session ends with the failed message"
+                ),
+            )
+            .await?;
+            return Ok(Flow::Close);
+        }
+        if reply.code >= 500 {
+            return self.count_error(conn).await;
+        }
+        Ok(Flow::Continue)
     }
 
     /// The client's reply to an upstream failure while a message streamed.

@@ -1651,12 +1651,20 @@ async fn bdat_chunks_reach_the_mta_as_the_same_chunks_and_are_never_commands() {
     assert_eq!(rcpts(&session), ["RCPT TO:<bob@example.org>"]);
     assert_eq!(front.stats().messages_delivered, 1);
 
+    // No recipient joins a message already begun (it would be replayed
+    // on a fresh MTA session without the chunks sent so far).
+    let mut c = chunked_transaction(&front).await;
+    assert_eq!(c.chunk("Hi\r\n", false).await.code, 250);
+    assert_eq!(c.code("RCPT TO:<carol@example.org>").await, 503);
+    assert_eq!(c.chunk("", true).await.code, 250);
+    assert_eq!(front.stats().messages_delivered, 2);
+
     // DATA cannot finish a chunked message; BDAT 0 LAST can.
     let mut c = chunked_transaction(&front).await;
     assert_eq!(c.chunk("Hi\r\n", false).await.code, 250);
     assert_eq!(c.code("DATA").await, 503);
     assert_eq!(c.chunk("", true).await.code, 250);
-    assert_eq!(front.stats().messages_delivered, 2);
+    assert_eq!(front.stats().messages_delivered, 3);
 }
 
 #[tokio::test]
@@ -1707,6 +1715,11 @@ async fn refused_chunks_are_read_to_their_end_and_limits_hold() {
     let kib = line.repeat(10);
     assert_eq!(c.chunk(&kib, false).await.code, 250);
     assert_eq!(c.chunk(&kib.repeat(2), false).await.code, 552);
+    // Later chunks of the failed message: refused, uncounted (more than
+    // max_errors of them end nothing).
+    for _ in 0..12 {
+        assert_eq!(c.chunk(&kib, false).await.code, 554);
+    }
     assert_eq!(c.chunk("end", true).await.code, 554);
     assert_eq!(c.code("RSET").await, 250);
     assert_eq!(front.stats().oversize_refused, 1);
