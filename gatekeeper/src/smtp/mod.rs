@@ -119,7 +119,14 @@ pub struct SmtpContext {
     /// The extensions the MTA offered in its latest EHLO (`None`: not
     /// learned yet), shared across reloads.
     upstream_extensions: Arc<std::sync::RwLock<Option<upstream::Extensions>>>,
+    /// When learning from the MTA last failed: EHLOs in the next
+    /// `LEARN_RETRY` do not try again, so a silent MTA cannot make every
+    /// client's EHLO wait out `upstream_connect_timeout`.
+    learning_failed: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
+
+/// How long a failed attempt to learn the MTA's EHLO stands.
+const LEARN_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl SmtpContext {
     pub fn new(
@@ -159,6 +166,7 @@ impl SmtpContext {
         next.auth_mechanisms = self.auth_mechanisms.clone();
         if next.config.upstream == self.config.upstream {
             next.upstream_extensions = self.upstream_extensions.clone();
+            next.learning_failed = self.learning_failed.clone();
         }
         Ok(next)
     }
@@ -207,6 +215,7 @@ impl SmtpContext {
             our_names,
             auth_mechanisms: Arc::default(),
             upstream_extensions: Arc::default(),
+            learning_failed: Arc::default(),
             gate,
             upstream_slots,
             config,
@@ -248,6 +257,22 @@ impl SmtpContext {
             .upstream_extensions
             .read()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether an attempt to learn from the MTA failed within `LEARN_RETRY`.
+    fn learning_recently_failed(&self) -> bool {
+        let failed = *self
+            .learning_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failed.is_some_and(|at| at.elapsed() < LEARN_RETRY)
+    }
+
+    fn learning_failed_now(&self) {
+        *self
+            .learning_failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
     }
 
     fn learn_extensions(&self, extensions: upstream::Extensions) {

@@ -641,6 +641,9 @@ impl Session {
         if let Some(known) = self.ctx.upstream_extensions() {
             return known;
         }
+        if self.ctx.learning_recently_failed() {
+            return Extensions::default();
+        }
         match self.connect_upstream().await {
             Ok(upstream) => {
                 let extensions = upstream.extensions();
@@ -649,6 +652,9 @@ impl Session {
             }
             Err(e) => {
                 debug!(error = %e, "cannot learn the MTA's extensions");
+                if !matches!(e, UpstreamError::Busy) {
+                    self.ctx.learning_failed_now();
+                }
                 Extensions::default()
             }
         }
@@ -662,14 +668,19 @@ impl Session {
         {
             return None;
         }
-        if !self.ctx.auth_learned() {
+        if !self.ctx.auth_learned() && !self.ctx.learning_recently_failed() {
             match self.connect_upstream().await {
                 Ok(upstream) => {
                     // Learned even when empty: an MTA without AUTH is asked once.
                     self.ctx.learn_auth(upstream.auth_mechanisms().to_vec());
                     upstream.quit().await
                 }
-                Err(e) => debug!(error = %e, "cannot learn the MTA's AUTH mechanisms"),
+                Err(e) => {
+                    debug!(error = %e, "cannot learn the MTA's AUTH mechanisms");
+                    if !matches!(e, UpstreamError::Busy) {
+                        self.ctx.learning_failed_now();
+                    }
+                }
             }
         }
         self.ctx.offered_auth()

@@ -1777,3 +1777,22 @@ async fn without_chunking_behind_it_bdat_is_not_offered_and_ends_the_session() {
         .iter()
         .any(|l| l.contains("elsewhere")));
 }
+
+#[tokio::test]
+async fn a_silent_mta_is_asked_for_its_extensions_once_per_retry_period() {
+    let mta = Mta::start(Script {
+        greet: false,
+        ..Script::default()
+    })
+    .await;
+    let front = Front::learning(mta.addr, "upstream_connect_timeout = \"200ms\"\n").await;
+    // The first EHLO waits out the connect timeout; the next ones, well
+    // within the 10 s retry period, do not try again.
+    for _ in 0..3 {
+        let mut c = front.client().await;
+        let ehlo = c.cmd("EHLO client.test").await;
+        assert_eq!(ehlo.code, 250, "{ehlo:?}");
+        assert!(!ehlo.lines.contains(&"DSN".to_owned()), "{ehlo:?}");
+    }
+    assert_eq!(mta.sessions().len(), 1, "one learning attempt");
+}
