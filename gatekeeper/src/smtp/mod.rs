@@ -268,7 +268,12 @@ impl SmtpContext {
         failed.is_some_and(|at| at.elapsed() < LEARN_RETRY)
     }
 
-    fn learning_failed_now(&self) {
+    /// Records a failed attempt to learn from the MTA; a busy upstream slot
+    /// says nothing about the MTA, so it does not count.
+    fn note_learning_failure(&self, error: &upstream::UpstreamError) {
+        if matches!(error, upstream::UpstreamError::Busy) {
+            return;
+        }
         *self
             .learning_failed
             .lock()

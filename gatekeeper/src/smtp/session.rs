@@ -652,9 +652,7 @@ impl Session {
             }
             Err(e) => {
                 debug!(error = %e, "cannot learn the MTA's extensions");
-                if !matches!(e, UpstreamError::Busy) {
-                    self.ctx.learning_failed_now();
-                }
+                self.ctx.note_learning_failure(&e);
                 Extensions::default()
             }
         }
@@ -677,9 +675,7 @@ impl Session {
                 }
                 Err(e) => {
                     debug!(error = %e, "cannot learn the MTA's AUTH mechanisms");
-                    if !matches!(e, UpstreamError::Busy) {
-                        self.ctx.learning_failed_now();
-                    }
+                    self.ctx.note_learning_failure(&e);
                 }
             }
         }
@@ -1430,10 +1426,8 @@ impl Session {
     ) -> std::io::Result<Flow> {
         let mut remaining = size;
         while remaining > 0 {
-            let taken = match self.fill_chunk(conn).await? {
-                Filled::Bytes(bytes) => bytes
-                    .len()
-                    .min(usize::try_from(remaining).unwrap_or(usize::MAX)),
+            let taken = match self.fill_chunk(conn, remaining).await? {
+                Filled::Bytes(piece) => piece.len(),
                 Filled::Eof => {
                     self.abandon_transaction();
                     return Ok(Flow::Close);
@@ -1511,8 +1505,8 @@ impl Session {
         let mut remaining = size;
         let mut held: Option<u8> = None;
         while remaining > 0 {
-            let bytes = match self.fill_chunk(conn).await? {
-                Filled::Bytes(bytes) => bytes,
+            let piece = match self.fill_chunk(conn, remaining).await? {
+                Filled::Bytes(piece) => piece,
                 Filled::Eof => {
                     self.abandon_transaction();
                     return Ok(Flow::Close);
@@ -1521,10 +1515,7 @@ impl Session {
                     return self.data_stalled(conn, session_time).await
                 }
             };
-            let taken = bytes
-                .len()
-                .min(usize::try_from(remaining).unwrap_or(usize::MAX));
-            let piece = &bytes[..taken];
+            let taken = piece.len();
             if problem.is_none() {
                 if let Err(e) = chunks.scanner.scan(piece) {
                     problem = Some(ChunkProblem::Body(e));
@@ -1605,13 +1596,23 @@ impl Session {
         self.chunk_failed(conn, last, reply).await
     }
 
-    /// Waits for more of a chunk: at most `data_timeout`, within the session's life.
-    async fn fill_chunk<'c>(&self, conn: &'c mut Conn) -> std::io::Result<Filled<'c>> {
+    /// Waits for more of a chunk, at most `remaining` octets of it: at most
+    /// `data_timeout`, within the session's life.
+    async fn fill_chunk<'c>(
+        &self,
+        conn: &'c mut Conn,
+        remaining: u64,
+    ) -> std::io::Result<Filled<'c>> {
         let by_chunk = Instant::now() + self.ctx.config.data_timeout;
         let deadline = by_chunk.min(self.deadline);
         match timeout_at(deadline, conn.fill_buf()).await {
             Ok(Ok([])) => Ok(Filled::Eof),
-            Ok(Ok(bytes)) => Ok(Filled::Bytes(bytes)),
+            Ok(Ok(bytes)) => {
+                let taken = bytes
+                    .len()
+                    .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+                Ok(Filled::Bytes(&bytes[..taken]))
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => Ok(Filled::Timeout {
                 session_time: deadline < by_chunk,
