@@ -946,6 +946,17 @@ mod tests {
             assert!(parse_command(line.as_bytes()).is_err(), "{line:?}");
         }
         assert!(parse_command("RCPT TO:<jöran@example.org>".as_bytes()).is_ok());
+        // A bare UTF-8 local part (found by `echoed_text_is_printable`) is a
+        // UTF-8 path that is forwarded as written.
+        let Ok(Command::Rcpt { to, .. }) = parse_command("RCPT TO:<\u{800}>".as_bytes()) else {
+            panic!()
+        };
+        assert!(to.utf8);
+        assert_eq!(to.to_wire(), "\u{800}");
+        for control in ["\u{85}", "\u{9b}", "\u{2028}"] {
+            let line = format!("RCPT TO:<j{control}ran@example.org>");
+            assert!(parse_command(line.as_bytes()).is_err(), "{line:?}");
+        }
     }
 
     #[test]
@@ -1312,19 +1323,25 @@ mod properties {
         RelayPolicy::new(&["example.org".into()], vec![], vec![])
     }
 
+    /// Printable ASCII, or, in a path that is UTF-8 (only accepted with
+    /// SMTPUTF8), any character that is not a control.
+    fn printable_char(c: char, utf8: bool) -> bool {
+        (' '..='~').contains(&c) || utf8 && !c.is_ascii() && !c.is_control()
+    }
+
     /// `path` as sent upstream: printable, spaces only inside its quoted
     /// local part, and read back as the same mailbox with the same verdict.
     fn check_round_trip(path: &Path) -> Result<(), TestCaseError> {
         let wire = path.to_wire();
         let mut in_quotes = false;
         let mut escaped = false;
-        for b in wire.bytes() {
-            prop_assert!((0x20..0x7f).contains(&b), "{:?}", wire);
-            match b {
+        for c in wire.chars() {
+            prop_assert!(printable_char(c, path.utf8), "{:?}", wire);
+            match c {
                 _ if escaped => escaped = false,
-                b'\\' if in_quotes => escaped = true,
-                b'"' => in_quotes = !in_quotes,
-                b' ' => prop_assert!(in_quotes, "unquoted space in {:?}", wire),
+                '\\' if in_quotes => escaped = true,
+                '"' => in_quotes = !in_quotes,
+                ' ' => prop_assert!(in_quotes, "unquoted space in {:?}", wire),
                 _ => {}
             }
         }
@@ -1449,7 +1466,8 @@ mod properties {
             let printable = |text: &str| text.bytes().all(|b| (0x20..0x7f).contains(&b));
             match parse_command(&bytes) {
                 Ok(Command::Rcpt { to, .. }) | Ok(Command::Mail { from: ReversePath::Path(to), .. }) => {
-                    prop_assert!(printable(&to.raw));
+                    prop_assert_eq!(to.utf8, !to.raw.is_ascii());
+                    prop_assert!(to.raw.chars().all(|c| printable_char(c, to.utf8)), "{:?}", to.raw);
                     check_round_trip(&to)?;
                 }
                 Ok(Command::Ehlo(name) | Command::Helo(name)) => {
