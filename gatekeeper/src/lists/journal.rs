@@ -8,7 +8,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::store::{EntryMeta, EntryMetaV1};
+use super::store::{EntryMeta, EntryMetaV1, EntryMetaV2};
 
 const HEADER: usize = 12;
 /// Far above any real record (a million-entry replace is ~40 MB).
@@ -20,15 +20,17 @@ pub struct Record {
     pub ops: Vec<(IpNet, Option<EntryMeta>)>,
 }
 
-/// A record as format 1 wrote it (journals after a format-1 snapshot, or
-/// without a snapshot).
+/// A record as an older format wrote it (journals after a snapshot of
+/// that format, or, for format 1, without a snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordV1 {
-    pub ops: Vec<(IpNet, Option<EntryMetaV1>)>,
+pub struct RecordOf<M> {
+    pub ops: Vec<(IpNet, Option<M>)>,
 }
 
-impl From<RecordV1> for Record {
-    fn from(old: RecordV1) -> Record {
+pub type RecordV1 = RecordOf<EntryMetaV1>;
+
+impl<M: Into<EntryMeta>> From<RecordOf<M>> for Record {
+    fn from(old: RecordOf<M>) -> Record {
         Record {
             ops: old
                 .ops
@@ -44,6 +46,8 @@ impl From<RecordV1> for Record {
 pub enum Format {
     V1,
     V2,
+    /// Entries carry the fleet's claim.
+    V3,
 }
 
 pub fn encode<R: Serialize>(record: &R) -> Vec<u8> {
@@ -115,7 +119,8 @@ pub fn decode(bytes: &[u8], format: Format) -> Result<Decoded, Corrupt> {
         }
         let record: Record = match format {
             Format::V1 => postcard::from_bytes::<RecordV1>(payload).map(Record::from),
-            Format::V2 => postcard::from_bytes(payload),
+            Format::V2 => postcard::from_bytes::<RecordOf<EntryMetaV2>>(payload).map(Record::from),
+            Format::V3 => postcard::from_bytes(payload),
         }
         .map_err(|_| corrupt("record does not decode"))?;
         if record.ops.iter().any(|(net, _)| net.trunc() != *net) {
@@ -154,7 +159,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let decoded = decode(&journal(3), Format::V2).unwrap();
+        let decoded = decode(&journal(3), Format::V3).unwrap();
         assert_eq!(decoded.records, [record(0), record(1), record(2)]);
         assert!(!decoded.torn);
         assert_eq!(decoded.valid_len, journal(3).len() as u64);
@@ -165,7 +170,7 @@ mod tests {
         let two = journal(2).len();
         let three = journal(3);
         for cut in two + 1..three.len() {
-            let decoded = decode(&three[..cut], Format::V2).unwrap();
+            let decoded = decode(&three[..cut], Format::V3).unwrap();
             assert_eq!(decoded.records.len(), 2, "cut at {cut}");
             assert!(decoded.torn);
             assert_eq!(decoded.valid_len, two as u64);
@@ -178,13 +183,13 @@ mod tests {
         let mut bytes = journal(3);
         // A flipped payload byte in the second record.
         bytes[one + HEADER + 2] ^= 0x40;
-        let err = decode(&bytes, Format::V2).unwrap_err();
+        let err = decode(&bytes, Format::V3).unwrap_err();
         assert_eq!(err.offset, one as u64);
         // A damaged length in the second record must not pass for a short tail.
         let mut bytes = journal(3);
         bytes[one + 1] ^= 0x7f;
         assert_eq!(
-            decode(&bytes, Format::V2).unwrap_err().problem,
+            decode(&bytes, Format::V3).unwrap_err().problem,
             "record header checksum mismatch"
         );
     }
@@ -215,7 +220,7 @@ mod tests {
         let mut bytes = journal(3);
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        let decoded = decode(&bytes, Format::V2).unwrap();
+        let decoded = decode(&bytes, Format::V3).unwrap();
         assert!(decoded.torn);
         assert_eq!(decoded.valid_len, two as u64);
     }

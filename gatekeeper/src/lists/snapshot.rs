@@ -3,7 +3,8 @@
 //!
 //! Layout: `GKSNAP\0` + format byte | payload length (u64 LE) |
 //! crc32(payload) (u32 LE) | payload. Format 2 records each entry's owners
-//! (manual, feeds); format 1 (all manual) is read and converted.
+//! (manual, feeds); format 3 adds the fleet's claim. Formats 1 (all manual)
+//! and 2 are read and converted.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,10 +12,12 @@ use std::path::Path;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::store::{EntryMeta, EntryMetaV1};
+use super::journal::Format;
+use super::store::{EntryMeta, EntryMetaV1, EntryMetaV2};
 use crate::persist::write_atomically;
 
-const MAGIC: &[u8; 8] = b"GKSNAP\x00\x02";
+const MAGIC: &[u8; 8] = b"GKSNAP\x00\x03";
+const MAGIC_V2: &[u8; 8] = b"GKSNAP\x00\x02";
 const MAGIC_V1: &[u8; 8] = b"GKSNAP\x00\x01";
 const HEADER: usize = 8 + 8 + 4;
 
@@ -29,15 +32,34 @@ struct SnapshotRef<'a> {
 pub struct Snapshot {
     pub generation: u64,
     pub entries: BTreeMap<IpNet, EntryMeta>,
-    /// Written in format 1: the journals after it are format 1 too.
-    #[serde(skip)]
-    pub v1: bool,
+    /// The format it was written in: the journals after it are in it too.
+    #[serde(skip, default = "current")]
+    pub format: Format,
 }
 
+fn current() -> Format {
+    Format::V3
+}
+
+/// A snapshot of an older format, whose entries convert to today's.
 #[derive(Deserialize)]
-struct SnapshotV1 {
+struct SnapshotOf<M> {
     generation: u64,
-    entries: BTreeMap<IpNet, EntryMetaV1>,
+    entries: BTreeMap<IpNet, M>,
+}
+
+impl<M: Into<EntryMeta>> SnapshotOf<M> {
+    fn convert(self, format: Format) -> Snapshot {
+        Snapshot {
+            generation: self.generation,
+            entries: self
+                .entries
+                .into_iter()
+                .map(|(net, meta)| (net, meta.into()))
+                .collect(),
+            format,
+        }
+    }
 }
 
 /// Writes the snapshot atomically; returns its size in bytes.
@@ -65,10 +87,12 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, &'static str> {
     if bytes.len() < HEADER || bytes[..6] != MAGIC[..6] {
         return Err("not a gatekeeper snapshot");
     }
-    let v1 = bytes[..8] == MAGIC_V1[..];
-    if bytes[..8] != MAGIC[..] && !v1 {
-        return Err("snapshot format version not supported by this gatekeeper");
-    }
+    let format = match &bytes[..8] {
+        magic if magic == MAGIC => Format::V3,
+        magic if magic == MAGIC_V2 => Format::V2,
+        magic if magic == MAGIC_V1 => Format::V1,
+        _ => return Err("snapshot format version not supported by this gatekeeper"),
+    };
     let len = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
     let crc = u32::from_le_bytes(bytes[16..20].try_into().unwrap());
     let payload = &bytes[HEADER..];
@@ -78,39 +102,50 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, &'static str> {
     if crc32fast::hash(payload) != crc {
         return Err("snapshot checksum mismatch");
     }
-    let snapshot = match v1 {
-        true => postcard::from_bytes(payload).map(|old: SnapshotV1| Snapshot {
-            generation: old.generation,
-            entries: old
-                .entries
-                .into_iter()
-                .map(|(net, meta)| (net, meta.into()))
-                .collect(),
-            v1: true,
-        }),
-        false => postcard::from_bytes(payload),
-    }
-    .map_err(|_| "snapshot does not decode")?;
+    let snapshot =
+        match format {
+            Format::V1 => postcard::from_bytes::<SnapshotOf<EntryMetaV1>>(payload)
+                .map(|old| old.convert(format)),
+            Format::V2 => postcard::from_bytes::<SnapshotOf<EntryMetaV2>>(payload)
+                .map(|old| old.convert(format)),
+            Format::V3 => postcard::from_bytes(payload),
+        }
+        .map_err(|_| "snapshot does not decode")?;
     if snapshot.entries.keys().any(|net| net.trunc() != *net) {
         return Err("snapshot holds a non-canonical prefix");
     }
     Ok(snapshot)
 }
 
-/// A format-1 snapshot, as the previous gatekeeper wrote it (migration tests).
+/// A format-1 snapshot, as an older gatekeeper wrote it (migration tests).
 #[cfg(test)]
 pub(crate) fn v1_bytes(generation: u64, entries: &BTreeMap<IpNet, EntryMetaV1>) -> Vec<u8> {
+    old_bytes(MAGIC_V1, generation, entries)
+}
+
+/// A format-2 snapshot (no fleet claims), for migration tests.
+#[cfg(test)]
+pub(crate) fn v2_bytes(generation: u64, entries: &BTreeMap<IpNet, EntryMetaV2>) -> Vec<u8> {
+    old_bytes(MAGIC_V2, generation, entries)
+}
+
+#[cfg(test)]
+fn old_bytes<M: Serialize>(
+    magic: &[u8; 8],
+    generation: u64,
+    entries: &BTreeMap<IpNet, M>,
+) -> Vec<u8> {
     #[derive(Serialize)]
-    struct V1<'a> {
+    struct Old<'a, M> {
         generation: u64,
-        entries: &'a BTreeMap<IpNet, EntryMetaV1>,
+        entries: &'a BTreeMap<IpNet, M>,
     }
-    let payload = postcard::to_allocvec(&V1 {
+    let payload = postcard::to_allocvec(&Old {
         generation,
         entries,
     })
     .unwrap();
-    let mut out = MAGIC_V1.to_vec();
+    let mut out = magic.to_vec();
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
@@ -162,7 +197,7 @@ mod tests {
         .into();
         let bytes = v1_bytes(4, &old);
         let read = decode(&bytes).unwrap();
-        assert!(read.v1);
+        assert_eq!(read.format, Format::V1);
         assert_eq!(read.generation, 4);
         let meta = &read.entries[&"192.0.2.0/24".parse().unwrap()];
         assert_eq!(*meta, EntryMeta::manual(Some("SBL1".into()), 7, Some(99)));

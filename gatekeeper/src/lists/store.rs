@@ -34,9 +34,9 @@ const LEGACY_FORMAT_VERSION: u32 = 1;
 
 /// What is known about a listed prefix besides the prefix itself.
 ///
-/// A prefix has owners: the operator (`manual`) and any number of feeds.
-/// It stays listed, in the store and the kernel, while any owner lists it;
-/// each owner adds and removes only its own claim.
+/// A prefix has owners: the operator (`manual`), any number of feeds and
+/// the fleet (`shared`). It stays listed, in the store and the kernel, while
+/// any owner lists it; each owner adds and removes only its own claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntryMeta {
     pub reason: Option<String>,
@@ -49,6 +49,40 @@ pub struct EntryMeta {
     pub manual: bool,
     /// Names of the feeds that list it.
     pub feeds: BTreeSet<String>,
+    /// A verdict another host of the fleet shared (see `cluster`).
+    pub shared: Option<SharedClaim>,
+}
+
+/// The fleet's listing of a prefix: it lasts until `expires` (none =
+/// permanent) or until the fleet withdraws it, whatever the operator does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedClaim {
+    pub expires: Option<u64>,
+    /// The node that took the verdict.
+    pub origin: String,
+}
+
+/// An entry as format 2 wrote it: no fleet claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryMetaV2 {
+    pub reason: Option<String>,
+    pub added: u64,
+    pub expires: Option<u64>,
+    pub manual: bool,
+    pub feeds: BTreeSet<String>,
+}
+
+impl From<EntryMetaV2> for EntryMeta {
+    fn from(old: EntryMetaV2) -> EntryMeta {
+        EntryMeta {
+            reason: old.reason,
+            added: old.added,
+            expires: old.expires,
+            manual: old.manual,
+            feeds: old.feeds,
+            shared: None,
+        }
+    }
 }
 
 impl EntryMeta {
@@ -60,14 +94,23 @@ impl EntryMeta {
             expires,
             manual: true,
             feeds: BTreeSet::new(),
+            shared: None,
         }
     }
 
-    /// When the entry as a whole stops matching: never while a feed lists it.
+    /// When the entry as a whole stops matching: never while a feed lists
+    /// it, otherwise when the last of the manual and shared listings ends.
     pub fn expiry(&self) -> Option<u64> {
-        match self.feeds.is_empty() {
-            true => self.expires,
-            false => None,
+        if !self.feeds.is_empty() {
+            return None;
+        }
+        let manual = self.manual.then_some(self.expires);
+        let shared = self.shared.as_ref().map(|claim| claim.expires);
+        match (manual, shared) {
+            (Some(None), _) | (_, Some(None)) => None,
+            (Some(a), Some(b)) => a.max(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => None,
         }
     }
 
@@ -75,22 +118,53 @@ impl EntryMeta {
         self.expiry().is_none_or(|e| e > now)
     }
 
-    /// The manual listing has run out (the feeds' listings may remain).
-    fn manual_expired_at(&self, now: u64) -> bool {
-        self.manual && self.expires.is_some_and(|e| e <= now)
+    /// The manual or the shared listing has run out (others may remain).
+    fn expired_at(&self, now: u64) -> bool {
+        let ended = |expires: Option<u64>| expires.is_some_and(|e| e <= now);
+        self.manual && ended(self.expires)
+            || self
+                .shared
+                .as_ref()
+                .is_some_and(|claim| ended(claim.expires))
     }
 
-    /// What is left once the manual listing goes: nothing without feeds.
+    /// What is left once the expired listings at `now` go.
+    fn without_expired(self, now: u64) -> Option<EntryMeta> {
+        let ended = |expires: Option<u64>| expires.is_some_and(|e| e <= now);
+        let mut left = Some(self);
+        if left.as_ref().is_some_and(|m| m.manual && ended(m.expires)) {
+            left = left.and_then(EntryMeta::without_manual);
+        }
+        if left
+            .as_ref()
+            .is_some_and(|m| m.shared.as_ref().is_some_and(|c| ended(c.expires)))
+        {
+            left = left.and_then(EntryMeta::without_shared);
+        }
+        left
+    }
+
+    fn owned(self) -> Option<EntryMeta> {
+        (self.manual || !self.feeds.is_empty() || self.shared.is_some()).then_some(self)
+    }
+
+    /// What is left once the manual listing goes.
     fn without_manual(mut self) -> Option<EntryMeta> {
         self.manual = false;
         self.expires = None;
-        (!self.feeds.is_empty()).then_some(self)
+        self.owned()
     }
 
     /// What is left once `feed` drops it.
     fn without_feed(mut self, feed: &str) -> Option<EntryMeta> {
         self.feeds.remove(feed);
-        (self.manual || !self.feeds.is_empty()).then_some(self)
+        self.owned()
+    }
+
+    /// What is left once the fleet withdraws it.
+    fn without_shared(mut self) -> Option<EntryMeta> {
+        self.shared = None;
+        self.owned()
     }
 }
 
@@ -151,14 +225,34 @@ pub enum Change {
     Remove(Vec<IpNet>),
     /// Make the list exactly these entries.
     Replace(Vec<NewEntry>),
-    /// End the manual listings of those of `nets` that expired at `now`.
+    /// End the manual and shared listings of those of `nets` that expired at `now`.
     Expire { nets: Vec<IpNet>, now: u64 },
+    /// The fleet's verdicts, in order; the other owners' listings are untouched.
+    Shared(Vec<SharedOp>),
+    /// Make the fleet's listings exactly these (a full resynchronisation).
+    SharedReplace(Vec<SharedEntry>),
     /// Make `feed`'s own listings exactly `entries` (prefix, reason); the
     /// operator's and other feeds' listings are untouched.
     Feed {
         feed: String,
         entries: Vec<(IpNet, Option<String>)>,
     },
+}
+
+/// A fleet listing to take on: a later expiry wins over an earlier one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedEntry {
+    pub net: IpNet,
+    pub reason: Option<String>,
+    pub expires: Option<u64>,
+    pub origin: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedOp {
+    Add(SharedEntry),
+    /// Withdraws the fleet's claim only; a prefix it does not hold is no error.
+    Remove(IpNet),
 }
 
 /// A removal named prefixes the operator has not listed; `Add`, `Remove`
@@ -169,6 +263,8 @@ pub struct NotListed {
     pub missing: Vec<IpNet>,
     /// Prefixes only feeds list, with those feeds: they go when the feeds drop them.
     pub by_feeds: Vec<(IpNet, Vec<String>)>,
+    /// Prefixes only the fleet lists: `del --share` withdraws them.
+    pub by_fleet: Vec<IpNet>,
 }
 
 impl std::fmt::Display for NotListed {
@@ -186,6 +282,13 @@ impl std::fmt::Display for NotListed {
                 .collect();
             parts.push(format!(
                 "listed only by feeds, which own them: {} (use `allow add` to let one through)",
+                nets.join(", ")
+            ));
+        }
+        if !self.by_fleet.is_empty() {
+            let nets: Vec<String> = self.by_fleet.iter().map(ToString::to_string).collect();
+            parts.push(format!(
+                "listed only by the fleet: {} (withdraw with `del --share`)",
                 nets.join(", ")
             ));
         }
@@ -350,8 +453,8 @@ impl ListStore {
         };
         layout.migrate_legacy()?;
         let mut loaded = layout.load(None, true)?;
-        if loaded.format == Format::V1 {
-            layout.migrate_v1(&mut loaded)?;
+        if loaded.format != Format::V3 {
+            layout.migrate(&mut loaded)?;
         }
         let (generation, file_bytes) = match loaded.journals.last() {
             Some(&last) => last,
@@ -439,12 +542,12 @@ impl ListStore {
         }
     }
 
-    /// Entries whose manual listing has expired at unix time `now`.
+    /// Entries whose manual or shared listing has expired at unix time `now`.
     pub fn expired(&self, now: u64) -> Vec<IpNet> {
         self.state()
             .entries
             .iter()
-            .filter(|(_, meta)| meta.manual_expired_at(now))
+            .filter(|(_, meta)| meta.expired_at(now))
             .map(|(net, _)| *net)
             .collect()
     }
@@ -827,20 +930,23 @@ fn plan(
         Change::Remove(nets) => {
             let mut missing = Vec::new();
             let mut by_feeds = Vec::new();
+            let mut by_fleet = Vec::new();
             for net in &nets {
                 match entries.get(net) {
                     None => missing.push(*net),
-                    Some(meta) if !meta.manual => {
+                    Some(meta) if !meta.manual && !meta.feeds.is_empty() => {
                         by_feeds.push((*net, meta.feeds.iter().cloned().collect()))
                     }
+                    Some(meta) if !meta.manual => by_fleet.push(*net),
                     Some(_) => {}
                 }
             }
-            if !missing.is_empty() || !by_feeds.is_empty() {
+            if !missing.is_empty() || !by_feeds.is_empty() || !by_fleet.is_empty() {
                 return Err(NotListed {
                     list: kind,
                     missing,
                     by_feeds,
+                    by_fleet,
                 });
             }
             for net in nets {
@@ -850,9 +956,46 @@ fn plan(
         }
         Change::Expire { nets, now } => {
             for net in nets {
-                if let Some(meta) = entries.get(&net).filter(|m| m.manual_expired_at(now)) {
-                    set(net, meta.clone().without_manual());
+                if let Some(meta) = entries.get(&net).filter(|m| m.expired_at(now)) {
+                    set(net, meta.clone().without_expired(now));
                 }
+            }
+        }
+        Change::Shared(ops) => {
+            let mut staged: BTreeMap<IpNet, Option<EntryMeta>> = BTreeMap::new();
+            for op in ops {
+                let net = match &op {
+                    SharedOp::Add(entry) => entry.net,
+                    SharedOp::Remove(net) => *net,
+                };
+                let current = staged
+                    .get(&net)
+                    .cloned()
+                    .unwrap_or_else(|| entries.get(&net).cloned());
+                let next = match op {
+                    SharedOp::Add(entry) => Some(claim(current, entry, now)),
+                    SharedOp::Remove(_) => current.and_then(EntryMeta::without_shared),
+                };
+                staged.insert(net, next.clone());
+                set(net, next);
+            }
+        }
+        Change::SharedReplace(items) => {
+            let keep: HashSet<IpNet> = items.iter().map(|e| e.net).collect();
+            for (net, meta) in entries {
+                if meta.shared.is_some() && !keep.contains(net) {
+                    set(*net, meta.clone().without_shared());
+                }
+            }
+            let mut staged: BTreeMap<IpNet, EntryMeta> = BTreeMap::new();
+            for item in items {
+                let net = item.net;
+                let current = staged.get(&net).or_else(|| entries.get(&net)).cloned();
+                // The snapshot is the truth: its expiry replaces ours.
+                let current = current.and_then(EntryMeta::without_shared);
+                let merged = claim(current, item, now);
+                staged.insert(net, merged.clone());
+                set(net, Some(merged));
             }
         }
         Change::Feed {
@@ -882,6 +1025,7 @@ fn plan(
                         expires: None,
                         manual: false,
                         feeds: BTreeSet::from([feed.clone()]),
+                        shared: None,
                     },
                 };
                 staged.insert(net, meta.clone());
@@ -947,9 +1091,38 @@ fn upsert(current: Option<EntryMeta>, item: NewEntry, now: u64) -> EntryMeta {
             },
             manual: true,
             feeds: meta.feeds,
+            shared: meta.shared,
         },
         None => EntryMeta::manual(item.reason, now, item.expires),
     }
+}
+
+/// The fleet's listing: a claim already held only lives longer (or becomes
+/// permanent); the operator's and the feeds' reasons win over the fleet's.
+fn claim(current: Option<EntryMeta>, item: SharedEntry, now: u64) -> EntryMeta {
+    let mut meta = current.unwrap_or(EntryMeta {
+        reason: None,
+        added: now,
+        expires: None,
+        manual: false,
+        feeds: BTreeSet::new(),
+        shared: None,
+    });
+    if !meta.manual && meta.feeds.is_empty() {
+        meta.reason = item.reason.or(meta.reason);
+    }
+    let expires = match &meta.shared {
+        Some(old) => match (old.expires, item.expires) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        },
+        None => item.expires,
+    };
+    meta.shared = Some(SharedClaim {
+        expires,
+        origin: item.origin,
+    });
+    meta
 }
 
 /// Where a list's files live, and reading them back.
@@ -1056,11 +1229,11 @@ impl Layout {
         Ok(())
     }
 
-    /// Folds a format-1 (or new) store into a format-2 snapshot whose
-    /// generation follows every format-1 journal, so those count as folded
-    /// (a crash before they are deleted leaves them to the next start's
-    /// repair) and format-2 journals start after them.
-    fn migrate_v1(&self, loaded: &mut Loaded) -> Result<(), StoreError> {
+    /// Folds an older-format (or new) store into a format-3 snapshot whose
+    /// generation follows every old journal, so those count as folded (a
+    /// crash before they are deleted leaves them to the next start's
+    /// repair) and format-3 journals start after them.
+    fn migrate(&self, loaded: &mut Loaded) -> Result<(), StoreError> {
         let generation = match loaded.journals.last() {
             Some(&(last, _)) => last + 1,
             None => loaded.snapshot_generation,
@@ -1072,9 +1245,9 @@ impl Layout {
             let _ = std::fs::remove_file(self.journal(old));
         }
         if generation > 0 || !loaded.entries.is_empty() {
-            info!(list = %self.kind, entries = loaded.entries.len(), "migrated the list store to format 2 (entry owners)");
+            info!(list = %self.kind, entries = loaded.entries.len(), from = ?loaded.format, "migrated the list store to format 3 (fleet claims)");
         }
-        loaded.format = Format::V2;
+        loaded.format = Format::V3;
         loaded.snapshot_generation = generation;
         loaded.snapshot_bytes = bytes;
         Ok(())
@@ -1089,8 +1262,12 @@ impl Layout {
         {
             Ok(bytes) => {
                 let snap = snapshot::decode(&bytes).map_err(|p| Self::corrupt(&path, p))?;
-                let format = if snap.v1 { Format::V1 } else { Format::V2 };
-                (snap.generation, bytes.len() as u64, snap.entries, format)
+                (
+                    snap.generation,
+                    bytes.len() as u64,
+                    snap.entries,
+                    snap.format,
+                )
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 (0, 0, BTreeMap::new(), Format::V1)

@@ -644,3 +644,161 @@ async fn format_1_state_dirs_load_and_migrate_once() {
         );
     }
 }
+
+/// A state dir as the round-2 gatekeeper (format 2) left it: its entries,
+/// feed claims included, survive, and the next change is format 3.
+#[tokio::test]
+async fn format_2_state_dirs_migrate_to_fleet_claims() {
+    use super::super::journal::RecordOf;
+    let v2 = |reason: &str, feeds: &[&str]| EntryMetaV2 {
+        reason: Some(reason.into()),
+        added: 5,
+        expires: Some(u64::MAX),
+        manual: feeds.is_empty(),
+        feeds: feeds.iter().map(|f| f.to_string()).collect(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let old: BTreeMap<IpNet, EntryMetaV2> = [(net("192.0.2.0/24"), v2("snap", &["drop"]))].into();
+    std::fs::write(
+        dir.path().join("deny.snapshot"),
+        snapshot::v2_bytes(3, &old),
+    )
+    .unwrap();
+    let record = RecordOf {
+        ops: vec![(net("198.51.100.0/24"), Some(v2("journal", &[])))],
+    };
+    std::fs::write(dir.path().join("deny.journal.3"), journal::encode(&record)).unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    let loaded = entries(&store);
+    assert_eq!(loaded[&net("192.0.2.0/24")], v2("snap", &["drop"]).into());
+    assert_eq!(loaded[&net("198.51.100.0/24")], v2("journal", &[]).into());
+    assert_eq!(journal_files(dir.path()), ["deny.journal.4"]);
+    change(
+        &store,
+        Change::Shared(vec![shared_add("203.0.113.9/32", Some(u64::MAX))]),
+    )
+    .await
+    .unwrap();
+    store.close();
+    let reopened = open(dir.path(), ListKind::Deny);
+    assert_eq!(entries(&reopened).len(), 3);
+    assert!(entries(&reopened)[&net("203.0.113.9/32")].shared.is_some());
+}
+
+fn shared_add(s: &str, expires: Option<u64>) -> SharedOp {
+    SharedOp::Add(SharedEntry {
+        net: net(s),
+        reason: Some("dnsbl bl.test".into()),
+        expires,
+        origin: "mx-a".into(),
+    })
+}
+
+/// The fleet is one more owner: its claim and the operator's come and go
+/// independently, a plain `del` never withdraws the fleet's, and each
+/// expires on its own clock.
+#[tokio::test]
+async fn shared_and_manual_listings_of_one_prefix_are_independent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    let host = "192.0.2.7/32";
+    change(&store, Change::Shared(vec![shared_add(host, Some(200))]))
+        .await
+        .unwrap();
+    // Not the operator's to delete.
+    let refused = change(&store, Change::Remove(vec![net(host)])).await;
+    let Err(ApplyError::NotListed(not_listed)) = refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(not_listed.by_fleet, [net(host)]);
+    assert!(not_listed.to_string().contains("del --share"));
+    // A shorter expiry never shortens the claim; the operator adds his own.
+    change(&store, Change::Shared(vec![shared_add(host, Some(150))]))
+        .await
+        .unwrap();
+    change(
+        &store,
+        Change::Add(vec![entry(host, Some("mine"), Some(100))]),
+    )
+    .await
+    .unwrap();
+    let meta = &entries(&store)[&net(host)];
+    assert_eq!(meta.shared.as_ref().unwrap().expires, Some(200));
+    assert_eq!(
+        (meta.expiry(), meta.reason.as_deref()),
+        (Some(200), Some("mine"))
+    );
+    // The manual listing expires first; the fleet's claim keeps it listed.
+    let now = 120;
+    change(
+        &store,
+        Change::Expire {
+            nets: store.expired(now),
+            now,
+        },
+    )
+    .await
+    .unwrap();
+    let meta = entries(&store)[&net(host)].clone();
+    assert!(!meta.manual && meta.shared.is_some());
+    // Withdrawn by the fleet: gone. A withdrawal of what it never held is no error.
+    change(
+        &store,
+        Change::Shared(vec![
+            SharedOp::Remove(net(host)),
+            SharedOp::Remove(net("198.51.100.1/32")),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert!(entries(&store).is_empty());
+    // A fleet withdrawal leaves the operator's own listing alone.
+    change(&store, Change::Add(vec![entry(host, None, None)]))
+        .await
+        .unwrap();
+    change(&store, Change::Shared(vec![shared_add(host, Some(200))]))
+        .await
+        .unwrap();
+    change(&store, Change::Shared(vec![SharedOp::Remove(net(host))]))
+        .await
+        .unwrap();
+    let meta = &entries(&store)[&net(host)];
+    assert!(meta.manual && meta.shared.is_none() && meta.expiry().is_none());
+}
+
+/// A full resynchronisation makes the fleet's claims exactly the snapshot's,
+/// with the snapshot's expiries, and touches no other owner's listing.
+#[tokio::test]
+async fn shared_replace_sets_exactly_the_fleet_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), ListKind::Deny);
+    change(&store, Change::Add(vec![entry("192.0.2.1/32", None, None)]))
+        .await
+        .unwrap();
+    change(
+        &store,
+        Change::Shared(vec![
+            shared_add("192.0.2.1/32", Some(900)),
+            shared_add("192.0.2.2/32", Some(900)),
+        ]),
+    )
+    .await
+    .unwrap();
+    let replace = |s: &str, expires| SharedEntry {
+        net: net(s),
+        reason: None,
+        expires,
+        origin: "mx-b".into(),
+    };
+    change(
+        &store,
+        Change::SharedReplace(vec![replace("192.0.2.3/32", Some(500))]),
+    )
+    .await
+    .unwrap();
+    let now = entries(&store);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now[&net("192.0.2.1/32")].manual && now[&net("192.0.2.1/32")].shared.is_none());
+    let claim = now[&net("192.0.2.3/32")].shared.clone().unwrap();
+    assert_eq!((claim.expires, claim.origin.as_str()), (Some(500), "mx-b"));
+}
