@@ -85,6 +85,17 @@ pub enum Command {
         #[command(subcommand)]
         action: BansAction,
     },
+    /// The fleet (`[cluster]`): verdicts shared with the other hosts through Redis.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// The link: connected, last stream id, lag, verdicts applied/published/skipped, peers.
+    Status(ListArgs),
 }
 
 #[derive(Debug, Args)]
@@ -210,11 +221,18 @@ pub enum ListAction {
         /// Make the entries temporary (e.g. `90s`, `1h`, `7d`; 1s to 10y); they stop matching when it runs out.
         #[arg(long, value_parser = crate::lists::ttl::parse_ttl_arg)]
         ttl: Option<crate::lists::ttl::Ttl>,
+        /// Share with the fleet (`[cluster]`): every host lists them.
+        #[arg(long)]
+        share: bool,
     },
     /// Remove addresses or CIDRs (all or nothing; each must be listed).
     Del {
         #[arg(required = true, value_name = "PREFIX")]
         prefixes: Vec<String>,
+        /// Withdraw the fleet's claims on them, here and on every host
+        /// (only shared entries go; local ones stay).
+        #[arg(long)]
+        share: bool,
     },
     /// Print the list.
     List(ListArgs),

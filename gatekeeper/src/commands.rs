@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{
+    ClusterAction,
     BansAction, Cli, Command, ConfigAction, DnsblAction, FeedsAction, ListAction, RelayAction,
 };
 use crate::config::check::check_text;
@@ -44,6 +45,9 @@ pub fn dispatch(cli: &Cli) -> Result<()> {
         Command::Feeds { action } => feeds_action(&socket, action),
         Command::Relay { action } => relay_action(&socket, action),
         Command::Bans { action } => bans_action(&socket, action),
+        Command::Cluster {
+            action: ClusterAction::Status(args),
+        } => cluster_status(&socket, args.json),
     }
 }
 
@@ -392,6 +396,7 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
             prefixes,
             reason,
             ttl,
+            share,
         } => {
             let entries = prefixes
                 .iter()
@@ -403,15 +408,24 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let reply = expect_ok(client::send(socket, &Request::ListAdd { list, entries })?)?;
+            let reply = expect_ok(client::send(socket, &Request::ListAdd {
+                    list,
+                    entries,
+                    share: *share,
+                },
+            )?)?;
             print_change(&reply);
         }
-        ListAction::Del { prefixes } => {
+        ListAction::Del { prefixes, share } => {
             let prefixes = prefixes
                 .iter()
                 .map(|p| parse_prefix(p))
                 .collect::<Result<Vec<_>, _>>()?;
-            let request = Request::ListDel { list, prefixes };
+            let request = Request::ListDel {
+                list,
+                prefixes,
+                share: *share,
+            };
             print_change(&expect_ok(client::send(socket, &request)?)?);
         }
         ListAction::List(args) => {
@@ -459,7 +473,11 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
             let request = if *replace {
                 Request::ListReplace { list, entries }
             } else {
-                Request::ListAdd { list, entries }
+                Request::ListAdd {
+                    list,
+                    entries,
+                    share: false,
+                }
             };
             let reply = expect_ok(client::send(socket, &request)?)?;
             if let Reply::Changed(s) = &reply {
@@ -606,4 +624,53 @@ fn expect_ok(reply: Reply) -> Result<Reply> {
         } => bail!("{message}; nothing changed"),
         ok => Ok(ok),
     }
+}
+
+fn cluster_status(socket: &std::path::Path, json: bool) -> Result<()> {
+    let Reply::ClusterStatus(report) =
+        expect_ok(client::send(socket, &Request::ClusterStatus {})?)?
+    else {
+        bail!("unexpected reply from the daemon");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("node: {}", report.node);
+    println!("redis: {}", report.redis);
+    println!(
+        "connected: {}{}",
+        if report.connected { "yes" } else { "no" },
+        report
+            .last_error
+            .as_deref()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "last stream id: {}",
+        report.last_stream_id.as_deref().unwrap_or("-")
+    );
+    println!("lag: {:.3} s", report.lag_seconds);
+    println!(
+        "applied: {}, published: {}, pending: {}, reconnects: {}",
+        report.applied, report.published, report.pending, report.reconnects
+    );
+    let skipped: Vec<String> = report
+        .skipped
+        .iter()
+        .filter(|(_, &n)| n > 0)
+        .map(|(reason, n)| format!("{reason}={n}"))
+        .collect();
+    println!(
+        "skipped: {}",
+        if skipped.is_empty() {
+            "0".to_owned()
+        } else {
+            skipped.join(", ")
+        }
+    );
+    let peers: Vec<&str> = report.peers.iter().map(|p| p.node.as_str()).collect();
+    println!("peers: {}", peers.join(", "));
+    Ok(())
 }

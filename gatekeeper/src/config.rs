@@ -50,6 +50,8 @@ pub struct Config {
     pub bans: Option<crate::ledger::bans::BansConfig>,
     /// Greylisting of first delivery attempts (`enabled = true` to turn on).
     pub greylist: Option<crate::ledger::greylist::GreylistConfig>,
+    /// The fleet's shared verdicts through Redis; absent: this host alone.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     #[serde(default)]
     pub log_format: LogFormat,
     /// `RUST_LOG`, when set, overrides it.
@@ -253,6 +255,9 @@ impl Config {
         }
         if let Some(greylist) = &self.greylist {
             greylist.check(findings);
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.check(findings);
         }
         if self.smtp.is_none()
             && (self.bans.is_some() || self.greylist.as_ref().is_some_and(|g| g.enabled))

@@ -33,11 +33,17 @@ pub enum Request {
     ListAdd {
         list: ListKind,
         entries: Vec<WireEntry>,
+        /// Share with the fleet: a shared entry here, published to every host.
+        #[serde(default, skip_serializing_if = "is_false")]
+        share: bool,
     },
-    /// Remove entries; every prefix must be listed.
+    /// Remove entries; every prefix must be listed. With `share`, withdraw
+    /// the fleet's claims instead (here and on every host).
     ListDel {
         list: ListKind,
         prefixes: Vec<Prefix>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        share: bool,
     },
     /// Make the list exactly `entries`.
     ListReplace {
@@ -84,6 +90,8 @@ pub enum Request {
     },
     RelayList {},
     BansList {},
+    /// The fleet link's state (`cluster status`).
+    ClusterStatus {},
     /// End the bans covering `ip`, or every ban when absent.
     BansClear {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +115,7 @@ pub enum Reply {
     RelayRevoked { ip: IpAddr },
     RelayListed { grants: Vec<GrantReport> },
     BansListed { bans: Vec<BanReport> },
+    ClusterStatus(crate::cluster::stats::ClusterReport),
     BansCleared { cleared: usize },
     Error { kind: ErrorKind, message: String },
 }
@@ -253,6 +262,9 @@ pub struct ListedEntry {
     /// An auto-ban (`bans list`, `bans clear`), not the operator's entry.
     #[serde(default, skip_serializing_if = "is_false")]
     pub ban: bool,
+    /// The fleet lists it too: the node whose verdict it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_by: Option<String>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -293,6 +305,9 @@ pub struct StatsReport {
     /// Present when greylisting is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub greylist: Option<GreylistReport>,
+    /// Present when `[cluster]` is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::stats::ClusterReport>,
 }
 
 /// The DNSBL part of `stats`: the engine's counters plus the kernel's view.
@@ -420,6 +435,7 @@ mod tests {
                 reason: Some("line\nbreak".into()),
                 ttl_secs: None,
             }],
+            share: false,
         };
         let line = serde_json::to_string(&request).unwrap();
         assert!(!line.contains('\n'));
@@ -447,6 +463,7 @@ mod tests {
             bans: None,
             relay_grants: 0,
             greylist: None,
+            cluster: None,
         };
         let value = serde_json::to_value(Reply::Stats(Box::new(report))).unwrap();
         assert_eq!(value["dropped_deny"], 3);

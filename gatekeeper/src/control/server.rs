@@ -453,6 +453,7 @@ mod tests {
         let request = Request::ListAdd {
             list: ListKind::Deny,
             entries,
+            share: false,
         };
         let reply =
             tokio::task::spawn_blocking(move || crate::control::client::send(&path, &request))

@@ -327,9 +327,10 @@ impl Ledgers {
     ) {
         let ledgers = self.clone();
         tokio::spawn(async move {
+            let why = format!("ban: {} ({events} events)", reason.name());
             let entry = NewEntry {
                 net,
-                reason: Some(format!("ban: {} ({events} events)", reason.name())),
+                reason: Some(why.clone()),
                 expires: Some(expires),
             };
             match ledgers
@@ -338,7 +339,9 @@ impl Ledgers {
                 .await
             {
                 Ok(_) => {
-                    info!(%client, ban = %net, reason = %reason.name(), events, expires, "client banned")
+                    info!(%client, ban = %net, reason = %reason.name(), events, expires, "client banned");
+                    let kind = crate::cluster::VerdictKind::Ban;
+                    ledgers.lists.outbox.publish(crate::cluster::Op::Add, kind, net, Some(expires), Some(why));
                 }
                 Err(e) => {
                     // No ban in place: the group is counted afresh, not taken as banned.

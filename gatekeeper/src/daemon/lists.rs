@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use tracing::{info, warn};
 
 use crate::clock::unix_now;
+use crate::cluster::Outbox;
 use crate::kernel::{ListMaps, PrefixMaps};
 use crate::lists::store::{
     ApplyError, Change, EntryMeta, ListStore, NotListed, Pending, StoreError,
@@ -63,11 +64,18 @@ struct List {
 pub struct ListService {
     deny: List,
     allow: List,
+    /// Where the verdicts worth sharing go (disabled outside a fleet).
+    pub outbox: Outbox,
 }
 
 impl ListService {
     /// Fills the kernel maps from the stores; called before XDP is attached.
-    pub fn new(deny: ListStore, allow: ListStore, maps: ListMaps) -> anyhow::Result<Self> {
+    pub fn new(
+        deny: ListStore,
+        allow: ListStore,
+        maps: ListMaps,
+        outbox: Outbox,
+    ) -> anyhow::Result<Self> {
         let service = ListService {
             deny: List {
                 store: deny,
@@ -77,6 +85,7 @@ impl ListService {
                 store: allow,
                 maps: Arc::new(Mutex::new(maps.allow)),
             },
+            outbox,
         };
         for kind in [ListKind::Deny, ListKind::Allow] {
             let started = Instant::now();
@@ -175,6 +184,16 @@ impl ListService {
     /// Whether a live entry of `kind` covers `ip` (memory only, cheap).
     pub fn covering(&self, kind: ListKind, ip: IpAddr) -> bool {
         self.list(kind).store.covers(ip, unix_now())
+    }
+
+    /// Whether a live entry of `kind` shares any address with `net`.
+    pub fn overlaps(&self, kind: ListKind, net: &IpNet) -> bool {
+        let now = unix_now();
+        self.list(kind).store.read(|entries| {
+            entries.iter().any(|(listed, meta)| {
+                (listed.contains(net) || net.contains(listed)) && !meta.expired_at(now)
+            })
+        })
     }
 
     /// Removes entries whose time is up from the store and the kernel

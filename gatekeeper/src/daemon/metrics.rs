@@ -33,6 +33,9 @@ pub fn registry(router: Arc<Router>) -> Registry {
         .screen
         .register(registry.sub_registry_with_prefix("dnsbl"));
     router.ledgers.register(&mut registry);
+    if let Some((_, stats)) = &router.cluster {
+        stats.register(&mut registry);
+    }
     registry.register_collector(Box::new(ScrapeTime(router)));
     registry
 }

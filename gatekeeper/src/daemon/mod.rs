@@ -8,6 +8,7 @@
 //! anything a task holds can keep the teardown from running.
 
 mod feeds;
+mod fleet;
 mod ledgers;
 mod lists;
 mod metrics;
@@ -30,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::clock::unix_now;
+use crate::cluster::{ClusterStats, Op, Outbox, VerdictKind};
 use crate::config::Config;
 use crate::control::protocol::Reply;
 use crate::control::server::ControlSocket;
@@ -77,12 +79,20 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         .map(|m| crate::metrics::bind(m.listen))
         .transpose()?;
     // From here on every return path drops `kernel`, which tears it down.
+    let cluster_stats = Arc::new(ClusterStats::default());
+    let (outbox, outbox_receiver) = match &config.cluster {
+        Some(cluster) => {
+            let (outbox, receiver) = Outbox::new(cluster.node_name.clone(), cluster_stats.clone());
+            (outbox, Some(receiver))
+        }
+        None => (Outbox::default(), None),
+    };
     let mut kernel = Kernel::load(&config)?;
-    let screen = ScreenService::new(&config, &mut kernel)?;
+    let screen = ScreenService::new(&config, &mut kernel, outbox.clone())?;
     let maps = kernel
         .take_list_maps()
         .context("the kernel list maps were already taken")?;
-    let lists = Arc::new(ListService::new(deny, allow, maps)?);
+    let lists = Arc::new(ListService::new(deny, allow, maps, outbox)?);
     let feeds = Arc::new(FeedService::new(
         &config.feeds,
         lists.clone(),
@@ -116,6 +126,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         feeds: feeds.clone(),
         ledgers: ledgers.clone(),
         bans_configured: config.bans.is_some(),
+        cluster: config.cluster.clone().map(|c| (c, cluster_stats.clone())),
     });
     // Zones are judged before the first client (or `check`) is, so a zone
     // listing the world never blocks anyone. Costs at most one DNSBL timeout.
@@ -146,6 +157,16 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
         save_greylist(ledgers.clone()),
     ));
     tasks.spawn(until_cancelled(shutdown.clone(), notify::watchdog()));
+    if let (Some(cluster), Some(receiver)) = (config.cluster.clone(), outbox_receiver) {
+        let fleet = Arc::new(fleet::FleetService {
+            lists: lists.clone(),
+            screen: screen.clone(),
+        });
+        tasks.spawn(until_cancelled(
+            shutdown.clone(),
+            crate::cluster::run(cluster, fleet, receiver, cluster_stats),
+        ));
+    }
     // In the background: a slow feed server never delays start-up.
     tasks.spawn(until_cancelled(shutdown.clone(), feeds.clone().run()));
     let mut smtp_contexts = None;
@@ -327,7 +348,8 @@ pub(crate) fn pregreet_hook(
         }
         let lists = lists.clone();
         tokio::spawn(async move {
-            let entry = match ttl.expires_at(unix_now()) {
+            let expires = ttl.expires_at(unix_now());
+            let entry = match expires {
                 Ok(expires) => NewEntry {
                     net: ban,
                     reason: Some("talked before the SMTP greeting".into()),
@@ -338,7 +360,11 @@ pub(crate) fn pregreet_hook(
                 }
             };
             match lists.change(ListKind::Deny, Change::Add(vec![entry])).await {
-                Ok(_) => info!(%client, %ban, ttl_secs = ttl.secs(), "pre-greet client denylisted"),
+                Ok(_) => {
+                    info!(%client, %ban, ttl_secs = ttl.secs(), "pre-greet client denylisted");
+                    let reason = Some("ban: talked before the SMTP greeting".to_owned());
+                    lists.outbox.publish(Op::Add, VerdictKind::Ban, ban, expires.ok(), reason);
+                }
                 Err(e) => warn!(%client, %ban, error = %e, "denylisting a pre-greet client failed"),
             }
         });

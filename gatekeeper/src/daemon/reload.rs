@@ -48,6 +48,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     differs("log_format", old.log_format != new.log_format);
     differs("log_level", old.log_level != new.log_level);
     differs("feeds", old.feeds != new.feeds);
+    differs("cluster", old.cluster != new.cluster);
     differs("smtp", old.smtp.is_some() != new.smtp.is_some());
     if let (Some(old), Some(new)) = (&old.smtp, &new.smtp) {
         differs("smtp.listen", old.listen != new.listen);

@@ -14,6 +14,8 @@ use super::ledgers::{LedgerError, Ledgers};
 use super::lists::{Changed, ListError, ListService};
 use super::screen::{ScreenError, ScreenService};
 use crate::clock::unix_now;
+use crate::cluster::stats::ClusterReport;
+use crate::cluster::{wire, ClusterConfig, ClusterStats, Op, VerdictKind};
 use crate::control::protocol::{
     ChangeSummary, GrantReport, InterfaceReport, ListedEntry, Reply, Request, StatsReport,
     WireEntry,
@@ -22,7 +24,7 @@ use crate::control::server::Handler;
 use crate::kernel::KernelStatus;
 use crate::ledger::grants::{GrantError, DEFAULT_GRANT_SECS};
 use crate::lists::prefix::Prefix;
-use crate::lists::store::{Change, NewEntry};
+use crate::lists::store::{Change, NewEntry, SharedEntry, SharedOp};
 use crate::lists::ttl::Ttl;
 use crate::lists::ttl::TtlError;
 use crate::lists::ListKind;
@@ -40,6 +42,8 @@ pub struct Router {
     pub ledgers: Arc<Ledgers>,
     /// Whether `[bans]` is configured (stats show the bans part only then).
     pub bans_configured: bool,
+    /// `[cluster]` and the link's state, when in a fleet.
+    pub cluster: Option<(ClusterConfig, Arc<ClusterStats>)>,
 }
 
 impl Router {
@@ -70,18 +74,40 @@ impl Router {
                 Ok(results) => Reply::FeedsRefreshed { results },
                 Err(e) => Reply::invalid(e.to_string()),
             },
-            Request::ListAdd { list, entries } => match new_entries(entries) {
+            Request::ListAdd {
+                list,
+                entries,
+                share: false,
+            } => match new_entries(entries) {
                 Ok(items) => changed(self.lists.change(list, Change::Add(items)).await),
                 Err(e) => Reply::invalid(e.to_string()),
             },
+            Request::ListAdd {
+                list,
+                entries,
+                share: true,
+            } => self.share_add(list, entries).await,
             Request::ListReplace { list, entries } => match new_entries(entries) {
                 Ok(items) => changed(self.lists.change(list, Change::Replace(items)).await),
                 Err(e) => Reply::invalid(e.to_string()),
             },
-            Request::ListDel { list, prefixes } => {
+            Request::ListDel {
+                list,
+                prefixes,
+                share: false,
+            } => {
                 let nets = prefixes.into_iter().map(Prefix::net).collect();
                 changed(self.lists.change(list, Change::Remove(nets)).await)
             }
+            Request::ListDel {
+                list,
+                prefixes,
+                share: true,
+            } => self.share_del(list, prefixes).await,
+            Request::ClusterStatus {} => match self.cluster_report() {
+                Some(report) => Reply::ClusterStatus(report),
+                None => Reply::invalid("no [cluster] in the config: this host is not in a fleet"),
+            },
             Request::ListShow { list } => Reply::Listed {
                 entries: self
                     .lists
@@ -98,6 +124,7 @@ impl Router {
                             manual: meta.manual && !ban,
                             feeds: meta.feeds.into_iter().collect(),
                             ban,
+                            shared_by: meta.shared.map(|claim| claim.origin),
                         }
                     })
                     .collect(),
@@ -130,6 +157,67 @@ impl Router {
                 Err(e) => ledger_error(e),
             },
         }
+    }
+
+    /// `add --share`: a shared entry here (so `del --share` ends it), then
+    /// published; a prefix broader than the fleet accepts is refused first.
+    async fn share_add(&self, list: ListKind, entries: Vec<WireEntry>) -> Reply {
+        let outbox = &self.lists.outbox;
+        let Some(node) = outbox.node() else {
+            return Reply::invalid(NO_CLUSTER);
+        };
+        let items = match new_entries(entries) {
+            Ok(items) => items,
+            Err(e) => return Reply::invalid(e.to_string()),
+        };
+        let kind = verdict_kind(list);
+        if let Some(e) = items.iter().find_map(|i| wire::check_breadth(kind, &i.net).err()) {
+            return Reply::invalid(e.to_string());
+        }
+        let ops = items
+            .iter()
+            .map(|item| {
+                SharedOp::Add(SharedEntry {
+                    net: item.net,
+                    reason: item.reason.clone(),
+                    expires: item.expires,
+                    origin: node.to_owned(),
+                })
+            })
+            .collect();
+        let result = self.lists.change(list, Change::Shared(ops)).await;
+        if result.is_ok() {
+            for item in items {
+                outbox.publish(Op::Add, kind, item.net, item.expires, item.reason);
+            }
+        }
+        changed(result)
+    }
+
+    /// `del --share`: the fleet's claims end here and on every host.
+    async fn share_del(&self, list: ListKind, prefixes: Vec<Prefix>) -> Reply {
+        let outbox = &self.lists.outbox;
+        if !outbox.enabled() {
+            return Reply::invalid(NO_CLUSTER);
+        }
+        let nets: Vec<_> = prefixes.into_iter().map(Prefix::net).collect();
+        let ops = nets.iter().map(|&net| SharedOp::Remove(net)).collect();
+        let result = self.lists.change(list, Change::Shared(ops)).await;
+        if result.is_ok() {
+            for net in nets {
+                outbox.publish(Op::Del, verdict_kind(list), net, None, None);
+            }
+        }
+        changed(result)
+    }
+
+    fn cluster_report(&self) -> Option<ClusterReport> {
+        let (config, stats) = self.cluster.as_ref()?;
+        let mut report = stats.report();
+        report.node = config.node_name.clone();
+        report.redis = config.redacted_url();
+        report.pending = self.lists.outbox.pending();
+        Some(report)
     }
 
     async fn reload(&self) -> Reply {
@@ -172,7 +260,17 @@ impl Router {
             bans: self.bans_configured.then_some(bans),
             relay_grants,
             greylist,
+            cluster: self.cluster_report(),
         }))
+    }
+}
+
+const NO_CLUSTER: &str = "--share needs [cluster] in the config: this host is not in a fleet";
+
+fn verdict_kind(list: ListKind) -> VerdictKind {
+    match list {
+        ListKind::Deny => VerdictKind::Deny,
+        ListKind::Allow => VerdictKind::Allow,
     }
 }
 

@@ -17,6 +17,7 @@ use crate::control::protocol::{
     CheckReport, DnsblListedEntry, DnsblStats, FlushSummary, MapState, ZoneCheck,
 };
 use crate::dns::{Fcrdns, ReverseDns};
+use crate::cluster::{Op, Outbox, VerdictKind};
 use crate::dnsbl::{DnsblEngine, Verdict};
 use crate::kernel::{DnsblMaps, Kernel, PrefixView};
 use crate::netaddr::canonical;
@@ -36,6 +37,8 @@ pub struct ScreenService {
     blocked: Counter,
     /// Forward-confirmed reverse DNS, when the config asks for it.
     fcrdns: RwLock<Option<Arc<FcrdnsCheck>>>,
+    /// DNSBL listings go to the fleet too.
+    outbox: Outbox,
 }
 
 /// How FCrDNS counts: a refusal of its own, and/or weight on the DNSBL score.
@@ -70,7 +73,7 @@ fn fcrdns_check(config: &Config) -> Result<Option<Arc<FcrdnsCheck>>> {
 impl ScreenService {
     /// Opens views on the loaded maps, builds the engine and reloads the
     /// verdict cache, putting still-valid listings back into the kernel.
-    pub fn new(config: &Config, kernel: &mut Kernel) -> Result<Arc<ScreenService>> {
+    pub fn new(config: &Config, kernel: &mut Kernel, outbox: Outbox) -> Result<Arc<ScreenService>> {
         let maps = kernel
             .take_dnsbl_maps()
             .ok_or_else(|| anyhow::anyhow!("the kernel DNSBL maps were already taken"))?;
@@ -83,6 +86,7 @@ impl ScreenService {
             cache_path: config.state_dir.join(CACHE_FILE),
             blocked: Counter::default(),
             fcrdns: RwLock::new(fcrdns_check(config)?),
+            outbox,
         };
         service.reload_cache();
         Ok(Arc::new(service))
@@ -278,6 +282,13 @@ impl ScreenService {
             self.blocked.inc();
             self.feed_kernel(&verdict);
             let zone = verdict.blocked_by.as_deref().unwrap_or("DNSBL");
+            self.outbox.publish(
+                Op::Add,
+                VerdictKind::Dnsbl,
+                IpNet::from(client),
+                Some(verdict.expires_at),
+                Some(format!("DNSBL {zone} (score {})", verdict.score)),
+            );
             info!(%client, %zone, score = verdict.score, "DNSBL-listed client refused");
             return Screening::Refuse(ScreenRefusal::Dnsbl(dnsbl_reply(client, zone)));
         }
@@ -299,6 +310,15 @@ impl ScreenService {
     /// Relay networks and allowlisted prefixes are never DNSBL-checked.
     fn is_screened(&self, client: IpAddr) -> bool {
         !self.in_relay_networks(client) && !self.allow.matches(client)
+    }
+
+    /// Whether `net` and a relay network share any address.
+    pub fn overlaps_relay_networks(&self, net: &IpNet) -> bool {
+        self.relay_networks
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|n| n.contains(net) || net.contains(n))
     }
 
     fn in_relay_networks(&self, client: IpAddr) -> bool {

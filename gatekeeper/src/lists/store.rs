@@ -119,7 +119,7 @@ impl EntryMeta {
     }
 
     /// The manual or the shared listing has run out (others may remain).
-    fn expired_at(&self, now: u64) -> bool {
+    pub fn expired_at(&self, now: u64) -> bool {
         let ended = |expires: Option<u64>| expires.is_some_and(|e| e <= now);
         self.manual && ended(self.expires)
             || self
