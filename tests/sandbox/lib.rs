@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod dnsbl;
+pub mod fleet;
 pub mod frames;
 pub mod haproxy;
 pub mod http;
@@ -15,6 +16,7 @@ pub mod netns;
 pub mod postfix;
 pub mod privileges;
 pub mod probe;
+pub mod redis;
 pub mod smtp;
 
 pub use daemon::Daemon;
