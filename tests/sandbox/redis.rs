@@ -84,6 +84,27 @@ impl Redis {
             .expect("spawning redis-cli")
     }
 
+    /// `redis-cli --pipe`: `input` is RESP, many commands at once.
+    pub fn pipe(&self, input: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let mut child = self
+            .command("redis-cli")
+            .args(["-h", &self.binds[0], "-p", &self.port.to_string(), "--pipe"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning redis-cli --pipe")?;
+        child.stdin.take().unwrap().write_all(input)?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "redis-cli --pipe: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok(())
+    }
+
     /// SIGKILL, as a crash or a lost host would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     // `promtool check metrics` and `fail2ban-regex` judge the daemon's output.
     "prometheus",
     "fail2ban",
+    // The fleet tests and bench: a private Redis the hosts share verdicts through.
+    "redis-server",
     // The VM matrix: QEMU, busybox for its /init, xz for 6.12's modules, strip.
     "qemu-system-x86",
     "busybox-static",

@@ -11,6 +11,7 @@ use sandbox::lab::Lab;
 
 use crate::{build, setup};
 
+mod cluster;
 mod dnsbl;
 mod flood;
 mod store;
@@ -18,7 +19,7 @@ mod verdict;
 
 /// Sections, in run order; `--only` takes one of these names.
 pub const SECTIONS: &[&str] = &[
-    "verdict", "flood", "import", "store", "smtp", "idle", "dnsbl",
+    "verdict", "flood", "import", "store", "smtp", "idle", "dnsbl", "cluster",
 ];
 
 pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
@@ -99,6 +100,9 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     }
     if wanted("dnsbl") {
         write_dnsbl_rows(&mut report, &dnsbl::run(quick)?)?;
+    }
+    if wanted("cluster") {
+        write_cluster_rows(&mut report, &cluster::run(quick)?)?;
     }
     println!("\n{report}");
     if !quick && only.is_none() {
@@ -210,6 +214,28 @@ fn write_dnsbl_rows(report: &mut String, d: &dnsbl::DnsblFigures) -> Result<()> 
             ms(with.p99) / ms(d.setup_off.p99)
         )?;
     }
+    Ok(())
+}
+
+fn write_cluster_rows(report: &mut String, c: &cluster::ClusterFigures) -> Result<()> {
+    writeln!(
+        report,
+        "| fleet propagation p50 / p99: `deny add --share` acknowledged on A → entry in B's and C's kernel denylist ({} verdicts, real Redis; target p99 ≤ 1 s) | {:.2} / {:.2} ms | {:.2} ms (`deny add` acknowledged on B itself, median) | {:.2}× / {:.2}× |",
+        c.verdicts,
+        ms(c.propagation.p50),
+        ms(c.propagation.p99),
+        ms(c.local_add),
+        ms(c.propagation.p50) / ms(c.local_add),
+        ms(c.propagation.p99) / ms(c.local_add)
+    )?;
+    writeln!(
+        report,
+        "| fleet verdicts applied/s on one host ({} foreign verdicts XADDed at once, three hosts applying; target ≥ 5,000/s) | {:.0} /s | {:.0} entries/s (`deny import` of as many /32s) | {:.2}× |",
+        c.applied,
+        c.applied_per_sec,
+        c.import_per_sec,
+        c.applied_per_sec / c.import_per_sec
+    )?;
     Ok(())
 }
 
@@ -582,4 +608,10 @@ fn write_benchmarks_md(table: &str) -> Result<()> {
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
