@@ -95,7 +95,7 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
     .expect("starting rbldnsd");
     let dnsbl = "[dnsbl]\nzones = [\"bl.test\"]\nnameservers = [\"127.0.0.1:5300\"]\nmin_ttl = \"1h\"\n";
     fleet.start(0, &smtp_section(dnsbl)).unwrap();
-    let bans = "[bans]\nthreshold = 3\nttl = \"1h\"\n";
+    let bans = "[bans]\nthreshold = 3\nttl = \"1h\"\n[metrics]\nlisten = \"127.0.0.1:9425\"\n";
     fleet.start(1, &smtp_section(bans)).unwrap();
     fleet.start(2, &smtp_section("")).unwrap();
     let (a, b, c) = (fleet.host(0), fleet.host(1), fleet.host(2));
@@ -201,6 +201,24 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
             assert!(peers.contains(&node_name(i).as_str()), "{s:#}");
         }
     }
+    // What Prometheus reads on B agrees with `cluster status`.
+    let (_, _, body) = sandbox::scrape::http_get(&b.edge, "127.0.0.1:9425".parse().unwrap(), "/metrics");
+    sandbox::scrape::promtool_check(b.dir(), &body);
+    let exposed = sandbox::scrape::samples(&body);
+    let s = status(b);
+    assert_eq!(exposed.get("gatekeeper_cluster_connected"), Some(&1.0), "{body}");
+    assert_eq!(exposed.get("gatekeeper_cluster_peers"), Some(&3.0), "{body}");
+    assert_eq!(
+        exposed.get("gatekeeper_cluster_applied_total").copied(),
+        s["applied"].as_f64(),
+        "{body}"
+    );
+    assert_eq!(
+        exposed.get("gatekeeper_cluster_published_total").copied(),
+        Some(1.0),
+        "B published one ban: {body}"
+    );
+    assert!(exposed.get(r#"gatekeeper_cluster_skipped_total{reason="malformed"}"#) >= Some(&1.0));
     drop((sinks, rbldnsd));
 }
 

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sandbox::daemon::ok;
+use sandbox::scrape::{promtool_check, samples};
 use sandbox::dnsbl::{Dataset, Rbldnsd};
 use sandbox::lab::{Lab, PeerSpec};
 use sandbox::require_kernel_privileges;
@@ -81,33 +82,7 @@ fn relay_attempts(lab: &Lab, source: &str, count: usize) {
 
 /// GET `path` from the metrics endpoint inside the edge namespace: (status line, headers, body).
 fn http_get(lab: &Lab, path: &str) -> (String, String, String) {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    let response = lab
-        .edge
-        .run(move || -> std::io::Result<String> {
-            let mut stream = TcpStream::connect(METRICS)?;
-            stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-            stream.write_all(request.as_bytes())?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        })
-        .unwrap()
-        .expect("scraping /metrics");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    (status.to_owned(), headers.to_lowercase(), body.to_owned())
-}
-
-/// Sample name with labels exactly as exposed → value.
-fn samples(body: &str) -> BTreeMap<String, f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
+    sandbox::scrape::http_get(&lab.edge, METRICS.parse().unwrap(), path)
 }
 
 fn sample(samples: &BTreeMap<String, f64>, name: &str) -> u64 {
@@ -115,22 +90,6 @@ fn sample(samples: &BTreeMap<String, f64>, name: &str) -> u64 {
         .get(name)
         .unwrap_or_else(|| panic!("{name} not exposed; have {:#?}", samples.keys()));
     *value as u64
-}
-
-fn promtool_check(dir: &Path, body: &str) {
-    let file = dir.join("metrics.txt");
-    std::fs::write(&file, body).unwrap();
-    let out = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::fs::File::open(&file).unwrap())
-        .output()
-        .expect("promtool (Debian package prometheus; cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n{body}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

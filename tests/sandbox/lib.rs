@@ -17,6 +17,7 @@ pub mod postfix;
 pub mod privileges;
 pub mod probe;
 pub mod redis;
+pub mod scrape;
 pub mod smtp;
 
 pub use daemon::Daemon;

@@ -589,6 +589,11 @@ const NOTES: &str = r#"## Notes
   the same concurrency (the engine adds a task per zone, the verdict, the cache and the
   coalescing map). Connection set-up is connect-to-banner from distinct client addresses,
   one after another, with DNSBL off, on with cold verdicts, and on with cached verdicts.
+- **Fleet**: three daemons in three edge namespaces and `redis-server` in a hub namespace
+  (`xtask/src/bench/cluster.rs`). Propagation polls B's and C's kernel denylist through
+  `check` on a kept-open control connection right after A acknowledges; throughput pipes
+  XADDs of a foreign origin into the stream with `redis-cli --pipe` and waits for B's
+  `applied` counter.
 "#;
 
 fn write_benchmarks_md(table: &str) -> Result<()> {
