@@ -74,7 +74,10 @@ fn skipped(lab: &Lab, reason: &str) -> u64 {
 }
 
 #[test]
-#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip, nsenter, redis-server")]
+#[cfg_attr(
+    not(kernel_tests),
+    ignore = "kernel-level: needs root, ip, nsenter, redis-server"
+)]
 fn verdicts_taken_on_one_host_drop_on_every_host() {
     if !require_kernel_privileges("verdicts_taken_on_one_host_drop_on_every_host") {
         return;
@@ -93,7 +96,8 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
         &[Dataset::listing("bl.test", &[LISTED, LISTED_ALLOWED])],
     )
     .expect("starting rbldnsd");
-    let dnsbl = "[dnsbl]\nzones = [\"bl.test\"]\nnameservers = [\"127.0.0.1:5300\"]\nmin_ttl = \"1h\"\n";
+    let dnsbl =
+        "[dnsbl]\nzones = [\"bl.test\"]\nnameservers = [\"127.0.0.1:5300\"]\nmin_ttl = \"1h\"\n";
     fleet.start(0, &smtp_section(dnsbl)).unwrap();
     let bans = "[bans]\nthreshold = 3\nttl = \"1h\"\n[metrics]\nlisten = \"127.0.0.1:9425\"\n";
     fleet.start(1, &smtp_section(bans)).unwrap();
@@ -102,7 +106,8 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
     for lab in [a, b, c] {
         eventually("every host reaches Redis", || connected(lab));
     }
-    ok(b.daemon().cli(&["allow", "add", LISTED_ALLOWED, "--reason", "partner"]));
+    ok(b.daemon()
+        .cli(&["allow", "add", LISTED_ALLOWED, "--reason", "partner"]));
 
     // Before any verdict, B and C let the sources through.
     for lab in [b, c] {
@@ -122,7 +127,9 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
         assert_eq!(syn(lab, LISTED), Outcome::TimedOut);
     }
     // An address B allowlists stays reachable on B, though C drops it.
-    eventually("C takes the second listing", || shared_by(c, LISTED_ALLOWED).is_some());
+    eventually("C takes the second listing", || {
+        shared_by(c, LISTED_ALLOWED).is_some()
+    });
     assert_eq!(syn(c, LISTED_ALLOWED), Outcome::TimedOut);
     eventually("B skips it for local precedence", || {
         skipped(b, "local_precedence") >= 1
@@ -133,7 +140,9 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
     // A ban earned on B reaches A and C.
     assert_eq!(syn(a, ABUSER), Outcome::Connected);
     let mut relay = SmtpClient::connect(b.peer("client"), ABUSER, MX).unwrap();
-    relay.start_transaction("abuser.test", "<x@abuser.test>").unwrap();
+    relay
+        .start_transaction("abuser.test", "<x@abuser.test>")
+        .unwrap();
     for i in 0..3 {
         let reply = relay.cmd(&format!("RCPT TO:<v{i}@victim.test>")).unwrap();
         assert_eq!(reply.code, 554, "{reply}");
@@ -147,7 +156,9 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
     }
 
     // `deny add --share` on C reaches all; `del --share` withdraws it everywhere.
-    ok(c.daemon().cli(&["deny", "add", SHARED, "--share", "--ttl", "1h", "--reason", "manual"]));
+    ok(c.daemon().cli(&[
+        "deny", "add", SHARED, "--share", "--ttl", "1h", "--reason", "manual",
+    ]));
     for lab in [a, b] {
         eventually("C's shared entry reaches the host", || {
             shared_by(lab, SHARED).as_deref() == Some("edge-c")
@@ -155,10 +166,15 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
         assert_eq!(syn(lab, SHARED), Outcome::TimedOut);
     }
     let plain_del = c.daemon().cli(&["deny", "del", SHARED]);
-    assert!(!plain_del.status.success(), "a plain del leaves shared entries alone");
+    assert!(
+        !plain_del.status.success(),
+        "a plain del leaves shared entries alone"
+    );
     ok(c.daemon().cli(&["deny", "del", SHARED, "--share"]));
     for lab in [a, b, c] {
-        eventually("the withdrawal reaches the host", || deny_entry(lab, SHARED).is_none());
+        eventually("the withdrawal reaches the host", || {
+            deny_entry(lab, SHARED).is_none()
+        });
         assert_eq!(syn(lab, SHARED), Outcome::Connected);
     }
 
@@ -170,17 +186,24 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
     let bad = [
         "not json".to_owned(),
         r#"{"op":"add","kind":"deny","prefix":"192.0.2.14/24","origin":"rogue"}"#.to_owned(),
-        format!(r#"{{"op":"add","kind":"ban","prefix":"192.0.2.15","origin":"rogue","expires":{}}}"#, u64::MAX),
+        format!(
+            r#"{{"op":"add","kind":"ban","prefix":"192.0.2.15","origin":"rogue","expires":{}}}"#,
+            u64::MAX
+        ),
         r#"{"op":"add","kind":"deny","prefix":"0.0.0.0/0","origin":"rogue"}"#.to_owned(),
     ];
     for value in &bad {
-        fleet.redis.cli(&["XADD", "gatekeeper:verdicts", "*", "v", value]);
+        fleet
+            .redis
+            .cli(&["XADD", "gatekeeper:verdicts", "*", "v", value]);
     }
     let good = format!(
         r#"{{"op":"add","kind":"deny","prefix":"192.0.2.16","origin":"tester","expires":{}}}"#,
         now + 3600
     );
-    fleet.redis.cli(&["XADD", "gatekeeper:verdicts", "*", "v", &good]);
+    fleet
+        .redis
+        .cli(&["XADD", "gatekeeper:verdicts", "*", "v", &good]);
     for lab in [a, b, c] {
         eventually("the good entry after the bad ones arrives", || {
             shared_by(lab, "192.0.2.16").as_deref() == Some("tester")
@@ -202,12 +225,21 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
         }
     }
     // What Prometheus reads on B agrees with `cluster status`.
-    let (_, _, body) = sandbox::scrape::http_get(&b.edge, "127.0.0.1:9425".parse().unwrap(), "/metrics");
+    let (_, _, body) =
+        sandbox::scrape::http_get(&b.edge, "127.0.0.1:9425".parse().unwrap(), "/metrics");
     sandbox::scrape::promtool_check(b.dir(), &body);
     let exposed = sandbox::scrape::samples(&body);
     let s = status(b);
-    assert_eq!(exposed.get("gatekeeper_cluster_connected"), Some(&1.0), "{body}");
-    assert_eq!(exposed.get("gatekeeper_cluster_peers"), Some(&3.0), "{body}");
+    assert_eq!(
+        exposed.get("gatekeeper_cluster_connected"),
+        Some(&1.0),
+        "{body}"
+    );
+    assert_eq!(
+        exposed.get("gatekeeper_cluster_peers"),
+        Some(&3.0),
+        "{body}"
+    );
     assert_eq!(
         exposed.get("gatekeeper_cluster_applied_total").copied(),
         s["applied"].as_f64(),
@@ -223,7 +255,10 @@ fn verdicts_taken_on_one_host_drop_on_every_host() {
 }
 
 #[test]
-#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip, nsenter, redis-server")]
+#[cfg_attr(
+    not(kernel_tests),
+    ignore = "kernel-level: needs root, ip, nsenter, redis-server"
+)]
 fn hosts_ride_out_a_redis_outage_and_a_late_host_catches_up() {
     if !require_kernel_privileges("hosts_ride_out_a_redis_outage_and_a_late_host_catches_up") {
         return;
@@ -239,7 +274,8 @@ fn hosts_ride_out_a_redis_outage_and_a_late_host_catches_up() {
         eventually("the host reaches Redis", || connected(lab));
     }
     ok(a.daemon().cli(&["deny", "add", BEFORE, "--share"]));
-    ok(a.daemon().cli(&["deny", "add", SHORT, "--share", "--ttl", "20s"]));
+    ok(a.daemon()
+        .cli(&["deny", "add", SHORT, "--share", "--ttl", "20s"]));
     eventually("both verdicts reach B", || {
         shared_by(b, BEFORE).is_some() && shared_by(b, SHORT).is_some()
     });
@@ -251,11 +287,14 @@ fn hosts_ride_out_a_redis_outage_and_a_late_host_catches_up() {
     }
     // B keeps enforcing what it holds; A takes a verdict meanwhile.
     assert_eq!(syn(b, BEFORE), Outcome::TimedOut);
-    ok(a.daemon().cli(&["deny", "add", DURING, "--share", "--ttl", "1h"]));
+    ok(a.daemon()
+        .cli(&["deny", "add", DURING, "--share", "--ttl", "1h"]));
     assert_eq!(status(a)["pending"], 1);
     assert!(shared_by(b, DURING).is_none());
     // The short verdict runs out during the outage.
-    eventually("the 20 s entry expires on B", || deny_entry(b, SHORT).is_none());
+    eventually("the 20 s entry expires on B", || {
+        deny_entry(b, SHORT).is_none()
+    });
     // A host that starts while Redis is down runs on its own state (no SMTP here: a passed SYN meets a RST).
     fleet.start(2, "").unwrap();
     let c = fleet.host(2);
@@ -271,11 +310,33 @@ fn hosts_ride_out_a_redis_outage_and_a_late_host_catches_up() {
         assert_eq!(syn(lab, DURING), Outcome::TimedOut);
         // The late host has the full live set; nothing expired comes back.
         assert_eq!(shared_by(lab, BEFORE).as_deref(), Some("edge-a"));
-        assert!(deny_entry(lab, SHORT).is_none(), "an expired verdict came back");
+        assert!(
+            deny_entry(lab, SHORT).is_none(),
+            "an expired verdict came back"
+        );
     }
     assert_eq!(syn(c, BEFORE), Outcome::TimedOut);
     assert_eq!(status(a)["pending"], 0);
     for lab in [a, b] {
         assert!(status(lab)["reconnects"].as_u64() >= Some(1));
+    }
+
+    // Redis back without its data: the hosts keep what they hold, and the
+    // fleet works on.
+    let reconnects = status(b)["reconnects"].as_u64().unwrap();
+    fleet.redis.restart_empty().unwrap();
+    let (a, b, c) = (fleet.host(0), fleet.host(1), fleet.host(2));
+    eventually("B reconnects to the empty Redis", || {
+        status(b)["reconnects"].as_u64() > Some(reconnects) && connected(b)
+    });
+    assert_eq!(shared_by(b, BEFORE).as_deref(), Some("edge-a"));
+    assert_eq!(syn(b, BEFORE), Outcome::TimedOut);
+    eventually("C reconnects too", || connected(c));
+    ok(a.daemon()
+        .cli(&["deny", "add", "192.0.2.14", "--share", "--ttl", "1h"]));
+    for lab in [b, c] {
+        eventually("a verdict after the reset arrives", || {
+            shared_by(lab, "192.0.2.14").is_some()
+        });
     }
 }

@@ -10,10 +10,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sandbox::daemon::ok;
-use sandbox::scrape::{promtool_check, samples};
 use sandbox::dnsbl::{Dataset, Rbldnsd};
 use sandbox::lab::{Lab, PeerSpec};
 use sandbox::require_kernel_privileges;
+use sandbox::scrape::{promtool_check, samples};
 use sandbox::smtp::{SmtpClient, SmtpSink};
 use serde_json::Value;
 

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{
-    ClusterAction,
-    BansAction, Cli, Command, ConfigAction, DnsblAction, FeedsAction, ListAction, RelayAction,
+    BansAction, Cli, ClusterAction, Command, ConfigAction, DnsblAction, FeedsAction, ListAction,
+    RelayAction,
 };
 use crate::config::check::check_text;
 use crate::config::{Config, DEFAULT_PATH};
@@ -408,7 +408,9 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let reply = expect_ok(client::send(socket, &Request::ListAdd {
+            let reply = expect_ok(client::send(
+                socket,
+                &Request::ListAdd {
                     list,
                     entries,
                     share: *share,

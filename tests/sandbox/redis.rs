@@ -51,7 +51,14 @@ impl Redis {
             .args(&self.binds)
             .arg("--dir")
             .arg(&self.dir)
-            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
             .args(["--daemonize", "no", "--protected-mode", "no"])
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -111,6 +118,14 @@ impl Redis {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts it again with its data gone, as a Redis without persistence would.
+    pub fn restart_empty(&mut self) -> Result<()> {
+        self.kill();
+        std::fs::remove_dir_all(&self.dir)?;
+        std::fs::create_dir_all(&self.dir)?;
+        self.spawn()
     }
 
     /// Starts it again on the same port and data directory.

@@ -64,6 +64,7 @@ pub async fn run(
         outbox: outbox.0,
         unsent: Vec::new(),
         ever_connected: false,
+        followed_to: None,
     };
     let mut backoff = BACKOFF_MIN;
     let mut down_logged = false;
@@ -100,6 +101,8 @@ struct Link {
     /// Taken from the outbox, not yet acknowledged by Redis.
     unsent: Vec<Verdict>,
     ever_connected: bool,
+    /// The newest stream id this process has applied, across sessions.
+    followed_to: Option<String>,
 }
 
 type Entries = Vec<(String, Vec<u8>)>;
@@ -273,6 +276,16 @@ impl Link {
             .ids
             .first()
             .map_or_else(|| "0-0".to_owned(), |id| id.id.clone());
+        // A stream older than what we already followed: Redis came back
+        // without its data. Its live set is then incomplete, so it may add
+        // to our shared entries but not replace them; they run out on their own.
+        let lost_data = self
+            .followed_to
+            .as_deref()
+            .is_some_and(|seen| stream_id_key(&from) < stream_id_key(seen));
+        if lost_data {
+            warn!(from = %from, "the fleet's Redis lost data; keeping the shared entries held here");
+        }
         let now = unix_now();
         let mut claims: BTreeMap<(ListKind, IpNet), SharedEntry> = BTreeMap::new();
         for json in live.values() {
@@ -305,7 +318,12 @@ impl Link {
                 .map(|(_, e)| e.clone())
                 .collect();
             let count = entries.len() as u64;
-            match self.fleet.apply(list, Change::SharedReplace(entries)).await {
+            let change = if lost_data {
+                Change::Shared(entries.into_iter().map(SharedOp::Add).collect())
+            } else {
+                Change::SharedReplace(entries)
+            };
+            match self.fleet.apply(list, change).await {
                 Ok(()) => {
                     self.stats.applied.inc_by(count);
                 }
@@ -317,6 +335,7 @@ impl Link {
         }
         self.stats.set_stream_id(&from);
         self.stats.set_lag(0.0);
+        self.followed_to = Some(from.clone());
         Ok(from)
     }
 
@@ -372,6 +391,7 @@ impl Link {
             }
         }
         self.stats.set_stream_id(&last_id);
+        self.followed_to = Some(last_id.clone());
         if let Some(published_ms) = stream_id_millis(&last_id) {
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -423,7 +443,11 @@ fn shared_entry(verdict: &Verdict) -> SharedEntry {
     SharedEntry {
         net: verdict.net,
         reason: Some(match &verdict.reason {
-            Some(reason) => format!("fleet {} from {}: {reason}", verdict.kind.name(), verdict.origin),
+            Some(reason) => format!(
+                "fleet {} from {}: {reason}",
+                verdict.kind.name(),
+                verdict.origin
+            ),
             None => format!("fleet {} from {}", verdict.kind.name(), verdict.origin),
         }),
         expires: verdict.expires,
@@ -441,6 +465,12 @@ fn merge(held: &mut SharedEntry, other: &SharedEntry) {
     if later {
         *held = other.clone();
     }
+}
+
+/// A stream id (`ms-seq`) in stream order; garbage sorts first.
+fn stream_id_key(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 /// The milliseconds part of a stream id (`1700000000000-0`).
@@ -512,6 +542,13 @@ mod tests {
         assert_eq!(held.origin, "c");
         merge(&mut held, &entry(Some(u64::MAX), "d"));
         assert_eq!(held.origin, "c");
+    }
+
+    #[test]
+    fn stream_ids_compare_in_stream_order() {
+        assert!(stream_id_key("0-0") < stream_id_key("1700000000000-0"));
+        assert!(stream_id_key("1700000000000-2") < stream_id_key("1700000000000-10"));
+        assert!(stream_id_key("999-0") < stream_id_key("1000-0"));
     }
 
     #[test]

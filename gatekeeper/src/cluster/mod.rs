@@ -144,7 +144,13 @@ mod tests {
     fn a_disabled_outbox_publishes_nothing() {
         let outbox = Outbox::default();
         assert!(!outbox.enabled());
-        outbox.publish(Op::Add, VerdictKind::Deny, "192.0.2.0/24".parse().unwrap(), None, None);
+        outbox.publish(
+            Op::Add,
+            VerdictKind::Deny,
+            "192.0.2.0/24".parse().unwrap(),
+            None,
+            None,
+        );
     }
 
     #[test]

@@ -114,8 +114,14 @@ pub enum Refused {
 }
 
 impl Refused {
-    pub const LABELS: [&'static str; 6] =
-        ["malformed", "prefix", "expiry", "expired", "origin", "reason"];
+    pub const LABELS: [&'static str; 6] = [
+        "malformed",
+        "prefix",
+        "expiry",
+        "expired",
+        "origin",
+        "reason",
+    ];
 
     pub fn label(&self) -> &'static str {
         match self {
@@ -277,7 +283,10 @@ mod tests {
     #[test]
     fn bad_verdicts_are_refused_with_their_reason() {
         assert_eq!(refused("garbage"), "malformed");
-        assert_eq!(refused(r#"{"op":"add","kind":"worm","prefix":"192.0.2.1","origin":"a"}"#), "malformed");
+        assert_eq!(
+            refused(r#"{"op":"add","kind":"worm","prefix":"192.0.2.1","origin":"a"}"#),
+            "malformed"
+        );
         let base = |prefix: &str, kind: &str, expires: &str, origin: &str, reason: &str| {
             format!(
                 r#"{{"op":"add","kind":"{kind}","prefix":"{prefix}","origin":"{origin}"{expires}{reason}}}"#
@@ -286,21 +295,48 @@ mod tests {
         let soon = format!(r#","expires":{}"#, NOW + 60);
         let ok = base("192.0.2.1", "dnsbl", &soon, "a", "");
         assert!(Verdict::decode(ok.as_bytes(), NOW).is_ok());
-        assert_eq!(refused(&base("192.0.2.1/24", "deny", &soon, "a", "")), "prefix");
-        assert_eq!(refused(&base("192.0.2.0/24", "dnsbl", &soon, "a", "")), "prefix");
-        assert_eq!(refused(&base("0.0.0.0/0", "deny", &soon, "a", "")), "prefix");
-        assert_eq!(refused(&base("::ffff:192.0.2.1", "ban", &soon, "a", "")), "prefix");
+        assert_eq!(
+            refused(&base("192.0.2.1/24", "deny", &soon, "a", "")),
+            "prefix"
+        );
+        assert_eq!(
+            refused(&base("192.0.2.0/24", "dnsbl", &soon, "a", "")),
+            "prefix"
+        );
+        assert_eq!(
+            refused(&base("0.0.0.0/0", "deny", &soon, "a", "")),
+            "prefix"
+        );
+        assert_eq!(
+            refused(&base("::ffff:192.0.2.1", "ban", &soon, "a", "")),
+            "prefix"
+        );
         assert_eq!(refused(&base("192.0.2.1", "dnsbl", "", "a", "")), "expiry");
         let absurd = format!(r#","expires":{}"#, u64::MAX);
-        assert_eq!(refused(&base("192.0.2.1", "ban", &absurd, "a", "")), "expiry");
+        assert_eq!(
+            refused(&base("192.0.2.1", "ban", &absurd, "a", "")),
+            "expiry"
+        );
         let past = format!(r#","expires":{}"#, NOW - 1);
-        assert_eq!(refused(&base("192.0.2.1", "ban", &past, "a", "")), "expired");
-        assert_eq!(refused(&base("192.0.2.1", "ban", &soon, "a b", "")), "origin");
+        assert_eq!(
+            refused(&base("192.0.2.1", "ban", &past, "a", "")),
+            "expired"
+        );
+        assert_eq!(
+            refused(&base("192.0.2.1", "ban", &soon, "a b", "")),
+            "origin"
+        );
         assert_eq!(refused(&base("192.0.2.1", "ban", &soon, "", "")), "origin");
         let control = r#","reason":"x\u001b[2J""#;
-        assert_eq!(refused(&base("192.0.2.1", "ban", &soon, "a", control)), "reason");
+        assert_eq!(
+            refused(&base("192.0.2.1", "ban", &soon, "a", control)),
+            "reason"
+        );
         let long = format!(r#","reason":"{}""#, "x".repeat(MAX_REASON_BYTES + 1));
-        assert_eq!(refused(&base("192.0.2.1", "ban", &soon, "a", &long)), "reason");
+        assert_eq!(
+            refused(&base("192.0.2.1", "ban", &soon, "a", &long)),
+            "reason"
+        );
     }
 
     #[test]

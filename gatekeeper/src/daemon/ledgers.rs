@@ -341,7 +341,13 @@ impl Ledgers {
                 Ok(_) => {
                     info!(%client, ban = %net, reason = %reason.name(), events, expires, "client banned");
                     let kind = crate::cluster::VerdictKind::Ban;
-                    ledgers.lists.outbox.publish(crate::cluster::Op::Add, kind, net, Some(expires), Some(why));
+                    ledgers.lists.outbox.publish(
+                        crate::cluster::Op::Add,
+                        kind,
+                        net,
+                        Some(expires),
+                        Some(why),
+                    );
                 }
                 Err(e) => {
                     // No ban in place: the group is counted afresh, not taken as banned.

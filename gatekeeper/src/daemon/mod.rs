@@ -363,7 +363,9 @@ pub(crate) fn pregreet_hook(
                 Ok(_) => {
                     info!(%client, %ban, ttl_secs = ttl.secs(), "pre-greet client denylisted");
                     let reason = Some("ban: talked before the SMTP greeting".to_owned());
-                    lists.outbox.publish(Op::Add, VerdictKind::Ban, ban, expires.ok(), reason);
+                    lists
+                        .outbox
+                        .publish(Op::Add, VerdictKind::Ban, ban, expires.ok(), reason);
                 }
                 Err(e) => warn!(%client, %ban, error = %e, "denylisting a pre-greet client failed"),
             }

@@ -171,7 +171,10 @@ impl Router {
             Err(e) => return Reply::invalid(e.to_string()),
         };
         let kind = verdict_kind(list);
-        if let Some(e) = items.iter().find_map(|i| wire::check_breadth(kind, &i.net).err()) {
+        if let Some(e) = items
+            .iter()
+            .find_map(|i| wire::check_breadth(kind, &i.net).err())
+        {
             return Reply::invalid(e.to_string());
         }
         let ops = items

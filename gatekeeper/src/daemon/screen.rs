@@ -12,12 +12,12 @@ use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
 use crate::clock::unix_now;
+use crate::cluster::{Op, Outbox, VerdictKind};
 use crate::config::Config;
 use crate::control::protocol::{
     CheckReport, DnsblListedEntry, DnsblStats, FlushSummary, MapState, ZoneCheck,
 };
 use crate::dns::{Fcrdns, ReverseDns};
-use crate::cluster::{Op, Outbox, VerdictKind};
 use crate::dnsbl::{DnsblEngine, Verdict};
 use crate::kernel::{DnsblMaps, Kernel, PrefixView};
 use crate::netaddr::canonical;

@@ -76,7 +76,12 @@ impl Control {
 /// The i-th address of 198.18.0.0/15 (benchmarking range), from `base`.
 fn bench_addr(base: u32, i: usize) -> String {
     let n = base + i as u32;
-    format!("198.{}.{}.{}", 18 + ((n >> 16) & 1), (n >> 8) & 0xff, n & 0xff)
+    format!(
+        "198.{}.{}.{}",
+        18 + ((n >> 16) & 1),
+        (n >> 8) & 0xff,
+        n & 0xff
+    )
 }
 
 pub fn run(quick: bool) -> Result<ClusterFigures> {
@@ -91,7 +96,11 @@ pub fn run(quick: bool) -> Result<ClusterFigures> {
         .map(|lab| Control::open(&lab.control_socket()))
         .collect::<Result<_>>()?;
     for host in &mut hosts {
-        wait_until(|| Ok(host.ask("{\"op\":\"cluster_status\"}")?.contains("\"connected\":true")))?;
+        wait_until(|| {
+            Ok(host
+                .ask("{\"op\":\"cluster_status\"}")?
+                .contains("\"connected\":true"))
+        })?;
     }
 
     // Propagation: A acknowledges a shared verdict; B and C are polled
@@ -165,7 +174,9 @@ fn import_rate(lab: &Lab, count: usize) -> Result<f64> {
     let path = lab.dir().join("bench-import.txt");
     std::fs::write(&path, list.join("\n"))?;
     let started = Instant::now();
-    let out = lab.daemon().cli(&["deny", "import", path.to_str().unwrap()]);
+    let out = lab
+        .daemon()
+        .cli(&["deny", "import", path.to_str().unwrap()]);
     let elapsed = started.elapsed();
     ensure!(
         out.status.success(),
