@@ -103,6 +103,10 @@ fn man_page_documents_every_config_key() {
             "greylist",
             serde_introspect::<crate::ledger::greylist::GreylistConfig>(),
         ),
+        (
+            "cluster",
+            serde_introspect::<crate::cluster::ClusterConfig>(),
+        ),
     ]
     .into_iter()
     .map(|(table, keys)| {
