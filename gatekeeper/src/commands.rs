@@ -13,8 +13,8 @@ use crate::config::check::check_text;
 use crate::config::{Config, DEFAULT_PATH};
 use crate::control::client;
 use crate::control::protocol::{
-    CheckReport, DnsblStats, ErrorKind, FeedReport, RefreshResult, Reply, Request, StatsReport,
-    WireEntry,
+    CheckReport, DnsblStats, ErrorKind, FeedReport, PackedEntries, RefreshResult, Reply, Request,
+    StatsReport, WireEntry,
 };
 use crate::lists::listfile::{parse_list, ListFormat};
 use crate::lists::prefix::Prefix;
@@ -462,24 +462,16 @@ fn list_action(socket: &std::path::Path, list: ListKind, action: &ListAction) ->
                 .into_iter()
                 .map(|l| {
                     Prefix::try_from(l.prefix)
-                        .map(|prefix| WireEntry {
-                            prefix,
-                            reason: l.reason,
-                            ttl_secs: None,
-                        })
+                        .map(|prefix| (prefix, l.reason))
                         .map_err(|e| {
                             UsageError(format!("{}: {e}; nothing imported", file.display()))
                         })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let request = if *replace {
-                Request::ListReplace { list, entries }
-            } else {
-                Request::ListAdd {
-                    list,
-                    entries,
-                    share: false,
-                }
+            let request = Request::ListImport {
+                list,
+                entries: PackedEntries(entries),
+                replace: *replace,
             };
             let reply = expect_ok(client::send(socket, &request)?)?;
             if let Reply::Changed(s) = &reply {

@@ -26,6 +26,63 @@ pub struct WireEntry {
     pub ttl_secs: Option<Ttl>,
 }
 
+/// A list file's entries as one string, `prefix[<TAB>reason]` per line: a
+/// million-line import is then one JSON string to read, not a million
+/// objects (which the tagged request would first buffer whole). Every
+/// prefix passes the same rules as [`Prefix`] on the way in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackedEntries(pub Vec<(Prefix, Option<String>)>);
+
+impl Serialize for PackedEntries {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use std::fmt::Write;
+        let mut text = String::with_capacity(self.0.len() * 20);
+        for (prefix, reason) in &self.0 {
+            let _ = write!(text, "{prefix}");
+            // Line breaks would split the entry; list files cannot hold them anyway.
+            if let Some(reason) = reason {
+                text.push('\t');
+                text.extend(reason.chars().map(|c| if c == '\n' { ' ' } else { c }));
+            }
+            text.push('\n');
+        }
+        serializer.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for PackedEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PackedEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("entries as one string, `prefix[\\treason]` per line")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<PackedEntries, E> {
+                PackedEntries::parse(text).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+impl PackedEntries {
+    fn parse(text: &str) -> Result<PackedEntries, String> {
+        let mut entries = Vec::with_capacity(text.len() / 16);
+        for (index, line) in text.lines().enumerate() {
+            let (prefix, reason) = match line.split_once('\t') {
+                Some((prefix, reason)) => (prefix, Some(reason.to_owned())),
+                None => (line, None),
+            };
+            let prefix = prefix
+                .parse::<Prefix>()
+                .map_err(|e| format!("packed entry {}: {e}", index + 1))?;
+            entries.push((prefix, reason));
+        }
+        Ok(PackedEntries(entries))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -49,6 +106,14 @@ pub enum Request {
     ListReplace {
         list: ListKind,
         entries: Vec<WireEntry>,
+    },
+    /// A list file, all entries permanent: added, or with `replace` the
+    /// list made exactly these.
+    ListImport {
+        list: ListKind,
+        entries: PackedEntries,
+        #[serde(default, skip_serializing_if = "is_false")]
+        replace: bool,
     },
     ListShow {
         list: ListKind,
@@ -448,6 +513,56 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn packed_entries_round_trip_and_keep_the_prefix_rules() {
+        let entries = PackedEntries(vec![
+            (
+                "192.0.2.0/24".parse().unwrap(),
+                Some("SBL1\twith tab".into()),
+            ),
+            ("2001:db8::1".parse().unwrap(), None),
+            ("198.51.100.7".parse().unwrap(), Some("two\nlines".into())),
+        ]);
+        let request = Request::ListImport {
+            list: ListKind::Deny,
+            entries,
+            replace: true,
+        };
+        let line = serde_json::to_string(&request).unwrap();
+        assert!(!line.contains('\n'));
+        let Request::ListImport {
+            entries, replace, ..
+        } = serde_json::from_str(&line).unwrap()
+        else {
+            panic!("{line}")
+        };
+        assert!(replace);
+        let shown: Vec<String> = entries
+            .0
+            .iter()
+            .map(|(p, r)| format!("{p} {r:?}"))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                r#"192.0.2.0/24 Some("SBL1\twith tab")"#,
+                "2001:db8::1/128 None",
+                r#"198.51.100.7/32 Some("two lines")"#,
+            ]
+        );
+        for bad in [
+            "192.0.2.7/24\n",
+            "garbage",
+            "192.0.2.0/24\n::ffff:192.0.2.1\n",
+        ] {
+            let line = serde_json::json!({"op": "list_import", "list": "deny", "entries": bad});
+            let err = serde_json::from_value::<Request>(line)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("packed entry"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

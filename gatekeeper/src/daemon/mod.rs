@@ -59,6 +59,7 @@ pub async fn run(config: Config, path: PathBuf) -> Result<()> {
     let mut signals = Signals::install()?;
     check_privileges()?;
     raise_file_limit();
+    pin_mmap_threshold();
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("state_dir {}: cannot create", config.state_dir.display()))?;
     let stale = remove_stale_temp_files(&config.state_dir)
@@ -293,6 +294,18 @@ fn raise_file_limit() {
         if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
             info!(from = soft, to = hard, "raised the open-file limit");
         }
+    }
+}
+
+/// Buffers of a MiB and more (a big import's request, plans and batches)
+/// come from mmap and go back to the system when freed. glibc otherwise
+/// raises the threshold after the first such free and keeps every later
+/// buffer's pages: 100 MiB of RSS nobody uses after a million-prefix import.
+fn pin_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; it has no memory-safety preconditions.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) } != 1 {
+        warn!("could not pin the allocator's mmap threshold");
     }
 }
 

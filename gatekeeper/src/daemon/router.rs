@@ -91,6 +91,27 @@ impl Router {
                 Ok(items) => changed(self.lists.change(list, Change::Replace(items)).await),
                 Err(e) => Reply::invalid(e.to_string()),
             },
+            Request::ListImport {
+                list,
+                entries,
+                replace,
+            } => {
+                let items = entries
+                    .0
+                    .into_iter()
+                    .map(|(prefix, reason)| NewEntry {
+                        net: prefix.net(),
+                        reason,
+                        expires: None,
+                    })
+                    .collect();
+                let change = if replace {
+                    Change::Replace(items)
+                } else {
+                    Change::Add(items)
+                };
+                changed(self.lists.change(list, change).await)
+            }
             Request::ListDel {
                 list,
                 prefixes,

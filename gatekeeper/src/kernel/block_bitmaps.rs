@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, MapData};
+use aya::maps::{Array, IterableMap, MapData};
 use gatekeeper_common::BLOCK_WORDS_V4;
 use ipnet::{IpNet, Ipv4Net};
 
@@ -166,13 +166,18 @@ impl KernelBitmap {
     }
 
     /// Writes the words of `wanted` in `words` that differ from what the kernel has.
+    /// After a big change most words differ: one batch call writes them all.
     pub fn write(&mut self, wanted: &[u64], words: Range<usize>) -> Result<()> {
+        let (mut indices, mut values) = (Vec::new(), Vec::new());
         for index in words {
-            let new = wanted[index];
-            if new != self.written[index] {
-                self.map.set(index as u32, new, 0)?;
-                self.written[index] = new;
+            if wanted[index] != self.written[index] {
+                indices.push(index as u32);
+                values.push(wanted[index]);
             }
+        }
+        super::batch::update(self.map.map(), &indices, &values)?;
+        for (&index, &value) in indices.iter().zip(&values) {
+            self.written[index as usize] = value;
         }
         Ok(())
     }

@@ -3,10 +3,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray};
+use aya::maps::{
+    lpm_trie::Key, Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray,
+};
 use gatekeeper_common::{Counter, PrefixValue};
 use ipnet::IpNet;
 
+use super::batch;
 use super::block_bitmaps::BlockBitmaps;
 use crate::clock::unix_now;
 use crate::lists::store::{Capacity, EntryMeta};
@@ -101,15 +104,20 @@ impl PrefixMaps {
         SyncPlan { states, presence }
     }
 
-    /// Makes the syscalls of a [`Self::plan`]: prefixes first, then bitmaps and flags.
+    /// Makes the syscalls of a [`Self::plan`]: prefixes first, then bitmaps
+    /// and flags. New entries go in before old ones come out, so a replaced
+    /// list stays enforced until its successor is complete; only when the
+    /// maps cannot hold both at once do the removals go first.
     pub fn apply(&mut self, plan: SyncPlan) -> Result<()> {
-        for (net, value) in &plan.states {
-            match value {
-                Some(value) => self.insert(net, *value),
-                None => self.remove(net),
-            }
-            .with_context(|| format!("kernel map update for {net}"))?;
-        }
+        let writes = Writes::route(&plan.states, self.exact.is_some());
+        let written = match self.write(&writes, Phase::Insert) {
+            Err(e) if is_full(&e) => self
+                .write(&writes, Phase::Remove)
+                .and_then(|()| self.write(&writes, Phase::Insert)),
+            Err(e) => Err(e),
+            Ok(()) => self.write(&writes, Phase::Remove),
+        };
+        written.with_context(|| format!("kernel map update ({})", writes.summary()))?;
         if let Some(blocks) = self.blocks.as_mut() {
             blocks.flush()?;
         }
@@ -124,46 +132,121 @@ impl PrefixMaps {
         Ok(())
     }
 
-    fn insert(&mut self, net: &IpNet, value: PrefixValue) -> Result<(), MapError> {
-        match (net, self.exact.as_mut()) {
-            (IpNet::V4(n), Some(exact)) if n.prefix_len() == 32 => {
-                exact.v4.insert(n.addr().octets(), value, 0)
+    /// One phase on every map, the IPv4 trie on a thread of its own (it
+    /// takes the longest, and the maps are independent in the kernel).
+    fn write(&self, writes: &Writes, phase: Phase) -> std::io::Result<()> {
+        let trie_v4 = self.v4.map();
+        let (trie_v6, exact) = (
+            self.v6.map(),
+            self.exact.as_ref().map(|e| (e.v4.map(), e.v6.map())),
+        );
+        std::thread::scope(|scope| {
+            let v4 = scope.spawn(|| writes.trie_v4.write(trie_v4, phase));
+            let rest = writes.trie_v6.write(trie_v6, phase).and_then(|()| {
+                let Some((exact_v4, exact_v6)) = exact else {
+                    return Ok(());
+                };
+                writes.exact_v4.write(exact_v4, phase)?;
+                writes.exact_v6.write(exact_v6, phase)
+            });
+            let v4 = v4
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            v4.and(rest)
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Insert,
+    Remove,
+}
+
+/// A plan's writes, sorted by the map that takes them.
+#[derive(Default)]
+struct Writes {
+    trie_v4: MapWrites<Key<[u8; 4]>>,
+    trie_v6: MapWrites<Key<[u8; 16]>>,
+    exact_v4: MapWrites<[u8; 4]>,
+    exact_v6: MapWrites<[u8; 16]>,
+}
+
+struct MapWrites<K> {
+    keys: Vec<K>,
+    values: Vec<PrefixValue>,
+    removed: Vec<K>,
+}
+
+impl<K> Default for MapWrites<K> {
+    fn default() -> Self {
+        MapWrites {
+            keys: Vec::new(),
+            values: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+}
+
+impl<K: aya::Pod> MapWrites<K> {
+    fn push(&mut self, key: K, value: Option<PrefixValue>) {
+        match value {
+            Some(value) => {
+                self.keys.push(key);
+                self.values.push(value);
             }
-            (IpNet::V6(n), Some(exact)) if n.prefix_len() == 128 => {
-                exact.v6.insert(n.addr().octets(), value, 0)
-            }
-            (IpNet::V4(n), _) => {
-                let key = Key::new(u32::from(n.prefix_len()), n.network().octets());
-                self.v4.insert(&key, value, 0)
-            }
-            (IpNet::V6(n), _) => {
-                let key = Key::new(u32::from(n.prefix_len()), n.network().octets());
-                self.v6.insert(&key, value, 0)
-            }
+            None => self.removed.push(key),
         }
     }
 
-    /// Removing an absent key is not an error: the goal state is reached.
-    fn remove(&mut self, net: &IpNet) -> Result<(), MapError> {
-        let result = match (net, self.exact.as_mut()) {
-            (IpNet::V4(n), Some(exact)) if n.prefix_len() == 32 => {
-                exact.v4.remove(&n.addr().octets())
-            }
-            (IpNet::V6(n), Some(exact)) if n.prefix_len() == 128 => {
-                exact.v6.remove(&n.addr().octets())
-            }
-            (IpNet::V4(n), _) => self
-                .v4
-                .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
-            (IpNet::V6(n), _) => self
-                .v6
-                .remove(&Key::new(u32::from(n.prefix_len()), n.network().octets())),
-        };
-        match result {
-            Err(e) if is_absent(&e) => Ok(()),
-            other => other,
+    fn write(&self, map: &MapData, phase: Phase) -> std::io::Result<()> {
+        match phase {
+            Phase::Insert => batch::update(map, &self.keys, &self.values),
+            Phase::Remove => batch::delete(map, &self.removed),
         }
     }
+}
+
+impl Writes {
+    /// Full-length prefixes go to the exact hashes when the list has them.
+    fn route(states: &[(IpNet, Option<PrefixValue>)], exact: bool) -> Writes {
+        let mut writes = Writes::default();
+        for (net, value) in states {
+            match net {
+                IpNet::V4(n) if exact && n.prefix_len() == 32 => {
+                    writes.exact_v4.push(n.addr().octets(), *value)
+                }
+                IpNet::V6(n) if exact && n.prefix_len() == 128 => {
+                    writes.exact_v6.push(n.addr().octets(), *value)
+                }
+                IpNet::V4(n) => writes.trie_v4.push(
+                    Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                    *value,
+                ),
+                IpNet::V6(n) => writes.trie_v6.push(
+                    Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                    *value,
+                ),
+            }
+        }
+        writes
+    }
+
+    fn summary(&self) -> String {
+        let count = |inserted: usize, removed: usize| format!("{inserted} in, {removed} out");
+        format!(
+            "IPv4 trie {}, IPv6 trie {}, IPv4 hash {}, IPv6 hash {}",
+            count(self.trie_v4.keys.len(), self.trie_v4.removed.len()),
+            count(self.trie_v6.keys.len(), self.trie_v6.removed.len()),
+            count(self.exact_v4.keys.len(), self.exact_v4.removed.len()),
+            count(self.exact_v6.keys.len(), self.exact_v6.removed.len()),
+        )
+    }
+}
+
+/// The kernel refused an insert because the map is at its `max_entries`.
+fn is_full(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
 }
 
 /// Whether a map error only says the key was not there.

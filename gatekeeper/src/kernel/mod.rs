@@ -1,6 +1,7 @@
 //! Where verdicts enter the kernel: loading, attaching and pinning the XDP
 //! program, and typed handles on its maps.
 
+mod batch;
 mod block_bitmaps;
 mod dnsbl_maps;
 mod driver;

@@ -20,6 +20,12 @@ pub struct Record {
     pub ops: Vec<(IpNet, Option<EntryMeta>)>,
 }
 
+/// A [`Record`] to write, borrowed: serialises to the same bytes.
+#[derive(Serialize)]
+pub struct RecordRef<'a> {
+    pub ops: &'a [(IpNet, Option<EntryMeta>)],
+}
+
 /// A record as an older format wrote it (journals after a snapshot of
 /// that format, or, for format 1, without a snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::journal::{self, Format, Record};
+use super::journal::{self, Format};
 use super::{snapshot, ListKind};
 use crate::clock::unix_now;
 use crate::persist::sync_dir;
@@ -50,7 +50,8 @@ pub struct EntryMeta {
     /// Names of the feeds that list it.
     pub feeds: BTreeSet<String>,
     /// A verdict another host of the fleet shared (see `cluster`).
-    pub shared: Option<SharedClaim>,
+    /// Boxed: few entries have one, and every entry pays for the field.
+    pub shared: Option<Box<SharedClaim>>,
 }
 
 /// The fleet's listing of a prefix: it lasts until `expires` (none =
@@ -239,6 +240,34 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// The same change with its items in prefix order (stable).
+    fn sorted(self) -> Change {
+        match self {
+            Change::Add(mut items) => {
+                items.sort_by_key(|item| item.net);
+                Change::Add(items)
+            }
+            Change::Replace(mut items) => {
+                items.sort_by_key(|item| item.net);
+                Change::Replace(items)
+            }
+            other => other,
+        }
+    }
+
+    /// How many prefixes it names (sizes the plan's tables).
+    fn named(&self) -> usize {
+        match self {
+            Change::Add(items) | Change::Replace(items) => items.len(),
+            Change::Remove(nets) | Change::Expire { nets, .. } => nets.len(),
+            Change::Shared(ops) => ops.len(),
+            Change::SharedReplace(items) => items.len(),
+            Change::Feed { entries, .. } => entries.len(),
+        }
+    }
+}
+
 /// A fleet listing to take on: a later expiry wins over an earlier one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedEntry {
@@ -330,11 +359,15 @@ pub struct Pending {
     pub removed: Vec<IpNet>,
     /// Entries in the list right after the change.
     pub total: usize,
-    /// The new state of every touched prefix.
-    ops: Vec<(IpNet, Option<EntryMeta>)>,
-    /// The state before, to revert.
-    undo: Vec<(IpNet, Option<EntryMeta>)>,
+    /// The new state of every touched prefix (shared with the journal's
+    /// record: a million-entry change is not copied to be remembered).
+    ops: Ops,
+    /// The state before, to revert (shared with the committer's undo queue).
+    undo: Ops,
 }
+
+/// Prefix states, as a change writes them or as they were before it.
+type Ops = Arc<Vec<(IpNet, Option<EntryMeta>)>>;
 
 impl Pending {
     pub fn touched(&self) -> Vec<IpNet> {
@@ -346,7 +379,7 @@ impl Pending {
 pub type Fsync = Arc<dyn Fn(&File) -> std::io::Result<()> + Send + Sync>;
 
 /// The previous state of every prefix a record touched, to undo it.
-type Undo = Vec<(IpNet, Option<EntryMeta>)>;
+type Undo = Ops;
 
 /// Tuning and test hooks.
 #[derive(Clone)]
@@ -592,9 +625,8 @@ impl ListStore {
         }
         let plan = plan(&state.entries, self.shared.kind, change, unix_now())?;
         let mut lengths = state.lengths.clone();
-        for (net, new) in &plan.ops {
-            let was = state.entries.contains_key(net);
-            match (was, new.is_some()) {
+        for ((net, new), (_, old)) in plan.ops.iter().zip(&plan.undo) {
+            match (old.is_some(), new.is_some()) {
                 (false, true) => *lengths.slot(net) += 1,
                 (true, false) => *lengths.slot(net) -= 1,
                 _ => {}
@@ -611,7 +643,8 @@ impl ListStore {
                 capacity,
             });
         }
-        let seq = self.append(&mut state, plan.ops.clone(), plan.undo.clone())?;
+        let (ops, undo) = (Arc::new(plan.ops), Arc::new(plan.undo));
+        let seq = self.append(&mut state, ops.clone(), undo.clone())?;
         state.lengths = lengths;
         Ok(Pending {
             seq,
@@ -619,8 +652,8 @@ impl ListStore {
             updated: plan.updated,
             removed: plan.removed,
             total: state.entries.len(),
-            ops: plan.ops,
-            undo: plan.undo,
+            ops,
+            undo,
         })
     }
 
@@ -633,7 +666,7 @@ impl ListStore {
             return Err(self.failed(reason.clone()));
         }
         let (mut ops, mut undo) = (Vec::new(), Vec::new());
-        for ((net, ours), (_, before)) in pending.ops.iter().zip(&pending.undo) {
+        for ((net, ours), (_, before)) in pending.ops.iter().zip(pending.undo.iter()) {
             let current = state.entries.get(net).cloned();
             if current == *ours {
                 ops.push((*net, before.clone()));
@@ -648,6 +681,7 @@ impl ListStore {
                 _ => {}
             }
         }
+        let (ops, undo) = (Arc::new(ops), Arc::new(undo));
         let seq = self.append(&mut state, ops.clone(), undo.clone())?;
         state.lengths = lengths;
         Ok(Pending {
@@ -703,17 +737,11 @@ impl ListStore {
     }
 
     /// Writes one record, then applies it in memory; an empty change writes nothing.
-    fn append(
-        &self,
-        state: &mut State,
-        ops: Vec<(IpNet, Option<EntryMeta>)>,
-        undo: Vec<(IpNet, Option<EntryMeta>)>,
-    ) -> Result<u64, StoreError> {
+    fn append(&self, state: &mut State, ops: Ops, undo: Undo) -> Result<u64, StoreError> {
         if ops.is_empty() {
             return Ok(state.written);
         }
-        let record = Record { ops };
-        let bytes = journal::encode(&record);
+        let bytes = journal::encode(&journal::RecordRef { ops: &ops });
         if let Err(source) = (&*state.journal).write_all(&bytes) {
             // Cut a partial record off, or later records would follow garbage.
             if let Err(e) = state.journal.set_len(state.file_bytes) {
@@ -726,7 +754,7 @@ impl ListStore {
         }
         state.file_bytes += bytes.len() as u64;
         state.journal_bytes += bytes.len() as u64;
-        apply_ops(&mut state.entries, record.ops);
+        apply_ops(&mut state.entries, ops.iter().cloned());
         state.written += 1;
         let seq = state.written;
         state.unsynced.push_back((seq, undo));
@@ -748,7 +776,29 @@ impl ListStore {
     }
 }
 
-fn apply_ops(entries: &mut BTreeMap<IpNet, EntryMeta>, ops: Vec<(IpNet, Option<EntryMeta>)>) {
+/// `ops` are in prefix order (see [`plan`]); a change as big as a good part
+/// of the list is merged in one pass instead of inserted entry by entry.
+fn apply_ops(
+    entries: &mut BTreeMap<IpNet, EntryMeta>,
+    ops: impl ExactSizeIterator<Item = (IpNet, Option<EntryMeta>)>,
+) {
+    if ops.len() >= BULK_MERGE_FROM && ops.len() >= entries.len() / 4 {
+        let mut removals = Vec::new();
+        // Collecting sorted pairs builds the tree bottom-up, without searches.
+        let mut upserts: BTreeMap<IpNet, EntryMeta> = ops
+            .filter_map(|(net, meta)| {
+                if meta.is_none() {
+                    removals.push(net);
+                }
+                meta.map(|meta| (net, meta))
+            })
+            .collect();
+        for net in removals {
+            entries.remove(&net);
+        }
+        entries.append(&mut upserts);
+        return;
+    }
     for (net, meta) in ops {
         match meta {
             Some(meta) => entries.insert(net, meta),
@@ -756,6 +806,9 @@ fn apply_ops(entries: &mut BTreeMap<IpNet, EntryMeta>, ops: Vec<(IpNet, Option<E
         };
     }
 }
+
+/// Below this many operations a change is applied entry by entry.
+const BULK_MERGE_FROM: usize = 4096;
 
 /// The committer: one fsync per round covers every record written before
 /// it; rotates the journal when compaction is due.
@@ -847,7 +900,7 @@ fn fail(shared: &Shared, error: &std::io::Error) {
     error!(list = %shared.kind, error = %reason, "journal fsync failed; unacknowledged changes undone, list changes refused until restart");
     let mut state = shared.state.write().unwrap_or_else(|e| e.into_inner());
     while let Some((_, undo)) = state.unsynced.pop_back() {
-        for (net, old) in undo.into_iter().rev() {
+        for (net, old) in undo.iter().rev().cloned() {
             match old {
                 Some(meta) => state.entries.insert(net, meta),
                 None => state.entries.remove(&net),
@@ -888,6 +941,95 @@ fn compact(shared: &Shared, upto: u64) {
     }
 }
 
+/// The old and new state of each prefix a change touches, in order of
+/// first touch (one lookup in the list per prefix, however often touched).
+struct Overlay {
+    states: Vec<(IpNet, Option<EntryMeta>, Option<EntryMeta>)>,
+    /// Where each prefix's state is; `None` when the change comes in prefix
+    /// order, so a repeat can only be the latest state.
+    index: Option<std::collections::HashMap<IpNet, usize>>,
+}
+
+impl Overlay {
+    fn for_change(change: &Change) -> Overlay {
+        let count = change.named();
+        let in_order = matches!(change, Change::Add(_) | Change::Replace(_));
+        Overlay {
+            states: Vec::with_capacity(count),
+            index: (!in_order).then(|| std::collections::HashMap::with_capacity(count)),
+        }
+    }
+
+    /// Where `net`'s state is, or `None` after recording that it goes next.
+    fn find(&mut self, net: IpNet) -> Option<usize> {
+        let next = self.states.len();
+        match self.index.as_mut() {
+            Some(index) => match index.entry(net) {
+                std::collections::hash_map::Entry::Occupied(slot) => Some(*slot.get()),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(next);
+                    None
+                }
+            },
+            None => self
+                .states
+                .last()
+                .filter(|state| state.0 == net)
+                .map(|_| next - 1),
+        }
+    }
+
+    /// Sets the prefix's new state from its state so far in this change.
+    fn update(
+        &mut self,
+        entries: &BTreeMap<IpNet, EntryMeta>,
+        net: IpNet,
+        next: impl FnOnce(Option<EntryMeta>) -> Option<EntryMeta>,
+    ) {
+        match self.find(net) {
+            Some(at) => {
+                let state = &mut self.states[at];
+                state.2 = next(state.2.take());
+            }
+            None => {
+                let old = entries.get(&net).cloned();
+                let new = next(old.clone());
+                self.states.push((net, old, new));
+            }
+        }
+    }
+
+    /// As [`Self::update`] when the caller already holds the prefix's
+    /// entry in the list (`None`: not listed).
+    fn update_from(
+        &mut self,
+        net: IpNet,
+        listed: Option<&EntryMeta>,
+        next: impl FnOnce(Option<EntryMeta>) -> Option<EntryMeta>,
+    ) {
+        match self.find(net) {
+            Some(at) => {
+                let state = &mut self.states[at];
+                state.2 = next(state.2.take());
+            }
+            None => {
+                let old = listed.cloned();
+                let new = next(old.clone());
+                self.states.push((net, old, new));
+            }
+        }
+    }
+
+    fn update_listed(
+        &mut self,
+        net: IpNet,
+        listed: &EntryMeta,
+        next: impl FnOnce(EntryMeta) -> Option<EntryMeta>,
+    ) {
+        self.update_from(net, Some(listed), |meta| meta.and_then(next));
+    }
+}
+
 struct Plan {
     ops: Vec<(IpNet, Option<EntryMeta>)>,
     undo: Vec<(IpNet, Option<EntryMeta>)>,
@@ -903,28 +1045,17 @@ fn plan(
     change: Change,
     now: u64,
 ) -> Result<Plan, NotListed> {
-    // The new state of each touched prefix, in order of first touch.
-    let mut overlay: Vec<(IpNet, Option<EntryMeta>)> = Vec::new();
-    let mut index: std::collections::HashMap<IpNet, usize> = std::collections::HashMap::new();
-    let mut set = |net: IpNet, meta: Option<EntryMeta>| match index.get(&net) {
-        Some(&i) => overlay[i].1 = meta,
-        None => {
-            index.insert(net, overlay.len());
-            overlay.push((net, meta));
-        }
-    };
+    // In prefix order the list's lookups below, and later the inserts and the
+    // kernel's, walk neighbouring nodes instead of missing the cache each time;
+    // the sort is stable, so repeats of a prefix still apply in the order given.
+    let change = change.sorted();
+    let mut overlay = Overlay::for_change(&change);
     match change {
         Change::Add(items) => {
-            let mut staged: BTreeMap<IpNet, Option<EntryMeta>> = BTreeMap::new();
             for item in items {
-                let current = staged
-                    .get(&item.net)
-                    .cloned()
-                    .unwrap_or_else(|| entries.get(&item.net).cloned());
-                let net = item.net;
-                let merged = upsert(current, item, now);
-                staged.insert(net, Some(merged.clone()));
-                set(net, Some(merged));
+                overlay.update(entries, item.net, |current| {
+                    Some(upsert(current, item, now))
+                });
             }
         }
         Change::Remove(nets) => {
@@ -950,52 +1081,41 @@ fn plan(
                 });
             }
             for net in nets {
-                let left = entries[&net].clone().without_manual();
-                set(net, left);
+                overlay.update_listed(net, &entries[&net], EntryMeta::without_manual);
             }
         }
         Change::Expire { nets, now } => {
             for net in nets {
                 if let Some(meta) = entries.get(&net).filter(|m| m.expired_at(now)) {
-                    set(net, meta.clone().without_expired(now));
+                    overlay.update_listed(net, meta, |m| m.without_expired(now));
                 }
             }
         }
         Change::Shared(ops) => {
-            let mut staged: BTreeMap<IpNet, Option<EntryMeta>> = BTreeMap::new();
             for op in ops {
                 let net = match &op {
                     SharedOp::Add(entry) => entry.net,
                     SharedOp::Remove(net) => *net,
                 };
-                let current = staged
-                    .get(&net)
-                    .cloned()
-                    .unwrap_or_else(|| entries.get(&net).cloned());
-                let next = match op {
+                overlay.update(entries, net, |current| match op {
                     SharedOp::Add(entry) => Some(claim(current, entry, now)),
                     SharedOp::Remove(_) => current.and_then(EntryMeta::without_shared),
-                };
-                staged.insert(net, next.clone());
-                set(net, next);
+                });
             }
         }
         Change::SharedReplace(items) => {
             let keep: HashSet<IpNet> = items.iter().map(|e| e.net).collect();
             for (net, meta) in entries {
                 if meta.shared.is_some() && !keep.contains(net) {
-                    set(*net, meta.clone().without_shared());
+                    overlay.update_listed(*net, meta, EntryMeta::without_shared);
                 }
             }
-            let mut staged: BTreeMap<IpNet, EntryMeta> = BTreeMap::new();
             for item in items {
-                let net = item.net;
-                let current = staged.get(&net).or_else(|| entries.get(&net)).cloned();
-                // The snapshot is the truth: its expiry replaces ours.
-                let current = current.and_then(EntryMeta::without_shared);
-                let merged = claim(current, item, now);
-                staged.insert(net, merged.clone());
-                set(net, Some(merged));
+                overlay.update(entries, item.net, |current| {
+                    // The snapshot is the truth: its expiry replaces ours.
+                    let current = current.and_then(EntryMeta::without_shared);
+                    Some(claim(current, item, now))
+                });
             }
         }
         Change::Feed {
@@ -1005,62 +1125,70 @@ fn plan(
             let keep: HashSet<IpNet> = items.iter().map(|(net, _)| *net).collect();
             for (net, meta) in entries {
                 if meta.feeds.contains(&feed) && !keep.contains(net) {
-                    set(*net, meta.clone().without_feed(&feed));
+                    overlay.update_listed(*net, meta, |m| m.without_feed(&feed));
                 }
             }
-            let mut staged: BTreeMap<IpNet, EntryMeta> = BTreeMap::new();
             for (net, reason) in items {
-                let meta = match staged.get(&net).or_else(|| entries.get(&net)).cloned() {
-                    Some(mut meta) => {
-                        // The operator's reason wins over the feed's.
-                        if !meta.manual {
-                            meta.reason = reason.or(meta.reason);
+                overlay.update(entries, net, |current| {
+                    Some(match current {
+                        Some(mut meta) => {
+                            // The operator's reason wins over the feed's.
+                            if !meta.manual {
+                                meta.reason = reason.or(meta.reason);
+                            }
+                            meta.feeds.insert(feed.clone());
+                            meta
                         }
-                        meta.feeds.insert(feed.clone());
-                        meta
-                    }
-                    None => EntryMeta {
-                        reason,
-                        added: now,
-                        expires: None,
-                        manual: false,
-                        feeds: BTreeSet::from([feed.clone()]),
-                        shared: None,
-                    },
-                };
-                staged.insert(net, meta.clone());
-                set(net, Some(meta));
+                        None => EntryMeta {
+                            reason,
+                            added: now,
+                            expires: None,
+                            manual: false,
+                            feeds: BTreeSet::from([feed.clone()]),
+                            shared: None,
+                        },
+                    })
+                });
             }
         }
         Change::Replace(items) => {
-            let keep: HashSet<IpNet> = items.iter().map(|e| e.net).collect();
-            for (net, meta) in entries {
-                if meta.manual && !keep.contains(net) {
-                    set(*net, meta.clone().without_manual());
+            // Both in prefix order: one merged walk pairs each item with its
+            // listed entry and finds the manual entries the new list drops,
+            // with the states coming out in order.
+            let mut listed = entries.iter().peekable();
+            let drop_unkept = |overlay: &mut Overlay, net: &IpNet, meta: &EntryMeta| {
+                if meta.manual {
+                    overlay.update_listed(*net, meta, EntryMeta::without_manual);
                 }
-            }
-            let mut staged: BTreeMap<IpNet, EntryMeta> = BTreeMap::new();
+            };
             for item in items {
-                let current = staged
-                    .get(&item.net)
-                    .cloned()
-                    .or_else(|| entries.get(&item.net).cloned());
-                let net = item.net;
-                let merged = upsert(current, item, now);
-                staged.insert(net, merged.clone());
-                set(net, Some(merged));
+                while let Some((net, meta)) = listed.next_if(|(net, _)| **net < item.net) {
+                    drop_unkept(&mut overlay, net, meta);
+                }
+                // A repeated item finds its state in the overlay instead.
+                let current = listed
+                    .next_if(|(net, _)| **net == item.net)
+                    .map(|(_, meta)| meta);
+                overlay.update_from(item.net, current, |current| {
+                    Some(upsert(current, item, now))
+                });
+            }
+            for (net, meta) in listed {
+                drop_unkept(&mut overlay, net, meta);
             }
         }
     }
+    // Most changes come out in order already (then this is one pass); for
+    // the rest the stable sort merges the ordered runs they are made of.
+    overlay.states.sort_by_key(|state| state.0);
     let mut plan = Plan {
-        ops: Vec::new(),
-        undo: Vec::new(),
+        ops: Vec::with_capacity(overlay.states.len()),
+        undo: Vec::with_capacity(overlay.states.len()),
         added: Vec::new(),
         updated: Vec::new(),
         removed: Vec::new(),
     };
-    for (net, new) in overlay {
-        let old = entries.get(&net).cloned();
+    for (net, old, new) in overlay.states {
         if old == new {
             continue;
         }
@@ -1118,10 +1246,10 @@ fn claim(current: Option<EntryMeta>, item: SharedEntry, now: u64) -> EntryMeta {
         },
         None => item.expires,
     };
-    meta.shared = Some(SharedClaim {
+    meta.shared = Some(Box::new(SharedClaim {
         expires,
         origin: item.origin,
-    });
+    }));
     meta
 }
 
@@ -1330,7 +1458,7 @@ impl Layout {
                 size = decoded.valid_len;
             }
             for record in decoded.records {
-                apply_ops(&mut entries, record.ops);
+                apply_ops(&mut entries, record.ops.into_iter());
             }
             journals.push((generation, size));
         }

@@ -1,6 +1,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::*;
+use crate::lists::journal::Record;
 
 fn net(s: &str) -> IpNet {
     s.parse().unwrap()
@@ -801,4 +802,123 @@ async fn shared_replace_sets_exactly_the_fleet_claims() {
     assert!(now[&net("192.0.2.1/32")].manual && now[&net("192.0.2.1/32")].shared.is_none());
     let claim = now[&net("192.0.2.3/32")].shared.clone().unwrap();
     assert_eq!((claim.expires, claim.origin.as_str()), (Some(500), "mx-b"));
+}
+
+/// The plain meaning of `Add` and `Replace`, item by item in the order
+/// given, without the sorted merge walks and bulk paths `plan` uses.
+fn model(
+    entries: &BTreeMap<IpNet, EntryMeta>,
+    change: &Change,
+    now: u64,
+) -> BTreeMap<IpNet, EntryMeta> {
+    let mut out = entries.clone();
+    let items = match change {
+        Change::Add(items) => items,
+        Change::Replace(items) => {
+            let keep: HashSet<IpNet> = items.iter().map(|i| i.net).collect();
+            for (net, meta) in entries {
+                if meta.manual && !keep.contains(net) {
+                    match meta.clone().without_manual() {
+                        Some(left) => out.insert(*net, left),
+                        None => out.remove(net),
+                    };
+                }
+            }
+            items
+        }
+        _ => unreachable!("the model covers Add and Replace"),
+    };
+    for item in items {
+        let merged = upsert(out.get(&item.net).cloned(), item.clone(), now);
+        out.insert(item.net, merged);
+    }
+    out
+}
+
+fn listed_state() -> impl proptest::strategy::Strategy<Value = BTreeMap<IpNet, EntryMeta>> {
+    use proptest::prelude::*;
+    proptest::collection::btree_map(small_net(), (any::<bool>(), any::<bool>(), 0u64..3), 0..40)
+        .prop_map(|raw| {
+            raw.into_iter()
+                .map(|(net, (manual, fed, expiry))| {
+                    let meta = EntryMeta {
+                        reason: None,
+                        added: 1,
+                        expires: (expiry > 0).then_some(1000 * expiry),
+                        manual: manual || !fed,
+                        feeds: if fed {
+                            BTreeSet::from(["f".to_owned()])
+                        } else {
+                            BTreeSet::new()
+                        },
+                        shared: None,
+                    };
+                    (net, meta)
+                })
+                .collect()
+        })
+}
+
+/// Few enough distinct prefixes that items repeat and overlap the list.
+fn small_net() -> impl proptest::strategy::Strategy<Value = IpNet> {
+    use proptest::prelude::*;
+    (0u8..24, prop_oneof![Just(24u8), Just(32u8)]).prop_map(|(host, len)| {
+        IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(192, 0, 2, host * 8), len).unwrap())
+    })
+}
+
+proptest::proptest! {
+    #[test]
+    fn planned_changes_equal_item_by_item_application(
+        listed in listed_state(),
+        items in proptest::collection::vec(
+            (small_net(), proptest::option::of("[a-c]"), proptest::option::of(1u64..3000)),
+            0..60,
+        ),
+        replace: bool,
+    ) {
+        let items: Vec<NewEntry> = items
+            .into_iter()
+            .map(|(net, reason, expires)| NewEntry { net, reason, expires })
+            .collect();
+        let change = if replace { Change::Replace(items) } else { Change::Add(items) };
+        let expected = model(&listed, &change, 500);
+        let planned = plan(&listed, ListKind::Deny, change, 500).unwrap();
+        // Each touched prefix once, in prefix order, undo matching the old state.
+        let nets: Vec<IpNet> = planned.ops.iter().map(|(n, _)| *n).collect();
+        proptest::prop_assert!(nets.windows(2).all(|w| w[0] < w[1]), "{nets:?}");
+        for (net, old) in &planned.undo {
+            proptest::prop_assert_eq!(old.as_ref(), listed.get(net));
+        }
+        let mut applied = listed.clone();
+        apply_ops(&mut applied, planned.ops.into_iter());
+        proptest::prop_assert_eq!(applied, expected);
+    }
+}
+
+#[test]
+fn a_bulk_merge_equals_entry_by_entry_application() {
+    let meta = |reason: &str| EntryMeta::manual(Some(reason.to_owned()), 1, None);
+    let v4 = |i: u32| IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(i << 8), 24).unwrap());
+    let listed: BTreeMap<IpNet, EntryMeta> = (0..8000).map(|i| (v4(i * 2), meta("old"))).collect();
+    // Removes every fourth listed prefix (i % 8 == 0), updates the other listed ones, adds the odd ones.
+    let ops: Vec<(IpNet, Option<EntryMeta>)> = (0..16000)
+        .map(|i| match (i % 2, i % 8) {
+            (0, 0) => (v4(i), None),
+            (0, _) => (v4(i), Some(meta("updated"))),
+            _ => (v4(i), Some(meta("new"))),
+        })
+        .collect();
+    assert!(ops.len() >= BULK_MERGE_FROM);
+    let mut bulk = listed.clone();
+    apply_ops(&mut bulk, ops.clone().into_iter());
+    let mut single = listed;
+    for (net, meta) in ops {
+        match meta {
+            Some(meta) => single.insert(net, meta),
+            None => single.remove(&net),
+        };
+    }
+    assert_eq!(bulk, single);
+    assert_eq!(bulk.len(), 16000 - 2000);
 }
