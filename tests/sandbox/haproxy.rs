@@ -14,6 +14,8 @@ use crate::netns::Netns;
 pub enum ProxyVersion {
     V1,
     V2,
+    /// Plain TCP passthrough: the cheapest proxy, a baseline for the front door.
+    None,
 }
 
 impl ProxyVersion {
@@ -21,6 +23,7 @@ impl ProxyVersion {
         match self {
             ProxyVersion::V1 => "send-proxy",
             ProxyVersion::V2 => "send-proxy-v2",
+            ProxyVersion::None => "",
         }
     }
 }

@@ -48,19 +48,36 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
     writeln!(report, "| figure | gatekeeper | baseline | ratio |")?;
     writeln!(report, "|---|---|---|---|")?;
     if wanted("import") {
-        let prefixes = if quick { 10_000 } else { 1_000_000 };
-        let import = bulk_import(prefixes)?;
+        let sizes: &[usize] = if quick {
+            &[1_000, 10_000]
+        } else {
+            &[10_000, 1_000_000]
+        };
+        let import = bulk_import(sizes)?;
+        for row in &import.rows {
+            writeln!(
+                report,
+                "| import {} IPv4 prefixes (mixed /8–/32) through the CLI, durable before the ack | {:.3} s (`gatekeeper deny import`) | {:.3} s (`nft -f`, interval set) | {:.2}× |",
+                row.prefixes,
+                row.gatekeeper.as_secs_f64(),
+                row.nft.as_secs_f64(),
+                row.gatekeeper.as_secs_f64() / row.nft.as_secs_f64()
+            )?;
+        }
+        let largest = sizes[sizes.len() - 1];
         writeln!(
             report,
-            "| import {prefixes} IPv4 prefixes (mixed /8–/32) | {:.2} s (`gatekeeper deny import`) | {:.2} s (`nft -f`, interval set) | {:.2}× |",
-            import.gatekeeper.as_secs_f64(),
-            import.nft.as_secs_f64(),
-            import.gatekeeper.as_secs_f64() / import.nft.as_secs_f64()
+            "| `deny import --replace` of another {largest}-prefix list over it (new entries in before old ones out) | {:.2} s | {:.2} s (the first import) | {:.2}× |",
+            import.replace.as_secs_f64(),
+            import.rows[import.rows.len() - 1].gatekeeper.as_secs_f64(),
+            import.replace.as_secs_f64() / import.rows[import.rows.len() - 1].gatekeeper.as_secs_f64()
         )?;
         writeln!(
             report,
-            "| daemon RSS after the import | {} MiB | | |",
-            import.daemon_rss_kib / 1024
+            "| daemon RSS after the {largest}-prefix import / after the replace | {} / {} MiB | {} MiB (before the first import) | |",
+            import.rss_after_import_kib / 1024,
+            import.rss_after_replace_kib / 1024,
+            import.rss_idle_kib / 1024,
         )?;
     }
     if wanted("store") {
@@ -70,33 +87,41 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         for row in &smtp_throughput(quick)? {
             writeln!(
                 report,
-                "| SMTP messages/s, {} parallel sessions (`smtp-source` → gatekeeper → `smtp-sink`; median of {ROUNDS} alternating runs) | {:.0} msg/s | {:.0} msg/s (`smtp-source` → `smtp-sink` direct) | {:.2}× |",
+                "| SMTP messages/s, {} parallel sessions (`smtp-source` → X → `smtp-sink`, 2 KiB messages; median of {ROUNDS} alternating runs; every check on) | {:.0} msg/s through gatekeeper | {:.0} msg/s through HAProxy TCP passthrough; {:.0} msg/s direct | {:.2}× HAProxy, {:.2}× direct |",
                 row.sessions,
                 row.through_gatekeeper,
+                row.through_haproxy,
                 row.direct,
+                row.through_gatekeeper / row.through_haproxy,
                 row.through_gatekeeper / row.direct
             )?;
         }
     }
     if wanted("idle") {
-        let idle = if quick {
-            idle_connection_memory(200, Duration::from_secs(1))?
+        let runs: &[(usize, Duration)] = if quick {
+            &[(200, Duration::from_secs(1))]
         } else {
-            idle_connection_memory(2000, Duration::from_secs(10))?
+            &[
+                (2000, Duration::from_secs(10)),
+                (10_000, Duration::from_secs(10)),
+            ]
         };
-        writeln!(
-            report,
-            "| daemon memory per idle SMTP connection ({} connections) | {:.1} KiB | RSS {} MiB idle → {} MiB | target ≤ 64 KiB |",
-            idle.connections,
-            idle.per_connection_kib,
-            idle.rss_before_kib / 1024,
-            idle.rss_after_kib / 1024
-        )?;
-        writeln!(
-            report,
-            "| daemon CPU while idle with those connections open | {:.2} % of one CPU | | |",
-            idle.idle_cpu_percent
-        )?;
+        for &(count, window) in runs {
+            let idle = idle_connection_memory(count, window)?;
+            writeln!(
+                report,
+                "| daemon memory per idle SMTP connection ({} connections) | {:.1} KiB | RSS {} MiB idle → {} MiB | target ≤ 16 KiB |",
+                idle.connections,
+                idle.per_connection_kib,
+                idle.rss_before_kib / 1024,
+                idle.rss_after_kib / 1024
+            )?;
+            writeln!(
+                report,
+                "| daemon CPU while idle with those {} connections open | {:.2} % of one CPU | | |",
+                idle.connections, idle.idle_cpu_percent
+            )?;
+        }
     }
     if wanted("dnsbl") {
         write_dnsbl_rows(&mut report, &dnsbl::run(quick)?)?;
@@ -269,6 +294,7 @@ fn ms(d: Duration) -> f64 {
 struct ThroughputRow {
     sessions: u32,
     through_gatekeeper: f64,
+    through_haproxy: f64,
     direct: f64,
 }
 
@@ -296,7 +322,7 @@ fn smtp_source_rate(lab: &Lab, target: &str, sessions: u32, messages: u32) -> Re
             "-m",
             &messages.to_string(),
             "-l",
-            "4096",
+            "2048",
         ])
         .args(["-f", "bench@client.test", "-t", "user@example.org", target])
         .output()?;
@@ -318,6 +344,12 @@ pub(crate) fn median(mut values: Vec<f64>) -> f64 {
 
 fn smtp_throughput(quick: bool) -> Result<Vec<ThroughputRow>> {
     let (lab, _sink) = smtp_lab("benchsmtp")?;
+    let _haproxy = sandbox::haproxy::Haproxy::start(
+        &lab.edge,
+        &lab.dir().join("haproxy"),
+        &[("127.0.0.1:10026", sandbox::haproxy::ProxyVersion::None)],
+        "127.0.0.1:10025",
+    )?;
     let mut rows = Vec::new();
     for sessions in [1u32, 10, 100] {
         let messages = if quick {
@@ -325,9 +357,9 @@ fn smtp_throughput(quick: bool) -> Result<Vec<ThroughputRow>> {
         } else {
             (sessions * 100).clamp(500, 5000)
         };
-        // Alternate the two, three rounds, and keep each side's median:
+        // Alternate the three, three rounds, and keep each one's median:
         // single runs on these machines swing by a factor of two.
-        let (mut direct, mut through) = (Vec::new(), Vec::new());
+        let (mut direct, mut haproxy, mut through) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             direct.push(smtp_source_rate(
                 &lab,
@@ -335,13 +367,19 @@ fn smtp_throughput(quick: bool) -> Result<Vec<ThroughputRow>> {
                 sessions,
                 messages,
             )?);
+            haproxy.push(smtp_source_rate(
+                &lab,
+                "127.0.0.1:10026",
+                sessions,
+                messages,
+            )?);
             through.push(smtp_source_rate(&lab, "127.0.0.1:25", sessions, messages)?);
         }
-        let (direct, through_gatekeeper) = (median(direct), median(through));
         rows.push(ThroughputRow {
             sessions,
-            through_gatekeeper,
-            direct,
+            through_gatekeeper: median(through),
+            through_haproxy: median(haproxy),
+            direct: median(direct),
         });
     }
     Ok(rows)
@@ -424,10 +462,18 @@ fn idle_connection_memory(count: usize, window: Duration) -> Result<IdleFigures>
     })
 }
 
-struct ImportFigures {
+struct ImportRow {
+    prefixes: usize,
     gatekeeper: Duration,
     nft: Duration,
-    daemon_rss_kib: u64,
+}
+
+struct ImportFigures {
+    rows: Vec<ImportRow>,
+    replace: Duration,
+    rss_idle_kib: u64,
+    rss_after_import_kib: u64,
+    rss_after_replace_kib: u64,
 }
 
 /// A xorshift64 generator: deterministic benchmark inputs, run after run.
@@ -441,15 +487,65 @@ pub(crate) fn xorshift(seed: u64) -> impl FnMut() -> u64 {
     }
 }
 
+/// The shape of a generated IPv4 list: prefix lengths drawn with these weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListShape {
+    /// Mostly /32 and /24 with some /8–/28 (the first round's list).
+    Mixed,
+    /// Half /32, a quarter /24, a twelfth each /16, /20 and /28: the /20s and
+    /// /28s defeat the per-/24 bitmaps more often.
+    Harsh,
+    /// A Spamhaus-DROP-like set (about 1,500 prefixes of /11–/24), the rest
+    /// single addresses, as a DNSBL's listings are.
+    DropAndDnsbl,
+}
+
+impl ListShape {
+    pub(crate) const ALL: [ListShape; 3] =
+        [ListShape::Mixed, ListShape::Harsh, ListShape::DropAndDnsbl];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            ListShape::Mixed => "mixed",
+            ListShape::Harsh => "harsh",
+            ListShape::DropAndDnsbl => "DROP + DNSBL /32s",
+        }
+    }
+}
+
 /// Deterministic prefixes of realistic mixed lengths, most of them /32 and /24.
 pub(crate) fn generate_prefixes(count: usize) -> Vec<String> {
-    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
-    let lengths = [32u32, 32, 32, 32, 32, 32, 24, 24, 16, 8, 20, 28];
+    generate_shaped(count, ListShape::Mixed)
+}
+
+pub(crate) fn generate_shaped(count: usize, shape: ListShape) -> Vec<String> {
+    generate_seeded(count, shape, 0x9e37_79b9_7f4a_7c15)
+}
+
+fn generate_seeded(count: usize, shape: ListShape, seed: u64) -> Vec<String> {
+    let mut next = xorshift(seed);
+    const DROP_LENGTHS: [u32; 20] = [
+        11, 12, 13, 14, 15, 16, 16, 17, 18, 19, 20, 20, 21, 22, 22, 23, 24, 24, 24, 24,
+    ];
+    let lengths: &[u32] = match shape {
+        ListShape::Mixed => &[32, 32, 32, 32, 32, 32, 24, 24, 16, 8, 20, 28],
+        ListShape::Harsh => &[32, 32, 32, 32, 32, 32, 24, 24, 24, 16, 20, 28],
+        ListShape::DropAndDnsbl => &[32],
+    };
+    let drop_count = match shape {
+        ListShape::DropAndDnsbl => count.min(1_500),
+        _ => 0,
+    };
     let mut seen = std::collections::HashSet::with_capacity(count);
     let mut out = Vec::with_capacity(count);
     while out.len() < count {
         let r = next();
-        let len = lengths[(r >> 40) as usize % lengths.len()];
+        let pick = (r >> 40) as usize;
+        let len = if out.len() < drop_count {
+            DROP_LENGTHS[pick % DROP_LENGTHS.len()]
+        } else {
+            lengths[pick % lengths.len()]
+        };
         let addr = (r as u32) & (u32::MAX << (32 - len));
         if seen.insert((addr, len)) {
             let [a, b, c, d] = addr.to_be_bytes();
@@ -459,31 +555,70 @@ pub(crate) fn generate_prefixes(count: usize) -> Vec<String> {
     out
 }
 
-fn bulk_import(count: usize) -> Result<ImportFigures> {
-    let mut lab = Lab::two_hosts("benchimport", "peer")?;
-    lab.start_daemon("")?;
-    let prefixes = generate_prefixes(count);
-    let list = lab.dir().join("list.txt");
-    std::fs::write(&list, prefixes.join("\n"))?;
+/// Each size into a fresh daemon and state (every import starts from an
+/// empty list, like `nft -f` into a fresh table), then a replace of the largest.
+fn bulk_import(sizes: &[usize]) -> Result<ImportFigures> {
+    let mut rows = Vec::new();
+    let (mut rss_idle_kib, mut rss_after_import_kib) = (0, 0);
+    let mut last = None;
+    for (i, &count) in sizes.iter().enumerate() {
+        let mut lab = Lab::two_hosts(&format!("benchimport{i}"), "peer")?;
+        lab.start_daemon("")?;
+        let pid = lab.daemon().pid().context("daemon pid")?;
+        rss_idle_kib = rss_kib(pid).unwrap_or(0);
+        let prefixes = generate_prefixes(count);
+        let list = lab.dir().join(format!("list-{count}.txt"));
+        std::fs::write(&list, prefixes.join("\n"))?;
+        let gatekeeper = timed_import(&lab, &list, false)?;
+        rss_after_import_kib = rss_kib(pid).unwrap_or(0);
+        let nft = nft_import(&lab, &prefixes, count)?;
+        rows.push(ImportRow {
+            prefixes: count,
+            gatekeeper,
+            nft,
+        });
+        last = Some((lab, count));
+    }
+    let (lab, count) = last.context("no import sizes")?;
+    let other = generate_seeded(count, ListShape::Mixed, 0x2545_f491_4f6c_dd1d);
+    let list = lab.dir().join("list-other.txt");
+    std::fs::write(&list, other.join("\n"))?;
+    let replace = timed_import(&lab, &list, true)?;
+    let pid = lab.daemon().pid().context("daemon pid")?;
+    let rss_after_replace_kib = rss_kib(pid).unwrap_or(0);
+    Ok(ImportFigures {
+        rows,
+        replace,
+        rss_idle_kib,
+        rss_after_import_kib,
+        rss_after_replace_kib,
+    })
+}
 
+fn timed_import(lab: &Lab, list: &std::path::Path, replace: bool) -> Result<Duration> {
+    let mut args = vec!["deny", "import"];
+    if replace {
+        args.push("--replace");
+    }
+    args.push(list.to_str().context("list path")?);
     let started = Instant::now();
-    let out = lab
-        .daemon()
-        .cli(&["deny", "import", list.to_str().unwrap()]);
-    let gatekeeper = started.elapsed();
+    let out = lab.daemon().cli(&args);
+    let elapsed = started.elapsed();
     ensure!(
         out.status.success(),
         "import failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let pid = lab.daemon().pid().context("daemon pid")?;
-    let daemon_rss_kib = rss_kib(pid).unwrap_or(0);
+    Ok(elapsed)
+}
 
-    let ruleset = lab.dir().join("set.nft");
-    let mut text = String::from(
-        "table netdev gkbench {\n  set deny4 {\n    type ipv4_addr\n    flags interval\n    auto-merge\n    elements = {\n",
+/// The same prefixes into a fresh nftables interval set, in the edge namespace.
+fn nft_import(lab: &Lab, prefixes: &[String], count: usize) -> Result<Duration> {
+    let ruleset = lab.dir().join(format!("set-{count}.nft"));
+    let mut text = format!(
+        "table netdev gkbench{count} {{\n  set deny4 {{\n    type ipv4_addr\n    flags interval\n    auto-merge\n    elements = {{\n"
     );
-    for p in &prefixes {
+    for p in prefixes {
         text.push_str("      ");
         text.push_str(p);
         text.push_str(",\n");
@@ -498,11 +633,7 @@ fn bulk_import(count: usize) -> Result<ImportFigures> {
         "nft -f failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok(ImportFigures {
-        gatekeeper,
-        nft,
-        daemon_rss_kib,
-    })
+    Ok(nft)
 }
 
 /// What the figures mean; kept here so every rewrite of BENCHMARKS.md carries it.

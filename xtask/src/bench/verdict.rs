@@ -12,7 +12,7 @@ use sandbox::lab::Lab;
 use sandbox::Netns;
 use serde_json::Value;
 
-use super::generate_prefixes;
+use super::{generate_shaped, ListShape};
 use crate::build;
 
 /// Denylisted in every list size; all packets but the clean ones come from it.
@@ -55,9 +55,17 @@ pub fn run(quick: bool) -> Result<VerdictFigures> {
     let program = attached_program(&lab.edge, "gk0")?;
     let mut rows = Vec::new();
     let mut map_memory = Vec::new();
-    for &size in sizes {
-        let list = lab.dir().join(format!("v4-{size}.txt"));
-        let mut prefixes = generate_prefixes(size - 1)
+    // The first round's list at three sizes, then the harsher shapes at the largest.
+    let largest = *sizes.last().context("sizes")?;
+    let lists = sizes.iter().map(|&size| (size, ListShape::Mixed)).chain(
+        ListShape::ALL
+            .into_iter()
+            .filter(|&shape| shape != ListShape::Mixed)
+            .map(|shape| (largest, shape)),
+    );
+    for (size, shape) in lists {
+        let list = lab.dir().join(format!("v4-{size}-{shape:?}.txt"));
+        let mut prefixes = generate_shaped(size - 1, shape)
             .into_iter()
             .filter(|p| !covers(p, CLEAN_V4))
             .collect::<Vec<_>>();
@@ -65,7 +73,10 @@ pub fn run(quick: bool) -> Result<VerdictFigures> {
         prefixes.push("2001:db8:7::7/128".into());
         std::fs::write(&list, prefixes.join("\n"))?;
         import(&lab, &list)?;
-        let label = format!("{size} IPv4 prefixes");
+        let label = match shape {
+            ListShape::Mixed => format!("{size} IPv4 prefixes"),
+            other => format!("{size} IPv4 prefixes, {} shape", other.label()),
+        };
         for packet in &packets {
             let (ns, ratio) = floor.compare(&program, &packet.file, repeat)?;
             rows.push((label.clone(), packet.label, ns, ratio));
