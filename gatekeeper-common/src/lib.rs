@@ -79,6 +79,10 @@ pub fn block_position(addr: [u8; 4]) -> (u32, u64) {
 
 /// `BPF_F_NO_PREALLOC`: LPM tries require it, and it keeps memory proportional to use.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
+/// `BPF_F_MMAPABLE`: the daemon writes the per-/24 bitmaps through a shared
+/// mapping; a big change rewrites most of their 2^18 words, far too many
+/// for one syscall (even batched) each.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Number of entries in the protected-ports array: one per TCP port.
 pub const PORT_SLOTS: u32 = 1 << 16;

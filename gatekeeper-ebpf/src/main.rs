@@ -23,7 +23,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use gatekeeper_common::{
-    block_position, capacity, Counter, PrefixValue, BLOCK_WORDS_V4, BPF_F_NO_PREALLOC, PORT_SLOTS,
+    block_position, capacity, Counter, PrefixValue, BLOCK_WORDS_V4, BPF_F_MMAPABLE,
+    BPF_F_NO_PREALLOC, PORT_SLOTS,
 };
 use headers::{Parsed, Source};
 
@@ -51,11 +52,11 @@ static DNSBL_V6: LruHashMap<[u8; 16], PrefixValue> =
     LruHashMap::with_max_entries(capacity::DNSBL_V6, 0);
 /// Per-/24 bitmaps the daemon derives from the denylist (see gatekeeper-common).
 #[map]
-static DENY_V4_COVER: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, 0);
+static DENY_V4_COVER: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, BPF_F_MMAPABLE);
 #[map]
-static DENY_V4_TRIE_HINT: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, 0);
+static DENY_V4_TRIE_HINT: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, BPF_F_MMAPABLE);
 #[map]
-static DENY_V4_EXACT_HINT: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, 0);
+static DENY_V4_EXACT_HINT: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, BPF_F_MMAPABLE);
 #[map]
 static DNSBL_V4_HINT: Array<u64> = Array::with_max_entries(BLOCK_WORDS_V4, 0);
 /// `[v4, v6]`: set by the daemon while the allowlist has entries of that family.

@@ -155,19 +155,32 @@ fn fill_range(bitmap: &mut [u64], first: u32, count: u32, on: bool) {
 pub struct KernelBitmap {
     map: Array<MapData, u64>,
     written: Vec<u64>,
+    /// The array's words, shared with the kernel (when the map allows it).
+    words: Option<SharedWords>,
 }
 
 impl KernelBitmap {
     pub fn new(map: Array<MapData, u64>) -> KernelBitmap {
+        let words = SharedWords::map(&map, WORDS);
         KernelBitmap {
             map,
             written: vec![0; WORDS],
+            words,
         }
     }
 
-    /// Writes the words of `wanted` in `words` that differ from what the kernel has.
-    /// After a big change most words differ: one batch call writes them all.
+    /// Writes the words of `wanted` in `words` that differ from what the
+    /// kernel has: through the shared mapping, else in one batch call.
     pub fn write(&mut self, wanted: &[u64], words: Range<usize>) -> Result<()> {
+        if let Some(shared) = &self.words {
+            for index in words {
+                if wanted[index] != self.written[index] {
+                    shared.store(index, wanted[index]);
+                    self.written[index] = wanted[index];
+                }
+            }
+            return Ok(());
+        }
         let (mut indices, mut values) = (Vec::new(), Vec::new());
         for index in words {
             if wanted[index] != self.written[index] {
@@ -187,10 +200,62 @@ impl KernelBitmap {
         let (word, bit) = gatekeeper_common::block_position(addr);
         let current = self.written[word as usize];
         if current & bit == 0 {
-            self.map.set(word, current | bit, 0)?;
+            match &self.words {
+                Some(shared) => shared.store(word as usize, current | bit),
+                None => self.map.set(word, current | bit, 0)?,
+            }
             self.written[word as usize] = current | bit;
         }
         Ok(())
+    }
+}
+
+/// A `BPF_F_MMAPABLE` array's values mapped into the daemon: XDP sees each
+/// word store at once, and a store is one 8-byte aligned write, never torn.
+struct SharedWords {
+    base: std::ptr::NonNull<u64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; every access is an atomic word store.
+unsafe impl Send for SharedWords {}
+
+impl SharedWords {
+    /// `None` when the map was created without `BPF_F_MMAPABLE` (then the
+    /// daemon falls back to syscalls).
+    fn map(map: &Array<MapData, u64>, len: usize) -> Option<SharedWords> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = map.map().fd().as_fd().as_raw_fd();
+        // SAFETY: a fresh shared mapping of the array's value area; the kernel checks size and flags.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "bitmap not mmapable; writing it with syscalls");
+            return None;
+        }
+        std::ptr::NonNull::new(addr.cast::<u64>()).map(|base| SharedWords { base, len })
+    }
+
+    fn store(&self, index: usize, value: u64) {
+        assert!(index < self.len, "bitmap word {index} out of {}", self.len);
+        // SAFETY: in bounds of a live, 8-byte aligned shared mapping; XDP reads these words concurrently, hence atomic.
+        let word = unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(index)) };
+        word.store(value, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `map` created; no reference into it outlives self.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len * 8) };
     }
 }
 
