@@ -783,9 +783,17 @@ fn apply_ops(
     ops: impl ExactSizeIterator<Item = (IpNet, Option<EntryMeta>)>,
 ) {
     if ops.len() >= BULK_MERGE_FROM && ops.len() >= entries.len() / 4 {
+        let ops: Vec<_> = ops.collect();
+        if ops.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+            // Collecting sorted pairs builds the tree bottom-up, without searches.
+            let old = std::mem::take(entries);
+            *entries = merge_ordered(old, ops).collect();
+            return;
+        }
+        // Journals of earlier versions hold records in any order.
         let mut removals = Vec::new();
-        // Collecting sorted pairs builds the tree bottom-up, without searches.
         let mut upserts: BTreeMap<IpNet, EntryMeta> = ops
+            .into_iter()
             .filter_map(|(net, meta)| {
                 if meta.is_none() {
                     removals.push(net);
@@ -805,6 +813,33 @@ fn apply_ops(
             None => entries.remove(&net),
         };
     }
+}
+
+/// The list after `ops` (strictly ascending), in order: one walk of both.
+fn merge_ordered(
+    old: BTreeMap<IpNet, EntryMeta>,
+    ops: Vec<(IpNet, Option<EntryMeta>)>,
+) -> impl Iterator<Item = (IpNet, EntryMeta)> {
+    let mut old = old.into_iter().peekable();
+    let mut ops = ops.into_iter().peekable();
+    std::iter::from_fn(move || loop {
+        let order = match (old.peek(), ops.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((listed, _)), Some((changed, _))) => listed.cmp(changed),
+        };
+        match order {
+            std::cmp::Ordering::Less => return old.next(),
+            std::cmp::Ordering::Equal => {
+                old.next();
+            }
+            std::cmp::Ordering::Greater => {}
+        }
+        if let Some((net, Some(meta))) = ops.next() {
+            return Some((net, meta));
+        }
+    })
 }
 
 /// Below this many operations a change is applied entry by entry.

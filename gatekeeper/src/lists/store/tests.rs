@@ -922,3 +922,22 @@ fn a_bulk_merge_equals_entry_by_entry_application() {
     assert_eq!(bulk, single);
     assert_eq!(bulk.len(), 16000 - 2000);
 }
+
+#[test]
+fn an_unordered_bulk_change_from_an_old_journal_applies_like_an_ordered_one() {
+    let meta = |reason: &str| EntryMeta::manual(Some(reason.to_owned()), 1, None);
+    let v4 = |i: u32| IpNet::V4(ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(i << 8), 24).unwrap());
+    let listed: BTreeMap<IpNet, EntryMeta> = (0..6000).map(|i| (v4(i), meta("old"))).collect();
+    let ops: Vec<(IpNet, Option<EntryMeta>)> = (0..6000)
+        .rev()
+        .map(|i| (v4(i * 2), (i % 3 != 0).then(|| meta("new"))))
+        .collect();
+    let mut unordered = listed.clone();
+    apply_ops(&mut unordered, ops.clone().into_iter());
+    let mut sorted_ops = ops;
+    sorted_ops.sort_by_key(|op| op.0);
+    let mut ordered = listed;
+    apply_ops(&mut ordered, sorted_ops.into_iter());
+    assert_eq!(unordered, ordered);
+    assert!(!ordered.contains_key(&v4(0)) && ordered[&v4(2)].reason.as_deref() == Some("new"));
+}
