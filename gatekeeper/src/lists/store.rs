@@ -1021,17 +1021,7 @@ impl Overlay {
         net: IpNet,
         next: impl FnOnce(Option<EntryMeta>) -> Option<EntryMeta>,
     ) {
-        match self.find(net) {
-            Some(at) => {
-                let state = &mut self.states[at];
-                state.2 = next(state.2.take());
-            }
-            None => {
-                let old = entries.get(&net).cloned();
-                let new = next(old.clone());
-                self.states.push((net, old, new));
-            }
-        }
+        self.update_from(net, entries.get(&net), next);
     }
 
     /// As [`Self::update`] when the caller already holds the prefix's

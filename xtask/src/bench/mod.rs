@@ -678,7 +678,7 @@ const NOTES: &str = r#"## Notes
   a quarter /24 and a twelfth each /16, /20 and /28, so more /24 blocks need the trie; *DROP +
   DNSBL /32s* is ~1,500 DROP-like /11–/24 prefixes and the rest single addresses. Clean SYNs
   stay ≤ 1.5× floor on all three and non-SYN packets ≤ 1.15×, IPv6 SYNs 2.4–2.5×; a
-  denylisted IPv4 SYN costs 2.4–2.6× (target ≤ 2.0×): its source is a /32 in the exact hash,
+  denylisted IPv4 SYN costs 2.3–2.6× across runs (target ≤ 2.0×): its source is a /32 in the exact hash,
   and the hash lookup (jhash, bucket walk, RCU) is most of the ~35 ns over the floor. Not
   improved in this round; a per-/24 bitmap of single-address blocks already sends clean
   sources around the hash.
@@ -713,17 +713,16 @@ const NOTES: &str = r#"## Notes
   map writes (`BPF_MAP_UPDATE_BATCH`, 64 Ki entries per call, the IPv4 trie on one thread and
   the hashes on the other). Before this round: 6.4 s (JSON objects per entry, one syscall per
   prefix, a random-order tree insert each).
-- **Import of 10,000** is slower than `nft -f`: 66 ms of its 70 ms are kernel writes, almost
-  all of them the per-/24 bitmap words. The mixed list holds ~800 /8s, so nearly every one of
-  the 3 × 262,144 words changes, and an array element costs ~100 ns through the bpf(2) batch
-  call. Making the bitmap arrays `BPF_F_MMAPABLE` and writing changed words through the mapping
-  would remove that; not done yet.
+- **Import of 10,000**: before the bitmap arrays were mapped, 66 ms of its 70 ms were bpf(2)
+  writes of the per-/24 bitmap words (the mixed list holds ~800 /8s, so nearly every one of the
+  3 × 262,144 words changes, ~100 ns each even batched). The arrays are now `BPF_F_MMAPABLE` and
+  the daemon stores the changed words through the mapping: 27 ms against `nft -f`'s 40 ms.
 - **Replace** (`--replace`, a second 1 M list over the first, 95 % of it different) writes every
   new entry before it deletes the old ones, so the old list stays enforced until the new one is
   complete (removals go first only if the maps cannot hold both; tries and hashes are sized to
-  the configured capacity). It spends ~1.7 s in the kernel (0.95 M inserts and 0.95 M deletes),
-  over the 3 s target by ~0.4 s; the rest is the plan (one merged walk of the old list and the
-  sorted new one) and the merge.
+  the configured capacity). 3.0–3.2 s against the 3 s target: ~1.7 s of it is kernel work
+  (0.95 M inserts, then 0.95 M deletes), the rest the plan (one merged walk of the old list and
+  the sorted new one) and one merged rebuild of the in-memory list.
 - **Store**: with the generated list loaded, single `gatekeeper deny add`/`del` of a fresh /32
   through the real CLI (process start, control socket, journal append, group-commit fdatasync,
   kernel update of one prefix and its /24's bitmap words), against `gatekeeper stats` (same CLI
@@ -733,8 +732,8 @@ const NOTES: &str = r#"## Notes
 - **Daemon RSS after the import** is what the process holds once the acknowledgement is out: the
   list (a B-tree of prefix → owners, ~110 bytes per entry) and the bitmaps. The daemon pins
   glibc's mmap threshold at 1 MiB so the large transient buffers of a big change go back to the
-  system when freed (without it: 230 MiB after a 1 M import). After a replace the two lists'
-  transient plans peak higher and some of it stays in the allocator's arenas (230 MiB).
+  system when freed (without it: 230 MiB after a 1 M import). The mapped bitmap arrays count
+  too (up to 6 MiB).
 - **SMTP throughput**: `smtp-source` opens one session per message, so every message through
   the gatekeeper also costs a fresh upstream session (connect, EHLO, XCLIENT, EHLO, XFORWARD).
   The HAProxy baseline is `mode tcp` passthrough to the same sink (`tests/sandbox/haproxy.rs`),
