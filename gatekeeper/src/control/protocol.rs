@@ -66,9 +66,19 @@ impl<'de> Deserialize<'de> for PackedEntries {
     }
 }
 
+/// Far above what any list's maps hold; counted before anything is
+/// allocated, so a hostile request of tiny lines cannot balloon the daemon.
+pub const MAX_PACKED_ENTRIES: usize = 1 << 24;
+
 impl PackedEntries {
     fn parse(text: &str) -> Result<PackedEntries, String> {
-        let mut entries = Vec::with_capacity(text.len() / 16);
+        let count = text.lines().count();
+        if count > MAX_PACKED_ENTRIES {
+            return Err(format!(
+                "{count} packed entries: at most {MAX_PACKED_ENTRIES} in one request"
+            ));
+        }
+        let mut entries = Vec::with_capacity(count);
         for (index, line) in text.lines().enumerate() {
             let (prefix, reason) = match line.split_once('\t') {
                 Some((prefix, reason)) => (prefix, Some(reason.to_owned())),

@@ -42,7 +42,7 @@ pub fn update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> io::Re
         attr.values = values.as_ptr() as u64;
         match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
             Ok(()) => {}
-            Err(e) if unsupported(&e) && attr.count == 0 => {
+            Err(e) if unsupported(&e) && never_entered(&attr, keys.len()) => {
                 for (key, value) in keys.iter().zip(values) {
                     update_one(map, key, value)?;
                 }
@@ -67,7 +67,7 @@ pub fn delete<K: Pod>(map: &MapData, keys: &[K]) -> io::Result<()> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 rest = &rest[(done + 1).min(rest.len())..]
             }
-            Err(e) if unsupported(&e) && done == 0 => {
+            Err(e) if unsupported(&e) && never_entered(&attr, chunk.len()) => {
                 for key in chunk {
                     delete_one(map, key)?;
                 }
@@ -86,6 +86,14 @@ fn attr<K>(map: &MapData, keys: &[K]) -> BatchAttr {
         map_fd: map.fd().as_fd().as_raw_fd() as u32,
         ..BatchAttr::default()
     }
+}
+
+/// The kernel sets `count` to 0 when it starts a batch and to the entries
+/// done when it stops; an unknown command or a map type without batch ops
+/// fails before that and leaves our count as it was. Failing on the first
+/// entry looks alike and costs only the per-entry retry, which reports it.
+fn never_entered(attr: &BatchAttr, asked: usize) -> bool {
+    attr.count == 0 || attr.count as usize == asked
 }
 
 fn unsupported(error: &io::Error) -> bool {

@@ -172,20 +172,36 @@ impl KernelBitmap {
     /// Writes the words of `wanted` in `words` that differ from what the
     /// kernel has: through the shared mapping, else in one batch call.
     pub fn write(&mut self, wanted: &[u64], words: Range<usize>) -> Result<()> {
+        self.write_with(words, |index, _| wanted[index])
+    }
+
+    /// Sets the bits `wanted` adds and clears none, so entries on their way
+    /// out stay marked until they are out.
+    pub fn add(&mut self, wanted: &[u64], words: Range<usize>) -> Result<()> {
+        self.write_with(words, |index, written| written | wanted[index])
+    }
+
+    fn write_with(
+        &mut self,
+        words: Range<usize>,
+        target: impl Fn(usize, u64) -> u64,
+    ) -> Result<()> {
         if let Some(shared) = &self.words {
             for index in words {
-                if wanted[index] != self.written[index] {
-                    shared.store(index, wanted[index]);
-                    self.written[index] = wanted[index];
+                let word = target(index, self.written[index]);
+                if word != self.written[index] {
+                    shared.store(index, word);
+                    self.written[index] = word;
                 }
             }
             return Ok(());
         }
         let (mut indices, mut values) = (Vec::new(), Vec::new());
         for index in words {
-            if wanted[index] != self.written[index] {
+            let word = target(index, self.written[index]);
+            if word != self.written[index] {
                 indices.push(index as u32);
-                values.push(wanted[index]);
+                values.push(word);
             }
         }
         super::batch::update(self.map.map(), &indices, &values)?;
@@ -300,10 +316,27 @@ impl BlockBitmaps {
         }
     }
 
-    /// Writes the planned words that changed. Called after the trie and
-    /// hash updates: a new entry is briefly only in the trie or hash (as
-    /// before the change, it passes), a removed one briefly only in a
-    /// bitmap (as before the change, it drops).
+    /// Sets the bits of the planned state without clearing any: called after
+    /// the inserts and before the removals, so XDP asks the hashes and tries
+    /// for every new entry while the old ones are still there to be found.
+    pub fn flush_additions(&mut self) -> Result<()> {
+        for words in &self.dirty {
+            self.cover
+                .add(&self.wanted.cover, words.clone())
+                .context("denylist cover bitmap")?;
+            self.trie_hint
+                .add(&self.wanted.trie_hint, words.clone())
+                .context("denylist trie-hint bitmap")?;
+            self.exact_hint
+                .add(&self.wanted.exact_hint, words.clone())
+                .context("denylist exact-hint bitmap")?;
+        }
+        Ok(())
+    }
+
+    /// Writes the planned words that changed. Called after the removals: a
+    /// removed entry's bits outlive it briefly (its block asks a map that
+    /// no longer has it, and passes, as after the change).
     pub fn flush(&mut self) -> Result<()> {
         for words in std::mem::take(&mut self.dirty) {
             self.cover

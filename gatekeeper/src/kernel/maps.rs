@@ -110,14 +110,23 @@ impl PrefixMaps {
     /// maps cannot hold both at once do the removals go first.
     pub fn apply(&mut self, plan: SyncPlan) -> Result<()> {
         let writes = Writes::route(&plan.states, self.exact.is_some());
-        let written = match self.write(&writes, Phase::Insert) {
+        let context = || format!("kernel map update ({})", writes.summary());
+        match self.write(&writes, Phase::Insert) {
+            Ok(()) => {
+                // The new entries' blocks point XDP at them before anything leaves.
+                if let Some(blocks) = self.blocks.as_mut() {
+                    blocks.flush_additions()?;
+                }
+                self.write(&writes, Phase::Remove).with_context(context)?;
+            }
+            // Both lists do not fit at once: the old entries go first, and
+            // until the new ones are in, some of either list pass.
             Err(e) if is_full(&e) => self
                 .write(&writes, Phase::Remove)
-                .and_then(|()| self.write(&writes, Phase::Insert)),
-            Err(e) => Err(e),
-            Ok(()) => self.write(&writes, Phase::Remove),
-        };
-        written.with_context(|| format!("kernel map update ({})", writes.summary()))?;
+                .and_then(|()| self.write(&writes, Phase::Insert))
+                .with_context(context)?,
+            Err(e) => return Err(e).with_context(context),
+        }
         if let Some(blocks) = self.blocks.as_mut() {
             blocks.flush()?;
         }
@@ -140,15 +149,28 @@ impl PrefixMaps {
             self.v6.map(),
             self.exact.as_ref().map(|e| (e.v4.map(), e.v6.map())),
         );
+        let rest = || {
+            writes.trie_v6.write(trie_v6, phase)?;
+            let Some((exact_v4, exact_v6)) = exact else {
+                return Ok(());
+            };
+            writes.exact_v4.write(exact_v4, phase)?;
+            writes.exact_v6.write(exact_v6, phase)
+        };
+        // A second thread pays off only when both sides have real work.
+        if writes.trie_v4.len(phase) < PARALLEL_FROM || writes.rest_len(phase) < PARALLEL_FROM {
+            writes.trie_v4.write(trie_v4, phase)?;
+            return rest();
+        }
         std::thread::scope(|scope| {
-            let v4 = scope.spawn(|| writes.trie_v4.write(trie_v4, phase));
-            let rest = writes.trie_v6.write(trie_v6, phase).and_then(|()| {
-                let Some((exact_v4, exact_v6)) = exact else {
-                    return Ok(());
-                };
-                writes.exact_v4.write(exact_v4, phase)?;
-                writes.exact_v6.write(exact_v6, phase)
-            });
+            let spawned = std::thread::Builder::new()
+                .name("trie-v4".into())
+                .spawn_scoped(scope, || writes.trie_v4.write(trie_v4, phase));
+            let Ok(v4) = spawned else {
+                writes.trie_v4.write(trie_v4, phase)?;
+                return rest();
+            };
+            let rest = rest();
             let v4 = v4
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
@@ -188,7 +210,17 @@ impl<K> Default for MapWrites<K> {
     }
 }
 
+/// Entries per side before a phase's IPv4 trie writes get a thread of their own.
+const PARALLEL_FROM: usize = 4096;
+
 impl<K: aya::Pod> MapWrites<K> {
+    fn len(&self, phase: Phase) -> usize {
+        match phase {
+            Phase::Insert => self.keys.len(),
+            Phase::Remove => self.removed.len(),
+        }
+    }
+
     fn push(&mut self, key: K, value: Option<PrefixValue>) {
         match value {
             Some(value) => {
@@ -230,6 +262,11 @@ impl Writes {
             }
         }
         writes
+    }
+
+    /// The phase's entries outside the IPv4 trie.
+    fn rest_len(&self, phase: Phase) -> usize {
+        self.trie_v6.len(phase) + self.exact_v4.len(phase) + self.exact_v6.len(phase)
     }
 
     fn summary(&self) -> String {

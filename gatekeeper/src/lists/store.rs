@@ -619,6 +619,8 @@ impl ListStore {
     /// Plans `change`, checks capacity, applies it in memory and appends it
     /// to the journal, or does none of that. Durable after [`Self::durable`].
     pub fn apply(&self, change: Change, capacity: Capacity) -> Result<Pending, ApplyError> {
+        // A million items sort before the lock, not while readers wait.
+        let change = change.sorted();
         let mut state = self.state_mut();
         if let Some(reason) = &state.failed {
             return Err(self.failed(reason.clone()).into());
@@ -1072,7 +1074,8 @@ fn plan(
 ) -> Result<Plan, NotListed> {
     // In prefix order the list's lookups below, and later the inserts and the
     // kernel's, walk neighbouring nodes instead of missing the cache each time;
-    // the sort is stable, so repeats of a prefix still apply in the order given.
+    // the sort is stable, so repeats of a prefix still apply in the order given
+    // (and cheap when `apply` sorted already).
     let change = change.sorted();
     let mut overlay = Overlay::for_change(&change);
     match change {
