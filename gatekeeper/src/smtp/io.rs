@@ -11,6 +11,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 pub type Conn = BufReader<Box<dyn Stream>>;
 
+/// Read buffer of a client connection: four times the longest command or
+/// data line (RFC 5321: 1000 bytes), and half of tokio's default, which
+/// every idle connection would otherwise hold.
+pub const CLIENT_READ_BUFFER: usize = 4096;
+
+pub fn client_conn(stream: Box<dyn Stream>) -> Conn {
+    BufReader::with_capacity(CLIENT_READ_BUFFER, stream)
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {
     /// The line with its terminator (LF, possibly preceded by CR).

@@ -34,7 +34,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 use socket2::{Domain, SockRef, Socket, Type};
-use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::rustls;
@@ -457,7 +456,7 @@ async fn run_connection(
 ) {
     let open = ctx.stats.open_session();
     let client = crate::netaddr::canonical(peer.ip());
-    let mut conn: io::Conn = BufReader::new(stream);
+    let mut conn: io::Conn = io::client_conn(stream);
     let Some(peer) = proxied_client(&mut conn, peer, &ctx).await else {
         return;
     };

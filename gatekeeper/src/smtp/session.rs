@@ -1735,7 +1735,7 @@ impl Session {
                 return Ok(Flow::Close);
             }
         };
-        *conn = BufReader::new(Box::new(tls));
+        *conn = super::io::client_conn(Box::new(tls));
         // RFC 3207 §4.2: forget everything learned before the handshake.
         self.tls_active = true;
         self.helo = None;

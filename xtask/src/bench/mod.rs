@@ -739,14 +739,14 @@ const NOTES: &str = r#"## Notes
   The HAProxy baseline is `mode tcp` passthrough to the same sink (`tests/sandbox/haproxy.rs`),
   the cheapest proxy an operator could put in the path. Four processes share two cores; single
   runs swing by up to 2×, hence medians of alternating runs. Gatekeeper is below HAProxy (0.82–0.95×
-  at 10 and 100 sessions across runs): per message it parses and checks every command, keeps a
+  at 10 and 100 sessions across runs, 0.84–1.14× at 1): per message it parses and checks every command, keeps a
   second SMTP session with the MTA and relays each reply, where HAProxy splices bytes. Not
   done yet: a pool of upstream sessions re-targeted with XCLIENT per client, and one write per
   pipelined group of replies.
 - **Memory per idle connection** is the daemon's RSS growth with that many clients connected
-  after the banner, divided by their number. It measures 17.2 KiB now, above the 16 KiB target
-  (the first round's 10.9 KiB was measured before the later rounds' per-session state); not
-  investigated in this round.
+  after the banner, divided by their number: 13.2 KiB at 2,000 and at 10,000 since a client
+  connection's read buffer is 4 KiB (`smtp/io.rs`; four times the longest SMTP line) instead of
+  tokio's default 8 KiB; 17.2 KiB before.
 - **DNSBL**: `gatekeeper/examples/dnsbl_bench.rs` drives the engine in-process against rbldnsd
   on the namespace's loopback; the baseline is a bare hickory resolver asking the same names at
   the same concurrency (the engine adds a task per zone, the verdict, the cache and the
