@@ -181,21 +181,19 @@ impl KernelBitmap {
         self.write_with(words, |index, written| written | wanted[index])
     }
 
+    /// Sets one block's bit (a single word write when it was clear).
+    pub fn mark(&mut self, addr: [u8; 4]) -> Result<()> {
+        let (word, bit) = gatekeeper_common::block_position(addr);
+        let word = word as usize;
+        self.write_with(word..word + 1, |_, written| written | bit)
+    }
+
+    /// The one place that chooses between the shared mapping and a batch call.
     fn write_with(
         &mut self,
         words: Range<usize>,
         target: impl Fn(usize, u64) -> u64,
     ) -> Result<()> {
-        if let Some(shared) = &self.words {
-            for index in words {
-                let word = target(index, self.written[index]);
-                if word != self.written[index] {
-                    shared.store(index, word);
-                    self.written[index] = word;
-                }
-            }
-            return Ok(());
-        }
         let (mut indices, mut values) = (Vec::new(), Vec::new());
         for index in words {
             let word = target(index, self.written[index]);
@@ -204,23 +202,16 @@ impl KernelBitmap {
                 values.push(word);
             }
         }
-        super::batch::update(self.map.map(), &indices, &values)?;
+        match &self.words {
+            Some(shared) => {
+                for (&index, &value) in indices.iter().zip(&values) {
+                    shared.store(index as usize, value);
+                }
+            }
+            None => super::batch::update(self.map.map(), &indices, &values)?,
+        }
         for (&index, &value) in indices.iter().zip(&values) {
             self.written[index as usize] = value;
-        }
-        Ok(())
-    }
-
-    /// Sets one block's bit (a single word write when it was clear).
-    pub fn mark(&mut self, addr: [u8; 4]) -> Result<()> {
-        let (word, bit) = gatekeeper_common::block_position(addr);
-        let current = self.written[word as usize];
-        if current & bit == 0 {
-            match &self.words {
-                Some(shared) => shared.store(word as usize, current | bit),
-                None => self.map.set(word, current | bit, 0)?,
-            }
-            self.written[word as usize] = current | bit;
         }
         Ok(())
     }
@@ -320,34 +311,41 @@ impl BlockBitmaps {
     /// the inserts and before the removals, so XDP asks the hashes and tries
     /// for every new entry while the old ones are still there to be found.
     pub fn flush_additions(&mut self) -> Result<()> {
-        for words in &self.dirty {
-            self.cover
-                .add(&self.wanted.cover, words.clone())
-                .context("denylist cover bitmap")?;
-            self.trie_hint
-                .add(&self.wanted.trie_hint, words.clone())
-                .context("denylist trie-hint bitmap")?;
-            self.exact_hint
-                .add(&self.wanted.exact_hint, words.clone())
-                .context("denylist exact-hint bitmap")?;
-        }
-        Ok(())
+        let dirty = std::mem::take(&mut self.dirty);
+        let written = self.write_ranges(&dirty, KernelBitmap::add);
+        self.dirty = dirty;
+        written
     }
 
     /// Writes the planned words that changed. Called after the removals: a
     /// removed entry's bits outlive it briefly (its block asks a map that
     /// no longer has it, and passes, as after the change).
     pub fn flush(&mut self) -> Result<()> {
-        for words in std::mem::take(&mut self.dirty) {
-            self.cover
-                .write(&self.wanted.cover, words.clone())
-                .context("denylist cover bitmap")?;
-            self.trie_hint
-                .write(&self.wanted.trie_hint, words.clone())
-                .context("denylist trie-hint bitmap")?;
-            self.exact_hint
-                .write(&self.wanted.exact_hint, words)
-                .context("denylist exact-hint bitmap")?;
+        let dirty = std::mem::take(&mut self.dirty);
+        self.write_ranges(&dirty, KernelBitmap::write)
+    }
+
+    fn write_ranges(
+        &mut self,
+        ranges: &[Range<usize>],
+        write: fn(&mut KernelBitmap, &[u64], Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        for words in ranges {
+            for (bitmap, wanted, name) in [
+                (&mut self.cover, &self.wanted.cover, "denylist cover bitmap"),
+                (
+                    &mut self.trie_hint,
+                    &self.wanted.trie_hint,
+                    "denylist trie-hint bitmap",
+                ),
+                (
+                    &mut self.exact_hint,
+                    &self.wanted.exact_hint,
+                    "denylist exact-hint bitmap",
+                ),
+            ] {
+                write(bitmap, wanted, words.clone()).context(name)?;
+            }
         }
         Ok(())
     }

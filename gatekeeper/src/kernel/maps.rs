@@ -221,6 +221,14 @@ impl<K: aya::Pod> MapWrites<K> {
         }
     }
 
+    fn summary(&self) -> String {
+        format!(
+            "{} in, {} out",
+            self.len(Phase::Insert),
+            self.len(Phase::Remove)
+        )
+    }
+
     fn push(&mut self, key: K, value: Option<PrefixValue>) {
         match value {
             Some(value) => {
@@ -270,13 +278,12 @@ impl Writes {
     }
 
     fn summary(&self) -> String {
-        let count = |inserted: usize, removed: usize| format!("{inserted} in, {removed} out");
         format!(
             "IPv4 trie {}, IPv6 trie {}, IPv4 hash {}, IPv6 hash {}",
-            count(self.trie_v4.keys.len(), self.trie_v4.removed.len()),
-            count(self.trie_v6.keys.len(), self.trie_v6.removed.len()),
-            count(self.exact_v4.keys.len(), self.exact_v4.removed.len()),
-            count(self.exact_v6.keys.len(), self.exact_v6.removed.len()),
+            self.trie_v4.summary(),
+            self.trie_v6.summary(),
+            self.exact_v4.summary(),
+            self.exact_v6.summary(),
         )
     }
 }
