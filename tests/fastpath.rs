@@ -559,6 +559,121 @@ fn covering_longer_and_expiring_prefixes_keep_their_meaning() {
     }
 }
 
+/// More /32s than one bucket of the kernel's slot table holds: the surplus
+/// spills into the exact hash and its bucket flags XDP to look there, so
+/// every listed address is dropped; slotted and spilled entries leave
+/// independently. A tiny `deny_v4` capacity makes the table its minimum of
+/// 16 buckets (`exact_slots::buckets_for`), so a /24 has many collisions.
+#[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
+fn a_full_slot_bucket_spills_into_the_hash_and_every_entry_stays_enforced() {
+    if !require_kernel_privileges(
+        "a_full_slot_bucket_spills_into_the_hash_and_every_entry_stays_enforced",
+    ) {
+        return;
+    }
+    const SHIFT: u32 = 28; // 16 buckets
+    const SLOTS: usize = gatekeeper_common::EXACT_SLOTS;
+    let bucket = |host: u8| {
+        gatekeeper_common::exact_bucket(gatekeeper_common::exact_key([203, 0, 113, host]), SHIFT)
+    };
+    let target = bucket(10);
+    let hosts: Vec<u8> = (10..=250)
+        .filter(|&h| bucket(h) == target)
+        .take(SLOTS + 3)
+        .collect();
+    assert_eq!(
+        hosts.len(),
+        SLOTS + 3,
+        "too few collisions in 203.0.113.0/24"
+    );
+    let addr = |host: &u8| format!("203.0.113.{host}");
+    let peer_addrs = hosts
+        .iter()
+        .map(|h| &*Box::leak(format!("{}/24", addr(h)).into_boxed_str()))
+        .collect();
+    let mut lab = Lab::new(
+        "slots",
+        vec![PeerSpec {
+            name: "client",
+            edge_addrs: vec!["203.0.113.1/24"],
+            peer_addrs,
+        }],
+    )
+    .expect("building the lab");
+    listen(&lab.edge, 25).unwrap();
+    lab.start_daemon("[maps]\ndeny_v4 = 64\n").unwrap();
+    let gk = lab.daemon();
+    let client = lab.peer("client");
+    let edge = sock("203.0.113.1", 25);
+    let verdicts = |hosts: &[u8]| {
+        hosts
+            .iter()
+            .map(|h| outcome(client, &addr(h), &edge))
+            .collect::<Vec<_>>()
+    };
+    let all = |outcome: Outcome, count: usize| vec![outcome; count];
+
+    let listed: Vec<String> = hosts.iter().map(addr).collect();
+    let mut add = vec!["deny", "add"];
+    add.extend(listed.iter().map(String::as_str));
+    ok(gk.cli(&add));
+    assert_eq!(
+        verdicts(&hosts),
+        all(Outcome::TimedOut, hosts.len()),
+        "every listed address of the full bucket is dropped"
+    );
+    assert_eq!(
+        hash_entries(&lab, "DENY_V4_EXACT"),
+        3,
+        "exactly the surplus went to the hash"
+    );
+
+    // The slotted ones (the first seven written) leave; the spilled stay enforced.
+    let mut del = vec!["deny", "del"];
+    del.extend(listed[..SLOTS].iter().map(String::as_str));
+    ok(gk.cli(&del));
+    assert_eq!(verdicts(&hosts[..SLOTS]), all(Outcome::Connected, SLOTS));
+    assert_eq!(
+        verdicts(&hosts[SLOTS..]),
+        all(Outcome::TimedOut, 3),
+        "spilled entries outlive their slotted neighbours"
+    );
+
+    // An expiring /32 in the same bucket lives in the hash too, beside a re-added permanent one.
+    ok(gk.cli(&["deny", "add", &listed[0], "--ttl", "1h"]));
+    ok(gk.cli(&["deny", "add", &listed[1]]));
+    assert_eq!(verdicts(&hosts[..2]), all(Outcome::TimedOut, 2));
+    let mut rest = vec!["deny", "del"];
+    rest.extend(
+        listed[SLOTS..]
+            .iter()
+            .chain(&listed[..2])
+            .map(String::as_str),
+    );
+    ok(gk.cli(&rest));
+    assert_eq!(verdicts(&hosts), all(Outcome::Connected, hosts.len()));
+    assert_eq!(hash_entries(&lab, "DENY_V4_EXACT"), 0);
+}
+
+/// Entries in a pinned hash, as bpftool dumps them.
+fn hash_entries(lab: &Lab, map: &str) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(lab.bpffs_dir().join(map))
+        .output()
+        .expect("running bpftool (Debian package bpftool)");
+    assert!(
+        out.status.success(),
+        "bpftool map dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .expect("bpftool's JSON")
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
 /// Counters an unwalkable packet may move, read in one `stats` call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Judged {

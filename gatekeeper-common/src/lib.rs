@@ -12,6 +12,11 @@ pub mod map_names {
     /// lookup instead of a trie walk for the most common entry.
     pub const DENY_V4_EXACT: &str = "DENY_V4_EXACT";
     pub const DENY_V6_EXACT: &str = "DENY_V6_EXACT";
+    /// Permanent IPv4 /32 denylist entries in a bucketed open-addressing
+    /// table ([`super::ExactBucket`]): one inlined array read instead of a
+    /// hash lookup. What does not fit, and what expires, stays in
+    /// `DENY_V4_EXACT`, and the bucket's `spilled` word sends XDP there.
+    pub const DENY_V4_SLOTS: &str = "DENY_V4_SLOTS";
     pub const ALLOW_V4: &str = "ALLOW_V4";
     pub const ALLOW_V6: &str = "ALLOW_V6";
     pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
@@ -36,10 +41,11 @@ pub mod map_names {
     pub const DNSBL_V4: &str = "DNSBL_V4";
     pub const DNSBL_V6: &str = "DNSBL_V6";
     /// All maps, in the order they are pinned and reported.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         DENY_V4,
         DENY_V6,
         DENY_V4_EXACT,
+        DENY_V4_SLOTS,
         DENY_V6_EXACT,
         ALLOW_V4,
         ALLOW_V6,
@@ -75,6 +81,44 @@ pub const BLOCK_WORDS_V4: u32 = 1 << 18;
 pub fn block_position(addr: [u8; 4]) -> (u32, u64) {
     let block = u32::from_be_bytes(addr) >> 8;
     (block >> 6, 1u64 << (block & 63))
+}
+
+/// Addresses per [`ExactBucket`]: with the spill word the bucket is 32
+/// bytes, half a cache line, and at the table's sizing (four buckets' worth
+/// of capacity per bucket, see the daemon) a bucket rarely overflows.
+pub const EXACT_SLOTS: usize = 7;
+
+/// The global (in the eBPF object's read-only data) holding the IPv4 slot
+/// table's shift: 32 minus log2 of its bucket count, set at load.
+pub const EXACT_V4_SHIFT: &str = "EXACT_V4_SHIFT";
+
+/// One bucket of `DENY_V4_SLOTS`. A slot holds an address as
+/// [`exact_key`] gives it, 0 when empty (so 0.0.0.0 itself is never
+/// slotted). `spilled` is non-zero while some address of this bucket lives
+/// in the exact hash instead (the bucket was full, or the entry expires).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExactBucket {
+    pub keys: [u32; EXACT_SLOTS],
+    pub spilled: u32,
+}
+
+/// The empty slot.
+pub const EXACT_EMPTY: u32 = 0;
+
+#[inline(always)]
+pub fn exact_key(addr: [u8; 4]) -> u32 {
+    u32::from_be_bytes(addr)
+}
+
+/// The bucket of `key` in a table of 2^(32 - shift) buckets: a
+/// multiply-xorshift-multiply mix, so neighbouring addresses (one /24's
+/// hosts) scatter over the table; the top bits pick the bucket.
+#[inline(always)]
+pub fn exact_bucket(key: u32, shift: u32) -> u32 {
+    let mixed = key.wrapping_mul(0x9E37_79B1);
+    let mixed = (mixed ^ (mixed >> 16)).wrapping_mul(0x85EB_CA6B);
+    mixed >> (shift & 31)
 }
 
 /// `BPF_F_NO_PREALLOC`: LPM tries require it, and it keeps memory proportional to use.
@@ -176,4 +220,6 @@ impl Counter {
 mod user {
     // SAFETY: PrefixValue is repr(C), has no padding and every bit pattern is valid.
     unsafe impl aya::Pod for super::PrefixValue {}
+    // SAFETY: ExactBucket is repr(C) of eight u32s: no padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::ExactBucket {}
 }

@@ -20,11 +20,12 @@ use aya_ebpf::{
     macros::{map, xdp},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
+    Global,
 };
 use aya_log_ebpf::debug;
 use gatekeeper_common::{
-    block_position, capacity, Counter, PrefixValue, BLOCK_WORDS_V4, BPF_F_MMAPABLE,
-    BPF_F_NO_PREALLOC, PORT_SLOTS,
+    block_position, capacity, exact_bucket, exact_key, Counter, ExactBucket, PrefixValue,
+    BLOCK_WORDS_V4, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, EXACT_EMPTY, PORT_SLOTS,
 };
 use headers::{Parsed, Source};
 
@@ -36,6 +37,14 @@ static DENY_V6: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(capac
 #[map]
 static DENY_V4_EXACT: HashMap<[u8; 4], PrefixValue> =
     HashMap::with_max_entries(capacity::DENY_V4, BPF_F_NO_PREALLOC);
+/// Permanent /32s, bucketed (see gatekeeper-common); the rest are in DENY_V4_EXACT.
+#[map]
+static DENY_V4_SLOTS: Array<ExactBucket> =
+    Array::with_max_entries(1 << (32 - DEFAULT_EXACT_V4_SHIFT), BPF_F_MMAPABLE);
+const DEFAULT_EXACT_V4_SHIFT: u32 = 14;
+/// Set by the daemon at load to match the DENY_V4_SLOTS size it chose.
+#[unsafe(no_mangle)]
+static EXACT_V4_SHIFT: Global<u32> = Global::new(DEFAULT_EXACT_V4_SHIFT);
 #[map]
 static DENY_V6_EXACT: HashMap<[u8; 16], PrefixValue> =
     HashMap::with_max_entries(capacity::DENY_V6, BPF_F_NO_PREALLOC);
@@ -128,7 +137,7 @@ fn judge(source: &Source) -> (u32, Counter) {
             verdict(
                 #[inline(always)]
                 || {
-                    block_marked(&DENY_V4_EXACT_HINT, addr) && live_ptr(DENY_V4_EXACT.get_ptr(addr))
+                    block_marked(&DENY_V4_EXACT_HINT, addr) && exact_v4(addr)
                         || block_marked(&DENY_V4_COVER, addr)
                         || block_marked(&DENY_V4_TRIE_HINT, addr) && live(DENY_V4.get(&key))
                 },
@@ -145,6 +154,23 @@ fn judge(source: &Source) -> (u32, Counter) {
             )
         }
     }
+}
+
+/// A /32 entry: its bucket's seven slots compared in straight-line code,
+/// and the hash only asked when the bucket spilled into it.
+#[inline(always)]
+fn exact_v4(addr: &[u8; 4]) -> bool {
+    let key = exact_key(*addr);
+    let Some(bucket) = DENY_V4_SLOTS.get(exact_bucket(key, EXACT_V4_SHIFT.load())) else {
+        return false;
+    };
+    let [a, b, c, d, e, f, g] = bucket.keys;
+    if key != EXACT_EMPTY
+        && (a == key || b == key || c == key || d == key || e == key || f == key || g == key)
+    {
+        return true;
+    }
+    bucket.spilled != 0 && live_ptr(DENY_V4_EXACT.get_ptr(addr))
 }
 
 /// Later lookups run only when the earlier ones did not decide.

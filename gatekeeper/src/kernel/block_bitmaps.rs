@@ -14,6 +14,7 @@ use aya::maps::{Array, IterableMap, MapData};
 use gatekeeper_common::BLOCK_WORDS_V4;
 use ipnet::{IpNet, Ipv4Net};
 
+use super::mapped::MappedArray;
 use crate::lists::store::EntryMeta;
 
 const WORDS: usize = BLOCK_WORDS_V4 as usize;
@@ -156,12 +157,16 @@ pub struct KernelBitmap {
     map: Array<MapData, u64>,
     written: Vec<u64>,
     /// The array's words, shared with the kernel (when the map allows it).
-    words: Option<SharedWords>,
+    words: Option<MappedArray>,
 }
 
 impl KernelBitmap {
     pub fn new(map: Array<MapData, u64>) -> KernelBitmap {
-        let words = SharedWords::map(&map, WORDS);
+        let words = MappedArray::map(map.map(), WORDS * 8)
+            .inspect_err(
+                |error| tracing::debug!(%error, "bitmap not mmapable; writing it with syscalls"),
+            )
+            .ok();
         KernelBitmap {
             map,
             written: vec![0; WORDS],
@@ -205,7 +210,7 @@ impl KernelBitmap {
         match &self.words {
             Some(shared) => {
                 for (&index, &value) in indices.iter().zip(&values) {
-                    shared.store(index as usize, value);
+                    shared.store_u64(index as usize, value);
                 }
             }
             None => super::batch::update(self.map.map(), &indices, &values)?,
@@ -214,55 +219,6 @@ impl KernelBitmap {
             self.written[index as usize] = value;
         }
         Ok(())
-    }
-}
-
-/// A `BPF_F_MMAPABLE` array's values mapped into the daemon: XDP sees each
-/// word store at once, and a store is one 8-byte aligned write, never torn.
-struct SharedWords {
-    base: std::ptr::NonNull<u64>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory; every access is an atomic word store.
-unsafe impl Send for SharedWords {}
-
-impl SharedWords {
-    /// `None` when the map was created without `BPF_F_MMAPABLE` (then the
-    /// daemon falls back to syscalls).
-    fn map(map: &Array<MapData, u64>, len: usize) -> Option<SharedWords> {
-        use std::os::fd::{AsFd, AsRawFd};
-        let fd = map.map().fd().as_fd().as_raw_fd();
-        // SAFETY: a fresh shared mapping of the array's value area; the kernel checks size and flags.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len * 8,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "bitmap not mmapable; writing it with syscalls");
-            return None;
-        }
-        std::ptr::NonNull::new(addr.cast::<u64>()).map(|base| SharedWords { base, len })
-    }
-
-    fn store(&self, index: usize, value: u64) {
-        assert!(index < self.len, "bitmap word {index} out of {}", self.len);
-        // SAFETY: in bounds of a live, 8-byte aligned shared mapping; XDP reads these words concurrently, hence atomic.
-        let word = unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.as_ptr().add(index)) };
-        word.store(value, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Drop for SharedWords {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `map` created; no reference into it outlives self.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len * 8) };
     }
 }
 

@@ -5,10 +5,11 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use aya::maps::{lpm_trie::Key, HashMap, LpmTrie, Map, MapData, MapError};
-use gatekeeper_common::{map_names, PrefixValue};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError};
+use gatekeeper_common::{map_names, ExactBucket, PrefixValue};
 
 use super::block_bitmaps::{set_range, KernelBitmap};
+use super::exact_slots::{read_pinned, Lookup};
 use super::maps::{is_absent, Clock, ExactMaps};
 use crate::netaddr::canonical;
 
@@ -154,6 +155,7 @@ pub struct PrefixView {
     v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
     v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
     exact: Option<ExactMaps>,
+    slots_v4: Option<Array<MapData, ExactBucket>>,
 }
 
 fn open_pin(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -169,6 +171,7 @@ impl PrefixView {
             v4: LpmTrie::try_from(open_pin(pin_dir, map_names::ALLOW_V4)?)?,
             v6: LpmTrie::try_from(open_pin(pin_dir, map_names::ALLOW_V6)?)?,
             exact: None,
+            slots_v4: None,
         })
     }
 
@@ -180,6 +183,10 @@ impl PrefixView {
                 v4: HashMap::try_from(open_pin(pin_dir, map_names::DENY_V4_EXACT)?)?,
                 v6: HashMap::try_from(open_pin(pin_dir, map_names::DENY_V6_EXACT)?)?,
             }),
+            slots_v4: Some(Array::try_from(open_pin(
+                pin_dir,
+                map_names::DENY_V4_SLOTS,
+            )?)?),
         })
     }
 
@@ -191,9 +198,11 @@ impl PrefixView {
         };
         match (canonical(client), &self.exact) {
             (IpAddr::V4(a), exact) => {
-                exact
-                    .as_ref()
-                    .is_some_and(|e| live(e.v4.get(&a.octets(), 0)))
+                let slotted = self.slots_v4.as_ref().map(|s| read_pinned(s, a.octets()));
+                matches!(slotted, Some(Ok(Lookup::Slotted)))
+                    || exact
+                        .as_ref()
+                        .is_some_and(|e| live(e.v4.get(&a.octets(), 0)))
                     || live(self.v4.get(&Key::new(32, a.octets()), 0))
             }
             (IpAddr::V6(a), exact) => {

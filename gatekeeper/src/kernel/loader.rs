@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{anyhow, Context, Result};
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray};
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use gatekeeper_common::map_names;
@@ -13,7 +13,8 @@ use tracing::{debug, info, warn};
 
 use super::block_bitmaps::{BlockBitmaps, KernelBitmap};
 use super::dnsbl_maps::DnsblMaps;
-use super::maps::{read_counters, CounterSnapshot, ExactMaps, PrefixMaps};
+use super::exact_slots::{self, ExactSlots};
+use super::maps::{read_counters, CounterSnapshot, ExactEntries, ExactMaps, PrefixMaps};
 use super::preflight;
 use crate::config::{Config, XdpModeSetting};
 
@@ -95,6 +96,8 @@ impl Kernel {
         }
 
         let caps = config.maps;
+        let slot_buckets = exact_slots::buckets_for(caps.deny_v4);
+        let slot_shift = exact_slots::shift_for(slot_buckets);
         // aya-log level inside XDP: off unless debug logging is on for gatekeeper.
         let log_level: u8 = if tracing::enabled!(target: "gatekeeper_xdp", tracing::Level::DEBUG) {
             4
@@ -106,11 +109,13 @@ impl Kernel {
             .map_max_entries(map_names::DENY_V6, caps.deny_v6)
             .map_max_entries(map_names::DENY_V4_EXACT, caps.deny_v4)
             .map_max_entries(map_names::DENY_V6_EXACT, caps.deny_v6)
+            .map_max_entries(map_names::DENY_V4_SLOTS, slot_buckets)
             .map_max_entries(map_names::ALLOW_V4, caps.allow_v4)
             .map_max_entries(map_names::ALLOW_V6, caps.allow_v6)
             .map_max_entries(map_names::DNSBL_V4, caps.dnsbl_v4)
             .map_max_entries(map_names::DNSBL_V6, caps.dnsbl_v6)
             .override_global(aya_log::LEVEL, &log_level, false)
+            .override_global(gatekeeper_common::EXACT_V4_SHIFT, &slot_shift, true)
             .load(XDP_OBJECT)
             .map_err(describe_load_error)?;
         if log_level > 0 {
@@ -135,9 +140,12 @@ impl Kernel {
         let deny = PrefixMaps::new(
             take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::DENY_V4)?,
             take::<LpmTrie<_, _, _>>(&mut ebpf, map_names::DENY_V6)?,
-            Some(ExactMaps {
-                v4: take::<HashMap<_, _, _>>(&mut ebpf, map_names::DENY_V4_EXACT)?,
-                v6: take::<HashMap<_, _, _>>(&mut ebpf, map_names::DENY_V6_EXACT)?,
+            Some(ExactEntries {
+                hashes: ExactMaps {
+                    v4: take::<HashMap<_, _, _>>(&mut ebpf, map_names::DENY_V4_EXACT)?,
+                    v6: take::<HashMap<_, _, _>>(&mut ebpf, map_names::DENY_V6_EXACT)?,
+                },
+                slots_v4: map_slots(&mut ebpf, slot_buckets)?,
             }),
             None,
             Some(BlockBitmaps::new(
@@ -354,6 +362,18 @@ where
         .take_map(name)
         .with_context(|| format!("map {name} missing from the embedded object"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// The slot table through a shared mapping (which keeps the map alive).
+fn map_slots(ebpf: &mut Ebpf, buckets: u32) -> Result<ExactSlots> {
+    let array: Array<MapData, gatekeeper_common::ExactBucket> =
+        take(ebpf, map_names::DENY_V4_SLOTS)?;
+    ExactSlots::map(array.map(), buckets).with_context(|| {
+        format!(
+            "mapping {} into the daemon (the kernel must support BPF_F_MMAPABLE arrays, Linux 5.5+)",
+            map_names::DENY_V4_SLOTS
+        )
+    })
 }
 
 /// Pins left by a daemon that died are dead weight: its program went with

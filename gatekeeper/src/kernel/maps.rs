@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use super::batch;
 use super::block_bitmaps::BlockBitmaps;
+use super::exact_slots::ExactSlots;
 use crate::clock::unix_now;
 use crate::lists::store::{Capacity, EntryMeta};
 
@@ -19,7 +20,7 @@ use crate::lists::store::{Capacity, EntryMeta};
 pub struct PrefixMaps {
     v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
     v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
-    exact: Option<ExactMaps>,
+    exact: Option<ExactEntries>,
     /// The allowlist's `[v4, v6]` non-empty flags, kept current after every change.
     presence: Option<Array<MapData, u8>>,
     /// The denylist's per-/24 bitmaps, recomputed for the touched prefixes.
@@ -41,11 +42,18 @@ pub struct ExactMaps {
     pub v6: HashMap<MapData, [u8; 16], PrefixValue>,
 }
 
+/// The denylist's full-length entries: permanent IPv4 /32s slotted, the
+/// rest in the exact hashes.
+pub struct ExactEntries {
+    pub hashes: ExactMaps,
+    pub slots_v4: ExactSlots,
+}
+
 impl PrefixMaps {
     pub fn new(
         v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
         v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
-        exact: Option<ExactMaps>,
+        exact: Option<ExactEntries>,
         presence: Option<Array<MapData, u8>>,
         blocks: Option<BlockBitmaps>,
         capacity_v4: u32,
@@ -143,19 +151,21 @@ impl PrefixMaps {
 
     /// One phase on every map, the IPv4 trie on a thread of its own (it
     /// takes the longest, and the maps are independent in the kernel).
-    fn write(&self, writes: &Writes, phase: Phase) -> std::io::Result<()> {
-        let trie_v4 = self.v4.map();
-        let (trie_v6, exact) = (
-            self.v6.map(),
-            self.exact.as_ref().map(|e| (e.v4.map(), e.v6.map())),
-        );
-        let rest = || {
+    fn write(&mut self, writes: &Writes, phase: Phase) -> std::io::Result<()> {
+        let (trie_v4, trie_v6) = (self.v4.map(), self.v6.map());
+        let exact = self.exact.as_mut();
+        let rest = move || {
             writes.trie_v6.write(trie_v6, phase)?;
-            let Some((exact_v4, exact_v6)) = exact else {
+            let Some(exact) = exact else {
                 return Ok(());
             };
-            writes.exact_v4.write(exact_v4, phase)?;
-            writes.exact_v6.write(exact_v6, phase)
+            let mut hash_v4 = exact.hashes.v4.map();
+            let v4 = &writes.exact_v4;
+            match phase {
+                Phase::Insert => exact.slots_v4.insert(&mut hash_v4, &v4.keys, &v4.values)?,
+                Phase::Remove => exact.slots_v4.remove(&mut hash_v4, &v4.removed)?,
+            }
+            writes.exact_v6.write(exact.hashes.v6.map(), phase)
         };
         // A second thread pays off only when both sides have real work.
         if writes.trie_v4.len(phase) < PARALLEL_FROM || writes.rest_len(phase) < PARALLEL_FROM {
@@ -279,7 +289,7 @@ impl Writes {
 
     fn summary(&self) -> String {
         format!(
-            "IPv4 trie {}, IPv6 trie {}, IPv4 hash {}, IPv6 hash {}",
+            "IPv4 trie {}, IPv6 trie {}, IPv4 /32s {}, IPv6 hash {}",
             self.trie_v4.summary(),
             self.trie_v6.summary(),
             self.exact_v4.summary(),

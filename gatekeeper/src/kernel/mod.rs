@@ -5,7 +5,9 @@ mod batch;
 mod block_bitmaps;
 mod dnsbl_maps;
 mod driver;
+mod exact_slots;
 mod loader;
+mod mapped;
 mod maps;
 mod preflight;
 

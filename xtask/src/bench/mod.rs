@@ -162,7 +162,7 @@ fn write_verdict_table(report: &mut String, v: &verdict::VerdictFigures) -> Resu
     for (label, bytes, entries) in &v.map_memory {
         writeln!(
             report,
-            "| deny maps (tries + exact hashes) holding {label} | {:.1} MiB | {entries} | {:.0} |",
+            "| deny maps (tries, exact hashes, /32 slot table) holding {label} | {:.1} MiB | {entries} | {:.0} |",
             *bytes as f64 / (1 << 20) as f64,
             *bytes as f64 / (*entries).max(1) as f64
         )?;

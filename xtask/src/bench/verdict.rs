@@ -81,7 +81,9 @@ pub fn run(quick: bool) -> Result<VerdictFigures> {
             let (ns, ratio) = floor.compare(&program, &packet.file, repeat)?;
             rows.push((label.clone(), packet.label, ns, ratio));
         }
-        let bytes = map_bytes(&lab, "DENY_V4")? + map_bytes(&lab, "DENY_V4_EXACT")?;
+        let bytes = map_bytes(&lab, "DENY_V4")?
+            + map_bytes(&lab, "DENY_V4_EXACT")?
+            + map_bytes(&lab, "DENY_V4_SLOTS")?;
         map_memory.push((label, bytes, prefixes.len() - 1));
     }
     // Tearing down the largest tries: the daemon's stop removes the pins, the kernel frees them.
