@@ -78,6 +78,14 @@ pub struct SmtpConfig {
     /// Upstream (MTA) sessions open at once, over all clients.
     #[serde(default = "default_max_upstream_sessions")]
     pub max_upstream_sessions: usize,
+    /// Idle upstream sessions kept after a delivered message for the next
+    /// client (re-targeted with XCLIENT); 0 = a fresh session per transaction.
+    #[serde(default)]
+    pub upstream_pool: usize,
+    /// How long a pooled upstream session may idle before it is closed
+    /// (well below the MTA's own idle timeout; Postfix: 300s).
+    #[serde(default = "ten_seconds", with = "humantime_serde")]
+    pub upstream_pool_idle: Duration,
     /// How long a recipient waits for a free upstream session before `451 4.3.2`.
     #[serde(default = "thirty_seconds", with = "humantime_serde")]
     pub upstream_wait: Duration,
@@ -201,6 +209,12 @@ impl SmtpConfig {
                 findings.error(format!("{key}: must be at least 1"));
             }
         }
+        if self.upstream_pool > self.max_upstream_sessions {
+            findings.warn(format!(
+                "smtp.upstream_pool: {} idle sessions can never be kept with max_upstream_sessions = {}",
+                self.upstream_pool, self.max_upstream_sessions
+            ));
+        }
         if !(1..=128).contains(&self.ipv6_client_prefix) {
             findings.error("smtp.ipv6_client_prefix: must be 1 to 128");
         }
@@ -212,6 +226,7 @@ impl SmtpConfig {
                 self.upstream_connect_timeout,
             ),
             ("smtp.proxy_protocol_timeout", self.proxy_protocol_timeout),
+            ("smtp.upstream_pool_idle", self.upstream_pool_idle),
         ] {
             if value.is_zero() {
                 findings.error(format!("{key}: must be more than 0s"));

@@ -17,6 +17,7 @@ pub mod idn;
 pub(crate) mod io;
 pub mod parse;
 pub mod policy;
+mod pool;
 pub mod proxy;
 pub mod reply;
 pub mod senders;
@@ -107,6 +108,8 @@ pub struct SmtpContext {
     gate: Arc<ConnectionGate>,
     /// `max_upstream_sessions` slots, one held per open upstream session.
     upstream_slots: Arc<Semaphore>,
+    /// Idle upstream sessions for the next transaction (`upstream_pool`).
+    upstream_pool: Option<Arc<pool::UpstreamPool>>,
     pub on_pregreet: Option<PregreetHook>,
     pub screen: Option<Screen>,
     pub memory: Option<Arc<dyn ClientMemory>>,
@@ -167,6 +170,14 @@ impl SmtpContext {
             next.upstream_extensions = self.upstream_extensions.clone();
             next.learning_failed = self.learning_failed.clone();
         }
+        // Pooled sessions stay only where they are still what the config asks for.
+        let same_pool = next.config.upstream == self.config.upstream
+            && Arc::ptr_eq(&next.upstream_slots, &self.upstream_slots)
+            && next.config.upstream_pool == self.config.upstream_pool
+            && next.config.upstream_pool_idle == self.config.upstream_pool_idle;
+        if same_pool {
+            next.upstream_pool = self.upstream_pool.clone();
+        }
         Ok(next)
     }
 
@@ -208,7 +219,16 @@ impl SmtpContext {
             .filter(|ip| !ip.is_unspecified())
             .collect();
         let our_names = OurNames::new(&config.hostname, &config.local_domains, listen_ips);
+        let upstream_pool = (config.upstream_pool > 0).then(|| {
+            let pool = Arc::new(pool::UpstreamPool::new(
+                config.upstream_pool,
+                config.upstream_pool_idle,
+            ));
+            pool::spawn_reaper(&pool);
+            pool
+        });
         Ok(SmtpContext {
+            upstream_pool,
             memory: None,
             denied_senders,
             our_names,

@@ -1087,7 +1087,7 @@ impl Session {
         let started = match self.pinned.take() {
             Some(pinned) => Ok(pinned),
             None if self.authenticated.is_some() => Err(UpstreamError::Closed),
-            None => self.connect_upstream().await,
+            None => self.upstream_for_transaction().await,
         };
         let result = match started {
             Ok(mut upstream) => match upstream.start_transaction(&mail_line, &lines).await {
@@ -1148,6 +1148,45 @@ impl Session {
         }
     }
 
+    /// A pooled session re-targeted at this client if one answers, else a fresh one.
+    async fn upstream_for_transaction(&self) -> Result<Upstream, UpstreamError> {
+        let config = &self.ctx.config;
+        if let Some(pool) = &self.ctx.upstream_pool {
+            // A few tries: older sessions may have been closed by the MTA meanwhile.
+            for _ in 0..3 {
+                let Some(mut upstream) = pool.take() else {
+                    break;
+                };
+                let retargeted = upstream
+                    .retarget(
+                        &config.hostname,
+                        &self.client_info(),
+                        config.upstream_connect_timeout,
+                    )
+                    .await;
+                match retargeted {
+                    Ok(()) => {
+                        SmtpStats::bump(&self.ctx.stats.upstream_reused);
+                        self.ctx.learn_extensions(upstream.extensions());
+                        return Ok(upstream);
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "pooled upstream session unusable; trying another")
+                    }
+                }
+            }
+        }
+        self.connect_upstream().await
+    }
+
+    fn client_info(&self) -> ClientInfo {
+        ClientInfo {
+            addr: self.peer,
+            helo: self.helo.clone(),
+            esmtp: self.esmtp,
+        }
+    }
+
     async fn connect_upstream(&self) -> Result<Upstream, UpstreamError> {
         let config = &self.ctx.config;
         let slot = timeout(
@@ -1157,11 +1196,7 @@ impl Session {
         .await
         .map_err(|_| UpstreamError::Busy)?
         .map_err(|_| UpstreamError::Busy)?;
-        let client = ClientInfo {
-            addr: self.peer,
-            helo: self.helo.clone(),
-            esmtp: self.esmtp,
-        };
+        let client = self.client_info();
         let timeouts = Timeouts {
             connect: config.upstream_connect_timeout,
             reply: config.upstream_timeout,
@@ -1546,7 +1581,7 @@ impl Session {
                 };
                 match sent {
                     Ok(()) => upstream
-                        .finish_chunk()
+                        .finish_chunk(last)
                         .await
                         .map_err(ChunkProblem::Upstream),
                     Err(e) => Err(ChunkProblem::Upstream(e)),
@@ -1698,7 +1733,16 @@ impl Session {
             return;
         };
         if self.authenticated.is_none() {
-            return upstream.quit().await;
+            // Pooled only while a slot is free: a client may be waiting for one.
+            let pool = self.ctx.upstream_pool.as_ref();
+            let unparked = match pool.filter(|_| self.ctx.upstream_slots.available_permits() > 0) {
+                Some(pool) => pool.park(upstream),
+                None => Some(upstream),
+            };
+            if let Some(upstream) = unparked {
+                upstream.quit().await;
+            }
+            return;
         }
         // Authenticated: the session is kept for the next transaction.
         match upstream.command("RSET").await {

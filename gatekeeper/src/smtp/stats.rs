@@ -52,6 +52,7 @@ pub struct SmtpStats {
     pub upstream_failures: Counter,
     pub upstream_busy: Counter,
     pub transactions_replayed: Counter,
+    pub upstream_reused: Counter,
     relay_denied_family: Labelled,
     relay_denied: Vec<Counter>,
     proxy_refused: Labelled,
@@ -105,6 +106,8 @@ pub struct SmtpStatsReport {
     pub upstream_busy: u64,
     /// Transactions replayed whole on a fresh upstream session after the MTA failed mid-transaction.
     pub transactions_replayed: u64,
+    /// Transactions carried by a pooled upstream session re-targeted at their client.
+    pub upstream_reused: u64,
     /// Transactions refused at DATA (451) because acknowledged recipients could not be replayed.
     pub transactions_lost: u64,
     /// Sessions told 421 4.3.2 at shutdown.
@@ -234,6 +237,7 @@ impl Default for SmtpStats {
             upstream_failures: labelled(&upstream_errors, "error", "failed"),
             upstream_busy: labelled(&upstream_errors, "error", "busy"),
             transactions_replayed: Counter::default(),
+            upstream_reused: Counter::default(),
             relay_denied: RelayReason::ALL
                 .iter()
                 .map(|r| labelled(&relay_denied_family, "reason", r.name()))
@@ -358,6 +362,11 @@ impl SmtpStats {
             "Transactions replayed on a fresh upstream session after the MTA failed",
             self.transactions_replayed.clone(),
         );
+        registry.register(
+            "upstream_sessions_reused",
+            "Transactions carried by a pooled upstream session re-targeted at their client (upstream_pool)",
+            self.upstream_reused.clone(),
+        );
     }
 
     pub fn report(&self) -> SmtpStatsReport {
@@ -380,6 +389,7 @@ impl SmtpStats {
             write_timeouts: self.write_timeouts.get(),
             upstream_busy: self.upstream_busy.get(),
             transactions_replayed: self.transactions_replayed.get(),
+            upstream_reused: self.upstream_reused.get(),
             transactions_lost: self.transactions_lost.get(),
             shutdown_disconnects: self.shutdown_disconnects.get(),
             not_smtp_disconnects: self.not_smtp_disconnects.get(),

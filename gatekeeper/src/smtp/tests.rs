@@ -227,6 +227,9 @@ struct Script {
     /// After MAIL, wait this long for another line before answering, and
     /// record whether one came (the client pipelined).
     hold_mail: Option<Duration>,
+    /// Close the session right after accepting a message (an MTA that timed
+    /// an idle session out).
+    close_after_message: bool,
 }
 
 impl Default for Script {
@@ -237,6 +240,7 @@ impl Default for Script {
             ehlo_after_xclient: vec![],
             rcpt: Box::new(|_| Step::Reply("250 2.1.5 Ok")),
             hold_mail: None,
+            close_after_message: false,
         }
     }
 }
@@ -356,6 +360,10 @@ async fn mta_session(stream: TcpStream, script: &Script, log: &MtaLog, index: us
                             .push(String::from_utf8_lossy(trim_eol(&bytes)).into_owned()),
                         _ => return,
                     }
+                }
+                if script.close_after_message {
+                    let _ = out.write_all(b"250 2.0.0 Ok: queued\r\n").await;
+                    return;
                 }
                 "250 2.0.0 Ok: queued\r\n".into()
             }
@@ -812,6 +820,105 @@ async fn pipelining_is_taken_from_the_ehlo_after_xclient() {
         assert_eq!(send_message(&mut c).await.code, 250);
         assert_eq!(*mta.log.pipelined.lock().unwrap(), [expected]);
     }
+}
+
+const POOL_XCLIENT: &str = "XCLIENT ADDR NAME PORT PROTO HELO";
+
+/// One message from a fresh client greeting as `helo`, then QUIT.
+async fn deliver_one(front: &Front, helo: &str) {
+    let mut c = front.client().await;
+    assert_eq!(c.code(&format!("EHLO {helo}")).await, 250);
+    assert_eq!(c.code("MAIL FROM:<sender@client.test>").await, 250);
+    assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
+    assert_eq!(send_message(&mut c).await.code, 250);
+    assert_eq!(c.code("QUIT").await, 221);
+}
+
+#[tokio::test]
+async fn a_pooled_upstream_session_is_retargeted_at_each_client_with_xclient() {
+    let mta = Mta::start(Script {
+        ehlo: vec!["PIPELINING", POOL_XCLIENT],
+        ehlo_after_xclient: vec!["PIPELINING", POOL_XCLIENT],
+        ..Script::default()
+    })
+    .await;
+    let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
+    deliver_one(&front, "first.test").await;
+    deliver_one(&front, "second.test").await;
+
+    let sessions = mta.sessions();
+    assert_eq!(
+        sessions.len(),
+        1,
+        "one upstream session carried both: {sessions:?}"
+    );
+    let session = &sessions[0];
+    let xclients: Vec<&String> = session
+        .iter()
+        .filter(|l| l.starts_with("XCLIENT"))
+        .collect();
+    assert_eq!(xclients.len(), 2, "{session:?}");
+    assert!(xclients[0].contains("HELO=first.test"), "{xclients:?}");
+    assert!(xclients[1].contains("HELO=second.test"), "{xclients:?}");
+    for attribute in [
+        "ADDR=127.0.0.1",
+        "PORT=",
+        "PROTO=ESMTP",
+        "NAME=[UNAVAILABLE]",
+    ] {
+        assert!(
+            xclients[1].contains(attribute),
+            "{attribute} not replaced: {xclients:?}"
+        );
+    }
+    // The second client's XCLIENT comes after the first message, then EHLO as the client did.
+    let second = session.iter().position(|l| l == xclients[1]).unwrap();
+    assert!(session[..second].iter().any(|l| l == "body"));
+    assert_eq!(session[second + 1], "EHLO second.test");
+    assert!(
+        !session.iter().any(|l| l == "QUIT"),
+        "the session stayed open: {session:?}"
+    );
+    assert_eq!(front.stats().upstream_reused, 1);
+    assert_eq!(front.stats().messages_delivered, 2);
+}
+
+#[tokio::test]
+async fn a_pooled_session_the_mta_closed_is_replaced_by_a_fresh_one() {
+    let mta = Mta::start(Script {
+        ehlo: vec!["PIPELINING", POOL_XCLIENT],
+        ehlo_after_xclient: vec!["PIPELINING"],
+        close_after_message: true,
+        ..Script::default()
+    })
+    .await;
+    let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
+    deliver_one(&front, "first.test").await;
+    deliver_one(&front, "second.test").await;
+    assert_eq!(mta.sessions().len(), 2);
+    assert_eq!(front.stats().upstream_reused, 0);
+    assert_eq!(front.stats().messages_delivered, 2);
+}
+
+#[tokio::test]
+async fn a_session_left_mid_transaction_is_never_pooled() {
+    let mta = Mta::start(Script {
+        ehlo: vec!["PIPELINING", POOL_XCLIENT],
+        ehlo_after_xclient: vec!["PIPELINING"],
+        ..Script::default()
+    })
+    .await;
+    let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
+    let mut c = front.client().await;
+    c.start_transaction().await;
+    assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
+    assert_eq!(c.code("RSET").await, 250);
+    assert_eq!(c.code("QUIT").await, 221);
+    deliver_one(&front, "second.test").await;
+    let sessions = mta.sessions();
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    assert_eq!(sessions[0].last().map(String::as_str), Some("QUIT"));
+    assert_eq!(front.stats().upstream_reused, 0);
 }
 
 #[tokio::test]

@@ -62,6 +62,16 @@ pub struct Upstream {
     /// The SASL mechanisms its EHLO offered (to the real client, after XCLIENT).
     auth: Vec<String>,
     extensions: Extensions,
+    /// The XCLIENT attributes the MTA's first EHLO offered; `Some` means the
+    /// session can be re-targeted at another client.
+    xclient: Option<Vec<String>>,
+    /// The XFORWARD attributes the current EHLO offered.
+    xforward: Option<Vec<String>>,
+    /// Whether the session sits between transactions after a delivered
+    /// message (nothing of a client pending), so it may serve another one.
+    reusable: bool,
+    /// Transactions started on this session.
+    pub uses: u32,
     /// One of the `max_upstream_sessions` slots, freed when the session ends.
     _slot: OwnedSemaphorePermit,
 }
@@ -112,34 +122,76 @@ impl Upstream {
             pipelining: false,
             auth: Vec::new(),
             extensions: Extensions::default(),
+            xclient: None,
+            xforward: None,
+            reusable: false,
+            uses: 0,
             _slot: slot,
         };
         upstream.expect_success(None).await?;
-        let mut ehlo = upstream
+        let ehlo = upstream
             .expect_success(Some(&format!("EHLO {our_name}")))
             .await?;
-        if let Some(attributes) = offered(&ehlo, "XCLIENT") {
+        upstream.xclient = offered(&ehlo, "XCLIENT");
+        upstream.adopt(&ehlo);
+        upstream.introduce(our_name, client).await?;
+        Ok(upstream)
+    }
+
+    /// Hands an idle session (see [`Self::is_reusable`]) to another client:
+    /// XCLIENT again with every attribute replaced, and a fresh EHLO, within
+    /// `limit`. Without XCLIENT only the XFORWARD line changes.
+    pub async fn retarget(
+        &mut self,
+        our_name: &str,
+        client: &ClientInfo,
+        limit: Duration,
+    ) -> Result<(), UpstreamError> {
+        self.reusable = false;
+        timeout(limit, self.introduce(our_name, client))
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    /// Tells the MTA who the client is: XCLIENT when offered (it restarts
+    /// the session, so EHLO again, as the client did), else XFORWARD per
+    /// transaction.
+    async fn introduce(
+        &mut self,
+        our_name: &str,
+        client: &ClientInfo,
+    ) -> Result<(), UpstreamError> {
+        if let Some(attributes) = self.xclient.clone() {
             let command = client_attributes("XCLIENT", &attributes, client);
-            upstream.expect_success(Some(&command)).await?;
-            // XCLIENT restarts the session: greet again, as the client did.
+            self.expect_success(Some(&command)).await?;
             // What this EHLO offers is what the session has from now on.
             let helo = client.helo.as_deref().unwrap_or(our_name);
-            ehlo = upstream
-                .expect_success(Some(&format!("EHLO {helo}")))
-                .await?;
-            upstream.forward =
-                offered(&ehlo, "XFORWARD").map(|a| client_attributes("XFORWARD", &a, client));
-        } else if let Some(attributes) = offered(&ehlo, "XFORWARD") {
-            upstream.forward = Some(client_attributes("XFORWARD", &attributes, client));
+            let ehlo = self.expect_success(Some(&format!("EHLO {helo}"))).await?;
+            self.adopt(&ehlo);
         }
-        upstream.pipelining = offered(&ehlo, "PIPELINING").is_some();
-        upstream.auth = offered(&ehlo, "AUTH").unwrap_or_default();
-        upstream.extensions = Extensions {
-            dsn: offered(&ehlo, "DSN").is_some(),
-            smtputf8: offered(&ehlo, "SMTPUTF8").is_some(),
-            chunking: offered(&ehlo, "CHUNKING").is_some(),
+        self.forward = self
+            .xforward
+            .as_ref()
+            .map(|a| client_attributes("XFORWARD", a, client));
+        Ok(())
+    }
+
+    /// What the session offers from this EHLO on.
+    fn adopt(&mut self, ehlo: &Reply) {
+        self.xforward = offered(ehlo, "XFORWARD");
+        self.pipelining = offered(ehlo, "PIPELINING").is_some();
+        self.auth = offered(ehlo, "AUTH").unwrap_or_default();
+        self.extensions = Extensions {
+            dsn: offered(ehlo, "DSN").is_some(),
+            smtputf8: offered(ehlo, "SMTPUTF8").is_some(),
+            chunking: offered(ehlo, "CHUNKING").is_some(),
         };
-        Ok(upstream)
+    }
+
+    /// Between transactions right after a delivered message, so nothing of
+    /// its client is pending at the MTA.
+    pub fn is_reusable(&self) -> bool {
+        self.reusable
     }
 
     /// The extensions the MTA offers this session (after XCLIENT).
@@ -160,6 +212,8 @@ impl Upstream {
         mail_line: &str,
         rcpt_lines: &[String],
     ) -> Result<Vec<Reply>, UpstreamError> {
+        self.reusable = false;
+        self.uses += 1;
         let set_up: Vec<String> = self
             .forward
             .iter()
@@ -198,7 +252,10 @@ impl Upstream {
     }
 
     /// Sends one command line and returns the reply, whatever its code.
+    /// Any command but the transaction's own leaves the session unfit for
+    /// another client.
     pub async fn command(&mut self, line: &str) -> Result<Reply, UpstreamError> {
+        self.reusable = false;
         self.writer.write_all(line.as_bytes()).await?;
         self.writer.write_all(b"\r\n").await?;
         self.writer.flush().await?;
@@ -247,7 +304,9 @@ impl Upstream {
         timeout(self.timeout, self.writer.flush())
             .await
             .map_err(|_| UpstreamError::Timeout)??;
-        self.read_reply().await
+        let reply = self.read_reply().await?;
+        self.reusable = reply.is_success();
+        Ok(reply)
     }
 
     /// Queues a BDAT command line; its `size` octets follow through [`Self::send_data`].
@@ -259,12 +318,15 @@ impl Upstream {
         self.send_data(line.as_bytes()).await
     }
 
-    /// After a whole chunk was queued: the upstream's reply to it.
-    pub async fn finish_chunk(&mut self) -> Result<Reply, UpstreamError> {
+    /// After a whole chunk was queued: the upstream's reply to it (a
+    /// delivered `last` chunk ends the transaction).
+    pub async fn finish_chunk(&mut self, last: bool) -> Result<Reply, UpstreamError> {
         timeout(self.timeout, self.writer.flush())
             .await
             .map_err(|_| UpstreamError::Timeout)??;
-        self.read_reply().await
+        let reply = self.read_reply().await?;
+        self.reusable = last && reply.is_success();
+        Ok(reply)
     }
 
     pub async fn quit(mut self) {
@@ -301,7 +363,17 @@ fn client_attributes(keyword: &str, offered: &[String], client: &ClientInfo) -> 
         ("ADDR", Some(xclient_addr(client.addr))),
         ("PORT", Some(client.addr.port().to_string())),
         ("PROTO", Some(proto.to_owned())),
-        ("HELO", client.helo.as_deref().map(xtext)),
+        // Explicitly unknown rather than left out: a re-targeted session
+        // must not keep the previous client's.
+        (
+            "HELO",
+            Some(
+                client
+                    .helo
+                    .as_deref()
+                    .map_or("[UNAVAILABLE]".to_owned(), xtext),
+            ),
+        ),
         ("NAME", Some("[UNAVAILABLE]".to_owned())),
     ];
     let mut line = keyword.to_owned();

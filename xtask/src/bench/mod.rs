@@ -87,12 +87,14 @@ pub fn run(quick: bool, only: Option<&str>) -> Result<()> {
         for row in &smtp_throughput(quick)? {
             writeln!(
                 report,
-                "| SMTP messages/s, {} parallel sessions (`smtp-source` → X → `smtp-sink`, 2 KiB messages; median of {ROUNDS} alternating runs; every check on) | {:.0} msg/s through gatekeeper | {:.0} msg/s through HAProxy TCP passthrough; {:.0} msg/s direct | {:.2}× HAProxy, {:.2}× direct |",
+                "| SMTP messages/s, {} parallel sessions (`smtp-source` → X → `smtp-sink`, 2 KiB messages; median of {ROUNDS} alternating runs; every check on) | {:.0} msg/s through gatekeeper; {:.0} with `upstream_pool = 100` | {:.0} msg/s through HAProxy TCP passthrough; {:.0} msg/s direct | {:.2}× HAProxy ({:.2}× pooled), {:.2}× direct |",
                 row.sessions,
                 row.through_gatekeeper,
+                row.through_pooled,
                 row.through_haproxy,
                 row.direct,
                 row.through_gatekeeper / row.through_haproxy,
+                row.through_pooled / row.through_haproxy,
                 row.through_gatekeeper / row.direct
             )?;
         }
@@ -294,6 +296,8 @@ fn ms(d: Duration) -> f64 {
 struct ThroughputRow {
     sessions: u32,
     through_gatekeeper: f64,
+    /// With `upstream_pool = 100` (reloaded in between).
+    through_pooled: f64,
     through_haproxy: f64,
     direct: f64,
 }
@@ -301,6 +305,22 @@ struct ThroughputRow {
 const SMTP_BENCH_CONFIG: &str = "[smtp]\nlisten = [\"127.0.0.1:25\", \"192.0.2.1:25\"]\nhostname = \"mx.example.org\"\n\
     local_domains = [\"example.org\"]\nrelay_networks = [\"127.0.0.0/8\"]\nupstream = \"127.0.0.1:10025\"\n\
     max_connections = 20000\nmax_connections_per_ip = 20000\nmax_connection_rate = 0\nmax_upstream_sessions = 200\n";
+
+const POOLED: &str = "upstream_pool = 100\n";
+
+/// Rewrites the SMTP config with `extra` keys and reloads the daemon;
+/// connections accepted afterwards get it.
+fn reload_smtp(lab: &Lab, extra: &str) -> Result<()> {
+    lab.write_config(&format!("{SMTP_BENCH_CONFIG}{extra}"))?;
+    let reloads = lab.daemon().log_text().matches("config reloaded").count();
+    lab.daemon().hangup()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lab.daemon().log_text().matches("config reloaded").count() == reloads {
+        ensure!(Instant::now() < deadline, "the daemon did not reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
 
 fn smtp_lab(tag: &str) -> Result<(Lab, sandbox::smtp::SmtpSink)> {
     let mut lab = Lab::two_hosts(tag, "client")?;
@@ -360,6 +380,7 @@ fn smtp_throughput(quick: bool) -> Result<Vec<ThroughputRow>> {
         // Alternate the three, three rounds, and keep each one's median:
         // single runs on these machines swing by a factor of two.
         let (mut direct, mut haproxy, mut through) = (Vec::new(), Vec::new(), Vec::new());
+        let mut pooled = Vec::new();
         for _ in 0..ROUNDS {
             direct.push(smtp_source_rate(
                 &lab,
@@ -374,10 +395,14 @@ fn smtp_throughput(quick: bool) -> Result<Vec<ThroughputRow>> {
                 messages,
             )?);
             through.push(smtp_source_rate(&lab, "127.0.0.1:25", sessions, messages)?);
+            reload_smtp(&lab, POOLED)?;
+            pooled.push(smtp_source_rate(&lab, "127.0.0.1:25", sessions, messages)?);
+            reload_smtp(&lab, "")?;
         }
         rows.push(ThroughputRow {
             sessions,
             through_gatekeeper: median(through),
+            through_pooled: median(pooled),
             through_haproxy: median(haproxy),
             direct: median(direct),
         });
