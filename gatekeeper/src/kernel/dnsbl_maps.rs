@@ -198,12 +198,19 @@ impl PrefixView {
         };
         match (canonical(client), &self.exact) {
             (IpAddr::V4(a), exact) => {
-                let slotted = self.slots_v4.as_ref().map(|s| read_pinned(s, a.octets()));
-                matches!(slotted, Some(Ok(Lookup::Slotted)))
-                    || exact
+                let hashed = || {
+                    exact
                         .as_ref()
                         .is_some_and(|e| live(e.v4.get(&a.octets(), 0)))
-                    || live(self.v4.get(&Key::new(32, a.octets()), 0))
+                };
+                // As XDP asks: the slot, and the hash only where the bucket spilled
+                // (or where the table cannot be read).
+                let exact_match = match self.slots_v4.as_ref().map(|s| read_pinned(s, a.octets())) {
+                    Some(Ok(Lookup::Slotted)) => true,
+                    Some(Ok(Lookup::Absent)) => false,
+                    Some(Ok(Lookup::AskHash) | Err(_)) | None => hashed(),
+                };
+                exact_match || live(self.v4.get(&Key::new(32, a.octets()), 0))
             }
             (IpAddr::V6(a), exact) => {
                 exact

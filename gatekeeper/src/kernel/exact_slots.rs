@@ -26,7 +26,8 @@ const WORDS_PER_BUCKET: usize = size_of::<ExactBucket>() / 4;
 const SPILL_WORD: usize = EXACT_SLOTS;
 /// Bucket counts stay within these powers of two whatever the capacity.
 const MIN_BUCKETS: u32 = 1 << 4;
-const MAX_BUCKETS: u32 = 1 << 24;
+/// 128 MiB of table at most (a denylist capacity of 25 M and more).
+const MAX_BUCKETS: u32 = 1 << 22;
 
 /// The bucket count for a denylist of `capacity` IPv4 entries: a bucket
 /// per six entries, rounded up to a power of two (so at most six of seven
@@ -139,7 +140,7 @@ impl<W: SlotWords> ExactSlots<W> {
         for (&addr, &value) in addrs.iter().zip(values) {
             let key = exact_key(addr);
             let bucket = self.bucket(key);
-            let slot = self.find(bucket, key);
+            let slot = self.slot_of(bucket, key);
             if value == PrefixValue::PERMANENT && key != EXACT_EMPTY {
                 let placed = slot.or_else(|| {
                     let free = self.find(bucket, EXACT_EMPTY)?;
@@ -175,7 +176,7 @@ impl<W: SlotWords> ExactSlots<W> {
         for &addr in addrs {
             let key = exact_key(addr);
             let bucket = self.bucket(key);
-            let slot = self.find(bucket, key);
+            let slot = self.slot_of(bucket, key);
             if let Some(slot) = slot {
                 self.words.store(word(bucket, slot), EXACT_EMPTY);
             }
@@ -190,7 +191,7 @@ impl<W: SlotWords> ExactSlots<W> {
     pub fn lookup(&self, addr: [u8; 4]) -> Lookup {
         let key = exact_key(addr);
         let bucket = self.bucket(key);
-        if key != EXACT_EMPTY && self.find(bucket, key).is_some() {
+        if self.slot_of(bucket, key).is_some() {
             Lookup::Slotted
         } else if self.words.load(word(bucket, SPILL_WORD)) != 0 {
             Lookup::AskHash
@@ -204,8 +205,17 @@ impl<W: SlotWords> ExactSlots<W> {
         exact_bucket(key, self.shift) & (self.buckets - 1)
     }
 
-    fn find(&self, bucket: u32, key: u32) -> Option<usize> {
-        (0..EXACT_SLOTS).find(|&slot| self.words.load(word(bucket, slot)) == key)
+    /// The slot holding `key`; never one for the unspecified address, whose
+    /// key spells an empty slot.
+    fn slot_of(&self, bucket: u32, key: u32) -> Option<usize> {
+        (key != EXACT_EMPTY)
+            .then(|| self.find(bucket, key))
+            .flatten()
+    }
+
+    /// The first slot holding `value` (`EXACT_EMPTY`: a free one).
+    fn find(&self, bucket: u32, value: u32) -> Option<usize> {
+        (0..EXACT_SLOTS).find(|&slot| self.words.load(word(bucket, slot)) == value)
     }
 
     /// Raises the bucket's flag (before the hash write) the first time.
@@ -402,6 +412,27 @@ mod tests {
         assert!(xdp_finds(&slots, &hash, [0, 0, 0, 0]));
         slots.remove(&mut hash, &[[0, 0, 0, 0]]).unwrap();
         assert!(!xdp_finds(&slots, &hash, [0, 0, 0, 0]));
+    }
+
+    #[test]
+    fn the_unspecified_address_in_a_batch_never_costs_a_neighbour_its_slot() {
+        let (mut slots, mut hash) = (table(MIN_BUCKETS), FakeHash::default());
+        let zero_bucket = slots.bucket(EXACT_EMPTY);
+        let neighbour = (0..=255u8)
+            .map(|host| [198, 51, 100, host])
+            .find(|a| slots.bucket(exact_key(*a)) == zero_bucket)
+            .expect("an address sharing 0.0.0.0's bucket");
+        let addrs = [[0, 0, 0, 0], neighbour];
+        let values = [PrefixValue::PERMANENT; 2];
+        slots.insert(&mut hash, &addrs, &values).unwrap();
+        assert_eq!(slots.lookup(neighbour), Lookup::Slotted);
+        assert!(addrs.iter().all(|a| xdp_finds(&slots, &hash, *a)));
+        slots.remove(&mut hash, &addrs[..1]).unwrap();
+        assert_eq!(
+            slots.lookup(neighbour),
+            Lookup::Slotted,
+            "removing 0.0.0.0 left it alone"
+        );
     }
 
     #[test]

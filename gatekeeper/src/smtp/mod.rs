@@ -171,12 +171,17 @@ impl SmtpContext {
             next.learning_failed = self.learning_failed.clone();
         }
         // Pooled sessions stay only where they are still what the config asks for.
-        let same_pool = next.config.upstream == self.config.upstream
+        let (old, new) = (&self.config, &next.config);
+        let same_pool = new.upstream == old.upstream
             && Arc::ptr_eq(&next.upstream_slots, &self.upstream_slots)
-            && next.config.upstream_pool == self.config.upstream_pool
-            && next.config.upstream_pool_idle == self.config.upstream_pool_idle;
+            && new.upstream_pool == old.upstream_pool
+            && new.upstream_pool_idle == old.upstream_pool_idle
+            && new.hostname == old.hostname
+            && new.upstream_timeout == old.upstream_timeout;
         if same_pool {
             next.upstream_pool = self.upstream_pool.clone();
+        } else if let Some(pool) = &self.upstream_pool {
+            pool.drain();
         }
         Ok(next)
     }

@@ -80,6 +80,12 @@ impl UpstreamPool {
         old.into_iter().map(|entry| entry.upstream).collect()
     }
 
+    /// Ends every parked session at once (their slots go back); for a
+    /// reload that replaced the pool.
+    pub fn drain(&self) {
+        self.lock().clear();
+    }
+
     pub fn idle_for(&self) -> Duration {
         self.idle_for
     }

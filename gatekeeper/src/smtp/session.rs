@@ -1152,17 +1152,16 @@ impl Session {
     async fn upstream_for_transaction(&self) -> Result<Upstream, UpstreamError> {
         let config = &self.ctx.config;
         if let Some(pool) = &self.ctx.upstream_pool {
-            // A few tries: older sessions may have been closed by the MTA meanwhile.
+            // A few tries within one set-up deadline: older sessions may have
+            // been closed by the MTA meanwhile.
+            let deadline = Instant::now() + config.upstream_connect_timeout;
             for _ in 0..3 {
-                let Some(mut upstream) = pool.take() else {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Some(mut upstream) = pool.take().filter(|_| !left.is_zero()) else {
                     break;
                 };
                 let retargeted = upstream
-                    .retarget(
-                        &config.hostname,
-                        &self.client_info(),
-                        config.upstream_connect_timeout,
-                    )
+                    .retarget(&config.hostname, &self.client_info(), left)
                     .await;
                 match retargeted {
                     Ok(()) => {
@@ -1189,6 +1188,12 @@ impl Session {
 
     async fn connect_upstream(&self) -> Result<Upstream, UpstreamError> {
         let config = &self.ctx.config;
+        // Idle pooled sessions never make a fresh one wait: one gives its slot up.
+        if self.ctx.upstream_slots.available_permits() == 0 {
+            if let Some(pool) = &self.ctx.upstream_pool {
+                drop(pool.take());
+            }
+        }
         let slot = timeout(
             config.upstream_wait,
             self.ctx.upstream_slots.clone().acquire_owned(),

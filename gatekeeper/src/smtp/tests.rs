@@ -901,6 +901,22 @@ async fn a_pooled_session_the_mta_closed_is_replaced_by_a_fresh_one() {
 }
 
 #[tokio::test]
+async fn a_session_whose_xclient_cannot_replace_every_attribute_is_never_pooled() {
+    // ADDR, PORT and PROTO not offered: they would keep the first client's values.
+    let mta = Mta::start(Script {
+        ehlo: vec!["PIPELINING", "XCLIENT NAME HELO"],
+        ehlo_after_xclient: vec!["PIPELINING"],
+        ..Script::default()
+    })
+    .await;
+    let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
+    deliver_one(&front, "first.test").await;
+    deliver_one(&front, "second.test").await;
+    assert_eq!(mta.sessions().len(), 2);
+    assert_eq!(front.stats().upstream_reused, 0);
+}
+
+#[tokio::test]
 async fn a_session_left_mid_transaction_is_never_pooled() {
     let mta = Mta::start(Script {
         ehlo: vec!["PIPELINING", POOL_XCLIENT],

@@ -189,9 +189,16 @@ impl Upstream {
     }
 
     /// Between transactions right after a delivered message, so nothing of
-    /// its client is pending at the MTA.
+    /// its client is pending at the MTA, and re-targetable: the MTA offers
+    /// XCLIENT with every attribute a client is judged by (an attribute left
+    /// out would keep the previous client's value).
     pub fn is_reusable(&self) -> bool {
+        const REPLACED: [&str; 5] = ["ADDR", "PORT", "PROTO", "HELO", "NAME"];
         self.reusable
+            && self
+                .xclient
+                .as_ref()
+                .is_some_and(|offered| REPLACED.iter().all(|a| offered.iter().any(|o| o == a)))
     }
 
     /// The extensions the MTA offers this session (after XCLIENT).
