@@ -295,3 +295,114 @@ fn bdat_chunks_reach_postfix_intact_and_a_bare_lf_in_one_never_does() {
         postfix.log_text()
     );
 }
+
+/// The gatekeeper with `upstream_pool` in front of Postfix; one sender
+/// namespace holding three client addresses.
+fn pooled_lab(tag: &str, main_cf_extra: &str) -> (Lab, Postfix) {
+    let mut lab = Lab::new(
+        tag,
+        vec![PeerSpec {
+            name: "sender",
+            edge_addrs: vec!["192.0.2.1/24"],
+            peer_addrs: vec!["192.0.2.2/24", "192.0.2.3/24", "192.0.2.4/24"],
+        }],
+    )
+    .expect("building the lab");
+    let postfix = Postfix::start(
+        &lab.edge,
+        &lab.dir().join("postfix"),
+        &PostfixSpec {
+            listen: "127.0.0.1:10025",
+            sink_listen: "127.0.0.1:10026",
+            users: &[],
+            main_cf_extra,
+        },
+    )
+    .expect("starting Postfix");
+    lab.start_daemon(
+        "[smtp]\nlisten = [\"0.0.0.0:25\"]\nhostname = \"mx.example.org\"\n\
+         local_domains = [\"example.org\"]\nupstream = \"127.0.0.1:10025\"\nupstream_pool = 4\n",
+    )
+    .unwrap();
+    (lab, postfix)
+}
+
+/// One message from each client, one after another; what Postfix delivered.
+fn one_message_each(lab: &Lab, postfix: &Postfix, clients: &[(&str, &str)]) -> Vec<String> {
+    for (source, helo) in clients {
+        let mut c = SmtpClient::connect(lab.peer("sender"), source, MX).unwrap();
+        assert_eq!(c.reply().unwrap().code, 220);
+        assert_eq!(c.cmd(&format!("EHLO {helo}")).unwrap().code, 250);
+        assert_eq!(c.cmd("MAIL FROM:<a@sender.test>").unwrap().code, 250);
+        assert_eq!(c.cmd("RCPT TO:<bob@example.org>").unwrap().code, 250);
+        assert_eq!(c.cmd("DATA").unwrap().code, 354);
+        let queued = c.cmd(&format!("Subject: from {helo}\r\n\r\nhi\r\n.")).unwrap();
+        assert_eq!(queued.code, 250, "{queued}");
+        assert_eq!(c.cmd("QUIT").unwrap().code, 221);
+    }
+    postfix
+        .wait_delivered(clients.len(), PATIENCE)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.daemon().log_text()))
+}
+
+const POOLED_CLIENTS: [(&str, &str); 3] = [
+    ("192.0.2.2", "first.test"),
+    ("192.0.2.3", "second.test"),
+    ("192.0.2.4", "third.test"),
+];
+
+/// `upstream_pool` with a Postfix that authorizes XCLIENT for the clients
+/// too: later clients' messages ride the first one's session, re-targeted,
+/// and Postfix sees each client as itself.
+#[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
+fn a_pooled_postfix_session_is_retargeted_at_each_client() {
+    if !require_kernel_privileges("a_pooled_postfix_session_is_retargeted_at_each_client") {
+        return;
+    }
+    let (lab, postfix) = pooled_lab("pool", "smtpd_authorized_xclient_hosts = 0.0.0.0/0\n");
+    let delivered = one_message_each(&lab, &postfix, &POOLED_CLIENTS);
+    for (source, helo) in POOLED_CLIENTS {
+        let message = delivered
+            .iter()
+            .find(|m| m.contains(&format!("Subject: from {helo}")))
+            .unwrap_or_else(|| panic!("no message from {helo}: {delivered:?}"));
+        // Postfix's Received line names the client XCLIENT gave it, HELO included.
+        assert!(message.contains(helo) && message.contains(source), "{message}");
+    }
+    let log = postfix.log_text();
+    for (source, _) in POOLED_CLIENTS {
+        assert!(log.contains(&format!("client=unknown[{source}]")), "{log}");
+    }
+    let smtp = &lab.daemon().stats()["smtp"];
+    assert_eq!(smtp["upstream_reused"], 2, "{smtp}\n{log}");
+}
+
+/// Postfix as usually configured (XCLIENT for the gatekeeper's address
+/// only) refuses the second XCLIENT: the message still goes through on a
+/// fresh session, and the pool stops trying after that one refusal.
+#[test]
+#[cfg_attr(not(kernel_tests), ignore = "kernel-level: needs root, ip and nsenter")]
+fn a_postfix_refusing_to_retarget_turns_the_pool_off_and_loses_nothing() {
+    if !require_kernel_privileges(
+        "a_postfix_refusing_to_retarget_turns_the_pool_off_and_loses_nothing",
+    ) {
+        return;
+    }
+    let (lab, postfix) = pooled_lab("poolno", "");
+    let delivered = one_message_each(&lab, &postfix, &POOLED_CLIENTS);
+    assert_eq!(delivered.len(), 3);
+    let log = postfix.log_text();
+    assert_eq!(
+        log.matches("lost connection after XCLIENT").count(),
+        1,
+        "one refused re-target, then no more: {log}"
+    );
+    let smtp = &lab.daemon().stats()["smtp"];
+    assert_eq!(smtp["upstream_reused"], 0, "{smtp}");
+    assert!(
+        lab.daemon().log_text().contains("upstream_pool is off"),
+        "{}",
+        lab.daemon().log_text()
+    );
+}

@@ -79,7 +79,9 @@ pub struct SmtpConfig {
     #[serde(default = "default_max_upstream_sessions")]
     pub max_upstream_sessions: usize,
     /// Idle upstream sessions kept after a delivered message for the next
-    /// client (re-targeted with XCLIENT); 0 = a fresh session per transaction.
+    /// client (re-targeted with XCLIENT); 0 = a fresh session per
+    /// transaction. Off by default: with it, the MTA's per-session
+    /// accounting (Postfix's `disconnect from` counts) spans clients.
     #[serde(default)]
     pub upstream_pool: usize,
     /// How long a pooled upstream session may idle before it is closed
@@ -208,12 +210,6 @@ impl SmtpConfig {
             if value == 0 {
                 findings.error(format!("{key}: must be at least 1"));
             }
-        }
-        if self.upstream_pool > self.max_upstream_sessions {
-            findings.warn(format!(
-                "smtp.upstream_pool: {} idle sessions can never be kept with max_upstream_sessions = {}",
-                self.upstream_pool, self.max_upstream_sessions
-            ));
         }
         if !(1..=128).contains(&self.ipv6_client_prefix) {
             findings.error("smtp.ipv6_client_prefix: must be 1 to 128");

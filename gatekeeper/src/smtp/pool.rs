@@ -4,16 +4,25 @@
 //! outside a transaction, replacing every attribute) before it carries
 //! anything of the new client.
 //!
+//! An MTA may refuse the second XCLIENT: Postfix checks
+//! `smtpd_authorized_xclient_hosts` against the client the first one named,
+//! so it takes re-targeting only where that list covers the clients (a
+//! listener only the gatekeeper reaches, with `static:all`). The first such
+//! refusal turns the pool off, with a warning, until it is rebuilt (restart,
+//! or a reload that changes it).
+//!
 //! Only a session whose last act was a delivered message comes back here;
 //! an authenticated one, or one left mid-transaction, never does. A pooled
 //! session keeps its `max_upstream_sessions` slot, so it is not pooled when
 //! the slots are exhausted (a client may be waiting for one).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::reply::Reply;
 use super::upstream::Upstream;
 
 /// Transactions one upstream session may carry before it is retired.
@@ -23,6 +32,8 @@ pub struct UpstreamPool {
     idle: Mutex<Vec<Idle>>,
     limit: usize,
     idle_for: Duration,
+    /// The MTA refused to re-target a session: nothing is parked any more.
+    off: AtomicBool,
 }
 
 struct Idle {
@@ -36,7 +47,22 @@ impl UpstreamPool {
             idle: Mutex::new(Vec::with_capacity(limit)),
             limit,
             idle_for,
+            off: AtomicBool::new(false),
         }
+    }
+
+    /// The MTA answered a re-target with a refusal: pooling cannot work
+    /// with it, so stop (once, loudly) and end what is parked.
+    pub fn refused(&self, reply: &Reply) {
+        if !self.off.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                code = reply.code,
+                reply = %reply.lines.join(" "),
+                "the MTA refused XCLIENT on a pooled session; upstream_pool is off until the pool is rebuilt \
+                 (Postfix checks smtpd_authorized_xclient_hosts against the client the previous XCLIENT named)"
+            );
+        }
+        self.drain();
     }
 
     /// The most recently parked session that has not idled too long (the
@@ -55,7 +81,8 @@ impl UpstreamPool {
     /// Parks `upstream` if it may serve another client and there is room;
     /// otherwise gives it back for the caller to end.
     pub fn park(&self, upstream: Upstream) -> Option<Upstream> {
-        if !upstream.is_reusable() || upstream.uses >= MAX_USES {
+        if !upstream.is_reusable() || upstream.uses >= MAX_USES || self.off.load(Ordering::Relaxed)
+        {
             return Some(upstream);
         }
         let mut idle = self.lock();

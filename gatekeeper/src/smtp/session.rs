@@ -1169,6 +1169,11 @@ impl Session {
                         self.ctx.learn_extensions(upstream.extensions());
                         return Ok(upstream);
                     }
+                    // 421: the MTA was closing the idle session anyway.
+                    Err(UpstreamError::Refused(reply)) if reply.code != 421 => {
+                        pool.refused(&reply);
+                        break;
+                    }
                     Err(e) => {
                         debug!(error = %e, "pooled upstream session unusable; trying another")
                     }

@@ -230,6 +230,9 @@ struct Script {
     /// Close the session right after accepting a message (an MTA that timed
     /// an idle session out).
     close_after_message: bool,
+    /// Refuse XCLIENT once one was taken, as Postfix does unless the
+    /// client the first one named is authorized too.
+    refuse_second_xclient: bool,
 }
 
 impl Default for Script {
@@ -241,6 +244,7 @@ impl Default for Script {
             rcpt: Box::new(|_| Step::Reply("250 2.1.5 Ok")),
             hold_mail: None,
             close_after_message: false,
+            refuse_second_xclient: false,
         }
     }
 }
@@ -329,6 +333,9 @@ async fn mta_session(stream: TcpStream, script: &Script, log: &MtaLog, index: us
                     r.push_str(&format!("250-{ext}\r\n"));
                 }
                 r + "250 ENHANCEDSTATUSCODES\r\n"
+            }
+            "XCLIENT" if after_xclient && script.refuse_second_xclient => {
+                "550 5.7.0 Error: insufficient authorization\r\n".into()
             }
             "XCLIENT" => {
                 after_xclient = true;
@@ -901,8 +908,9 @@ async fn a_pooled_session_the_mta_closed_is_replaced_by_a_fresh_one() {
 }
 
 #[tokio::test]
-async fn a_session_whose_xclient_cannot_replace_every_attribute_is_never_pooled() {
-    // ADDR, PORT and PROTO not offered: they would keep the first client's values.
+async fn a_partial_xclient_offer_is_sent_whole_to_every_client() {
+    // smtp-sink's offer: the attributes it takes are replaced for each
+    // client; the others are never set, so none can carry the last client's.
     let mta = Mta::start(Script {
         ehlo: vec!["PIPELINING", "XCLIENT NAME HELO"],
         ehlo_after_xclient: vec!["PIPELINING"],
@@ -912,8 +920,62 @@ async fn a_session_whose_xclient_cannot_replace_every_attribute_is_never_pooled(
     let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
     deliver_one(&front, "first.test").await;
     deliver_one(&front, "second.test").await;
+    let sessions = mta.sessions();
+    assert_eq!(sessions.len(), 1);
+    let xclients: Vec<&String> = sessions[0]
+        .iter()
+        .filter(|l| l.starts_with("XCLIENT"))
+        .collect();
+    assert_eq!(
+        xclients,
+        [
+            "XCLIENT HELO=first.test NAME=[UNAVAILABLE]",
+            "XCLIENT HELO=second.test NAME=[UNAVAILABLE]"
+        ]
+    );
+    assert_eq!(front.stats().upstream_reused, 1);
+}
+
+#[tokio::test]
+async fn a_session_without_xclient_is_never_pooled() {
+    let mta = Mta::start(Script {
+        ehlo: vec!["PIPELINING", "XFORWARD NAME ADDR PROTO HELO"],
+        ..Script::default()
+    })
+    .await;
+    let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
+    deliver_one(&front, "first.test").await;
+    deliver_one(&front, "second.test").await;
     assert_eq!(mta.sessions().len(), 2);
     assert_eq!(front.stats().upstream_reused, 0);
+}
+
+#[tokio::test]
+async fn an_mta_refusing_to_retarget_turns_the_pool_off() {
+    let mta = Mta::start(Script {
+        ehlo: vec!["PIPELINING", POOL_XCLIENT],
+        ehlo_after_xclient: vec!["PIPELINING"],
+        refuse_second_xclient: true,
+        ..Script::default()
+    })
+    .await;
+    let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
+    for helo in ["first.test", "second.test", "third.test"] {
+        deliver_one(&front, helo).await;
+    }
+    let sessions = mta.sessions();
+    assert_eq!(sessions.len(), 3, "{sessions:?}");
+    let xclients = sessions
+        .concat()
+        .into_iter()
+        .filter(|l| l.starts_with("XCLIENT"))
+        .count();
+    assert_eq!(
+        xclients, 4,
+        "one refused re-target, then no more tries: {sessions:?}"
+    );
+    assert_eq!(front.stats().upstream_reused, 0);
+    assert_eq!(front.stats().messages_delivered, 3);
 }
 
 #[tokio::test]
@@ -1104,7 +1166,14 @@ async fn proxy_header_client_is_what_the_screen_relay_policy_and_xclient_see() {
         assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
         assert_eq!(send_message(&mut c).await.code, 250);
         let client = format!("203.0.113.{}", 9 + i);
-        let xclient = &mta.sessions()[i][1];
+        // The second client may ride the first one's pooled session, re-targeted.
+        let xclients: Vec<String> = mta
+            .sessions()
+            .concat()
+            .into_iter()
+            .filter(|l| l.starts_with("XCLIENT"))
+            .collect();
+        let xclient = &xclients[i];
         assert!(
             xclient.starts_with(&format!("XCLIENT ADDR={client} ")),
             "{xclient}"

@@ -189,16 +189,13 @@ impl Upstream {
     }
 
     /// Between transactions right after a delivered message, so nothing of
-    /// its client is pending at the MTA, and re-targetable: the MTA offers
-    /// XCLIENT with every attribute a client is judged by (an attribute left
-    /// out would keep the previous client's value).
+    /// its client is pending at the MTA, and re-targetable with XCLIENT (the
+    /// round trip also proves the session alive). Every XCLIENT on a session
+    /// sends the same attributes, all the first EHLO offered of those a
+    /// client is known by, so each one the previous client set is replaced,
+    /// and one never offered was never set.
     pub fn is_reusable(&self) -> bool {
-        const REPLACED: [&str; 5] = ["ADDR", "PORT", "PROTO", "HELO", "NAME"];
-        self.reusable
-            && self
-                .xclient
-                .as_ref()
-                .is_some_and(|offered| REPLACED.iter().all(|a| offered.iter().any(|o| o == a)))
+        self.reusable && self.xclient.is_some()
     }
 
     /// The extensions the MTA offers this session (after XCLIENT).
