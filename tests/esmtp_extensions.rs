@@ -336,7 +336,9 @@ fn one_message_each(lab: &Lab, postfix: &Postfix, clients: &[(&str, &str)]) -> V
         assert_eq!(c.cmd("MAIL FROM:<a@sender.test>").unwrap().code, 250);
         assert_eq!(c.cmd("RCPT TO:<bob@example.org>").unwrap().code, 250);
         assert_eq!(c.cmd("DATA").unwrap().code, 354);
-        let queued = c.cmd(&format!("Subject: from {helo}\r\n\r\nhi\r\n.")).unwrap();
+        let queued = c
+            .cmd(&format!("Subject: from {helo}\r\n\r\nhi\r\n."))
+            .unwrap();
         assert_eq!(queued.code, 250, "{queued}");
         assert_eq!(c.cmd("QUIT").unwrap().code, 221);
     }
@@ -368,7 +370,10 @@ fn a_pooled_postfix_session_is_retargeted_at_each_client() {
             .find(|m| m.contains(&format!("Subject: from {helo}")))
             .unwrap_or_else(|| panic!("no message from {helo}: {delivered:?}"));
         // Postfix's Received line names the client XCLIENT gave it, HELO included.
-        assert!(message.contains(helo) && message.contains(source), "{message}");
+        assert!(
+            message.contains(helo) && message.contains(source),
+            "{message}"
+        );
     }
     let log = postfix.log_text();
     for (source, _) in POOLED_CLIENTS {

@@ -674,9 +674,13 @@ const NOTES: &str = r#"## Notes
 - **Non-SYN and non-protected packets** (ACK, UDP) leave right after the header walk: no map
   lookup besides the per-CPU packet counter and, for TCP SYNs only, the protected-port array
   (both inlined array accesses). Target ≤ 1.3× floor.
-- **Denylisted SYN**: full-length entries (/32, /128; half of the generated list, and every
-  DNSBL verdict) live in exact-match hashes beside the tries (as Cilium's prefilter does), so a
-  listed /32 costs one hash lookup whatever the list size. The allowlist is consulted only
+- **Denylisted SYN**: permanent IPv4 /32s (half of the generated list) sit in a bucketed slot
+  table (`DENY_V4_SLOTS`, `kernel/exact_slots.rs`): buckets of seven addresses and a spill word,
+  32 bytes each, one bucket per six entries of capacity rounded up to a power of two (8 MiB at
+  the default 1 M), written by the daemon through a shared mapping. A listed /32 costs one
+  inlined array read and seven compares; expiring /32s (bans) and the surplus of a full bucket
+  stay in the exact hash, asked only where the bucket's spill word is set. /128s and DNSBL
+  verdicts live in exact-match hashes (as Cilium's prefilter does). The allowlist is consulted only
   after a drop entry matched, and the clock only for entries that can expire. Earlier in this
   work a plain LPM walk (allowlist trie, then denylist trie) measured 5.8× floor with 1,000
   prefixes and 6.8× with 10,000.
@@ -693,7 +697,9 @@ const NOTES: &str = r#"## Notes
 - **xdp-filter** matches exact addresses in hashes (it has no prefixes) and runs behind
   libxdp's dispatcher; it is measured on the same frames with the same source listed.
 - **Map memory** is the kernel's own accounting (`bytes_memlock` from fdinfo) of the deny
-  tries plus the exact hashes. A hash's bucket array is sized by its capacity, not its use
+  tries, the exact hashes and the /32 slot table (8 MiB at the bench's 1.1 M capacity). With
+  the slot table the hash holds only spilled and expiring /32s, so at a million prefixes the
+  deny maps take 41–57 MiB (43–59 bytes per prefix; 84–101 MiB before). A hash's bucket array is sized by its capacity, not its use
   (1.1 M capacity → 2 M buckets × 16 bytes = 32 MiB), which dominates small lists and
   amortises at a million entries. The four per-/24 bitmaps add a fixed 8 MiB (4 × 2^18 words),
   not included in these rows.
@@ -702,11 +708,19 @@ const NOTES: &str = r#"## Notes
 - **List shapes** (the last rows at 1 M): *mixed* is the first round's list; *harsh* is half /32,
   a quarter /24 and a twelfth each /16, /20 and /28, so more /24 blocks need the trie; *DROP +
   DNSBL /32s* is ~1,500 DROP-like /11–/24 prefixes and the rest single addresses. Clean SYNs
-  stay ≤ 1.5× floor on all three and non-SYN packets ≤ 1.15×, IPv6 SYNs 2.4–2.5×; a
-  denylisted IPv4 SYN costs 2.3–2.6× across runs (target ≤ 2.0×): its source is a /32 in the exact hash,
-  and the hash lookup (jhash, bucket walk, RCU) is most of the ~35 ns over the floor. Not
-  improved in this round; a per-/24 bitmap of single-address blocks already sends clean
-  sources around the hash.
+  cost the same on all three (the table's figures barely move with shape or size).
+- **Two machines, two floors**: on the AMD EPYC of 2026-12-04 the floor was 27 ns and clean SYNs
+  measured ≤ 1.5×, non-SYN packets ≤ 1.15×, IPv6 SYNs 2.4–2.5× and denylisted IPv4 SYNs
+  2.3–2.6× (then a hash lookup, most of the ~35 ns over the floor). On the Intel Xeon of
+  2026-12-06 (the table above) `BPF_PROG_TEST_RUN`'s own cost per repeat is far smaller: the
+  floor is 6 ns, so the same work shows larger ratios: 3–4 ns over the floor for non-SYN
+  packets (1.5×), 12–13 ns for a clean SYN (3.2×), 11–12 ns for a denylisted IPv4 SYN in the
+  slot table (2.8–3.0×; 21–25 ns (3.5–4.3×) with the exact hash on this machine, same list, same
+  command on the previous commit), 24–25 ns for an IPv6 SYN in the /128 hash (5×). The targets
+  (≤ 2.0× IPv4, ≤ 2.5× IPv6, ≤ 1.2× non-SYN) hold on the EPYC's floor and are missed on the
+  Xeon's: what is left is the header walk, the per-CPU counter and the four array reads, and
+  for IPv6 the 16-byte hash lookup, which a slot table for /128s (three per 64-byte bucket)
+  would take out next.
 
 ### SYN flood
 
@@ -745,8 +759,9 @@ const NOTES: &str = r#"## Notes
 - **Replace** (`--replace`, a second 1 M list over the first, 95 % of it different) writes every
   new entry before it deletes the old ones, so the old list stays enforced until the new one is
   complete (removals go first only if the maps cannot hold both; tries and hashes are sized to
-  the configured capacity). 3.0–3.2 s against the 3 s target: ~1.7 s of it is kernel work
-  (0.95 M inserts, then 0.95 M deletes), the rest the plan (one merged walk of the old list and
+  the configured capacity). 2.7 s on the Xeon (3.0–3.2 s on the EPYC before the slot table):
+  the permanent /32s now go into slots through the shared mapping instead of 0.5 M hash
+  inserts and deletes; the rest is trie writes, the plan (one merged walk of the old list and
   the sorted new one) and one merged rebuild of the in-memory list.
 - **Store**: with the generated list loaded, single `gatekeeper deny add`/`del` of a fresh /32
   through the real CLI (process start, control socket, journal append, group-commit fdatasync,
@@ -759,15 +774,24 @@ const NOTES: &str = r#"## Notes
   glibc's mmap threshold at 1 MiB so the large transient buffers of a big change go back to the
   system when freed (without it: 230 MiB after a 1 M import). The mapped bitmap arrays count
   too (up to 6 MiB).
-- **SMTP throughput**: `smtp-source` opens one session per message, so every message through
-  the gatekeeper also costs a fresh upstream session (connect, EHLO, XCLIENT, EHLO, XFORWARD).
-  The HAProxy baseline is `mode tcp` passthrough to the same sink (`tests/sandbox/haproxy.rs`),
-  the cheapest proxy an operator could put in the path. Four processes share two cores; single
-  runs swing by up to 2×, hence medians of alternating runs. Gatekeeper is below HAProxy (0.82–0.95×
-  at 10 and 100 sessions across runs, 0.84–1.14× at 1): per message it parses and checks every command, keeps a
-  second SMTP session with the MTA and relays each reply, where HAProxy splices bytes. Not
-  done yet: a pool of upstream sessions re-targeted with XCLIENT per client, and one write per
-  pipelined group of replies.
+- **SMTP throughput**: `smtp-source` opens one session per message. Without the pool (the
+  default) every message through the gatekeeper also costs a fresh upstream session (connect,
+  EHLO, XCLIENT, EHLO) and a QUIT round trip after it; with `upstream_pool = 100` a session
+  whose last act was a delivered message is parked and the next client's transaction
+  re-targets it (XCLIENT with every offered attribute replaced, EHLO), so a message pays two
+  round trips of set-up instead of four and no QUIT. The HAProxy baseline is `mode tcp`
+  passthrough to the same sink (`tests/sandbox/haproxy.rs`), the cheapest proxy an operator
+  could put in the path; both gatekeeper variants run in the same rounds (the bench reloads
+  the daemon between them). Four processes share two cores; single runs swing by up to 2×,
+  hence medians of alternating runs. With the pool: 1.03–1.18× HAProxy at 10 sessions and
+  1.12–1.29× at 100 across runs; without it 0.74–0.86× (per message it parses and checks every
+  command, keeps a second SMTP session with the MTA and relays each reply, where HAProxy
+  splices bytes). The pool is off by default because the MTA's per-session accounting
+  (Postfix's `disconnect from` counts) then spans clients, and Postfix takes a second XCLIENT
+  only where `smtpd_authorized_xclient_hosts` covers the client the first one named; a refusal
+  turns the pool off with a warning (`tests/esmtp_extensions.rs` drives both against a real
+  Postfix). smtp-sink takes re-targeting as is. Not done: one write per pipelined group of
+  replies (smtp-source does not pipeline).
 - **Memory per idle connection** is the daemon's RSS growth with that many clients connected
   after the banner, divided by their number: 13.2 KiB at 2,000 and at 10,000 since a client
   connection's read buffer is 4 KiB (`smtp/io.rs`; four times the longest SMTP line) instead of
