@@ -16,12 +16,28 @@ fn lab_with_postfix(tag: &str, main_cf_extra: &str) -> (Lab, Postfix) {
 
 /// The gatekeeper in front of Postfix, with `local_domains` as given (TOML).
 fn lab_with_postfix_for(tag: &str, main_cf_extra: &str, local_domains: &str) -> (Lab, Postfix) {
+    postfix_lab(
+        tag,
+        vec!["192.0.2.2/24"],
+        main_cf_extra,
+        &format!("local_domains = {local_domains}\n"),
+    )
+}
+
+/// One sender namespace holding `senders`, Postfix, and the gatekeeper in
+/// front of it with `smtp_extra` (TOML keys of `[smtp]`, `local_domains` among them).
+fn postfix_lab(
+    tag: &str,
+    senders: Vec<&'static str>,
+    main_cf_extra: &str,
+    smtp_extra: &str,
+) -> (Lab, Postfix) {
     let mut lab = Lab::new(
         tag,
         vec![PeerSpec {
             name: "sender",
             edge_addrs: vec!["192.0.2.1/24"],
-            peer_addrs: vec!["192.0.2.2/24"],
+            peer_addrs: senders,
         }],
     )
     .expect("building the lab");
@@ -38,7 +54,7 @@ fn lab_with_postfix_for(tag: &str, main_cf_extra: &str, local_domains: &str) -> 
     .expect("starting Postfix");
     lab.start_daemon(&format!(
         "[smtp]\nlisten = [\"0.0.0.0:25\"]\nhostname = \"mx.example.org\"\n\
-         local_domains = {local_domains}\nupstream = \"127.0.0.1:10025\"\n"
+         upstream = \"127.0.0.1:10025\"\n{smtp_extra}"
     ))
     .unwrap();
     (lab, postfix)
@@ -299,32 +315,12 @@ fn bdat_chunks_reach_postfix_intact_and_a_bare_lf_in_one_never_does() {
 /// The gatekeeper with `upstream_pool` in front of Postfix; one sender
 /// namespace holding three client addresses.
 fn pooled_lab(tag: &str, main_cf_extra: &str) -> (Lab, Postfix) {
-    let mut lab = Lab::new(
+    postfix_lab(
         tag,
-        vec![PeerSpec {
-            name: "sender",
-            edge_addrs: vec!["192.0.2.1/24"],
-            peer_addrs: vec!["192.0.2.2/24", "192.0.2.3/24", "192.0.2.4/24"],
-        }],
+        vec!["192.0.2.2/24", "192.0.2.3/24", "192.0.2.4/24"],
+        main_cf_extra,
+        "local_domains = [\"example.org\"]\nupstream_pool = 4\n",
     )
-    .expect("building the lab");
-    let postfix = Postfix::start(
-        &lab.edge,
-        &lab.dir().join("postfix"),
-        &PostfixSpec {
-            listen: "127.0.0.1:10025",
-            sink_listen: "127.0.0.1:10026",
-            users: &[],
-            main_cf_extra,
-        },
-    )
-    .expect("starting Postfix");
-    lab.start_daemon(
-        "[smtp]\nlisten = [\"0.0.0.0:25\"]\nhostname = \"mx.example.org\"\n\
-         local_domains = [\"example.org\"]\nupstream = \"127.0.0.1:10025\"\nupstream_pool = 4\n",
-    )
-    .unwrap();
-    (lab, postfix)
 }
 
 /// One message from each client, one after another; what Postfix delivered.

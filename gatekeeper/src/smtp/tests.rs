@@ -831,6 +831,22 @@ async fn pipelining_is_taken_from_the_ehlo_after_xclient() {
 
 const POOL_XCLIENT: &str = "XCLIENT ADDR NAME PORT PROTO HELO";
 
+/// An MTA offering every XCLIENT attribute, before XCLIENT only.
+fn pool_script() -> Script {
+    Script {
+        ehlo: vec!["PIPELINING", POOL_XCLIENT],
+        ehlo_after_xclient: vec!["PIPELINING"],
+        ..Script::default()
+    }
+}
+
+/// The fake MTA and a front end with `upstream_pool = 4` in front of it.
+async fn pooled(script: Script) -> (Mta, Front) {
+    let mta = Mta::start(script).await;
+    let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
+    (mta, front)
+}
+
 /// One message from a fresh client greeting as `helo`, then QUIT.
 async fn deliver_one(front: &Front, helo: &str) {
     let mut c = front.client().await;
@@ -892,14 +908,11 @@ async fn a_pooled_upstream_session_is_retargeted_at_each_client_with_xclient() {
 
 #[tokio::test]
 async fn a_pooled_session_the_mta_closed_is_replaced_by_a_fresh_one() {
-    let mta = Mta::start(Script {
-        ehlo: vec!["PIPELINING", POOL_XCLIENT],
-        ehlo_after_xclient: vec!["PIPELINING"],
+    let (mta, front) = pooled(Script {
         close_after_message: true,
-        ..Script::default()
+        ..pool_script()
     })
     .await;
-    let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
     deliver_one(&front, "first.test").await;
     deliver_one(&front, "second.test").await;
     assert_eq!(mta.sessions().len(), 2);
@@ -952,14 +965,11 @@ async fn a_session_without_xclient_is_never_pooled() {
 
 #[tokio::test]
 async fn an_mta_refusing_to_retarget_turns_the_pool_off() {
-    let mta = Mta::start(Script {
-        ehlo: vec!["PIPELINING", POOL_XCLIENT],
-        ehlo_after_xclient: vec!["PIPELINING"],
+    let (mta, front) = pooled(Script {
         refuse_second_xclient: true,
-        ..Script::default()
+        ..pool_script()
     })
     .await;
-    let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
     for helo in ["first.test", "second.test", "third.test"] {
         deliver_one(&front, helo).await;
     }
@@ -980,13 +990,7 @@ async fn an_mta_refusing_to_retarget_turns_the_pool_off() {
 
 #[tokio::test]
 async fn a_session_left_mid_transaction_is_never_pooled() {
-    let mta = Mta::start(Script {
-        ehlo: vec!["PIPELINING", POOL_XCLIENT],
-        ehlo_after_xclient: vec!["PIPELINING"],
-        ..Script::default()
-    })
-    .await;
-    let front = Front::start(mta.addr, "upstream_pool = 4\n").await;
+    let (mta, front) = pooled(pool_script()).await;
     let mut c = front.client().await;
     c.start_transaction().await;
     assert_eq!(c.code("RCPT TO:<user@example.org>").await, 250);
