@@ -22,6 +22,7 @@ pub const TOOLS: &[&str] = &[
     "haproxy",
     "ss",
     "xz",
+    "bpftool",
 ];
 
 enum Content {
