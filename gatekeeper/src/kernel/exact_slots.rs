@@ -88,7 +88,6 @@ impl SpillHash for &MapData {
 pub struct ExactSlots<W = MappedArray> {
     words: W,
     buckets: u32,
-    shift: u32,
     /// Addresses sent to the hash. A write that failed still counts, so
     /// after an error a flag stays up rather than hide an entry.
     hashed: HashSet<u32>,
@@ -119,7 +118,6 @@ impl<W: SlotWords> ExactSlots<W> {
         ExactSlots {
             words,
             buckets,
-            shift: shift_for(buckets),
             hashed: HashSet::new(),
             spills: HashMap::new(),
         }
@@ -191,18 +189,16 @@ impl<W: SlotWords> ExactSlots<W> {
     pub fn lookup(&self, addr: [u8; 4]) -> Lookup {
         let key = exact_key(addr);
         let bucket = self.bucket(key);
-        if self.slot_of(bucket, key).is_some() {
-            Lookup::Slotted
-        } else if self.words.load(word(bucket, SPILL_WORD)) != 0 {
-            Lookup::AskHash
-        } else {
-            Lookup::Absent
+        let mut read = ExactBucket::default();
+        for (slot, held) in read.keys.iter_mut().enumerate() {
+            *held = self.words.load(word(bucket, slot));
         }
+        read.spilled = self.words.load(word(bucket, SPILL_WORD));
+        Lookup::in_bucket(&read, key)
     }
 
     fn bucket(&self, key: u32) -> u32 {
-        // The kernel masks the shift the same way; `buckets` bounds the index.
-        exact_bucket(key, self.shift) & (self.buckets - 1)
+        bucket_index(key, self.buckets)
     }
 
     /// The slot holding `key`; never one for the unspecified address, whose
@@ -261,17 +257,28 @@ pub fn read_pinned(
     slots: &aya::maps::Array<MapData, ExactBucket>,
     addr: [u8; 4],
 ) -> Result<Lookup, aya::maps::MapError> {
-    let buckets = slots.len();
     let key = exact_key(addr);
-    let index = exact_bucket(key, shift_for(buckets)) & (buckets - 1);
-    let bucket = slots.get(&index, 0)?;
-    Ok(if key != EXACT_EMPTY && bucket.keys.contains(&key) {
-        Lookup::Slotted
-    } else if bucket.spilled != 0 {
-        Lookup::AskHash
-    } else {
-        Lookup::Absent
-    })
+    let bucket = slots.get(&bucket_index(key, slots.len()), 0)?;
+    Ok(Lookup::in_bucket(&bucket, key))
+}
+
+/// The bucket of `key` in a table of `buckets` (a power of two), as XDP
+/// computes it; the mask only restates the bound the shift already gives.
+fn bucket_index(key: u32, buckets: u32) -> u32 {
+    exact_bucket(key, shift_for(buckets)) & (buckets - 1)
+}
+
+impl Lookup {
+    /// XDP's decision on one bucket (the unspecified address is never slotted).
+    fn in_bucket(bucket: &ExactBucket, key: u32) -> Lookup {
+        if key != EXACT_EMPTY && bucket.keys.contains(&key) {
+            Lookup::Slotted
+        } else if bucket.spilled != 0 {
+            Lookup::AskHash
+        } else {
+            Lookup::Absent
+        }
+    }
 }
 
 #[cfg(test)]
